@@ -1,0 +1,223 @@
+"""The MPT adapter config: reading and writing adapter_config.json the way PEFT does.
+
+The config is kept as the raw JSON object PEFT wrote (every field preserved), with typed,
+validated accessors for the fields mpt-tools needs. Problems in field values are not raised here:
+:func:`mpt_tools.checks.config_findings` reports them all at once. Only an unreadable file
+(not JSON, not an object) raises :class:`~mpt_tools.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+INIT_MODES = ("TEXT", "RANDOM", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+SIZE_FIELDS = ("num_virtual_tokens", "num_transformer_submodules", "token_dim", "num_tasks", "num_ranks")
+MAX_CONFIG_BYTES = 1 << 20
+
+# The fields PEFT 0.21 writes for a MultitaskPromptTuningConfig, with its defaults.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "num_attention_heads": None,
+    "num_layers": None,
+    "num_ranks": 1,
+    "num_tasks": 1,
+    "num_transformer_submodules": None,
+    "num_virtual_tokens": None,
+    "peft_type": PEFT_TYPE,
+    "prompt_tuning_init": "RANDOM",
+    "prompt_tuning_init_state_dict_path": None,
+    "prompt_tuning_init_task": 0,
+    "prompt_tuning_init_text": None,
+    "revision": None,
+    "task_type": None,
+    "token_dim": None,
+    "tokenizer_kwargs": None,
+    "tokenizer_name_or_path": None,
+}
+
+
+def _valid_int(value: Any) -> int | None:
+    """Return ``value`` if it is a positive int (not bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
+
+
+@dataclass
+class MptConfig:
+    """An MPT adapter config: the raw JSON object plus where it came from.
+
+    ``raw`` holds the fields exactly as read (or as given by flags); ``assumed`` lists the fields
+    mpt-tools had to infer, with a reason, so commands can say what they assumed.
+    """
+
+    raw: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    assumed: dict[str, str] = field(default_factory=dict)
+    overridden: list[str] = field(default_factory=list)
+
+    def size(self, name: str) -> int | None:
+        """A size field as a positive int, or None when absent or invalid."""
+        return _valid_int(self.raw.get(name))
+
+    @property
+    def task_type(self) -> str | None:
+        """The task_type string, or None."""
+        value = self.raw.get("task_type")
+        return value if isinstance(value, str) else None
+
+    @property
+    def num_transformer_submodules(self) -> int | None:
+        """nts as PEFT uses it: the field, else 2 for SEQ_2_SEQ_LM and 1 otherwise."""
+        value = self.raw.get("num_transformer_submodules")
+        if value is None:
+            return 2 if self.task_type == "SEQ_2_SEQ_LM" else 1
+        return _valid_int(value)
+
+    @property
+    def total_virtual_tokens(self) -> int | None:
+        """T = num_virtual_tokens * num_transformer_submodules, or None when unknown."""
+        nvt, nts = self.size("num_virtual_tokens"), self.num_transformer_submodules
+        if nvt is None or nts is None:
+            return None
+        return nvt * nts
+
+    def expected_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """The shapes the three tensors must have under this config (None: unknown)."""
+        t, d = self.total_virtual_tokens, self.size("token_dim")
+        n, r = self.size("num_tasks"), self.size("num_ranks")
+        return {
+            "prompt_embeddings": (t, d),
+            "prefix_task_cols": (n, t, r),
+            "prefix_task_rows": (n, r, d),
+        }
+
+    def with_overrides(self, overrides: dict[str, Any]) -> MptConfig:
+        """A copy with the given fields replaced (None values are ignored)."""
+        raw = dict(self.raw)
+        done = list(self.overridden)
+        for key, value in overrides.items():
+            if value is not None:
+                raw[key] = value
+                done.append(key)
+        return MptConfig(raw=raw, path=self.path, assumed=dict(self.assumed), overridden=done)
+
+    def to_json(self) -> str:
+        """The config serialised as PEFT writes it (indent 2, sorted keys, no final newline)."""
+        return config_to_json(self.raw)
+
+
+def config_to_json(data: dict[str, Any]) -> str:
+    """Serialise a config dict exactly as PEFT's ``save_pretrained`` does."""
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def read_config(path: str | os.PathLike[str]) -> MptConfig:
+    """Read an adapter_config.json file (or a directory holding one) into an :class:`MptConfig`.
+
+    Raises ConfigError when the file is missing, too large, not UTF-8 JSON or not an object.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_NAME
+    where = str(p)
+    try:
+        if not p.is_file():
+            raise ConfigError("no such config file", where)
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config is {p.stat().st_size} bytes, more than a config can be", where)
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("config is not UTF-8 text", where) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", where) from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = getattr(exc, "msg", "too deeply nested")
+        line = getattr(exc, "lineno", 0)
+        raise ConfigError(f"config is not valid JSON ({msg} at line {line})", where) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a JSON object, found {type(data).__name__}", where)
+    return MptConfig(raw=data, path=where)
+
+
+def bare_config(shapes: dict[str, tuple[int, ...]], hints: dict[str, Any] | None = None) -> MptConfig:
+    """Infer a config for a bare tensor file from its tensor shapes, recording every assumption.
+
+    ``hints`` are the config flags the user gave (they win over inference).
+    """
+    hints = {k: v for k, v in (hints or {}).items() if v is not None}
+    raw = dict(PEFT_DEFAULTS)
+    assumed: dict[str, str] = {}
+    pe = shapes.get("prompt_embeddings")
+    cols = shapes.get("prefix_task_cols")
+    rows = shapes.get("prefix_task_rows")
+    t: int | None = None
+    if pe is not None and len(pe) == 2:
+        t, raw["token_dim"] = pe[0], pe[1]
+    elif cols is not None and len(cols) == 3:
+        t = cols[1]
+    if rows is not None and len(rows) == 3 and raw.get("token_dim") is None:
+        raw["token_dim"] = rows[2]
+    if cols is not None and len(cols) == 3:
+        raw["num_tasks"], raw["num_ranks"] = cols[0], cols[2]
+    task_type = hints.get("task_type")
+    nts = hints.get("num_transformer_submodules")
+    if nts is None:
+        nts = 2 if task_type == "SEQ_2_SEQ_LM" else 1
+        if task_type is None:
+            assumed["num_transformer_submodules"] = (
+                "1 (no adapter_config.json, and T cannot be split into num_virtual_tokens x "
+                "submodules from the tensors; give --task-type SEQ_2_SEQ_LM or "
+                "--num-transformer-submodules 2 for seq2seq)"
+            )
+    raw["num_transformer_submodules"] = nts
+    if t is not None and "num_virtual_tokens" not in hints:
+        raw["num_virtual_tokens"] = t // nts if isinstance(nts, int) and nts > 0 and t % nts == 0 else t
+        assumed["num_virtual_tokens"] = f"{raw['num_virtual_tokens']} (T = {t} from the tensors)"
+    if task_type is None:
+        assumed["task_type"] = "unknown (no adapter_config.json; give --task-type)"
+    for name in ("token_dim", "num_tasks", "num_ranks"):
+        if name not in hints and raw.get(name) is not None:
+            assumed[name] = f"{raw[name]} (from the tensor shapes)"
+    cfg = MptConfig(raw=raw, path=None, assumed=assumed)
+    return cfg.with_overrides(hints)
+
+
+def target_config(source: MptConfig, num_tasks: int, num_ranks: int) -> dict[str, Any]:
+    """The adapter_config.json dict for a target initialised from ``source``.
+
+    Keeps every source field, sets num_tasks and num_ranks, and writes ``prompt_tuning_init``
+    "RANDOM" with a null path, so PEFT never re-reads a source file when it loads the target.
+    """
+    raw = dict(PEFT_DEFAULTS)
+    raw.update(source.raw)
+    raw["peft_type"] = PEFT_TYPE
+    raw["num_tasks"] = num_tasks
+    raw["num_ranks"] = num_ranks
+    raw["num_transformer_submodules"] = source.num_transformer_submodules
+    raw["prompt_tuning_init"] = "RANDOM"
+    raw["prompt_tuning_init_state_dict_path"] = None
+    raw["prompt_tuning_init_task"] = 0
+    raw["inference_mode"] = True
+    return raw

@@ -1,0 +1,55 @@
+"""The one exception family of mpt-tools.
+
+Every failure the library reports on purpose is an :class:`MptToolsError`; the CLI turns it into
+one line on stderr and exit status 1. Anything else escaping the library is a bug.
+"""
+
+from __future__ import annotations
+
+
+class MptToolsError(Exception):
+    """Base class: a problem with the user's input or a refused operation.
+
+    ``path`` names the file or location the problem is about, when there is one; it leads the
+    message printed by the CLI.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SourceError(MptToolsError):
+    """A source cannot be found or resolved (missing path, no weights file, ambiguous layout)."""
+
+
+class FormatError(MptToolsError):
+    """A tensor file is corrupt, truncated, hostile or not a weights file."""
+
+
+class ConfigError(MptToolsError):
+    """An adapter_config.json is unreadable or inconsistent, or a config flag is invalid."""
+
+
+class ValidationError(MptToolsError):
+    """The tensors fail the checks an operation needs; ``findings`` holds every problem."""
+
+    def __init__(self, message: str, path: str | None = None, findings: list | None = None) -> None:
+        super().__init__(message, path)
+        self.findings = findings or []
+
+
+class WriteError(MptToolsError):
+    """An output cannot be written (exists without force, would overwrite the source, I/O)."""
+
+
+class HubError(MptToolsError):
+    """A Hugging Face Hub operation failed (not found, gated, offline, server error)."""
+
+
+class VerifyError(MptToolsError):
+    """A rebuilt prompt failed verification."""

@@ -1,0 +1,286 @@
+"""The operations behind the commands: validate, inspect and init, one walk each along
+SOURCE -> Checkpoint -> checks -> factors -> write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .checks import (
+    PEFT_MODE_NAMES,
+    Finding,
+    canonical_mode,
+    check_source,
+    check_target,
+    errors,
+    iter_task_chunks,
+)
+from .config import INIT_MODES, MptConfig, read_config, target_config
+from .errors import MptToolsError, ValidationError
+from .factors import build_target
+from .formats import DTYPE_NAMES, to_float64
+from .source import Checkpoint, load_source
+from .writer import check_output_dir, provenance, write_adapter
+
+NORM_CHUNK_BYTES = 64 << 20
+
+
+def _load(source: str | os.PathLike[str] | Checkpoint, **kwargs: Any) -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else load_source(source, **kwargs)
+
+
+def _fail(ckpt: Checkpoint, problems: list[Finding]) -> ValidationError:
+    first = problems[0]
+    msg = f"{first.field}: {first.message}"
+    if first.expected is not None or first.found is not None:
+        msg += f" (expected {first.expected}, found {first.found})"
+    if first.fix:
+        msg += f"; fix: {first.fix}"
+    if len(problems) > 1:
+        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
+    return ValidationError(msg, ckpt.location, problems)
+
+
+def validate(
+    source: str | os.PathLike[str] | Checkpoint,
+    *,
+    against: str | os.PathLike[str] | None = None,
+    mode: str | None = None,
+    task: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    hub_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Check a source (and, with ``against``/``mode``, a planned target) and report every problem.
+
+    Returns ``{"source", "valid", "mode", "against", "findings": [...]}``; ``valid`` is False when
+    any finding is an error. Raises MptToolsError only when the source cannot be read at all.
+    """
+    ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    findings = check_source(ckpt)
+    target: MptConfig | None = None
+    if against is not None:
+        target = read_config(against)
+        if mode is None:
+            init = target.raw.get("prompt_tuning_init")
+            mode = init if init in INIT_MODES[2:] else "average"
+    if mode is not None:
+        findings += check_target(ckpt, mode, target=target, task=task)
+    return {
+        "schema": "mpt-tools/validate/1",
+        "source": ckpt.location,
+        "weights": ckpt.weights_path,
+        "valid": not errors(findings),
+        "mode": canonical_mode(mode) if mode else None,
+        "against": target.path if target else None,
+        "findings": [f.to_dict() for f in findings],
+    }
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def task_norms(ckpt: Checkpoint, chunk_bytes: int = NORM_CHUNK_BYTES) -> list[dict[str, Any]]:
+    """Per task k: Frobenius norms of U_k, V_k and of the effective prompt P* * (U_k @ V_k).
+
+    Computed in float64 over chunks of tasks sized so that one chunk's prompts take at most
+    ``chunk_bytes``. Non-finite norms are reported as None.
+    """
+    pe = to_float64(ckpt.read("prompt_embeddings"))
+    t, d = pe.shape
+    rows_info = ckpt.info("prefix_task_rows")
+    assert rows_info is not None
+    per_task = max(1, t * d * 8)
+    step = max(1, chunk_bytes // per_task)
+    n = rows_info.shape[0]
+    out: list[dict[str, Any]] = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
+        rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
+        with np.errstate(all="ignore"):
+            prompts = pe[None] * np.matmul(cols, rows)
+            pn = np.sqrt(np.einsum("ktd,ktd->k", prompts, prompts))
+            cn = np.sqrt(np.einsum("ktr,ktr->k", cols, cols))
+            rn = np.sqrt(np.einsum("krd,krd->k", rows, rows))
+        for i in range(stop - start):
+            out.append({
+                "task": start + i,
+                "cols_norm": _json_float(cn[i]),
+                "rows_norm": _json_float(rn[i]),
+                "prompt_norm": _json_float(pn[i]),
+            })
+    return out
+
+
+def inspect_source(
+    source: str | os.PathLike[str] | Checkpoint,
+    *,
+    overrides: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    hub_options: dict[str, Any] | None = None,
+    norms: bool = True,
+) -> dict[str, Any]:
+    """Describe a source: files with sha256, format, tensors, config, parameter counts, findings and
+    per-task norms (see the README for the JSON schema)."""
+    ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    findings = check_source(ckpt)
+    files = [{"role": "weights", "path": ckpt.weights_path, "bytes": ckpt.file.size, "sha256": ckpt.sha256()}]
+    if ckpt.config.path:
+        import hashlib
+
+        cfg_bytes = Path(ckpt.config.path).read_bytes()
+        files.append({"role": "config", "path": ckpt.config.path, "bytes": len(cfg_bytes),
+                      "sha256": hashlib.sha256(cfg_bytes).hexdigest()})
+    tensors = []
+    for original, info in ckpt.file.infos.items():
+        canonical = next((k for k, v in ckpt.keymap.items() if v == original), None)
+        count = 1
+        for s in info.shape:
+            count *= s
+        tensors.append({"key": canonical, "stored_as": original, "dtype": DTYPE_NAMES.get(info.dtype, info.dtype),
+                        "shape": list(info.shape), "parameters": count})
+    shapes = ckpt.shapes
+    params: dict[str, Any] = {}
+    if "prompt_embeddings" in shapes and len(shapes["prompt_embeddings"]) == 2:
+        t, d = shapes["prompt_embeddings"]
+        params["shared"] = t * d
+        if "prefix_task_cols" in shapes and len(shapes["prefix_task_cols"]) == 3:
+            n, _, r = shapes["prefix_task_cols"]
+            params["per_task"] = t * r + r * d
+            params["num_tasks"] = n
+            params["total"] = t * d + n * (t * r + r * d)
+    task_list: list[dict[str, Any]] | None = None
+    header_errors = [f for f in errors(findings) if f.code not in ("non-finite", "peft-type", "task-type",
+                                                                    "init-mode", "negative-task", "bad-type",
+                                                                    "bad-size", "config-mismatch")]
+    if norms and not header_errors:
+        task_list = task_norms(ckpt)
+    return {
+        "schema": "mpt-tools/inspect/1",
+        "source": ckpt.location,
+        "format": ckpt.format,
+        "files": files,
+        "metadata": ckpt.file.metadata,
+        "tensors": tensors,
+        "config": ckpt.config.raw,
+        "config_source": ckpt.config.path or "inferred from the tensor shapes",
+        "assumed": ckpt.config.assumed,
+        "derived": {
+            "num_transformer_submodules": ckpt.config.num_transformer_submodules,
+            "total_virtual_tokens": ckpt.config.total_virtual_tokens,
+        },
+        "parameters": params,
+        "valid": not errors(findings),
+        "findings": [f.to_dict() for f in findings],
+        "tasks": task_list,
+        "notes": ckpt.notes,
+        "hub": ckpt.hub,
+    }
+
+
+def init_adapter(
+    source: str | os.PathLike[str] | Checkpoint,
+    mode: str,
+    out: str | os.PathLike[str],
+    *,
+    task: int | None = None,
+    seed: int | None = None,
+    num_tasks: int | None = None,
+    num_ranks: int | None = None,
+    force: bool = False,
+    allow_negative_task: bool = False,
+    tasks: list[int] | None = None,
+    weights: list[float] | None = None,
+    target_tasks: int = 1,
+    overrides: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    hub_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build a target initialisation from SOURCE and write it to ``out`` as a PEFT adapter.
+
+    mode is average, exact or shared (PEFT's AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK and
+    ONLY_SOURCE_SHARED names work too). average/exact tensors are bitwise what PEFT's own init
+    computes; shared copies P* and draws N(0, 0.02) factors from ``seed``. Raises
+    ValidationError listing every problem before anything is written.
+    """
+    mode = canonical_mode(mode)
+    ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    warnings: list[str] = []
+    src_cols = ckpt.shapes.get("prefix_task_cols")
+    src_n = src_cols[0] if src_cols and len(src_cols) == 3 else None
+    src_r = src_cols[2] if src_cols and len(src_cols) == 3 else None
+    if mode == "shared":
+        tgt_n, tgt_r = num_tasks or 1, num_ranks or src_r or 1
+    else:
+        tgt_n, tgt_r = num_tasks or target_tasks, num_ranks or src_r
+    findings = check_source(ckpt, values=False)
+    findings = [f for f in findings if not (mode == "shared" and f.field in ("prefix_task_cols", "prefix_task_rows")
+                                            and f.code == "missing-tensor")]
+    findings += check_target(ckpt, mode, task=task, num_tasks=tgt_n, num_ranks=tgt_r,
+                             peft_init_path=target_tasks == 1)
+    if mode != "shared" and num_tasks is not None and num_tasks != target_tasks and target_tasks != 1:
+        findings.append(Finding("error", "target-mismatch", "num_tasks", "--num-tasks and --target-tasks disagree",
+                                target_tasks, num_tasks, "give only one of them"))
+    if mode == "exact" and task is not None and task < 0 and allow_negative_task and src_n is not None:
+        findings = [f for f in findings if f.code != "negative-task"]
+        if task + src_n >= 0:
+            warnings.append(f"task {task} resolves to task {task + src_n} of {src_n} (counting from the end)")
+        else:
+            findings.append(Finding("error", "task-range", "task", f"the source has {src_n} tasks",
+                                    f"-{src_n}..{src_n - 1}", task, f"pass a task in 0..{src_n - 1}"))
+    problems = errors(findings)
+    if problems:
+        raise _fail(ckpt, problems)
+    warnings += [f.line() for f in findings if f.level == "warning"]
+    protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
+    check_output_dir(out, force=force, protected=protected)
+    target = build_target(ckpt, mode, task=task, seed=seed, num_tasks=tgt_n, num_ranks=tgt_r,
+                          tasks=tasks, weights=weights, target_tasks=target_tasks)
+    for name, arr in target.tensors.items():
+        if not np.isfinite(arr).all():
+            where = f"task {target.task}" if target.task is not None else "the source"
+            raise ValidationError(f"{name}: {where} holds NaN/Inf values; the target would be unusable",
+                                  ckpt.location)
+    config = target_config(ckpt.config, target.num_tasks, target.num_ranks)
+    src_info = ckpt.info("prompt_embeddings")
+    meta = provenance({
+        "mode": PEFT_MODE_NAMES[mode],
+        "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
+        "source_file": os.path.basename(ckpt.weights_path),
+        "source_sha256": ckpt.sha256(),
+        "source_dtype": DTYPE_NAMES.get(src_info.dtype, src_info.dtype) if src_info else None,
+        "source_revision": ckpt.hub.get("commit") if ckpt.hub else None,
+        "task": target.task,
+        "tasks": target.tasks,
+        "weights": target.weights,
+        "seed": target.seed,
+        "target_tasks": target_tasks if target_tasks != 1 else None,
+    })
+    written = write_adapter(out, target.raw(), config, meta, force=force, protected=protected)
+    return {
+        "schema": "mpt-tools/init/1",
+        "source": ckpt.location,
+        "source_sha256": ckpt.sha256(),
+        "out": str(out),
+        "files": written,
+        "mode": mode,
+        "peft_mode": PEFT_MODE_NAMES[mode],
+        "task": target.task,
+        "seed": target.seed,
+        "num_tasks": target.num_tasks,
+        "num_ranks": target.num_ranks,
+        "shapes": {k: list(v.shape) for k, v in target.tensors.items()},
+        "metadata": meta,
+        "notes": ckpt.notes,
+        "warnings": warnings,
+        "version": __version__,
+    }
+
+
+__all__ = ["MptToolsError", "init_adapter", "inspect_source", "task_norms", "validate"]

@@ -1,0 +1,172 @@
+"""Resolve a SOURCE (a tensor file, a PEFT adapter directory, or a Hub repo) into a Checkpoint:
+its config plus lazy access to the three canonical tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_NAME, MptConfig, bare_config, read_config
+from .errors import SourceError
+from .formats import CANONICAL, PICKLE_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
+
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    """An MPT source: where it is, its config and its tensors under canonical names.
+
+    Tensors are read lazily from ``file``: ``read`` reads a whole tensor, ``read_rows`` a range
+    of tasks. ``notes`` says what mpt-tools normalised or assumed on the way.
+    """
+
+    location: str
+    file: TensorFile
+    config: MptConfig
+    keymap: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    config_from_file: bool = False
+    hub: dict[str, Any] | None = None
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def weights_path(self) -> str:
+        """Path of the weights file on disk."""
+        return self.file.path
+
+    @property
+    def format(self) -> str:
+        """"safetensors" or "pickle"."""
+        return self.file.format
+
+    def info(self, name: str) -> TensorInfo | None:
+        """The file entry of a canonical tensor, or None when it is missing."""
+        original = self.keymap.get(name)
+        return self.file.infos[original] if original is not None else None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the canonical tensors present."""
+        return {k: self.file.infos[v].shape for k, v in self.keymap.items()}
+
+    def read(self, name: str) -> Raw:
+        """Read a whole canonical tensor."""
+        return self.file.read(self.keymap[name])
+
+    def read_rows(self, name: str, start: int, stop: int) -> Raw:
+        """Read rows ``start:stop`` (tasks, for the factors) of a canonical tensor."""
+        return self.file.read_rows(self.keymap[name], start, stop)
+
+    def sha256(self) -> str:
+        """SHA-256 of the weights file, streamed."""
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            with open(self.file.path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    if text.startswith("hf://"):
+        return True
+    parts = text.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not text.startswith((".", "/", "~"))
+        and not any(p.endswith((".safetensors", ".bin", ".pt", ".pth", ".json")) for p in parts)
+    )
+
+
+def _weights_in_dir(folder: Path) -> Path:
+    for name in WEIGHTS_NAMES:
+        candidate = folder / name
+        if os.path.lexists(candidate):
+            return candidate
+    subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    hint = f"; it has named adapters in subfolders ({', '.join(subs)}): add --subfolder NAME" if subs else ""
+    raise SourceError(f"no adapter_model.safetensors or adapter_model.bin in this directory{hint}", str(folder))
+
+
+def load_source(
+    source: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    hub_options: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """Resolve SOURCE into a :class:`Checkpoint` without reading tensor data.
+
+    SOURCE is a ``.safetensors`` file, a ``.bin``/``.pt``/``.pth`` file (weights-only loading), a
+    PEFT adapter directory (``--subfolder`` for a named adapter), or a Hub repo id / ``hf://`` URL.
+    ``overrides`` give or replace config fields (None values are ignored). An existing local path
+    wins over a repo id spelled the same way.
+    """
+    text = os.fspath(source)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    path = Path(text)
+    hub_info: dict[str, Any] | None = None
+    if not os.path.lexists(path):
+        if _looks_like_repo_id(text):
+            from .hub import download_source
+
+            path, hub_info = download_source(text, subfolder=subfolder, **(hub_options or {}))
+            subfolder = None
+        else:
+            raise SourceError("no such file or directory", text)
+    if os.path.islink(path) and not os.path.exists(path):
+        raise SourceError("broken symlink or symlink loop", text)
+    config_path: Path | None = None
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if subfolder and not folder.is_dir():
+            raise SourceError(f"no subfolder {subfolder!r} here", str(path))
+        weights = _weights_in_dir(folder)
+        if (folder / CONFIG_NAME).exists() or os.path.lexists(folder / CONFIG_NAME):
+            config_path = folder / CONFIG_NAME
+    elif path.is_file():
+        if subfolder:
+            raise SourceError("--subfolder applies to an adapter directory, not a file", text)
+        weights = path
+        sibling = path.parent / CONFIG_NAME
+        if path.name in WEIGHTS_NAMES and sibling.is_file():
+            config_path = sibling
+    else:
+        raise SourceError("not a regular file or directory", text)
+    if os.path.islink(weights) and not os.path.exists(weights):
+        raise SourceError("broken symlink or symlink loop", str(weights))
+    if weights.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES) and path.is_dir():
+        raise SourceError("unexpected weights file name", str(weights))
+    tfile = open_tensor_file(weights)
+    keymap, notes, ignored = normalise_keys(tfile.infos, tfile.path)
+    shapes = {k: tfile.infos[v].shape for k, v in keymap.items()}
+    if config_path is not None:
+        config = read_config(config_path).with_overrides(overrides)
+        from_file = True
+    else:
+        config = bare_config(shapes, overrides)
+        from_file = False
+        notes.append("no adapter_config.json: config inferred from the tensor shapes")
+    ckpt = Checkpoint(
+        location=text,
+        file=tfile,
+        config=config,
+        keymap=keymap,
+        notes=notes,
+        ignored=ignored,
+        config_from_file=from_file,
+        hub=hub_info,
+    )
+    if len(keymap) == 0 and len(tfile.infos) > 0:
+        ckpt.notes.append("none of the keys is an MPT tensor: " + ", ".join(list(tfile.infos)[:5]))
+    return ckpt
+
+
+__all__ = ["CANONICAL", "Checkpoint", "load_source"]
