@@ -9,9 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import MptToolsError  # noqa: E402
-from .pipeline import init_adapter, inspect_source, validate  # noqa: E402
-from .source import Checkpoint, load_source  # noqa: E402
+from .errors import MptToolsError
+from .pipeline import init_adapter, inspect_source, validate
+from .source import Checkpoint, load_source
 
 __all__ = [
     "Checkpoint",

@@ -79,50 +79,146 @@ def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:
     if from_file:
         peft_type = raw.get("peft_type")
         if peft_type != PEFT_TYPE:
-            out.append(Finding("error", "peft-type", "peft_type", "not a Multitask Prompt Tuning adapter",
-                               PEFT_TYPE, peft_type, "use an adapter trained with MultitaskPromptTuningConfig"))
+            out.append(
+                Finding(
+                    "error",
+                    "peft-type",
+                    "peft_type",
+                    "not a Multitask Prompt Tuning adapter",
+                    PEFT_TYPE,
+                    peft_type,
+                    "use an adapter trained with MultitaskPromptTuningConfig",
+                )
+            )
     for name in SIZE_FIELDS:
         value = raw.get(name)
         if value is None:
             if name in ("num_virtual_tokens", "token_dim") and from_file:
-                out.append(Finding("warning", "missing-field", name, "not set in the config",
-                                   "a positive integer", None, f"give --{name.replace('_', '-')}"))
+                out.append(
+                    Finding(
+                        "warning",
+                        "missing-field",
+                        name,
+                        "not set in the config",
+                        "a positive integer",
+                        None,
+                        f"give --{name.replace('_', '-')}",
+                    )
+                )
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            out.append(Finding("error", "bad-type", name, "must be an integer", "a positive integer",
-                               repr(value), f"write {name} as a JSON integer"))
+            out.append(
+                Finding(
+                    "error",
+                    "bad-type",
+                    name,
+                    "must be an integer",
+                    "a positive integer",
+                    repr(value),
+                    f"write {name} as a JSON integer",
+                )
+            )
         elif value <= 0:
-            out.append(Finding("error", "bad-size", name, "must be positive", "> 0", value,
-                               f"set {name} to the value the adapter was trained with"))
+            out.append(
+                Finding(
+                    "error",
+                    "bad-size",
+                    name,
+                    "must be positive",
+                    "> 0",
+                    value,
+                    f"set {name} to the value the adapter was trained with",
+                )
+            )
         elif name == "num_transformer_submodules" and value not in (1, 2):
-            out.append(Finding("error", "bad-size", name, "PEFT supports 1 or 2 submodules", "1 or 2", value,
-                               "use 1 (decoder-only) or 2 (encoder-decoder)"))
+            out.append(
+                Finding(
+                    "error",
+                    "bad-size",
+                    name,
+                    "PEFT supports 1 or 2 submodules",
+                    "1 or 2",
+                    value,
+                    "use 1 (decoder-only) or 2 (encoder-decoder)",
+                )
+            )
     task_type = raw.get("task_type")
     if task_type is None:
         if from_file:
-            out.append(Finding("error", "task-type", "task_type", "is null: PEFT cannot tell seq2seq from causal",
-                               "one of " + ", ".join(TASK_TYPES), None, "give --task-type"))
+            out.append(
+                Finding(
+                    "error",
+                    "task-type",
+                    "task_type",
+                    "is null: PEFT cannot tell seq2seq from causal",
+                    "one of " + ", ".join(TASK_TYPES),
+                    None,
+                    "give --task-type",
+                )
+            )
     elif task_type not in TASK_TYPES:
-        out.append(Finding("error", "task-type", "task_type", "unknown task type",
-                           "one of " + ", ".join(TASK_TYPES), task_type, "give --task-type"))
+        out.append(
+            Finding(
+                "error",
+                "task-type",
+                "task_type",
+                "unknown task type",
+                "one of " + ", ".join(TASK_TYPES),
+                task_type,
+                "give --task-type",
+            )
+        )
     init = raw.get("prompt_tuning_init", "RANDOM")
     if init not in INIT_MODES:
-        out.append(Finding("error", "init-mode", "prompt_tuning_init",
-                           "unknown value: PEFT silently treats it as RANDOM", "one of " + ", ".join(INIT_MODES),
-                           init, "set it to RANDOM"))
+        out.append(
+            Finding(
+                "error",
+                "init-mode",
+                "prompt_tuning_init",
+                "unknown value: PEFT silently treats it as RANDOM",
+                "one of " + ", ".join(INIT_MODES),
+                init,
+                "set it to RANDOM",
+            )
+        )
     elif init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
-        out.append(Finding("warning", "reload-trap", "prompt_tuning_init",
-                           f"PEFT re-reads {raw.get('prompt_tuning_init_state_dict_path')!r} on every load, "
-                           "so this adapter fails on other machines", "RANDOM", init,
-                           "rewrite it with `mpt-tools init` or set RANDOM and a null path"))
+        out.append(
+            Finding(
+                "warning",
+                "reload-trap",
+                "prompt_tuning_init",
+                f"PEFT re-reads {raw.get('prompt_tuning_init_state_dict_path')!r} on every load, "
+                "so this adapter fails on other machines",
+                "RANDOM",
+                init,
+                "rewrite it with `mpt-tools init` or set RANDOM and a null path",
+            )
+        )
     task = raw.get("prompt_tuning_init_task", 0)
     if task is not None and (isinstance(task, bool) or not isinstance(task, int)):
-        out.append(Finding("error", "bad-type", "prompt_tuning_init_task", "must be an integer", "an integer >= 0",
-                           repr(task), "write it as a JSON integer"))
+        out.append(
+            Finding(
+                "error",
+                "bad-type",
+                "prompt_tuning_init_task",
+                "must be an integer",
+                "an integer >= 0",
+                repr(task),
+                "write it as a JSON integer",
+            )
+        )
     elif isinstance(task, int) and task < 0:
-        out.append(Finding("error", "negative-task", "prompt_tuning_init_task",
-                           "negative task index: PEFT silently counts from the end", ">= 0", task,
-                           "use the task's non-negative index"))
+        out.append(
+            Finding(
+                "error",
+                "negative-task",
+                "prompt_tuning_init_task",
+                "negative task index: PEFT silently counts from the end",
+                ">= 0",
+                task,
+                "use the task's non-negative index",
+            )
+        )
     for name, why in cfg.assumed.items():
         out.append(Finding("info", "assumed", name, f"assumed {why}"))
     return out
@@ -146,20 +242,55 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
                 "prefix_task_cols": "PEFT would silently keep random task factors",
                 "prefix_task_rows": "PEFT would silently keep random task factors",
             }[name]
-            out.append(Finding("error", "missing-tensor", name, f"tensor missing: {why}", "present", "absent",
-                               "use the full adapter state dict (all three tensors)"))
+            out.append(
+                Finding(
+                    "error",
+                    "missing-tensor",
+                    name,
+                    f"tensor missing: {why}",
+                    "present",
+                    "absent",
+                    "use the full adapter state dict (all three tensors)",
+                )
+            )
             continue
         if info.dtype not in FLOAT_DTYPES:
-            out.append(Finding("error", "dtype", name, "not a floating-point tensor",
-                               "float32, bfloat16, float16 or float64", info.dtype,
-                               "save the adapter's float parameters"))
+            out.append(
+                Finding(
+                    "error",
+                    "dtype",
+                    name,
+                    "not a floating-point tensor",
+                    "float32, bfloat16, float16 or float64",
+                    info.dtype,
+                    "save the adapter's float parameters",
+                )
+            )
         if len(info.shape) != want_ndim[name]:
-            out.append(Finding("error", "ndim", name, f"must have {want_ndim[name]} dimensions",
-                               want_ndim[name], list(info.shape), "check that this is an MPT adapter"))
+            out.append(
+                Finding(
+                    "error",
+                    "ndim",
+                    name,
+                    f"must have {want_ndim[name]} dimensions",
+                    want_ndim[name],
+                    list(info.shape),
+                    "check that this is an MPT adapter",
+                )
+            )
             shapes.pop(name, None)
         elif 0 in info.shape:
-            out.append(Finding("error", "empty", name, "has an empty dimension", "all sizes > 0",
-                               list(info.shape), "check the adapter"))
+            out.append(
+                Finding(
+                    "error",
+                    "empty",
+                    name,
+                    "has an empty dimension",
+                    "all sizes > 0",
+                    list(info.shape),
+                    "check the adapter",
+                )
+            )
     pe, cols, rows = shapes.get("prompt_embeddings"), shapes.get("prefix_task_cols"), shapes.get("prefix_task_rows")
     pairs = []
     if cols and rows:
@@ -171,9 +302,17 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
         pairs.append(("token_dim", "prompt_embeddings", pe[1], "prefix_task_rows", rows[2]))
     for fieldname, a, av, b, bv in pairs:
         if av != bv:
-            out.append(Finding("error", "tensors-disagree", fieldname, f"{a} and {b} disagree on {fieldname}",
-                               f"{av} (from {a})", f"{bv} (from {b})",
-                               "the tensors come from different adapters or a corrupted save"))
+            out.append(
+                Finding(
+                    "error",
+                    "tensors-disagree",
+                    fieldname,
+                    f"{a} and {b} disagree on {fieldname}",
+                    f"{av} (from {a})",
+                    f"{bv} (from {b})",
+                    "the tensors come from different adapters or a corrupted save",
+                )
+            )
     cfg = ckpt.config
     expected = cfg.expected_shapes()
     labels = {
@@ -187,15 +326,23 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
             if want is None or want == got:
                 continue
             field_name = "num_virtual_tokens x num_transformer_submodules" if label == "T" else label
-            key = (field_name, want, got)
-            if key in reported:
+            seen = (field_name, want, got)
+            if seen in reported:
                 continue
-            reported.add(key)
-            out.append(Finding("error", "config-mismatch", field_name,
-                               f"config says {want} but {name} has {got}", want, got,
-                               f"fix the config or pass the right --{label.replace('_', '-')}"
-                               if label != "T" else "pass the right --num-virtual-tokens / "
-                               "--num-transformer-submodules or --task-type"))
+            reported.add(seen)
+            out.append(
+                Finding(
+                    "error",
+                    "config-mismatch",
+                    field_name,
+                    f"config says {want} but {name} has {got}",
+                    want,
+                    got,
+                    f"fix the config or pass the right --{label.replace('_', '-')}"
+                    if label != "T"
+                    else "pass the right --num-virtual-tokens / --num-transformer-submodules or --task-type",
+                )
+            )
     return out
 
 
@@ -231,8 +378,17 @@ def value_findings(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[Fin
             bad += count
         if bad:
             where = f"row {first}" if name == "prompt_embeddings" else f"task {first}"
-            out.append(Finding("error", "non-finite", name, f"{bad} NaN/Inf values (first in {where})",
-                               "finite values", f"{bad} non-finite", "retrain or restore the adapter"))
+            out.append(
+                Finding(
+                    "error",
+                    "non-finite",
+                    name,
+                    f"{bad} NaN/Inf values (first in {where})",
+                    "finite values",
+                    f"{bad} non-finite",
+                    "retrain or restore the adapter",
+                )
+            )
     return out
 
 
@@ -277,39 +433,93 @@ def check_target(
         num_tasks = num_tasks if num_tasks is not None else t_n
         num_ranks = num_ranks if num_ranks is not None else t_r
         for field_name, want, got, fix in (
-            ("num_virtual_tokens x num_transformer_submodules", src_t, tgt_t,
-             "the target must use the source's num_virtual_tokens and num_transformer_submodules"),
+            (
+                "num_virtual_tokens x num_transformer_submodules",
+                src_t,
+                tgt_t,
+                "the target must use the source's num_virtual_tokens and num_transformer_submodules",
+            ),
             ("token_dim", src_d, tgt_d, "the target base model must have the source's hidden size"),
         ):
             if want is not None and got is not None and want != got:
-                out.append(Finding("error", "target-mismatch", field_name,
-                                   f"target config differs from the source ({mode} needs them equal)",
-                                   want, got, fix))
+                out.append(
+                    Finding(
+                        "error",
+                        "target-mismatch",
+                        field_name,
+                        f"target config differs from the source ({mode} needs them equal)",
+                        want,
+                        got,
+                        fix,
+                    )
+                )
     if mode in ("average", "exact"):
         if ckpt.info("prefix_task_cols") is None or ckpt.info("prefix_task_rows") is None:
-            out.append(Finding("error", "missing-tensor", "prefix_task_cols/rows",
-                               f"{mode} needs the source task factors", "present", "absent",
-                               "use --mode shared, or a source with its task factors"))
+            out.append(
+                Finding(
+                    "error",
+                    "missing-tensor",
+                    "prefix_task_cols/rows",
+                    f"{mode} needs the source task factors",
+                    "present",
+                    "absent",
+                    "use --mode shared, or a source with its task factors",
+                )
+            )
         if num_ranks is not None and src_r is not None and num_ranks != src_r:
-            out.append(Finding("error", "target-mismatch", "num_ranks",
-                               f"{mode} copies factors, so the target rank must be the source's", src_r, num_ranks,
-                               f"set the target num_ranks to {src_r} (or use --mode shared)"))
+            out.append(
+                Finding(
+                    "error",
+                    "target-mismatch",
+                    "num_ranks",
+                    f"{mode} copies factors, so the target rank must be the source's",
+                    src_r,
+                    num_ranks,
+                    f"set the target num_ranks to {src_r} (or use --mode shared)",
+                )
+            )
         if peft_init_path and num_tasks is not None and num_tasks != 1:
-            out.append(Finding("error", "target-mismatch", "num_tasks",
-                               f"PEFT's {PEFT_MODE_NAMES[mode]} makes a 1-task target", 1, num_tasks,
-                               "set the target num_tasks to 1"))
+            out.append(
+                Finding(
+                    "error",
+                    "target-mismatch",
+                    "num_tasks",
+                    f"PEFT's {PEFT_MODE_NAMES[mode]} makes a 1-task target",
+                    1,
+                    num_tasks,
+                    "set the target num_tasks to 1",
+                )
+            )
     if mode == "exact":
         if task is None:
             task = 0
         if src_n is not None:
             if task < 0:
                 resolved = src_n + task
-                out.append(Finding("error", "negative-task", "task",
-                                   "negative task index: PEFT would silently take "
-                                   + (f"task {resolved} (counting from the end)" if resolved >= 0 else "nothing"),
-                                   f"0..{src_n - 1}", task, f"pass --task {resolved}" if resolved >= 0 else
-                                   f"pass a task in 0..{src_n - 1}"))
+                out.append(
+                    Finding(
+                        "error",
+                        "negative-task",
+                        "task",
+                        "negative task index: PEFT would silently take "
+                        + (f"task {resolved} (counting from the end)" if resolved >= 0 else "nothing"),
+                        f"0..{src_n - 1}",
+                        task,
+                        f"pass --task {resolved} (or --allow-negative-task to count from the end)"
+                        if resolved >= 0
+                        else f"pass a task in 0..{src_n - 1}",
+                    )
+                )
             elif task >= src_n:
-                out.append(Finding("error", "task-range", "task", f"the source has {src_n} tasks",
-                                   f"0..{src_n - 1}", task, f"pass a task in 0..{src_n - 1}"))
+                out.append(
+                    Finding(
+                        "error",
+                        "task-range",
+                        "task",
+                        f"the source has {src_n} tasks",
+                        f"0..{src_n - 1}",
+                        task,
+                        f"pass a task in 0..{src_n - 1}",
+                    )
+                )
     return out

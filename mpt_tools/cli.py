@@ -43,7 +43,7 @@ class Group(click.Group):
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
         except Exception as exc:  # a bug: still no traceback for users
-            if _debug():
+            if _debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
             click.echo(
                 f"error: internal error ({type(exc).__name__}: {_one_line(str(exc))}); "
@@ -63,7 +63,7 @@ def _echo_json(data: Any) -> None:
 
 def source_options(func: F) -> F:
     """Options shared by every command that reads a SOURCE: subfolder, config fields, Hub."""
-    options = [
+    options: list[Callable[[F], F]] = [
         click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo."),
         click.option("--num-tasks", "src_num_tasks", type=int, help="Override the source's num_tasks."),
         click.option("--num-ranks", "src_num_ranks", type=int, help="Override the source's num_ranks."),
@@ -134,16 +134,22 @@ def cli() -> None:
 @click.option("--task", type=int, help="Source task for --mode exact.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @source_options
-def validate(source: str, against: str | None, mode: str | None, task: int | None, as_json: bool,
-             **kw: Any) -> None:
+def validate(source: str, against: str | None, mode: str | None, task: int | None, as_json: bool, **kw: Any) -> None:
     """Check SOURCE (and a planned target) and report every problem at once.
 
     Exit 0 when valid, 1 when not.
     """
     from .pipeline import validate as run
 
-    report = run(source, against=against, mode=mode, task=task, overrides=_overrides(kw),
-                 subfolder=kw.pop("subfolder"), hub_options=_hub(kw))
+    report = run(
+        source,
+        against=against,
+        mode=mode,
+        task=task,
+        overrides=_overrides(kw),
+        subfolder=kw.pop("subfolder"),
+        hub_options=_hub(kw),
+    )
     if as_json:
         _echo_json(report)
     else:
@@ -154,8 +160,10 @@ def validate(source: str, against: str | None, mode: str | None, task: int | Non
         _print_findings(report["findings"])
     if not report["valid"]:
         errs = [f for f in report["findings"] if f["level"] == "error"]
-        click.echo(f"error: {report['source']}: {len(errs)} problem(s), first: {errs[0]['field']}: "
-                   f"{errs[0]['message']}", err=True)
+        click.echo(
+            f"error: {report['source']}: {len(errs)} problem(s), first: {errs[0]['field']}: {errs[0]['message']}",
+            err=True,
+        )
         sys.exit(1)
 
 
@@ -172,8 +180,9 @@ def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
     """Describe SOURCE: files, sha256, tensors, config, parameters, findings, per-task norms."""
     from .pipeline import inspect_source
 
-    report = inspect_source(source, overrides=_overrides(kw), subfolder=kw.pop("subfolder"),
-                            hub_options=_hub(kw), norms=not no_norms)
+    report = inspect_source(
+        source, overrides=_overrides(kw), subfolder=kw.pop("subfolder"), hub_options=_hub(kw), norms=not no_norms
+    )
     if as_json:
         _echo_json(report)
         return
@@ -184,11 +193,20 @@ def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
     for t in report["tensors"]:
         label = t["key"] or "(ignored)"
         stored = f"  (stored as {t['stored_as']})" if t["stored_as"] != t["key"] else ""
-        click.echo(f"  {label:<18} {t['dtype']:<9} {str(t['shape']):<16} {t['parameters']:>10} params{stored}")
+        click.echo(f"  {label:<18} {t['dtype']:<9} {t['shape']!s:<16} {t['parameters']:>10} params{stored}")
     cfg = report["config"]
     click.echo(f"config: {report['config_source']}")
-    for key in ("peft_type", "task_type", "num_virtual_tokens", "num_transformer_submodules", "token_dim",
-                "num_tasks", "num_ranks", "prompt_tuning_init", "base_model_name_or_path"):
+    for key in (
+        "peft_type",
+        "task_type",
+        "num_virtual_tokens",
+        "num_transformer_submodules",
+        "token_dim",
+        "num_tasks",
+        "num_ranks",
+        "prompt_tuning_init",
+        "base_model_name_or_path",
+    ):
         click.echo(f"  {key:<27} {cfg.get(key)}")
     p = report["parameters"]
     if p:
@@ -201,8 +219,9 @@ def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
     if report["tasks"]:
         click.echo(f"{'task':>6} {'|U_k|':>10} {'|V_k|':>10} {'|P_k|':>10}")
         for t in report["tasks"]:
-            click.echo(f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} "
-                       f"{_fmt(t['prompt_norm']):>10}")
+            click.echo(
+                f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}"
+            )
 
 
 def _int_list(value: str | None) -> list[int] | None:
@@ -214,17 +233,41 @@ def _int_list(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _float_list(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
 @cli.command()
 @click.argument("source")
-@click.option("--mode", required=True, help="average, exact or shared (or AVERAGE_SOURCE_TASKS, "
-              "EXACT_SOURCE_TASK, ONLY_SOURCE_SHARED).")
+@click.option(
+    "--mode",
+    required=True,
+    help="average, exact or shared (or AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK, ONLY_SOURCE_SHARED).",
+)
 @click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")
 @click.option("--task", type=int, help="Source task for --mode exact (default 0).")
-@click.option("--allow-negative-task", is_flag=True,
-              help="Accept a negative --task, counted from the end as PEFT does (with a warning).")
+@click.option(
+    "--allow-negative-task",
+    is_flag=True,
+    help="Accept a negative --task, counted from the end as PEFT does (with a warning).",
+)
 @click.option("--seed", type=int, help="Seed for the fresh factors of --mode shared (recorded).")
 @click.option("--num-tasks", "num_tasks", type=int, help="Target num_tasks (shared; 1 for average/exact).")
 @click.option("--num-ranks", "num_ranks", type=int, help="Target num_ranks (shared; default the source's).")
+@click.option("--tasks", "task_list", help="average: only these source tasks, e.g. 0,3,5.")
+@click.option("--weights", help="average: one non-negative weight per --tasks entry (normalised).")
+@click.option(
+    "--target-tasks",
+    type=int,
+    default=1,
+    show_default=True,
+    help="average/exact: write a K-task target, every task starting from the chosen factors.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing adapter in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo.")
@@ -233,8 +276,22 @@ def _int_list(value: str | None) -> list[int] | None:
 @click.option("--num-transformer-submodules", type=int, help="Give or override nts (1 or 2).")
 @click.option("--task-type", help="Give or override task_type.")
 @functools.reduce(lambda f, o: o(f), reversed(hub_option_list()), lambda f: f)
-def init(source: str, mode: str, out: str, task: int | None, allow_negative_task: bool, seed: int | None,
-         num_tasks: int | None, num_ranks: int | None, force: bool, as_json: bool, **kw: Any) -> None:
+def init(
+    source: str,
+    mode: str,
+    out: str,
+    task: int | None,
+    allow_negative_task: bool,
+    seed: int | None,
+    num_tasks: int | None,
+    num_ranks: int | None,
+    task_list: str | None,
+    weights: str | None,
+    target_tasks: int,
+    force: bool,
+    as_json: bool,
+    **kw: Any,
+) -> None:
     """Write a ready-to-train target adapter initialised from SOURCE into --out.
 
     average and exact are bitwise what PEFT's own init computes; shared copies the shared prompt
@@ -243,12 +300,23 @@ def init(source: str, mode: str, out: str, task: int | None, allow_negative_task
     """
     from .pipeline import init_adapter
 
-    if task is not None and task < 0 and not allow_negative_task:
-        pass  # the library reports it with the task it would resolve to
-    result = init_adapter(source, mode, out, task=task, seed=seed, num_tasks=num_tasks, num_ranks=num_ranks,
-                          force=force, allow_negative_task=allow_negative_task,
-                          overrides=_overrides(kw, with_counts=False), subfolder=kw.pop("subfolder"),
-                          hub_options=_hub(kw))
+    result = init_adapter(
+        source,
+        mode,
+        out,
+        task=task,
+        seed=seed,
+        num_tasks=num_tasks,
+        num_ranks=num_ranks,
+        force=force,
+        allow_negative_task=allow_negative_task,
+        tasks=_int_list(task_list),
+        weights=_float_list(weights),
+        target_tasks=target_tasks,
+        overrides=_overrides(kw, with_counts=False),
+        subfolder=kw.pop("subfolder"),
+        hub_options=_hub(kw),
+    )
     for w in result["warnings"]:
         click.echo(f"warning: {w}", err=True)
     if as_json:
@@ -256,15 +324,20 @@ def init(source: str, mode: str, out: str, task: int | None, allow_negative_task
         return
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
-    how = {"average": "mean of the source task factors", "exact": f"source task {result['task']}",
-           "shared": f"shared prompt only, fresh factors from seed {result['seed']}"}[result["mode"]]
+    how = {
+        "average": "mean of the source task factors",
+        "exact": f"source task {result['task']}",
+        "shared": f"shared prompt only, fresh factors from seed {result['seed']}",
+    }[result["mode"]]
     click.echo(f"wrote {result['out']} ({result['peft_mode']}: {how})")
     for path in result["files"]:
         click.echo(f"  {path}  ({os.path.getsize(path)} bytes)")
     for name, shape in result["shapes"].items():
         click.echo(f"  {name:<18} float32 {shape}")
-    click.echo(f"  num_tasks {result['num_tasks']}, num_ranks {result['num_ranks']}, "
-               f"source sha256 {result['source_sha256'][:16]}...")
+    click.echo(
+        f"  num_tasks {result['num_tasks']}, num_ranks {result['num_ranks']}, "
+        f"source sha256 {result['source_sha256'][:16]}..."
+    )
 
 
 def main() -> None:

@@ -131,6 +131,10 @@ def config_to_json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def read_config(path: str | os.PathLike[str]) -> MptConfig:
     """Read an adapter_config.json file (or a directory holding one) into an :class:`MptConfig`.
 
@@ -151,11 +155,15 @@ def read_config(path: str | os.PathLike[str]) -> MptConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror or exc}", where) from None
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        msg = getattr(exc, "msg", "too deeply nested")
-        line = getattr(exc, "lineno", 0)
-        raise ConfigError(f"config is not valid JSON ({msg} at line {line})", where) from None
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            why = f"{exc.msg} at line {exc.lineno}"
+        elif isinstance(exc, RecursionError):
+            why = "nested too deeply"
+        else:
+            why = " ".join(str(exc).split())[:120]
+        raise ConfigError(f"config is not valid JSON ({why})", where) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a JSON object, found {type(data).__name__}", where)
     return MptConfig(raw=data, path=where)

@@ -7,6 +7,7 @@ Arrays are numpy; bfloat16 data is carried as raw ``uint16`` words with the dtyp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,9 +47,22 @@ DTYPES: dict[str, tuple[int, str]] = {
     "C128": (16, "<c16"),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_NP_TO_TAG = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
-              "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
-              "uint8": "U8", "bool": "BOOL", "complex64": "C64", "complex128": "C128"}
+_NP_TO_TAG = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "complex64": "C64",
+    "complex128": "C128",
+}
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -190,6 +204,19 @@ def _fail(path: str, msg: str) -> FormatError:
     return FormatError(f"not a valid safetensors file: {msg}", path)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
     """Parse and check a safetensors header without reading any tensor data.
 
@@ -213,10 +240,12 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", p) from None
     try:
-        header = json.loads(blob.decode("utf-8"))
+        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
         raise _fail(p, "header is not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError):
+    except _DuplicateKey as exc:
+        raise _fail(p, f"header names {exc.args[0]!r} twice") from None
+    except (ValueError, RecursionError):
         raise _fail(p, "header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _fail(p, "header is not a JSON object")
@@ -300,9 +329,7 @@ def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
         if not isinstance(key, str):
             raise FormatError(f"holds a non-string key {key!r}", p)
         if isinstance(value, dict):
-            raise FormatError(
-                f"tensors are nested under {key!r}; save the inner state dict itself", p
-            )
+            raise FormatError(f"tensors are nested under {key!r}; save the inner state dict itself", p)
         if not isinstance(value, torch.Tensor):
             raise FormatError(f"entry {key!r} is a {type(value).__name__}, not a tensor", p)
         loaded[key] = from_torch(value)
@@ -331,9 +358,7 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
         return open_pickle(p)
     if len(head) >= 9 and head[8:9] == b"{":
         return open_safetensors(p)
-    raise FormatError(
-        "unknown file type: expected .safetensors, .bin, .pt or .pth", str(p)
-    )
+    raise FormatError("unknown file type: expected .safetensors, .bin, .pt or .pth", str(p))
 
 
 def normalise_keys(names: Iterable[str], path: str | None = None) -> tuple[dict[str, str], list[str], list[str]]:
@@ -367,8 +392,7 @@ def normalise_keys(names: Iterable[str], path: str | None = None) -> tuple[dict[
             notes.append(f"renamed {original!r} to {key!r}")
     if len(adapters) > 1:
         raise FormatError(
-            f"holds the prompt encoders of several adapters ({', '.join(sorted(adapters))}); "
-            "save one adapter per file",
+            f"holds the prompt encoders of several adapters ({', '.join(sorted(adapters))}); save one adapter per file",
             path,
         )
     return mapping, notes, ignored
@@ -413,10 +437,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write: {exc.strerror or exc}", str(target)) from None
         raise

@@ -17,7 +17,6 @@ from .checks import (
     check_source,
     check_target,
     errors,
-    iter_task_chunks,
 )
 from .config import INIT_MODES, MptConfig, read_config, target_config
 from .errors import MptToolsError, ValidationError
@@ -109,12 +108,14 @@ def task_norms(ckpt: Checkpoint, chunk_bytes: int = NORM_CHUNK_BYTES) -> list[di
             cn = np.sqrt(np.einsum("ktr,ktr->k", cols, cols))
             rn = np.sqrt(np.einsum("krd,krd->k", rows, rows))
         for i in range(stop - start):
-            out.append({
-                "task": start + i,
-                "cols_norm": _json_float(cn[i]),
-                "rows_norm": _json_float(rn[i]),
-                "prompt_norm": _json_float(pn[i]),
-            })
+            out.append(
+                {
+                    "task": start + i,
+                    "cols_norm": _json_float(cn[i]),
+                    "rows_norm": _json_float(rn[i]),
+                    "prompt_norm": _json_float(pn[i]),
+                }
+            )
     return out
 
 
@@ -135,16 +136,29 @@ def inspect_source(
         import hashlib
 
         cfg_bytes = Path(ckpt.config.path).read_bytes()
-        files.append({"role": "config", "path": ckpt.config.path, "bytes": len(cfg_bytes),
-                      "sha256": hashlib.sha256(cfg_bytes).hexdigest()})
+        files.append(
+            {
+                "role": "config",
+                "path": ckpt.config.path,
+                "bytes": len(cfg_bytes),
+                "sha256": hashlib.sha256(cfg_bytes).hexdigest(),
+            }
+        )
     tensors = []
     for original, info in ckpt.file.infos.items():
         canonical = next((k for k, v in ckpt.keymap.items() if v == original), None)
         count = 1
         for s in info.shape:
             count *= s
-        tensors.append({"key": canonical, "stored_as": original, "dtype": DTYPE_NAMES.get(info.dtype, info.dtype),
-                        "shape": list(info.shape), "parameters": count})
+        tensors.append(
+            {
+                "key": canonical,
+                "stored_as": original,
+                "dtype": DTYPE_NAMES.get(info.dtype, info.dtype),
+                "shape": list(info.shape),
+                "parameters": count,
+            }
+        )
     shapes = ckpt.shapes
     params: dict[str, Any] = {}
     if "prompt_embeddings" in shapes and len(shapes["prompt_embeddings"]) == 2:
@@ -156,9 +170,21 @@ def inspect_source(
             params["num_tasks"] = n
             params["total"] = t * d + n * (t * r + r * d)
     task_list: list[dict[str, Any]] | None = None
-    header_errors = [f for f in errors(findings) if f.code not in ("non-finite", "peft-type", "task-type",
-                                                                    "init-mode", "negative-task", "bad-type",
-                                                                    "bad-size", "config-mismatch")]
+    header_errors = [
+        f
+        for f in errors(findings)
+        if f.code
+        not in (
+            "non-finite",
+            "peft-type",
+            "task-type",
+            "init-mode",
+            "negative-task",
+            "bad-type",
+            "bad-size",
+            "config-mismatch",
+        )
+    ]
     if norms and not header_errors:
         task_list = task_norms(ckpt)
     return {
@@ -182,6 +208,108 @@ def inspect_source(
         "notes": ckpt.notes,
         "hub": ckpt.hub,
     }
+
+
+def _selection_findings(
+    mode: str, src_n: int | None, tasks: list[int] | None, weights: list[float] | None, target_tasks: int
+) -> list[Finding]:
+    """Problems with --tasks, --weights and --target-tasks."""
+    out: list[Finding] = []
+    if (tasks is not None or weights is not None) and mode != "average":
+        out.append(
+            Finding(
+                "error",
+                "usage",
+                "tasks",
+                "--tasks and --weights apply to --mode average only",
+                "average",
+                mode,
+                "drop --tasks/--weights or use --mode average",
+            )
+        )
+        return out
+    if tasks is not None:
+        if not tasks:
+            out.append(
+                Finding("error", "usage", "tasks", "no tasks given", "at least one task", "[]", "list tasks like 0,3,5")
+            )
+        if len(set(tasks)) != len(tasks):
+            out.append(
+                Finding(
+                    "error",
+                    "usage",
+                    "tasks",
+                    "a task is listed twice",
+                    "distinct tasks",
+                    tasks,
+                    "list each task once (use --weights to weigh one more)",
+                )
+            )
+        if src_n is not None:
+            bad = [t for t in tasks if t < 0 or t >= src_n]
+            if bad:
+                out.append(
+                    Finding(
+                        "error",
+                        "task-range",
+                        "tasks",
+                        f"the source has {src_n} tasks",
+                        f"0..{src_n - 1}",
+                        bad,
+                        f"pick tasks in 0..{src_n - 1}",
+                    )
+                )
+    if weights is not None:
+        count = len(tasks) if tasks is not None else src_n
+        if count is not None and len(weights) != count:
+            out.append(
+                Finding(
+                    "error",
+                    "usage",
+                    "weights",
+                    "need one weight per averaged task",
+                    count,
+                    len(weights),
+                    "give as many weights as tasks",
+                )
+            )
+        if any(not np.isfinite(w) or w < 0 for w in weights) or not sum(weights) > 0:
+            out.append(
+                Finding(
+                    "error",
+                    "usage",
+                    "weights",
+                    "weights must be finite, non-negative, not all 0",
+                    ">= 0",
+                    weights,
+                    "fix the weights",
+                )
+            )
+    if target_tasks < 1 or target_tasks > 1_000_000:
+        out.append(
+            Finding(
+                "error",
+                "usage",
+                "target_tasks",
+                "out of range",
+                "1..1000000",
+                target_tasks,
+                "pass a positive --target-tasks",
+            )
+        )
+    elif target_tasks > 1 and mode == "shared":
+        out.append(
+            Finding(
+                "error",
+                "usage",
+                "target_tasks",
+                "--mode shared takes --num-tasks instead",
+                1,
+                target_tasks,
+                "use --num-tasks K with --mode shared",
+            )
+        )
+    return out
 
 
 def init_adapter(
@@ -215,53 +343,86 @@ def init_adapter(
     src_cols = ckpt.shapes.get("prefix_task_cols")
     src_n = src_cols[0] if src_cols and len(src_cols) == 3 else None
     src_r = src_cols[2] if src_cols and len(src_cols) == 3 else None
+    tgt_n: int
+    tgt_r: int | None
     if mode == "shared":
         tgt_n, tgt_r = num_tasks or 1, num_ranks or src_r or 1
     else:
         tgt_n, tgt_r = num_tasks or target_tasks, num_ranks or src_r
     findings = check_source(ckpt, values=False)
-    findings = [f for f in findings if not (mode == "shared" and f.field in ("prefix_task_cols", "prefix_task_rows")
-                                            and f.code == "missing-tensor")]
-    findings += check_target(ckpt, mode, task=task, num_tasks=tgt_n, num_ranks=tgt_r,
-                             peft_init_path=target_tasks == 1)
+    findings = [
+        f
+        for f in findings
+        if not (mode == "shared" and f.field in ("prefix_task_cols", "prefix_task_rows") and f.code == "missing-tensor")
+    ]
+    findings += check_target(ckpt, mode, task=task, num_tasks=tgt_n, num_ranks=tgt_r, peft_init_path=target_tasks == 1)
     if mode != "shared" and num_tasks is not None and num_tasks != target_tasks and target_tasks != 1:
-        findings.append(Finding("error", "target-mismatch", "num_tasks", "--num-tasks and --target-tasks disagree",
-                                target_tasks, num_tasks, "give only one of them"))
+        findings.append(
+            Finding(
+                "error",
+                "target-mismatch",
+                "num_tasks",
+                "--num-tasks and --target-tasks disagree",
+                target_tasks,
+                num_tasks,
+                "give only one of them",
+            )
+        )
+    findings += _selection_findings(mode, src_n, tasks, weights, target_tasks)
     if mode == "exact" and task is not None and task < 0 and allow_negative_task and src_n is not None:
         findings = [f for f in findings if f.code != "negative-task"]
         if task + src_n >= 0:
             warnings.append(f"task {task} resolves to task {task + src_n} of {src_n} (counting from the end)")
         else:
-            findings.append(Finding("error", "task-range", "task", f"the source has {src_n} tasks",
-                                    f"-{src_n}..{src_n - 1}", task, f"pass a task in 0..{src_n - 1}"))
+            findings.append(
+                Finding(
+                    "error",
+                    "task-range",
+                    "task",
+                    f"the source has {src_n} tasks",
+                    f"-{src_n}..{src_n - 1}",
+                    task,
+                    f"pass a task in 0..{src_n - 1}",
+                )
+            )
     problems = errors(findings)
     if problems:
         raise _fail(ckpt, problems)
     warnings += [f.line() for f in findings if f.level == "warning"]
     protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
     check_output_dir(out, force=force, protected=protected)
-    target = build_target(ckpt, mode, task=task, seed=seed, num_tasks=tgt_n, num_ranks=tgt_r,
-                          tasks=tasks, weights=weights, target_tasks=target_tasks)
+    target = build_target(
+        ckpt,
+        mode,
+        task=task,
+        seed=seed,
+        num_tasks=tgt_n,
+        num_ranks=tgt_r,
+        tasks=tasks,
+        weights=weights,
+        target_tasks=target_tasks,
+    )
     for name, arr in target.tensors.items():
         if not np.isfinite(arr).all():
             where = f"task {target.task}" if target.task is not None else "the source"
-            raise ValidationError(f"{name}: {where} holds NaN/Inf values; the target would be unusable",
-                                  ckpt.location)
+            raise ValidationError(f"{name}: {where} holds NaN/Inf values; the target would be unusable", ckpt.location)
     config = target_config(ckpt.config, target.num_tasks, target.num_ranks)
     src_info = ckpt.info("prompt_embeddings")
-    meta = provenance({
-        "mode": PEFT_MODE_NAMES[mode],
-        "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
-        "source_file": os.path.basename(ckpt.weights_path),
-        "source_sha256": ckpt.sha256(),
-        "source_dtype": DTYPE_NAMES.get(src_info.dtype, src_info.dtype) if src_info else None,
-        "source_revision": ckpt.hub.get("commit") if ckpt.hub else None,
-        "task": target.task,
-        "tasks": target.tasks,
-        "weights": target.weights,
-        "seed": target.seed,
-        "target_tasks": target_tasks if target_tasks != 1 else None,
-    })
+    meta = provenance(
+        {
+            "mode": PEFT_MODE_NAMES[mode],
+            "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
+            "source_file": os.path.basename(ckpt.weights_path),
+            "source_sha256": ckpt.sha256(),
+            "source_dtype": DTYPE_NAMES.get(src_info.dtype, src_info.dtype) if src_info else None,
+            "source_revision": ckpt.hub.get("commit") if ckpt.hub else None,
+            "task": target.task,
+            "tasks": target.tasks,
+            "weights": target.weights,
+            "seed": target.seed,
+            "target_tasks": target_tasks if target_tasks != 1 else None,
+        }
+    )
     written = write_adapter(out, target.raw(), config, meta, force=force, protected=protected)
     return {
         "schema": "mpt-tools/init/1",

@@ -41,7 +41,7 @@ class Checkpoint:
 
     @property
     def format(self) -> str:
-        """"safetensors" or "pickle"."""
+        """ "safetensors" or "pickle"."""
         return self.file.format
 
     def info(self, name: str) -> TensorInfo | None:

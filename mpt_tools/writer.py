@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,9 @@ def write_adapter(
     except BaseException:
         if created:
             for name in (WEIGHTS_NAME, CONFIG_NAME):
-                try:
+                with contextlib.suppress(OSError):
                     (out / name).unlink()
-                except OSError:
-                    pass
-            try:
+            with contextlib.suppress(OSError):
                 out.rmdir()
-            except OSError:
-                pass
         raise
     return [str(out / WEIGHTS_NAME), str(out / CONFIG_NAME)]

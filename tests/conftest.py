@@ -1,0 +1,41 @@
+"""Shared test set-up: user state isolated, Hub offline, unexpected CLI errors re-raised."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the user's Hub cache, token or debug settings."""
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("MPT_TOOLS_DEBUG", raising=False)
+    monkeypatch.setenv("MPT_TOOLS_RAISE_UNEXPECTED", "1")
+
+
+def run_cli(*args: str) -> Result:
+    """Run the CLI in-process; stdout and stderr are kept apart."""
+    from mpt_tools.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture
+def cli_run():
+    """The :func:`run_cli` helper as a fixture."""
+    return run_cli
