@@ -158,13 +158,21 @@ def validate(source: str, against: str | None, mode: str | None, task: int | Non
         state = "valid" if report["valid"] else "INVALID"
         click.echo(f"{report['source']}: {state} ({len(errs)} error(s), {len(warns)} warning(s))")
         _print_findings(report["findings"])
-    if not report["valid"]:
-        errs = [f for f in report["findings"] if f["level"] == "error"]
-        click.echo(
-            f"error: {report['source']}: {len(errs)} problem(s), first: {errs[0]['field']}: {errs[0]['message']}",
-            err=True,
-        )
-        sys.exit(1)
+    _exit_if_invalid(report)
+
+
+def _exit_if_invalid(report: dict[str, Any]) -> None:
+    """After a report was printed: one line on stderr and exit 1 when it holds errors."""
+    if report.get("valid", True):
+        return
+    errs = [f for f in report["findings"] if f["level"] == "error"]
+    first = errs[0]
+    detail = ""
+    if first.get("expected") is not None or first.get("found") is not None:
+        detail = f" (expected {first['expected']}, found {first['found']})"
+    more = f" [and {len(errs) - 1} more]" if len(errs) > 1 else ""
+    click.echo(f"error: {report['source']}: {first['field']}: {first['message']}{detail}{more}", err=True)
+    sys.exit(1)
 
 
 def _fmt(value: float | None) -> str:
@@ -185,6 +193,7 @@ def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
     )
     if as_json:
         _echo_json(report)
+        _exit_if_invalid(report)
         return
     click.echo(f"source: {report['source']} ({report['format']})")
     for f in report["files"]:
@@ -222,6 +231,7 @@ def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
             click.echo(
                 f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}"
             )
+    _exit_if_invalid(report)
 
 
 def _int_list(value: str | None) -> list[int] | None:

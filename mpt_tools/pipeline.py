@@ -17,6 +17,7 @@ from .checks import (
     check_source,
     check_target,
     errors,
+    value_findings,
 )
 from .config import INIT_MODES, MptConfig, read_config, target_config
 from .errors import MptToolsError, ValidationError
@@ -350,11 +351,12 @@ def init_adapter(
     else:
         tgt_n, tgt_r = num_tasks or target_tasks, num_ranks or src_r
     findings = check_source(ckpt, values=False)
-    findings = [
-        f
-        for f in findings
-        if not (mode == "shared" and f.field in ("prefix_task_cols", "prefix_task_rows") and f.code == "missing-tensor")
-    ]
+    if mode == "shared" and ckpt.info("prefix_task_cols") is None and ckpt.info("prefix_task_rows") is None:
+        # A prompt without task factors is a fine source for shared: only P* is copied.
+        findings = [f for f in findings if f.code != "missing-tensor" or f.field == "prompt_embeddings"]
+    if mode == "shared" and not errors(findings):
+        # shared reads only P*; the factors are small next to it, so check them too.
+        findings += value_findings(ckpt)
     findings += check_target(ckpt, mode, task=task, num_tasks=tgt_n, num_ranks=tgt_r, peft_init_path=target_tasks == 1)
     if mode != "shared" and num_tasks is not None and num_tasks != target_tasks and target_tasks != 1:
         findings.append(

@@ -1,0 +1,80 @@
+"""Every command on every case of the generated hostile/broken corpus: exit 1, one clear line on
+stderr naming the problem, no traceback, nothing written, inputs byte-identical, no code run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import run_cli  # noqa: E402
+from corpus import Case, build_corpus, snapshot  # noqa: E402
+
+from mpt_tools.cli import cli  # noqa: E402
+
+CORPUS_ROOT: Path | None = None
+CASES: list[Case] = []
+
+
+def _cases() -> list[Case]:
+    global CORPUS_ROOT, CASES
+    if not CASES:
+        import tempfile
+
+        CORPUS_ROOT = Path(tempfile.mkdtemp(prefix="mpt-corpus-"))
+        CASES = build_corpus(CORPUS_ROOT)
+    return CASES
+
+
+def command_lines(case: Case, out: Path) -> dict[str, list[str]]:
+    """The command lines to try on a case, for the commands this build has."""
+    src = str(case.path)
+    lines = {
+        "inspect": ["inspect", src],
+        "validate": ["validate", src],
+        "init-average": ["init", src, "--mode", "average", "--out", str(out / "avg")],
+        "init-exact": ["init", src, "--mode", "exact", "--task", "1", "--out", str(out / "exact")],
+        "init-shared": ["init", src, "--mode", "shared", "--seed", "1", "--out", str(out / "shared")],
+        "verify": ["verify", src],
+        "convert": ["convert", src, "--out", str(out / "conv.safetensors")],
+        "push-dry-run": ["push", src, "someone/repo", "--dry-run"],
+    }
+    return {k: v for k, v in lines.items() if v[0] in cli.commands}
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.name)
+def test_every_command_refuses_cleanly(case: Case, tmp_path: Path) -> None:
+    assert CORPUS_ROOT is not None
+    case_dir = CORPUS_ROOT / case.name
+    before = snapshot(case_dir)
+    out = tmp_path / "out"
+    for label, argv in command_lines(case, out).items():
+        result = run_cli(*argv)
+        where = f"{label} on {case.name} ({case.why})"
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            f"{where}: unexpected {result.exception!r}"
+        )
+        assert result.exit_code == 1, f"{where}: exit {result.exit_code}\n{result.output}\n{result.stderr}"
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, f"{where}: stderr is not one line:\n{result.stderr}"
+        line = lines[0]
+        assert line.startswith("error: "), f"{where}: {line}"
+        assert "Traceback" not in result.output + result.stderr
+        assert "internal error" not in line, f"{where}: {line}"
+        assert not out.exists() or not any(out.rglob("*")), f"{where}: wrote {list(out.rglob('*'))}"
+        assert snapshot(case_dir) == before, f"{where}: inputs changed"
+        if case.sentinel is not None:
+            assert not case.sentinel.exists(), f"{where}: the payload ran"
+
+
+def test_messages_name_the_problem() -> None:
+    """A readable table of cases and messages (docs/bad-inputs.md is generated from this)."""
+    rows = []
+    for case in _cases():
+        result = run_cli("validate", str(case.path))
+        rows.append((case.name, case.why, result.stderr.strip()))
+        assert str(case.path.name) in result.stderr or case.path.name in result.stderr or "error:" in result.stderr
+    assert len(rows) >= 40
