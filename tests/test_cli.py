@@ -1,0 +1,239 @@
+"""The commands end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, ROOT, run_cli
+
+from mpt_tools import __version__
+from mpt_tools.cli import cli
+
+
+def all_commands():
+    return sorted(cli.commands)
+
+
+@pytest.mark.parametrize("name", all_commands())
+def test_every_command_has_help(name: str) -> None:
+    result = run_cli(name, "--help")
+    assert result.exit_code == 0
+    assert cli.commands[name].help, f"{name} has no help text"
+    assert "Usage:" in result.output
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_console_script_and_module(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "mpt-tools"
+    for argv in ([str(exe)], [sys.executable, "-m", "mpt_tools"]):
+        if argv[0] == str(exe) and not exe.exists():
+            continue
+        proc = subprocess.run([*argv, "validate", str(FIXTURES / "causal")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "valid" in proc.stdout
+        bad = subprocess.run([*argv, "inspect", str(tmp_path / "nope")], capture_output=True, text=True)
+        assert bad.returncode == 1
+        assert bad.stderr.strip().count("\n") == 0 and "no such file" in bad.stderr
+        usage = subprocess.run([*argv, "init", str(FIXTURES / "causal")], capture_output=True, text=True)
+        assert usage.returncode == 2
+
+
+def test_init_summary_and_json(tmp_path: Path) -> None:
+    result = run_cli("init", FIXTURES / "causal", "--mode", "AVERAGE_SOURCE_TASKS", "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.stderr
+    assert "AVERAGE_SOURCE_TASKS" in result.output and "adapter_model.safetensors" in result.output
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "2", "--out", tmp_path / "u", "--json")
+    data = json.loads(result.stdout)
+    assert data["schema"] == "mpt-tools/init/1" and data["task"] == 2
+    assert data["shapes"]["prefix_task_cols"] == [1, 4, 2]
+    meta = data["metadata"]
+    assert meta["format"] == "pt" and meta["mpt_tools.mode"] == "EXACT_SOURCE_TASK" and meta["mpt_tools.task"] == "2"
+    assert len(meta["mpt_tools.source_sha256"]) == 64
+
+
+def test_config_written_peft_style(tmp_path: Path) -> None:
+    run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", tmp_path / "t")
+    text = (tmp_path / "t" / "adapter_config.json").read_text()
+    cfg = json.loads(text)
+    assert text == json.dumps(cfg, indent=2, sort_keys=True)  # PEFT's style, no final newline
+    src = json.loads((FIXTURES / "causal" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == src["base_model_name_or_path"]
+    assert cfg["num_tasks"] == 1 and cfg["prompt_tuning_init"] == "RANDOM"
+
+
+def test_no_overwrite_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    assert run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out).exit_code == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--out", out)
+    assert result.exit_code == 1 and "--force" in result.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert run_cli("init", FIXTURES / "causal", "--mode", "exact", "--out", out, "--force").exit_code == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_never_writes_into_source(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "causal", src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    result = run_cli("init", src, "--mode", "average", "--out", src, "--force")
+    assert result.exit_code == 1 and "never writes into a source" in result.stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mpt_tools.formats as formats
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(formats.os, "replace", boom)
+    out = tmp_path / "t"
+    result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out)
+    assert result.exit_code == 1 and "No space left" in result.stderr
+    assert not out.exists()
+    # an existing folder keeps its old files and gets no temp files
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+    result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--force")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+    assert (out / "adapter_config.json").read_text() == "old"
+
+
+def test_deterministic_outputs(tmp_path: Path) -> None:
+    for mode in ("average", "exact", "shared"):
+        files = []
+        for i in range(2):
+            out = tmp_path / f"{mode}{i}"
+            assert run_cli("init", FIXTURES / "causal", "--mode", mode, "--seed", "3", "--out", out).exit_code == 0
+            files.append([(out / n).read_bytes() for n in ("adapter_model.safetensors", "adapter_config.json")])
+        assert files[0] == files[1], mode
+
+
+def test_shared_seed_recorded_and_num_tasks(tmp_path: Path) -> None:
+    result = run_cli("init", FIXTURES / "causal", "--mode", "shared", "--num-tasks", "4", "--num-ranks", "3",
+                     "--out", tmp_path / "t", "--json")
+    data = json.loads(result.stdout)
+    assert data["seed"] is not None and data["metadata"]["mpt_tools.seed"] == str(data["seed"])
+    assert data["shapes"]["prefix_task_cols"] == [4, 4, 3] and data["shapes"]["prefix_task_rows"] == [4, 3, 16]
+
+
+def test_negative_task_refused_unless_allowed(tmp_path: Path) -> None:
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "-1", "--out", tmp_path / "t")
+    assert result.exit_code == 1 and "task 2" in result.stderr and not (tmp_path / "t").exists()
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task=-1", "--allow-negative-task",
+                     "--out", tmp_path / "t")
+    assert result.exit_code == 0 and "resolves to task 2" in result.stderr
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "3", "--out", tmp_path / "u")
+    assert result.exit_code == 1 and "0..2" in result.stderr
+
+
+def test_bin_source_and_subfolder(tmp_path: Path) -> None:
+    assert run_cli("validate", FIXTURES / "causal_bin").exit_code == 0
+    result = run_cli("validate", FIXTURES / "named")
+    assert result.exit_code == 1 and "--subfolder" in result.stderr and "sources" in result.stderr
+    assert run_cli("validate", FIXTURES / "named", "--subfolder", "sources").exit_code == 0
+
+
+def test_safetensors_wins_over_bin(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "causal", src)
+    shutil.copy(FIXTURES / "causal_bin" / "adapter_model.bin", src / "adapter_model.bin")
+    data = json.loads(run_cli("inspect", src, "--json").stdout)
+    assert data["format"] == "safetensors"
+
+
+def test_module_style_keys_normalised(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(FIXTURES / "causal" / "adapter_model.safetensors"))
+    prefixed = {
+        "base_model.model.prompt_encoder.default.embedding.weight": sd["prompt_embeddings"],
+        "prompt_encoder.default.prefix_task_cols": sd["prefix_task_cols"],
+        "prompt_encoder.default.prefix_task_rows": sd["prefix_task_rows"],
+    }
+    path = tmp_path / "module_keys.safetensors"
+    save_file(prefixed, str(path))
+    result = run_cli("init", path, "--mode", "average", "--out", tmp_path / "t", "--task-type", "CAUSAL_LM")
+    assert result.exit_code == 0, result.stderr
+    assert "renamed" in result.stderr
+    out = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))
+    assert torch.equal(out["prompt_embeddings"], sd["prompt_embeddings"])
+
+
+def test_bare_file_says_what_it_assumed(tmp_path: Path) -> None:
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(FIXTURES / "seq2seq" / "adapter_model.safetensors", bare)
+    result = run_cli("inspect", bare)
+    assert result.exit_code == 0
+    assert "assumed" in result.output and "cannot be split" in result.output
+    data = json.loads(run_cli("inspect", bare, "--json", "--task-type", "SEQ_2_SEQ_LM").stdout)
+    assert data["derived"] == {"num_transformer_submodules": 2, "total_virtual_tokens": 6}
+    assert data["config"]["num_virtual_tokens"] == 3
+
+
+def test_config_flags_override(tmp_path: Path) -> None:
+    result = run_cli("validate", FIXTURES / "causal", "--num-virtual-tokens", "5", "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    fields = {f["field"] for f in data["findings"] if f["level"] == "error"}
+    assert "num_virtual_tokens x num_transformer_submodules" in fields
+
+
+def test_validate_against_reports_everything(tmp_path: Path) -> None:
+    target = tmp_path / "target_config.json"
+    cfg = json.loads((FIXTURES / "causal" / "adapter_config.json").read_text())
+    cfg.update(num_virtual_tokens=5, token_dim=32, num_ranks=3, num_tasks=2)
+    target.write_text(json.dumps(cfg))
+    result = run_cli("validate", FIXTURES / "causal", "--against", target, "--mode", "exact", "--task", "-1", "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    errs = {f["field"] for f in data["findings"] if f["level"] == "error"}
+    assert {"num_virtual_tokens x num_transformer_submodules", "token_dim", "num_ranks", "num_tasks", "task"} <= errs
+    for f in data["findings"]:
+        assert f["fix"], f
+    shared = run_cli("validate", FIXTURES / "causal", "--against", target, "--mode", "shared", "--json")
+    errs = {f["field"] for f in json.loads(shared.stdout)["findings"] if f["level"] == "error"}
+    assert "num_ranks" not in errs and "token_dim" in errs
+
+
+def test_reload_trap_flagged(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "causal", src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(prompt_tuning_init="AVERAGE_SOURCE_TASKS", prompt_tuning_init_state_dict_path="/home/x/src.safetensors")
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    data = json.loads(run_cli("validate", src, "--json").stdout)
+    assert any(f["code"] == "reload-trap" for f in data["findings"])
+
+
+def test_inspect_json_schema() -> None:
+    result = run_cli("inspect", FIXTURES / "named", "--subfolder", "sources", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["schema"] == "mpt-tools/inspect/1"
+    assert {"source", "format", "files", "metadata", "tensors", "config", "parameters", "findings", "tasks",
+            "valid", "derived", "assumed", "notes", "hub", "config_source"} <= set(data)
+    assert len(data["tasks"]) == 4
+    assert all(t["prompt_norm"] > 0 for t in data["tasks"])
+    assert data["parameters"]["total"] == 5 * 16 + 4 * (5 * 3 + 3 * 16)
+
+
+def test_debug_env_shows_traceback(tmp_path: Path) -> None:
+    env = dict(os.environ, MPT_TOOLS_DEBUG="1")
+    env.pop("MPT_TOOLS_RAISE_UNEXPECTED", None)
+    proc = subprocess.run([sys.executable, "-m", "mpt_tools", "inspect", str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr

@@ -1,0 +1,158 @@
+"""The tensor-file layer: our safetensors writer is byte-identical to safetensors' own for what
+PEFT writes, deterministic with more metadata; our reader agrees with safetensors and never
+raises anything but the tool's own error on fuzzed bytes; pickles load weights-only."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpt_tools.errors import FormatError, MptToolsError
+from mpt_tools.formats import (
+    Raw,
+    from_numpy,
+    normalise_keys,
+    open_safetensors,
+    safetensors_bytes,
+    to_float32,
+)
+
+torch = pytest.importorskip("torch")
+
+shapes = st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=3)
+DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    names=st.lists(st.sampled_from(["prompt_embeddings", "prefix_task_cols", "prefix_task_rows", "x", "é"]),
+                   min_size=1, max_size=3, unique=True),
+    shape=shapes,
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_writer_is_byte_identical_to_safetensors(tmp_path_factory, names, shape, dtype, seed) -> None:
+    from safetensors.torch import save
+
+    from mpt_tools.formats import from_torch
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: torch.randn(*shape, generator=g).to(DT[dtype]) for n in names}
+    theirs = save(tensors, metadata={"format": "pt"})
+    ours = safetensors_bytes({n: from_torch(t) for n, t in tensors.items()}, {"format": "pt"})
+    assert ours == theirs
+
+
+def test_metadata_sorted_and_deterministic() -> None:
+    arr = from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
+    meta = {"zeta": "1", "format": "pt", "alpha": "2"}
+    a = safetensors_bytes({"t": arr}, meta)
+    b = safetensors_bytes({"t": arr}, dict(reversed(list(meta.items()))))
+    assert a == b
+    n = struct.unpack("<Q", a[:8])[0]
+    header = json.loads(a[8 : 8 + n])
+    assert list(header["__metadata__"]) == ["alpha", "format", "zeta"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 1000), dtype=st.sampled_from(["float32", "bfloat16", "float16"]))
+def test_reader_agrees_with_safetensors(tmp_path_factory, shape, seed, dtype) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("st") / "t.safetensors"
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g).to(DT[dtype])
+    save_file({"a": t, "b": t[:1].clone()}, str(path))
+    tf = open_safetensors(path)
+    got = torch.from_numpy(to_float32(tf.read("a")))
+    assert torch.equal(got, t.float())
+    rows = tf.read_rows("a", 1, 3)
+    assert torch.equal(torch.from_numpy(to_float32(rows)), t[1:3].float())
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_reader_fuzz_only_raises_our_error(tmp_path_factory, data: bytes) -> None:
+    path = tmp_path_factory.mktemp("fz") / "f.safetensors"
+    path.write_bytes(data)
+    try:
+        tf = open_safetensors(path)
+        for name in tf.infos:
+            tf.read(name)
+    except MptToolsError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=5),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                           max_leaves=12))
+def test_reader_fuzz_structured_headers(tmp_path_factory, header) -> None:
+    path = tmp_path_factory.mktemp("fz") / "f.safetensors"
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 16)
+    try:
+        open_safetensors(path)
+    except MptToolsError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_config_reader_fuzz(tmp_path_factory, data: bytes) -> None:
+    from mpt_tools.checks import config_findings
+    from mpt_tools.config import read_config
+
+    path = tmp_path_factory.mktemp("cf") / "adapter_config.json"
+    path.write_bytes(data)
+    try:
+        cfg = read_config(path)
+        config_findings(cfg, True)
+        cfg.expected_shapes()
+    except MptToolsError:
+        pass
+
+
+def test_key_normalisation() -> None:
+    mapping, notes, ignored = normalise_keys(
+        [
+            "base_model.model.prompt_encoder.default.embedding.weight",
+            "prompt_encoder.default.prefix_task_cols",
+            "prefix_task_rows",
+            "word_embeddings.weight",
+        ]
+    )
+    assert mapping == {
+        "prompt_embeddings": "base_model.model.prompt_encoder.default.embedding.weight",
+        "prefix_task_cols": "prompt_encoder.default.prefix_task_cols",
+        "prefix_task_rows": "prefix_task_rows",
+    }
+    assert len(notes) == 2 and ignored == ["word_embeddings.weight"]
+    with pytest.raises(FormatError, match="several adapters"):
+        normalise_keys(["prompt_encoder.a.prefix_task_cols", "prompt_encoder.b.prefix_task_rows"])
+    with pytest.raises(FormatError, match="both hold"):
+        normalise_keys(["embedding.weight", "prompt_embeddings"])
+
+
+def test_bf16_upcast_is_exact() -> None:
+    t = torch.randn(50).to(torch.bfloat16)
+    raw = Raw("BF16", (50,), t.view(torch.int16).numpy().view(np.uint16))
+    assert torch.equal(torch.from_numpy(to_float32(raw)), t.float())
+
+
+def test_pickle_weights_only(tmp_path: Path) -> None:
+    from mpt_tools.formats import open_pickle
+
+    path = tmp_path / "a.bin"
+    torch.save({"prompt_embeddings": torch.nn.Parameter(torch.ones(2, 3))}, path)
+    tf = open_pickle(path)
+    assert tf.infos["prompt_embeddings"].shape == (2, 3)
+    torch.save({"x": "not a tensor"}, path)
+    with pytest.raises(FormatError, match="not a tensor"):
+        open_pickle(path)
