@@ -10,10 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import run_cli  # noqa: E402
-from corpus import Case, build_corpus, snapshot  # noqa: E402
+from conftest import run_cli
+from corpus import Case, build_corpus, snapshot
 
-from mpt_tools.cli import cli  # noqa: E402
+from mpt_tools.cli import cli
 
 CORPUS_ROOT: Path | None = None
 CASES: list[Case] = []

@@ -122,8 +122,19 @@ def test_deterministic_outputs(tmp_path: Path) -> None:
 
 
 def test_shared_seed_recorded_and_num_tasks(tmp_path: Path) -> None:
-    result = run_cli("init", FIXTURES / "causal", "--mode", "shared", "--num-tasks", "4", "--num-ranks", "3",
-                     "--out", tmp_path / "t", "--json")
+    result = run_cli(
+        "init",
+        FIXTURES / "causal",
+        "--mode",
+        "shared",
+        "--num-tasks",
+        "4",
+        "--num-ranks",
+        "3",
+        "--out",
+        tmp_path / "t",
+        "--json",
+    )
     data = json.loads(result.stdout)
     assert data["seed"] is not None and data["metadata"]["mpt_tools.seed"] == str(data["seed"])
     assert data["shapes"]["prefix_task_cols"] == [4, 4, 3] and data["shapes"]["prefix_task_rows"] == [4, 3, 16]
@@ -132,8 +143,9 @@ def test_shared_seed_recorded_and_num_tasks(tmp_path: Path) -> None:
 def test_negative_task_refused_unless_allowed(tmp_path: Path) -> None:
     result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "-1", "--out", tmp_path / "t")
     assert result.exit_code == 1 and "task 2" in result.stderr and not (tmp_path / "t").exists()
-    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task=-1", "--allow-negative-task",
-                     "--out", tmp_path / "t")
+    result = run_cli(
+        "init", FIXTURES / "causal", "--mode", "exact", "--task=-1", "--allow-negative-task", "--out", tmp_path / "t"
+    )
     assert result.exit_code == 0 and "resolves to task 2" in result.stderr
     result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "3", "--out", tmp_path / "u")
     assert result.exit_code == 1 and "0..2" in result.stderr
@@ -224,8 +236,23 @@ def test_inspect_json_schema() -> None:
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["schema"] == "mpt-tools/inspect/1"
-    assert {"source", "format", "files", "metadata", "tensors", "config", "parameters", "findings", "tasks",
-            "valid", "derived", "assumed", "notes", "hub", "config_source"} <= set(data)
+    assert {
+        "source",
+        "format",
+        "files",
+        "metadata",
+        "tensors",
+        "config",
+        "parameters",
+        "findings",
+        "tasks",
+        "valid",
+        "derived",
+        "assumed",
+        "notes",
+        "hub",
+        "config_source",
+    } <= set(data)
     assert len(data["tasks"]) == 4
     assert all(t["prompt_norm"] > 0 for t in data["tasks"])
     assert data["parameters"]["total"] == 5 * 16 + 4 * (5 * 3 + 3 * 16)
@@ -234,6 +261,11 @@ def test_inspect_json_schema() -> None:
 def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     env = dict(os.environ, MPT_TOOLS_DEBUG="1")
     env.pop("MPT_TOOLS_RAISE_UNEXPECTED", None)
-    proc = subprocess.run([sys.executable, "-m", "mpt_tools", "inspect", str(tmp_path / "nope")],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mpt_tools", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1 and "Traceback" in proc.stderr

@@ -31,8 +31,12 @@ DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bflo
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    names=st.lists(st.sampled_from(["prompt_embeddings", "prefix_task_cols", "prefix_task_rows", "x", "é"]),
-                   min_size=1, max_size=3, unique=True),
+    names=st.lists(
+        st.sampled_from(["prompt_embeddings", "prefix_task_cols", "prefix_task_rows", "x", "é"]),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
     shape=shapes,
     dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
     seed=st.integers(0, 2**16),
@@ -90,9 +94,13 @@ def test_reader_fuzz_only_raises_our_error(tmp_path_factory, data: bytes) -> Non
 
 
 @settings(max_examples=200, deadline=None)
-@given(header=st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=5),
-                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                           max_leaves=12))
+@given(
+    header=st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+        max_leaves=12,
+    )
+)
 def test_reader_fuzz_structured_headers(tmp_path_factory, header) -> None:
     path = tmp_path_factory.mktemp("fz") / "f.safetensors"
     blob = json.dumps(header).encode()

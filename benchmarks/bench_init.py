@@ -1,0 +1,333 @@
+"""Benchmark whole commands as a user runs them: mpt-tools against PEFT's own route and a naive script.
+
+Generates its sources under benchmarks/data/ (git-ignored; nothing large is committed), runs every
+command in a fresh process, and records wall time and peak RSS (ru_maxrss of the child): the median
+of --runs runs after one warm-up, ratios taken pair by pair within the same run. Writes its section of
+benchmarks/RESULTS.md.
+
+    python benchmarks/bench_init.py            # paper scale + stress (about 10 minutes on 2 cores)
+    python benchmarks/bench_init.py --quick    # paper scale only, 3 runs (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DATA = HERE / "data"
+PY = sys.executable
+MPT = [PY, "-m", "mpt_tools"]
+
+SCENARIOS = {
+    # name: (num_tasks, num_virtual_tokens, num_transformer_submodules, num_ranks, token_dim)
+    "paper": (8, 100, 2, 1, 768),
+    "stress": (1000, 100, 2, 16, 8192),
+}
+
+PEFT_ROUTE = r"""
+import os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from peft import MultitaskPromptTuningConfig, get_peft_model
+src, mode, out, t, r, d = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+model = GPT2LMHeadModel(GPT2Config())  # gpt2-sized base model built from its config
+cfg = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=t, num_tasks=1, num_ranks=r,
+    token_dim=d, prompt_tuning_init=mode, prompt_tuning_init_state_dict_path=src, prompt_tuning_init_task=3)
+peft_model = get_peft_model(model, cfg)
+peft_model.save_pretrained(out)
+"""
+
+NAIVE = r"""
+import sys, time
+import torch
+from safetensors.torch import load_file, save_file
+src, out = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+sd = load_file(src)
+io = time.perf_counter() - t0
+target = {"prompt_embeddings": sd["prompt_embeddings"],
+          "prefix_task_cols": sd["prefix_task_cols"].mean(0, keepdim=True),
+          "prefix_task_rows": sd["prefix_task_rows"].mean(0, keepdim=True)}
+t1 = time.perf_counter()
+save_file({k: v.contiguous() for k, v in target.items()}, out, metadata={"format": "pt"})
+io += time.perf_counter() - t1
+print(f"IO {io:.6f}")
+"""
+
+
+def make_source(name: str) -> Path:
+    """Write the scenario's source adapter folder (once; reused when present)."""
+    n, nvt, nts, r, d = SCENARIOS[name]
+    folder = DATA / name
+    weights = folder / "adapter_model.safetensors"
+    if weights.exists():
+        return folder
+    sys.path.insert(0, str(ROOT))
+    from mpt_tools.formats import from_numpy, safetensors_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t = nvt * nts
+    tensors = {
+        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
+        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32) * np.float32(0.5),
+        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32) * np.float32(0.5),
+    }
+    weights.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
+    cfg = {
+        "peft_type": "MULTITASK_PROMPT_TUNING",
+        "task_type": "SEQ_2_SEQ_LM",
+        "num_virtual_tokens": nvt,
+        "num_transformer_submodules": nts,
+        "num_tasks": n,
+        "num_ranks": r,
+        "token_dim": d,
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_state_dict_path": None,
+        "prompt_tuning_init_task": 0,
+        "inference_mode": True,
+        "base_model_name_or_path": "t5-base",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return folder
+
+
+def run_once(argv: list[str]) -> str:
+    """Run argv in a fresh process and return its stdout (exit on failure)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(argv, capture_output=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr.decode()[-2000:]}")
+    return proc.stdout.decode()
+
+
+def measure(argv: list[str], runs: int) -> dict[str, float]:
+    """Median wall time and peak RSS of ``runs`` runs after one warm-up."""
+    walls, rss, io = [], [], []
+    wrapper = [PY, str(HERE / "_peak.py"), *argv]
+    for i in range(runs + 1):
+        out = run_once(wrapper)
+        lines = dict(line.split(" ", 1) for line in out.splitlines() if line.startswith(("PEAK ", "IO ", "WALL ")))
+        if i == 0:
+            continue
+        walls.append(float(lines["WALL"]))
+        rss.append(float(lines["PEAK"]))
+        if "IO" in lines:
+            io.append(float(lines["IO"]))
+    result = {"wall": statistics.median(walls), "rss": statistics.median(rss), "runs": runs}
+    if io:
+        result["io"] = statistics.median(io)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="paper scale only, 3 runs")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's route")
+    args = parser.parse_args()
+    runs = 3 if args.quick else args.runs
+    scenarios = ["paper"] if args.quick else ["paper", "stress"]
+    tmp = Path(tempfile.mkdtemp(prefix="mpt-bench-"))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    extra: dict[str, dict[str, float]] = {}
+    try:
+        for name in scenarios:
+            src = make_source(name)
+            weights = src / "adapter_model.safetensors"
+            n, nvt, nts, r, d = SCENARIOS[name]
+            out = str(tmp / f"{name}-out")
+            cmds = {
+                "import torch": [PY, "-c", "import torch"],
+                "mpt-tools --help": [*MPT, "--help"],
+                "mpt-tools inspect": [*MPT, "inspect", str(src)],
+                "mpt-tools validate": [*MPT, "validate", str(src)],
+                "mpt-tools init exact": [
+                    *MPT,
+                    "init",
+                    str(src),
+                    "--mode",
+                    "exact",
+                    "--task",
+                    "3",
+                    "--out",
+                    out,
+                    "--force",
+                ],
+                "mpt-tools init shared": [
+                    *MPT,
+                    "init",
+                    str(src),
+                    "--mode",
+                    "shared",
+                    "--seed",
+                    "0",
+                    "--out",
+                    out,
+                    "--force",
+                ],
+                "mpt-tools init average": [*MPT, "init", str(src), "--mode", "average", "--out", out, "--force"],
+                "naive script (average)": [PY, "-c", NAIVE, str(weights), str(tmp / "naive.safetensors")],
+            }
+            if name == "paper" and not args.no_peft:
+                for mode in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
+                    cmds[f"PEFT route {mode}"] = [
+                        PY,
+                        "-c",
+                        PEFT_ROUTE,
+                        str(weights),
+                        mode,
+                        str(tmp / "peft"),
+                        str(nvt * nts),
+                        str(r),
+                        str(d),
+                    ]
+            results[name] = {}
+            for label, argv in cmds.items():
+                results[name][label] = measure(argv, runs)
+                print(
+                    f"{name:7} {label:40} {results[name][label]['wall']:8.3f} s {results[name][label]['rss']:8.1f} MiB",
+                    flush=True,
+                )
+            # bytes read by init exact, counted by the reader itself
+            sys.path.insert(0, str(ROOT))
+            from mpt_tools.pipeline import init_adapter
+            from mpt_tools.source import load_source
+
+            ckpt = load_source(src)
+            init_adapter(ckpt, "exact", tmp / f"{name}-exact", task=3, force=True)
+            read = sum(r_[3] for r_ in ckpt.file.reads)
+            size = (tmp / f"{name}-exact" / "adapter_model.safetensors").stat().st_size
+            extra[name] = {
+                "exact_bytes_read": read,
+                "exact_output_bytes": size,
+                "source_bytes": weights.stat().st_size,
+                "reduced_bytes": (n * nvt * nts * r + n * r * d) * 4,
+            }
+        write_results(results, extra, runs, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def write_results(results: dict, extra: dict, runs: int, args: argparse.Namespace) -> None:
+    """Write the init section of benchmarks/RESULTS.md."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = cpu
+    lines = [
+        "<!-- init:start -->",
+        "## init, inspect, validate: mpt-tools against PEFT's route and a naive script",
+        "",
+        f"Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}. Median of {runs} runs after a warm-up, each a fresh process; "
+        "peak RSS is the child's ru_maxrss.",
+        f"Reproduce: `python benchmarks/bench_init.py{' --quick' if args.quick else ''}`",
+        "",
+    ]
+    checks: list[str] = []
+    for name, rows in results.items():
+        n, nvt, nts, r, d = SCENARIOS[name]
+        lines += [
+            f"### {name}: {n} tasks, {nvt} x {nts} virtual tokens, rank {r}, token_dim {d}, fp32",
+            "",
+            "| command | wall (s) | peak RSS (MiB) |",
+            "| --- | ---: | ---: |",
+        ]
+        for label, m in rows.items():
+            lines.append(f"| {label} | {m['wall']:.3f} | {m['rss']:.0f} |")
+        lines.append("")
+        torch_base = rows["import torch"]
+        naive_io = rows["naive script (average)"].get("io", 0.0)
+        avg = rows["mpt-tools init average"]
+        bound = 1.2 * (torch_base["wall"] + naive_io)
+        checks.append(
+            f"- {name}: init average {avg['wall']:.3f} s vs 1.2 x (import torch {torch_base['wall']:.3f} s "
+            f"+ naive I/O {naive_io:.3f} s) = {bound:.3f} s: {verdict(avg['wall'] <= bound)}"
+        )
+        if name == "paper":
+            for label in ("mpt-tools inspect", "mpt-tools validate", "mpt-tools init exact", "mpt-tools init shared"):
+                m = rows[label]
+                checks.append(
+                    f"- paper: {label} {m['wall']:.3f} s (<= 0.5), {m['rss']:.0f} MiB (<= 80): "
+                    f"{verdict(m['wall'] <= 0.5 and m['rss'] <= 80)}"
+                )
+            h = rows["mpt-tools --help"]
+            checks.append(f"- paper: --help {h['wall']:.3f} s (<= 0.3): {verdict(h['wall'] <= 0.3)}")
+            for mode, ours, speed, mem in (
+                ("EXACT_SOURCE_TASK", "mpt-tools init exact", 15, 8),
+                ("ONLY_SOURCE_SHARED", "mpt-tools init shared", 15, 8),
+                ("AVERAGE_SOURCE_TASKS", "mpt-tools init average", 3.5, 3.5),
+            ):
+                peft = rows.get(f"PEFT route {mode}")
+                if peft is None:
+                    continue
+                sr, mr = peft["wall"] / rows[ours]["wall"], peft["rss"] / rows[ours]["rss"]
+                checks.append(
+                    f"- paper: {ours} vs PEFT's route: {sr:.1f}x faster (>= {speed}), {mr:.1f}x less "
+                    f"memory (>= {mem}): {verdict(sr >= speed and mr >= mem)}"
+                )
+        else:
+            e = extra[name]
+            checks.append(
+                f"- {name}: init exact read {e['exact_bytes_read']} bytes for a {e['exact_output_bytes']}-byte "
+                f"output (<= 2x): {verdict(e['exact_bytes_read'] <= 2 * e['exact_output_bytes'])}"
+            )
+            paper_exact = results.get("paper", {}).get("mpt-tools init exact")
+            if paper_exact:
+                ratio = rows["mpt-tools init exact"]["wall"] / paper_exact["wall"]
+                checks.append(
+                    f"- {name}: init exact takes {ratio:.2f}x its paper-scale time (<= 1.2): {verdict(ratio <= 1.2)}"
+                )
+            limit = torch_base["rss"] + 1.2 * e["reduced_bytes"] / 2**20
+            checks.append(
+                f"- {name}: init average peak {avg['rss']:.0f} MiB vs import torch {torch_base['rss']:.0f} MiB "
+                f"+ 1.2 x {e['reduced_bytes'] / 2**20:.0f} MiB reduced = {limit:.0f} MiB: "
+                f"{verdict(avg['rss'] <= limit)}"
+            )
+            for label in ("mpt-tools inspect", "mpt-tools validate"):
+                m = rows[label]
+                checks.append(
+                    f"- {name}: {label} peak {m['rss']:.0f} MiB for a {e['source_bytes'] / 2**20:.0f} MiB "
+                    f"source (streams in chunks of tasks)"
+                )
+    lines += ["### Goals of issue 6", "", *checks, "", "<!-- init:end -->"]
+    section = "\n".join(lines)
+    path = HERE / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if "<!-- init:start -->" in text:
+        before, rest = text.split("<!-- init:start -->", 1)
+        after = rest.split("<!-- init:end -->", 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

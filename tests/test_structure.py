@@ -1,0 +1,103 @@
+"""Performance by structure, not by the clock: what the fast paths import and what they read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, ROOT
+
+from mpt_tools.formats import from_numpy, safetensors_bytes
+
+PROBE = r"""
+import sys
+from mpt_tools.cli import cli
+try:
+    cli.main(sys.argv[1:], prog_name="mpt-tools")
+except SystemExit as exc:
+    code = exc.code
+print("MODULES", " ".join(m for m in ("torch", "huggingface_hub", "peft", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["inspect", "{src}"],
+        ["validate", "{src}"],
+        ["init", "{src}", "--mode", "exact", "--task", "1", "--out", "{out}/e"],
+        ["init", "{src}", "--mode", "shared", "--seed", "1", "--out", "{out}/s"],
+        ["validate", "{src}", "--against", "{src}", "--mode", "exact"],
+    ],
+    ids=lambda a: " ".join(a[:3]),
+)
+def test_fast_paths_never_import_torch_or_hub(tmp_path: Path, argv: list[str]) -> None:
+    args = [a.format(src=FIXTURES / "causal", out=tmp_path) for a in argv]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("MODULES"))
+    assert line.split()[1:] == [], f"{argv[0]} imported {line.split()[1:]}"
+
+
+def test_average_is_the_only_init_that_needs_torch(tmp_path: Path) -> None:
+    args = ["init", str(FIXTURES / "causal"), "--mode", "average", "--out", str(tmp_path / "a")]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" in proc.stdout.split("MODULES", 1)[1].split()
+    assert "huggingface_hub" not in proc.stdout.split("MODULES", 1)[1].split()
+
+
+def make_big(tmp: Path, n: int = 40, t: int = 6, r: int = 3, d: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    tensors = {
+        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
+        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32),
+        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32),
+    }
+    path = tmp / "big.safetensors"
+    path.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
+    return path
+
+
+def test_exact_reads_only_task_k(tmp_path: Path) -> None:
+    from mpt_tools.pipeline import init_adapter
+    from mpt_tools.source import load_source
+
+    ckpt = load_source(make_big(tmp_path), overrides={"task_type": "CAUSAL_LM"})
+    init_adapter(ckpt, "exact", tmp_path / "out", task=7)
+    reads = sorted(ckpt.file.reads)
+    assert reads == sorted(
+        [
+            ("prompt_embeddings", 0, 6, 6 * 32 * 4),
+            ("prefix_task_cols", 7, 8, 6 * 3 * 4),
+            ("prefix_task_rows", 7, 8, 3 * 32 * 4),
+        ]
+    )
+    out_size = (tmp_path / "out" / "adapter_model.safetensors").stat().st_size
+    assert sum(r[3] for r in reads) <= 2 * out_size
+
+
+def test_validate_and_inspect_stream_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpt_tools import checks, pipeline
+    from mpt_tools.source import load_source
+
+    limit = 1000  # bytes: a few tasks at a time
+    monkeypatch.setattr(checks, "CHUNK_BYTES", limit)
+    monkeypatch.setattr(pipeline, "NORM_CHUNK_BYTES", limit)
+    ckpt = load_source(make_big(tmp_path))
+    findings = checks.value_findings(ckpt, chunk_bytes=limit)
+    assert not findings
+    factor_reads = [r for r in ckpt.file.reads if r[0] != "prompt_embeddings"]
+    assert len(factor_reads) > 2
+    assert all(r[3] <= limit for r in factor_reads)
+    covered = {(r[0], t) for r in factor_reads for t in range(r[1], r[2])}
+    assert len(covered) == 2 * 40  # every task of both factors, once
+    ckpt.file.reads.clear()
+    norms = pipeline.task_norms(ckpt, chunk_bytes=limit)
+    assert len(norms) == 40
+    steps = [r[2] - r[1] for r in ckpt.file.reads if r[0] == "prefix_task_rows"]
+    assert max(steps) * 6 * 32 * 8 <= limit or max(steps) == 1
