@@ -204,6 +204,20 @@ def _fail(path: str, msg: str) -> FormatError:
     return FormatError(f"not a valid safetensors file: {msg}", path)
 
 
+def memory_limit() -> int:
+    """Bytes of physical memory on this machine (the most one tensor may claim).
+
+    ``MPT_TOOLS_MAX_TENSOR_BYTES`` overrides it (tests, or to be stricter).
+    """
+    override = os.environ.get("MPT_TOOLS_MAX_TENSOR_BYTES")
+    if override:
+        return int(override)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -281,6 +295,14 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
                 f"{offsets[1] - offsets[0]}",
             )
         infos[name] = TensorInfo(name, dtype, tuple(shape), 8 + n + offsets[0], 8 + n + offsets[1])
+    limit = memory_limit()
+    for info in infos.values():
+        if info.nbytes > limit:
+            raise FormatError(
+                f"tensor {info.name!r} claims {info.nbytes:,} bytes, more than this machine's memory "
+                f"({limit:,} bytes); refusing before reading it",
+                p,
+            )
     pos = 8 + n
     for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
         if info.start != pos:

@@ -78,3 +78,9 @@ def test_messages_name_the_problem() -> None:
         rows.append((case.name, case.why, result.stderr.strip()))
         assert str(case.path.name) in result.stderr or case.path.name in result.stderr or "error:" in result.stderr
     assert len(rows) >= 40
+
+
+def test_docs_table_covers_every_case() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "bad-inputs.md").read_text()
+    missing = [c.name for c in _cases() if f"`{c.name}`" not in doc]
+    assert not missing, f"docs/bad-inputs.md lacks {missing}: run python docs/make_bad_inputs_table.py"
