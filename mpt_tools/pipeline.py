@@ -22,7 +22,7 @@ from .checks import (
 from .config import INIT_MODES, MptConfig, read_config, target_config
 from .errors import MptToolsError, ValidationError
 from .factors import build_target
-from .formats import DTYPE_NAMES, to_float64
+from .formats import DTYPE_NAMES, to_float32
 from .source import Checkpoint, load_source
 from .writer import check_output_dir, provenance, write_adapter
 
@@ -54,11 +54,16 @@ def validate(
     overrides: dict[str, Any] | None = None,
     subfolder: str | None = None,
     hub_options: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    check_base_model: bool = False,
 ) -> dict[str, Any]:
     """Check a source (and, with ``against``/``mode``, a planned target) and report every problem.
 
     Returns ``{"source", "valid", "mode", "against", "findings": [...]}``; ``valid`` is False when
     any finding is an error. Raises MptToolsError only when the source cannot be read at all.
+    ``base_model`` (a Hub id or local folder) or ``check_base_model`` (use the config's
+    base_model_name_or_path) compares token_dim with the base model's hidden size, reading only
+    its config.json (code ``base-model``; off by default, so no network is touched).
     """
     ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     findings = check_source(ckpt)
@@ -70,6 +75,10 @@ def validate(
             mode = init if init in INIT_MODES[2:] else "average"
     if mode is not None:
         findings += check_target(ckpt, mode, target=target, task=task)
+    if base_model is not None or check_base_model:
+        from .hub import base_model_findings
+
+        findings += base_model_findings(ckpt, base_model, hub_options=hub_options)
     return {
         "schema": "mpt-tools/validate/1",
         "source": ckpt.location,
@@ -88,26 +97,28 @@ def _json_float(value: float) -> float | None:
 def task_norms(ckpt: Checkpoint, chunk_bytes: int = NORM_CHUNK_BYTES) -> list[dict[str, Any]]:
     """Per task k: Frobenius norms of U_k, V_k and of the effective prompt P* * (U_k @ V_k).
 
-    Computed in float64 over chunks of tasks sized so that one chunk's prompts take at most
-    ``chunk_bytes``. Non-finite norms are reported as None.
+    Prompts are formed and summed in float32 (as PEFT computes them; ~1e-6 relative), over chunks
+    of tasks sized so that one chunk's prompts take at most ``chunk_bytes``. Non-finite norms are
+    reported as None.
     """
-    pe = to_float64(ckpt.read("prompt_embeddings"))
+    pe = to_float32(ckpt.read("prompt_embeddings"))
     t, d = pe.shape
     rows_info = ckpt.info("prefix_task_rows")
     assert rows_info is not None
-    per_task = max(1, t * d * 8)
+    per_task = max(1, t * d * 4)
     step = max(1, chunk_bytes // per_task)
     n = rows_info.shape[0]
     out: list[dict[str, Any]] = []
     for start in range(0, n, step):
         stop = min(n, start + step)
-        cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
-        rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
+        cols = to_float32(ckpt.read_rows("prefix_task_cols", start, stop))
+        rows = to_float32(ckpt.read_rows("prefix_task_rows", start, stop))
         with np.errstate(all="ignore"):
-            prompts = pe[None] * np.matmul(cols, rows)
-            pn = np.sqrt(np.einsum("ktd,ktd->k", prompts, prompts))
-            cn = np.sqrt(np.einsum("ktr,ktr->k", cols, cols))
-            rn = np.sqrt(np.einsum("krd,krd->k", rows, rows))
+            prompts = np.matmul(cols, rows)
+            prompts *= pe[None]
+            pn = np.sqrt(np.einsum("ktd,ktd->k", prompts, prompts).astype(np.float64))
+            cn = np.sqrt(np.square(cols, dtype=np.float64).sum(axis=(1, 2)))
+            rn = np.sqrt(np.square(rows, dtype=np.float64).sum(axis=(1, 2)))
         for i in range(stop - start):
             out.append(
                 {
@@ -330,8 +341,12 @@ def init_adapter(
     overrides: dict[str, Any] | None = None,
     subfolder: str | None = None,
     hub_options: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    check_base_model: bool = False,
 ) -> dict[str, Any]:
     """Build a target initialisation from SOURCE and write it to ``out`` as a PEFT adapter.
+
+    ``base_model``/``check_base_model``: as in :func:`validate`; a token_dim mismatch refuses.
 
     mode is average, exact or shared (PEFT's AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK and
     ONLY_SOURCE_SHARED names work too). average/exact tensors are bitwise what PEFT's own init
@@ -371,6 +386,18 @@ def init_adapter(
             )
         )
     findings += _selection_findings(mode, src_n, tasks, weights, target_tasks)
+    if not ckpt.config_from_file and ckpt.config.task_type is None:
+        findings.append(
+            Finding(
+                "error",
+                "task-type",
+                "task_type",
+                "unknown for a bare tensor file; the target config needs it",
+                "one of CAUSAL_LM, SEQ_2_SEQ_LM, ...",
+                None,
+                "give --task-type",
+            )
+        )
     if mode == "exact" and task is not None and task < 0 and allow_negative_task and src_n is not None:
         findings = [f for f in findings if f.code != "negative-task"]
         if task + src_n >= 0:
@@ -387,6 +414,10 @@ def init_adapter(
                     f"pass a task in 0..{src_n - 1}",
                 )
             )
+    if (base_model is not None or check_base_model) and not errors(findings):
+        from .hub import base_model_findings
+
+        findings += base_model_findings(ckpt, base_model, hub_options=hub_options)
     problems = errors(findings)
     if problems:
         raise _fail(ckpt, problems)

@@ -4,6 +4,7 @@ its config plus lazy access to the three canonical tensors."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +66,53 @@ class Checkpoint:
     def sha256(self) -> str:
         """SHA-256 of the weights file, streamed."""
         if self._sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.file.path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            self._sha256 = digest.hexdigest()
+            self._sha256 = file_sha256(self.file.path)
         return self._sha256
+
+
+def _hash_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mpt-tools" / "sha256-v1.json"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, streamed, remembered per (path, size, mtime, ctime, inode).
+
+    Hashing a large source on every run would read the whole file even when a command needs one
+    task's bytes, so digests are cached in ``$XDG_CACHE_HOME/mpt-tools`` (``~/.cache``);
+    ``MPT_TOOLS_NO_HASH_CACHE=1`` turns the cache off. Any change to the file changes its key.
+    """
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
+    use_cache = not os.environ.get("MPT_TOOLS_NO_HASH_CACHE") and st.st_size >= (1 << 20)
+    cache_file = _hash_cache_path()
+    cache: dict[str, str] = {}
+    if use_cache:
+        try:
+            loaded = json.loads(cache_file.read_text())
+            if isinstance(loaded, dict):
+                cache = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)}
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return cache[key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if use_cache:
+        cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
+        cache[key] = value
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            from .formats import atomic_write
+
+            atomic_write(cache_file, json.dumps(dict(list(cache.items())[-256:])))
+        except Exception:  # a cache that cannot be written is only slower
+            pass
+    return value
 
 
 def _looks_like_repo_id(text: str) -> bool:
