@@ -6,7 +6,6 @@ exit 2 (Click's own); no traceback reaches the user unless MPT_TOOLS_DEBUG=1.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -88,6 +87,33 @@ def hub_option_list() -> list[Callable[[F], F]]:
     ]
 
 
+def with_options(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    """A decorator applying ``options`` in order (the first one listed first in --help)."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def base_model_option_list() -> list[Callable[[F], F]]:
+    """Options of the base-model check (off by default: a local validate never touches the network)."""
+    return [
+        click.option(
+            "--base-model",
+            metavar="ID_OR_DIR",
+            help="Check token_dim against this base model's config.json (Hub id or local folder).",
+        ),
+        click.option(
+            "--check-base-model",
+            is_flag=True,
+            help="Check token_dim against the config's base_model_name_or_path (fetches its config.json).",
+        ),
+    ]
+
+
 def _overrides(kw: dict[str, Any], *, with_counts: bool = True) -> dict[str, Any]:
     out = {
         "num_virtual_tokens": kw.pop("num_virtual_tokens", None),
@@ -134,6 +160,7 @@ def cli() -> None:
 @click.option("--task", type=int, help="Source task for --mode exact.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @source_options
+@with_options(base_model_option_list())
 def validate(source: str, against: str | None, mode: str | None, task: int | None, as_json: bool, **kw: Any) -> None:
     """Check SOURCE (and a planned target) and report every problem at once.
 
@@ -149,6 +176,8 @@ def validate(source: str, against: str | None, mode: str | None, task: int | Non
         overrides=_overrides(kw),
         subfolder=kw.pop("subfolder"),
         hub_options=_hub(kw),
+        base_model=kw.pop("base_model", None),
+        check_base_model=kw.pop("check_base_model", False),
     )
     if as_json:
         _echo_json(report)
@@ -183,14 +212,20 @@ def _fmt(value: float | None) -> str:
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema in the README).")
 @click.option("--no-norms", is_flag=True, help="Skip the per-task norms (reads only the header).")
+@click.option("--similarity", is_flag=True, help="Print the task-by-task cosine similarity of the prompts.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the similarity matrix as a heatmap PNG.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
 @source_options
-def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
+def inspect(
+    source: str, as_json: bool, no_norms: bool, similarity: bool, plot: str | None, force: bool, **kw: Any
+) -> None:
     """Describe SOURCE: files, sha256, tensors, config, parameters, findings, per-task norms."""
     from .pipeline import inspect_source
+    from .source import load_source
 
-    report = inspect_source(
-        source, overrides=_overrides(kw), subfolder=kw.pop("subfolder"), hub_options=_hub(kw), norms=not no_norms
-    )
+    ckpt = load_source(source, overrides=_overrides(kw), subfolder=kw.pop("subfolder"), hub_options=_hub(kw))
+    report = inspect_source(ckpt, norms=not no_norms)
+    sim_matrix = _add_similarity(report, ckpt, plot, force) if similarity or plot else None
     if as_json:
         _echo_json(report)
         _exit_if_invalid(report)
@@ -231,6 +266,13 @@ def inspect(source: str, as_json: bool, no_norms: bool, **kw: Any) -> None:
             click.echo(
                 f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}"
             )
+    if similarity and sim_matrix is not None:
+        from .compare import format_similarity
+
+        click.echo("task similarity (cosine of the effective prompts):")
+        click.echo(format_similarity(sim_matrix))
+    if report.get("plot"):
+        click.echo(f"wrote {report['plot']}")
     _exit_if_invalid(report)
 
 
@@ -280,12 +322,22 @@ def _float_list(value: str | None) -> list[float] | None:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing adapter in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--verify",
+    "verify_after",
+    is_flag=True,
+    help="Then run `verify` on --out against SOURCE; on failure remove the new files and exit 1.",
+)
 @click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo.")
 @click.option("--num-virtual-tokens", type=int, help="Give or override num_virtual_tokens.")
 @click.option("--token-dim", type=int, help="Give or override token_dim.")
 @click.option("--num-transformer-submodules", type=int, help="Give or override nts (1 or 2).")
 @click.option("--task-type", help="Give or override task_type.")
-@functools.reduce(lambda f, o: o(f), reversed(hub_option_list()), lambda f: f)
+@with_options(hub_option_list())
+@with_options(base_model_option_list())
+@click.option("--push", "push_to", metavar="REPO_ID", help="Then push --out to this Hub repo (see `push`).")
+@click.option("--private", is_flag=True, help="With --push: create the repo private.")
+@click.option("--create-pr", is_flag=True, help="With --push: open a pull request instead of committing.")
 def init(
     source: str,
     mode: str,
@@ -300,6 +352,7 @@ def init(
     target_tasks: int,
     force: bool,
     as_json: bool,
+    verify_after: bool,
     **kw: Any,
 ) -> None:
     """Write a ready-to-train target adapter initialised from SOURCE into --out.
@@ -309,8 +362,10 @@ def init(
     prompt_tuning_init RANDOM with a null path, so PEFT loads the folder anywhere.
     """
     from .pipeline import init_adapter
+    from .rebuild import init_and_verify
 
-    result = init_adapter(
+    hub = _hub(kw)
+    result = (init_and_verify if verify_after else init_adapter)(
         source,
         mode,
         out,
@@ -325,10 +380,14 @@ def init(
         target_tasks=target_tasks,
         overrides=_overrides(kw, with_counts=False),
         subfolder=kw.pop("subfolder"),
-        hub_options=_hub(kw),
+        hub_options=hub,
+        base_model=kw.pop("base_model", None),
+        check_base_model=kw.pop("check_base_model", False),
     )
     for w in result["warnings"]:
         click.echo(f"warning: {w}", err=True)
+    if kw.get("push_to"):
+        result["push"] = _push_after_init(result["out"], kw, hub.get("token"))
     if as_json:
         _echo_json(result)
         return
@@ -348,6 +407,357 @@ def init(
         f"  num_tasks {result['num_tasks']}, num_ranks {result['num_ranks']}, "
         f"source sha256 {result['source_sha256'][:16]}..."
     )
+    if "verify" in result:
+        from .rebuild import summary_line
+
+        click.echo(summary_line(result["verify"]))
+    if "push" in result:
+        from .hub import push_summary
+
+        for line in push_summary(result["push"]):
+            click.echo(line)
+
+
+# --- task surgery and comparison (issue #5) -------------------------------------------------
+
+
+def _add_similarity(report: dict[str, Any], ckpt: Any, plot: str | None, force: bool) -> Any:
+    """Add the task similarity matrix (and the plot) to an inspect report; return the matrix."""
+    from .compare import plot_similarity, similarity_json, task_similarity
+    from .errors import ValidationError
+
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
+    try:
+        matrix = task_similarity(ckpt)
+    except ValidationError:
+        if plot:
+            raise
+        report["similarity"] = None
+        return None
+    report["similarity"] = similarity_json(matrix)
+    if plot and not report.get("valid", True):
+        # exit 1 means nothing written: an invalid source gets its report, not a picture.
+        report.setdefault("notes", []).append(f"{plot} not written: the source has errors")
+        return matrix
+    if plot:
+        protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
+        title = f"task similarity: {ckpt.location}"
+        report["plot"] = plot_similarity(matrix, plot, title=title, force=force, protected=protected)
+    return matrix
+
+
+def _plain_source_options(func: F) -> F:
+    """source_options without --num-tasks/--num-ranks (for commands that set those themselves)."""
+    options: list[Callable[[F], F]] = [
+        click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo."),
+        click.option("--num-virtual-tokens", type=int, help="Give or override num_virtual_tokens."),
+        click.option("--token-dim", type=int, help="Give or override token_dim."),
+        click.option("--num-transformer-submodules", type=int, help="Give or override nts (1 or 2)."),
+        click.option("--task-type", help="Give or override task_type (e.g. CAUSAL_LM, SEQ_2_SEQ_LM)."),
+        *hub_option_list(),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _source_kw(kw: dict[str, Any], *, with_counts: bool = True) -> dict[str, Any]:
+    return {
+        "overrides": _overrides(kw, with_counts=with_counts),
+        "subfolder": kw.pop("subfolder"),
+        "hub_options": _hub(kw),
+    }
+
+
+def _report_written(result: dict[str, Any], what: str) -> None:
+    for w in result.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    for note in result.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {result['out']} ({what})")
+    for path in result["files"]:
+        click.echo(f"  {path}  ({os.path.getsize(path)} bytes)")
+    for name, shape in result.get("shapes", {}).items():
+        click.echo(f"  {name:<18} {shape}")
+
+
+_OUT = click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")
+_FORCE = click.option("--force", is_flag=True, help="Overwrite an existing output.")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@cli.command("tasks")
+@click.argument("source")
+@click.option("--select", required=True, help="Source tasks for the new tasks 0, 1, ..., e.g. 2,0 (drops task 1).")
+@_OUT
+@_FORCE
+@_JSON
+@source_options
+def tasks_cmd(source: str, select: str, out: str, force: bool, as_json: bool, **kw: Any) -> None:
+    """Select, reorder or drop the tasks of SOURCE into a new adapter in --out.
+
+    New task i is source task SELECT[i]; values are copied bitwise in the source dtype and
+    num_tasks in adapter_config.json follows.
+    """
+    from .surgery import select_tasks
+
+    chosen = _int_list(select) or []
+    result = select_tasks(source, chosen, out, force=force, **_source_kw(kw))
+    if as_json:
+        _echo_json(result)
+        return
+    _report_written(result, f"tasks {','.join(map(str, chosen))} of {result['source']}")
+    if result["dropped"]:
+        click.echo(f"  dropped source tasks {result['dropped']}")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--num-ranks", "num_ranks", required=True, type=int, help="The new rank R.")
+@_OUT
+@_FORCE
+@_JSON
+@_plain_source_options
+def rerank(source: str, num_ranks: int, out: str, force: bool, as_json: bool, **kw: Any) -> None:
+    """Change the rank of SOURCE's task factors, into a new adapter in --out.
+
+    Higher rank: zero padding, every prompt exactly the source's. Lower rank: per task the best
+    rank-R approximation of cols[k] @ rows[k] (truncated SVD); the relative error of each task's
+    prompt is reported.
+    """
+    from .surgery import rerank as run
+
+    result = run(source, num_ranks, out, force=force, **_source_kw(kw, with_counts=False))
+    if as_json:
+        _echo_json(result)
+        return
+    how = f"rank {result['source_num_ranks']} -> {result['num_ranks']}"
+    _report_written(result, how + (", exact" if result["exact"] else ", truncated SVD"))
+    click.echo(f"{'task':>6} {'method':>9} {'rel. prompt error':>18}")
+    for t in result["tasks"]:
+        click.echo(f"{t['task']:>6} {t['method']:>9} {_fmt(t['relative_error']):>18}")
+
+
+@cli.command()
+@click.argument("source")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="A file ending in .safetensors, or a folder (adapter_model.safetensors + adapter_config.json).",
+)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast every tensor.")
+@_FORCE
+@_JSON
+@source_options
+def convert(source: str, out: str, dtype: str | None, force: bool, as_json: bool, **kw: Any) -> None:
+    """Convert SOURCE (.bin/.pt/.pth loaded weights-only, or .safetensors) to safetensors.
+
+    Keys are normalised to the canonical names; the written file is read back and compared
+    (bitwise for a plain conversion; the max cast error is reported for --dtype). Values out of
+    float16's range are refused.
+    """
+    from .surgery import convert as run
+
+    result = run(source, out, dtype=dtype, force=force, **_source_kw(kw))
+    if as_json:
+        _echo_json(result)
+        return
+    _report_written(result, f"{result['source_format']} -> safetensors" + (f", cast to {dtype}" if dtype else ""))
+    for name, before in result["dtypes_before"].items():
+        cast = result["casts"].get(name)
+        err = f"  max cast error {cast['max_abs_error']:.4g}" if cast else ""
+        click.echo(f"  {name:<18} {before} -> {result['dtypes_after'][name]}{err}")
+    click.echo(f"  verified: read back {result['verified']}")
+
+
+@cli.command("export-prompt")
+@click.argument("source")
+@click.option("--task", required=True, type=int, help="The source task to export.")
+@_OUT
+@click.option(
+    "--encoder-only",
+    is_flag=True,
+    help="Seq2seq with 2 submodules: export only the encoder half (what generate() uses).",
+)
+@_FORCE
+@_JSON
+@source_options
+def export_prompt(source: str, task: int, out: str, encoder_only: bool, force: bool, as_json: bool, **kw: Any) -> None:
+    """Write task --task's prompt P* * (cols[k] @ rows[k]) as a plain PEFT PROMPT_TUNING adapter."""
+    from .surgery import export_prompt as run
+
+    result = run(source, task, out, encoder_only=encoder_only, force=force, **_source_kw(kw))
+    if as_json:
+        _echo_json(result)
+        return
+    _report_written(result, f"PROMPT_TUNING, task {task}" + (", encoder half" if encoder_only else ""))
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@_JSON
+@with_options(hub_option_list())
+def diff(a: str, b: str, as_json: bool, **kw: Any) -> None:
+    """Compare adapters A and B: keys, shapes, dtypes, config, values, per-task prompts.
+
+    Exit 0 when identical, 1 when they differ (the report still goes to stdout, a one-line
+    summary to stderr) or when one cannot be read.
+    """
+    from .compare import diff as run
+
+    report = run(a, b, hub_options=_hub(kw))
+    if as_json:
+        _echo_json(report)
+    else:
+        _print_diff(report)
+    if not report["identical"]:
+        click.echo(f"differ: {report['a']} vs {report['b']}: {report['summary']}", err=True)
+        sys.exit(1)
+
+
+def _print_diff(report: dict[str, Any]) -> None:
+    click.echo(f"a: {report['a']}  sha256 {report['sha256']['a'][:16]}...")
+    click.echo(f"b: {report['b']}  sha256 {report['sha256']['b'][:16]}...")
+    for side in ("only_a", "only_b"):
+        for key in report["keys"][side]:
+            click.echo(f"key only in {side[-1].upper()}: {key}")
+    for item in report["renamed"]:
+        click.echo(f"note: {item['key']} is stored as {item['a']!r} in A and {item['b']!r} in B")
+    for item in report["shapes"]:
+        click.echo(f"shape {item['key']}: {item['a']} vs {item['b']}")
+    for item in report["dtypes"]:
+        click.echo(f"dtype {item['key']}: {item['a']} vs {item['b']}")
+    files = report["config_files"]
+    if (files["a"] is None) != (files["b"] is None):
+        click.echo(f"config: A {files['a'] or '(none: inferred)'} vs B {files['b'] or '(none: inferred)'}")
+    for item in report["config"]:
+        click.echo(f"config {item['field']}: {item['a']!r} vs {item['b']!r}")
+    if report["tensors"]:
+        click.echo("tensors:")
+        for name, t in report["tensors"].items():
+            same = "bitwise equal" if t["bitwise_equal"] else f"max abs diff {t['max_abs_diff']:.4g}"
+            extra = f", {t['nonfinite_mismatches']} NaN/Inf mismatches" if t["nonfinite_mismatches"] else ""
+            click.echo(f"  {name:<18} {same}{extra}")
+    prompts = report["prompts"]
+    if prompts:
+        click.echo(f"{'task':>6} {'max |dP_k|':>12} {'rel. diff':>12}")
+        for t in prompts["tasks"]:
+            click.echo(f"{t['task']:>6} {_fmt(t['max_abs_diff']):>12} {_fmt(t['relative_diff']):>12}")
+    if report["metadata"]:
+        keys = ", ".join(item["key"] for item in report["metadata"][:4])
+        more = ", ..." if len(report["metadata"]) > 4 else ""
+        click.echo(f"metadata: {len(report['metadata'])} key(s) differ ({keys}{more}); not counted, see --json")
+    click.echo("identical" if report["identical"] else f"different: {report['summary']}")
+
+
+# --- verify (issue #4) ----------------------------------------------------------------------
+
+
+@cli.command("verify")
+@click.argument("path")
+@click.option("--source", help="Check the target against this source (default: the one init recorded, if present).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the rebuild (compared against float64).",
+)
+@click.option("--tasks", "task_list", help="Only these tasks, e.g. 0,3,5.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema mpt-tools/verify/1).")
+def verify_cmd(path: str, source: str | None, device: str, dtype: str, task_list: str | None, as_json: bool) -> None:
+    """Rebuild every task prompt of PATH on the GPU (or CPU) and check it against float64.
+
+    Also checks a target written by `init` against its source. Prints the report; exit 1 with
+    one line on stderr naming the failing tasks when anything fails.
+    """
+    from .rebuild import VerificationFailed, report_lines
+    from .rebuild import verify as run
+
+    def show(report: dict[str, Any]) -> None:
+        if as_json:
+            _echo_json(report)
+        else:
+            click.echo("\n".join(report_lines(report)))
+
+    try:
+        report = run(path, source=source, device=device, dtype=dtype, tasks=_int_list(task_list))
+    except VerificationFailed as exc:
+        show(exc.report)
+        raise
+    show(report)
+
+
+# --- the Hub (issue #3) ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("folder", metavar="DIR", type=click.Path())
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created from main when missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", metavar="M", help="Commit title (default names the mode and version).")
+@click.option("--token", metavar="TOKEN", help="Hub write token (else HF_TOKEN or the stored login).")
+@click.option("--dry-run", is_flag=True, help="Print what would be uploaded (files, sha256, card); send nothing.")
+@_JSON
+def push(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    token: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Push the adapter in DIR to the Hub repo REPO_ID in one commit.
+
+    DIR is validated first. Uploads adapter_model.safetensors, adapter_config.json and a generated
+    model card (README.md: base model, tags, how the adapter was made and how to load it); creates
+    the repo and branch when missing. Prints the commit URL (or the pull request URL).
+    """
+    from .hub import push_adapter, push_summary
+
+    result = push_adapter(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+        dry_run=dry_run,
+    )
+    if as_json:
+        _echo_json(result)
+        return
+    for line in push_summary(result):
+        click.echo(line)
+
+
+def _push_after_init(out: str, kw: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """init --push: push the folder just written; on failure say that it was written."""
+    from .errors import HubError
+    from .hub import push_adapter
+
+    try:
+        return push_adapter(
+            out, kw["push_to"], private=kw.get("private", False), create_pr=kw.get("create_pr", False), token=token
+        )
+    except HubError as exc:
+        raise HubError(
+            f"{exc.message} (the adapter was written to {out}: push it with `mpt-tools push {out} {kw['push_to']}`)",
+            exc.path,
+        ) from None
 
 
 def main() -> None:

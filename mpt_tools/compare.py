@@ -1,0 +1,405 @@
+"""Comparing MPT adapters: two adapters against each other, and the tasks of one adapter.
+
+- :func:`diff`: keys, shapes, dtypes and config fields of two sources, the max abs difference of each
+  tensor and, when both have the same N, T and d, the difference of each task's effective prompt.
+- :func:`task_similarity`: the N x N cosine similarity of the effective prompts
+  ``P_k = P* * (cols[k] @ rows[k])``, computed in float64 over chunks of tasks.
+- :func:`plot_similarity`: that matrix as a heatmap PNG (needs matplotlib: ``mpt-tools[plot]``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checks import check_source, errors
+from .errors import MptToolsError, WriteError
+from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, to_float64
+from .source import Checkpoint
+
+CHUNK_BYTES = 64 << 20
+# Config fields that say how or where a file was written, not what the adapter is.
+VOLATILE_CONFIG = ("peft_version",)
+
+
+def _open(
+    source: str | os.PathLike[str] | Checkpoint,
+    overrides: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    hub_options: dict[str, Any] | None = None,
+) -> Checkpoint:
+    from .pipeline import _load
+
+    return _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+
+
+def iter_prompts(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, prompts)``: the effective prompts of tasks ``start:stop`` as float64
+    [stop - start, T, d], in chunks of at most ``chunk_bytes`` of prompts (at least one task)."""
+    pe = to_float64(ckpt.read("prompt_embeddings"))
+    t, d = pe.shape
+    n = ckpt.shapes["prefix_task_cols"][0]
+    step = max(1, chunk_bytes // max(1, t * d * 8))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
+        rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
+        with np.errstate(all="ignore"):
+            yield start, stop, pe[None] * np.matmul(cols, rows)
+
+
+def _require_prompts(ckpt: Checkpoint) -> None:
+    from .pipeline import _fail
+
+    problems = [f for f in errors(check_source(ckpt, values=False)) if f.code != "non-finite"]
+    if problems:
+        raise _fail(ckpt, problems)
+
+
+def task_similarity(
+    source: str | os.PathLike[str] | Checkpoint,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    overrides: dict[str, Any] | None = None,
+    subfolder: str | None = None,
+    hub_options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """The N x N cosine similarity of the tasks' effective prompts (flattened), float64.
+
+    Computed block by block: each block of tasks holds at most ``chunk_bytes`` of prompts, so memory
+    stays bounded (besides the N x N result) whatever N is. An entry is NaN where a prompt is all
+    zeros or not finite.
+    """
+    ckpt = _open(source, overrides, subfolder, hub_options)
+    _require_prompts(ckpt)
+    n = ckpt.shapes["prefix_task_cols"][0]
+    half = max(1, chunk_bytes // 2)
+    gram = np.zeros((n, n), dtype=np.float64)
+    blocks = [(s, e) for s, e, _ in _block_bounds(ckpt, half)]
+    pe = to_float64(ckpt.read("prompt_embeddings"))
+    with np.errstate(all="ignore"):
+        for bi, (s1, e1) in enumerate(blocks):
+            a = _block(ckpt, pe, s1, e1)
+            for s2, e2 in blocks[bi:]:
+                b = a if s2 == s1 else _block(ckpt, pe, s2, e2)
+                g = a @ b.T
+                gram[s1:e1, s2:e2] = g
+                gram[s2:e2, s1:e1] = g.T
+        norms = np.sqrt(np.diag(gram).copy())
+        sim = gram / np.outer(norms, norms)
+    sim[~np.isfinite(sim)] = np.nan
+    np.fill_diagonal(sim, np.where(norms > 0, 1.0, np.nan))
+    return np.clip(sim, -1.0, 1.0)
+
+
+def _block_bounds(ckpt: Checkpoint, chunk_bytes: int) -> Iterator[tuple[int, int, None]]:
+    t, d = ckpt.shapes["prompt_embeddings"]
+    n = ckpt.shapes["prefix_task_cols"][0]
+    step = max(1, chunk_bytes // max(1, t * d * 8))
+    for start in range(0, n, step):
+        yield start, min(n, start + step), None
+
+
+def _block(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int) -> np.ndarray:
+    cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
+    rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
+    prompts = pe[None] * np.matmul(cols, rows)
+    return prompts.reshape(stop - start, -1)
+
+
+def similarity_json(matrix: np.ndarray) -> list[list[float | None]]:
+    """The matrix as nested lists, NaN as None (JSON null)."""
+    return [[None if not np.isfinite(v) else round(float(v), 12) for v in row] for row in matrix]
+
+
+def format_similarity(matrix: np.ndarray, digits: int = 3) -> str:
+    """The matrix as a text table with task numbers on both axes."""
+    n = matrix.shape[0]
+    width = max(digits + 4, len(str(n - 1)) + 1)
+    head = f"{'task':>6} " + " ".join(f"{k:>{width}}" for k in range(n))
+    lines = [head]
+    for i in range(n):
+        cells = " ".join(f"{'n/a':>{width}}" if not np.isfinite(v) else f"{v:>{width}.{digits}f}" for v in matrix[i])
+        lines.append(f"{i:>6} {cells}")
+    return "\n".join(lines)
+
+
+def plot_similarity(
+    matrix: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    force: bool = False,
+    protected: list[str] | None = None,
+) -> str:
+    """Draw the similarity matrix as a heatmap PNG at ``path`` (atomic; ``force`` to overwrite).
+
+    Uses matplotlib's Agg backend; a diverging colormap from -1 (blue) to 1 (red), values written in
+    the cells for up to 16 tasks. Raises MptToolsError naming ``pip install 'mpt-tools[plot]'`` when
+    matplotlib is missing. ``protected`` are source paths whose folders are never written.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
+    out = Path(path)
+    _check_plot_path(out, force=force, protected=protected or [])
+    n = matrix.shape[0]
+    size = min(14.0, 3.0 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    try:
+        shown = np.ma.masked_invalid(matrix)
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")
+        im = ax.imshow(shown, cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+        if n <= 40:
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+        ax.set_xlabel("task")
+        ax.set_ylabel("task")
+        if n <= 16:
+            for i in range(n):
+                for j in range(n):
+                    v = matrix[i, j]
+                    text = "n/a" if not np.isfinite(v) else f"{v:.2f}"
+                    color = "white" if np.isfinite(v) and abs(v) > 0.6 else "black"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+        ax.set_title(title or "task similarity (effective prompts)", fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, buf.getvalue())
+    return str(out)
+
+
+def _check_plot_path(out: Path, *, force: bool, protected: list[str]) -> None:
+    if out.suffix.lower() != ".png":
+        raise WriteError("the plot file name must end in .png", str(out))
+    if out.exists() and not out.is_file():
+        raise WriteError("exists and is not a file", str(out))
+    folder = out.resolve().parent
+    for item in protected:
+        p = Path(item).resolve()
+        if folder == (p if p.is_dir() else p.parent):
+            raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
+    if os.path.lexists(out) and not force:
+        raise WriteError("already exists; pass --force to overwrite it", str(out))
+
+
+def _file_sets(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in CANONICAL:
+        info = ckpt.info(name)
+        if info is not None:
+            out[name] = {"dtype": DTYPE_NAMES.get(info.dtype, info.dtype), "shape": list(info.shape), "tag": info.dtype}
+    for key in ckpt.ignored:
+        info = ckpt.file.infos[key]
+        out[key] = {"dtype": DTYPE_NAMES.get(info.dtype, info.dtype), "shape": list(info.shape), "tag": info.dtype}
+    return out
+
+
+def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> dict[str, Any]:
+    """Max abs difference (float64) of one tensor with equal shapes, and whether the bytes agree."""
+    ka = a.keymap.get(name, name)
+    kb = b.keymap.get(name, name)
+    ia, ib = a.file.infos[ka], b.file.infos[kb]
+    shape = ia.shape
+    rows = shape[0] if shape else 1
+    per_row = max(1, ia.nbytes // max(1, rows)) * 2
+    step = max(1, chunk_bytes // per_row)
+    max_abs = 0.0
+    bitwise = ia.dtype == ib.dtype
+    nan_mismatch = 0
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        ra, rb = a.file.read_rows(ka, start, stop), b.file.read_rows(kb, start, stop)
+        if bitwise and ra.array.tobytes() != rb.array.tobytes():
+            bitwise = False
+        if ia.dtype in FLOAT_DTYPES and ib.dtype in FLOAT_DTYPES:
+            va, vb = to_float64(ra), to_float64(rb)
+        else:
+            va, vb = ra.array.astype(np.float64), rb.array.astype(np.float64)
+        with np.errstate(all="ignore"):
+            fa, fb = np.isfinite(va), np.isfinite(vb)
+            both = fa & fb
+            same_special = (~fa & ~fb) & ((va == vb) | (np.isnan(va) & np.isnan(vb)))
+            nan_mismatch += int((~both & ~same_special).sum())
+            if both.any():
+                max_abs = max(max_abs, float(np.abs(va[both] - vb[both]).max()))
+    return {
+        "max_abs_diff": max_abs,
+        "bitwise_equal": bitwise,
+        "nonfinite_mismatches": nan_mismatch,
+    }
+
+
+def _config_diff(a: Checkpoint, b: Checkpoint) -> list[dict[str, Any]]:
+    ra, rb = a.config.raw, b.config.raw
+    out = []
+    for key in sorted(set(ra) | set(rb)):
+        if key in VOLATILE_CONFIG:
+            continue
+        va, vb = ra.get(key, "<absent>"), rb.get(key, "<absent>")
+        if va != vb or type(va) is not type(vb):
+            out.append({"field": key, "a": va, "b": vb})
+    return out
+
+
+def diff(
+    a: str | os.PathLike[str] | Checkpoint,
+    b: str | os.PathLike[str] | Checkpoint,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    hub_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compare two sources; ``identical`` is True when nothing below differs.
+
+    Reported: keys present in one only (canonical names; stored names may differ, see
+    ``renamed``), shapes, dtypes, config fields (``peft_version`` ignored; a config file present on
+    one side only is a difference), per tensor the max abs difference in float64 and whether the
+    bytes are equal, and, when N, T and d agree (the rank may differ), per task the max abs and the
+    relative Frobenius difference of the effective prompts. Safetensors metadata differences are
+    listed but do not make the adapters different.
+    """
+    ca, cb = _open(a, hub_options=hub_options), _open(b, hub_options=hub_options)
+    fa, fb = _file_sets(ca), _file_sets(cb)
+    only_a = sorted(set(fa) - set(fb))
+    only_b = sorted(set(fb) - set(fa))
+    shapes, dtypes, tensors = [], [], {}
+    for name in sorted(set(fa) & set(fb)):
+        if fa[name]["shape"] != fb[name]["shape"]:
+            shapes.append({"key": name, "a": fa[name]["shape"], "b": fb[name]["shape"]})
+        if fa[name]["dtype"] != fb[name]["dtype"]:
+            dtypes.append({"key": name, "a": fa[name]["dtype"], "b": fb[name]["dtype"]})
+        if fa[name]["shape"] == fb[name]["shape"]:
+            tensors[name] = _tensor_diff(ca, cb, name, chunk_bytes)
+    config_files = {"a": ca.config.path, "b": cb.config.path}
+    config_presence = ca.config_from_file != cb.config_from_file
+    # An inferred config against a file's one would only list the fields a bare file cannot carry.
+    config = [] if config_presence else _config_diff(ca, cb)
+    prompts = _prompt_diff(ca, cb, chunk_bytes)
+    meta_a, meta_b = ca.file.metadata, cb.file.metadata
+    metadata = [
+        {"key": k, "a": meta_a.get(k), "b": meta_b.get(k)}
+        for k in sorted(set(meta_a) | set(meta_b))
+        if meta_a.get(k) != meta_b.get(k)
+    ]
+    renamed = [
+        {"key": k, "a": ca.keymap[k], "b": cb.keymap[k]}
+        for k in CANONICAL
+        if k in ca.keymap and k in cb.keymap and ca.keymap[k] != cb.keymap[k]
+    ]
+    value_diffs = [
+        k for k, v in tensors.items() if not v["bitwise_equal"] and (v["max_abs_diff"] > 0 or v["nonfinite_mismatches"])
+    ]
+    # Same values stored in another dtype are a dtype difference, not a value difference.
+    identical = not (only_a or only_b or shapes or dtypes or config or config_presence or value_diffs)
+    count = len(only_a) + len(only_b) + len(shapes) + len(dtypes) + len(config) + int(config_presence)
+    count += len(value_diffs)
+    summary = _summary(
+        identical, only_a, only_b, shapes, dtypes, config, config_presence, value_diffs, tensors, prompts
+    )
+    return {
+        "schema": "mpt-tools/diff/1",
+        "a": ca.location,
+        "b": cb.location,
+        "identical": identical,
+        "differences": count,
+        "summary": summary,
+        "keys": {"only_a": only_a, "only_b": only_b},
+        "renamed": renamed,
+        "shapes": shapes,
+        "dtypes": dtypes,
+        "config_files": config_files,
+        "config": config,
+        "tensors": tensors,
+        "prompts": prompts,
+        "metadata": metadata,
+        "sha256": {"a": ca.sha256(), "b": cb.sha256()},
+    }
+
+
+def _summary(
+    identical: bool,
+    only_a: list[str],
+    only_b: list[str],
+    shapes: list[Any],
+    dtypes: list[Any],
+    config: list[Any],
+    config_presence: bool,
+    value_diffs: list[str],
+    tensors: dict[str, Any],
+    prompts: dict[str, Any] | None,
+) -> str:
+    if identical:
+        return "identical (keys, shapes, dtypes, config and every value)"
+    parts = []
+    if only_a or only_b:
+        parts.append(f"{len(only_a) + len(only_b)} key(s) in one only")
+    if shapes:
+        parts.append("shapes differ: " + ", ".join(s["key"] for s in shapes))
+    if dtypes:
+        parts.append("dtypes differ: " + ", ".join(s["key"] for s in dtypes))
+    if config_presence:
+        parts.append("adapter_config.json on one side only")
+    if config:
+        parts.append(f"{len(config)} config field(s) differ: " + ", ".join(c["field"] for c in config[:5]))
+    if value_diffs:
+        worst = max(tensors[k]["max_abs_diff"] for k in value_diffs)
+        parts.append(f"values differ in {', '.join(value_diffs)} (max abs {worst:.4g})")
+    if prompts and prompts.get("max_abs_diff") is not None:
+        parts.append(f"max prompt difference {prompts['max_abs_diff']:.4g}")
+    return "; ".join(parts)
+
+
+def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> dict[str, Any] | None:
+    """Per-task effective-prompt differences when both have N, T, d in common (else None)."""
+    try:
+        for ckpt in (a, b):
+            _require_prompts(ckpt)
+    except MptToolsError:
+        return None
+    na, ta, _ = a.shapes["prefix_task_cols"]
+    nb, tb, _ = b.shapes["prefix_task_cols"]
+    if (na, ta) != (nb, tb) or a.shapes["prompt_embeddings"] != b.shapes["prompt_embeddings"]:
+        return None
+    per_task: list[dict[str, Any]] = []
+    half = max(1, chunk_bytes // 2)
+    for (start, stop, pa), (_, _, pb) in zip(iter_prompts(a, half), iter_prompts(b, half), strict=True):
+        with np.errstate(all="ignore"):
+            delta = np.abs(pa - pb).reshape(stop - start, -1)
+            ref = np.sqrt((pa.reshape(stop - start, -1) ** 2).sum(1))
+            fro = np.sqrt((delta**2).sum(1))
+        for i in range(stop - start):
+            m = float(delta[i].max()) if delta.shape[1] else 0.0
+            rel = float(fro[i] / ref[i]) if ref[i] > 0 else (0.0 if fro[i] == 0 else None)
+            per_task.append(
+                {
+                    "task": start + i,
+                    "max_abs_diff": m if np.isfinite(m) else None,
+                    "relative_diff": rel if rel is None or np.isfinite(rel) else None,
+                }
+            )
+    finite = [t["max_abs_diff"] for t in per_task if t["max_abs_diff"] is not None]
+    return {"max_abs_diff": max(finite) if finite else None, "tasks": per_task}
+
+
+__all__ = [
+    "diff",
+    "format_similarity",
+    "iter_prompts",
+    "plot_similarity",
+    "similarity_json",
+    "task_similarity",
+]

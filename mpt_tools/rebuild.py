@@ -1,0 +1,834 @@
+"""Rebuild every task prompt ``P_k = P* * (U_k @ V_k)`` on a device and verify it.
+
+:func:`verify` rebuilds the prompts of an adapter (a source or a target written by ``init``) in
+the requested dtype on the GPU (CUDA) or the CPU, in chunks of whole tasks so that device and host
+memory stay bounded, and compares each against a float64 reference computed on the same device
+from the same stored factors. Per task it reports the max absolute error, the relative Frobenius
+error, ``max |P_k|``, finiteness of the inputs and of the prompt, and the headroom
+``max |P_k| / dtype max`` (a float16 prompt above 65504 overflows: a failure).
+
+Tolerances (relative Frobenius error ``||P - P_ref||_F / ||P_ref||_F``, see ``TOLERANCES``) come
+from measuring this code on CPU (torch 2.13): 8 tasks each of r in {1, 2, 4, 16, 64},
+d in {64, 768, 4096}, T in {8, 100}, (P*, factor) scales (0.02, 0.02), (1, 0.02), (1, 0.3),
+(30, 1), stored as float32, bfloat16 and float16 (360 configurations per compute dtype):
+
+=========  =================  =======  ===================================================
+compute    unit roundoff u    rtol     worst measured relative Frobenius error
+=========  =================  =======  ===================================================
+float32    2^-24 = 6.0e-8     1e-6     1.7e-7 (one rounded product, one rounded r-term sum)
+float16    2^-11 = 4.9e-4     2e-3     6.4e-4 (inputs rounded to fp16, then the same)
+bfloat16   2^-8  = 3.9e-3     2e-2     5.4e-3 (inputs rounded to bf16, then the same)
+=========  =================  =======  ===================================================
+
+Each rtol is 3-6x the worst case measured (about 4-5u for the half types), so a correct rebuild
+does not trip it, while a wrong factor, a swapped task or a corrupted value (errors of order 1)
+always does. The format reference measured the same order with plain torch on an H100 (8e-8 fp32,
+5e-4 fp16, 4e-3 bf16). Prompts whose values are subnormal in float16 (below 6.1e-5, e.g. a
+random-init target over a small P*) reach 5e-3 relative error from representation alone; an
+absolute floor ``atol`` per element (4x the dtype's smallest subnormal, 2.4e-7 for float16) covers
+them: a task passes when ``||E||_F <= rtol * ||P_ref||_F + atol * sqrt(T*d)``. A rebuild that is
+not finite while the float64 reference is, or ``max |P_k|`` above the dtype's max (65504 for
+float16), is an overflow failure; ``headroom`` reports ``max |P_k| / dtype max``. On CUDA, TF32
+is switched off for the float32 matmuls while verifying (restored afterwards).
+
+With ``source=`` (or the ``mpt_tools.source`` recorded by ``init`` while that path still exists
+and still has the recorded sha256), :func:`verify` also checks that a target is what its mode
+promises: exact -> P* and factors bitwise those of source task k (and the prompt bitwise equal);
+average -> factors bitwise the means PEFT computes (``torch.mean(0, keepdim=True)`` in the source
+dtype, then ``.float()``; ``mpt_tools.tasks``/``mpt_tools.weights`` honoured as in
+:func:`mpt_tools.factors.average_factors`), plus per source task the cosine similarity and
+relative distance of the target prompt to that task's prompt; shared -> P* bitwise equal (and the
+factors bitwise those of the recorded seed).
+
+torch is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MptToolsError, ValidationError, VerifyError
+from .formats import DTYPE_NAMES, Raw, to_float32, to_torch
+from .source import Checkpoint, load_source
+
+SCHEMA = "mpt-tools/verify/1"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+# Relative Frobenius tolerance per compute dtype (see the module docstring for the measurements).
+TOLERANCES: dict[str, float] = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 2e-2}
+# Absolute floor per element: 4x the smallest subnormal of the dtype (only matters for fp16).
+ATOLS: dict[str, float] = {"float32": 4 * 2.0**-149, "float16": 4 * 2.0**-24, "bfloat16": 4 * 2.0**-133}
+DTYPE_MAX: dict[str, float] = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+# Working set per chunk on the device: the prompts in the compute dtype plus the float64 reference
+# and error. The CPU default keeps the peak RSS well under 2x the file size of large sources.
+DEFAULT_CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+FACTORS = ("prefix_task_cols", "prefix_task_rows")
+
+
+class DeviceError(MptToolsError):
+    """The requested device cannot be used (e.g. ``cuda`` without a CUDA device)."""
+
+
+class VerificationFailed(VerifyError):
+    """Verification ran and found failures; ``report`` is the full report (``ok`` is False)."""
+
+    def __init__(self, message: str, path: str | None, report: dict[str, Any]) -> None:
+        super().__init__(message, path)
+        self.report = report
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """The torch device for ``device``: ``auto`` is CUDA when available, else the CPU.
+
+    Raises DeviceError for ``cuda`` (or ``cuda:N``) without a usable CUDA device.
+    """
+    import torch
+
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise DeviceError(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
+    raise DeviceError(f"unknown device {device!r}: use auto, cuda or cpu")
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    if key not in table:
+        raise ValidationError(f"unknown dtype {dtype!r}: use {', '.join(DTYPE_CHOICES)}")
+    return table[key]
+
+
+def _dtype_name(dtype: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul(dev: Any) -> Iterator[None]:
+    """Disable TF32 for float32 CUDA matmuls while verifying (restored afterwards)."""
+    import torch
+
+    if dev.type != "cuda":
+        yield
+        return
+    mm = torch.backends.cuda.matmul
+    if hasattr(mm, "fp32_precision"):
+        old = mm.fp32_precision
+        mm.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = old
+    else:  # older torch
+        old_tf32 = mm.allow_tf32
+        mm.allow_tf32 = False
+        try:
+            yield
+        finally:
+            mm.allow_tf32 = old_tf32
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _task_runs(tasks: list[int], step: int) -> list[tuple[int, int]]:
+    """Split sorted distinct task indices into contiguous ``(start, stop)`` runs of at most ``step``."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(tasks):
+        start = tasks[i]
+        stop = start + 1
+        i += 1
+        while i < len(tasks) and tasks[i] == stop and stop - start < step:
+            stop += 1
+            i += 1
+        runs.append((start, stop))
+    return runs
+
+
+def _check_layout(ckpt: Checkpoint) -> tuple[int, int, int, int]:
+    """(N, T, r, d) of a checkpoint with consistent P*, U, V; ValidationError otherwise."""
+    shapes = ckpt.shapes
+    missing = [k for k in ("prompt_embeddings", *FACTORS) if k not in shapes]
+    if missing:
+        raise ValidationError(f"cannot rebuild prompts: missing {', '.join(missing)}", ckpt.location)
+    pe, cols, rows = shapes["prompt_embeddings"], shapes["prefix_task_cols"], shapes["prefix_task_rows"]
+    if len(pe) != 2 or len(cols) != 3 or len(rows) != 3:
+        raise ValidationError(f"cannot rebuild prompts: unexpected ranks of shapes {pe}, {cols}, {rows}", ckpt.location)
+    t, d = pe
+    n, t2, r = cols
+    n2, r2, d2 = rows
+    if (t2, n2, r2, d2) != (t, n, r, d):
+        raise ValidationError(
+            f"cannot rebuild prompts: shapes disagree (P* {list(pe)}, U {list(cols)}, V {list(rows)})", ckpt.location
+        )
+    for name in ("prompt_embeddings", *FACTORS):
+        info = ckpt.info(name)
+        if info is not None and info.dtype not in DTYPE_NAMES:
+            raise ValidationError(f"{name} is {info.dtype}, not a float tensor", ckpt.location)
+    if 0 in (n, t, r, d):
+        raise ValidationError(f"cannot rebuild prompts: empty tensors (N={n}, T={t}, r={r}, d={d})", ckpt.location)
+    return n, t, r, d
+
+
+def _refuse_broken(ckpt: Checkpoint) -> None:
+    """Raise ValidationError on the header/config errors every command refuses (values are the
+    rebuild's own business: non-finite tasks are reported per task)."""
+    from .checks import check_source, errors
+
+    problems = errors(check_source(ckpt, values=False))
+    if not problems:
+        return
+    first = problems[0]
+    msg = f"{first.field}: {first.message}"
+    if first.expected is not None or first.found is not None:
+        msg += f" (expected {first.expected}, found {first.found})"
+    if first.fix:
+        msg += f"; fix: {first.fix}"
+    if len(problems) > 1:
+        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
+    raise ValidationError(msg, ckpt.location, problems)
+
+
+class _Timer:
+    """Host wall time for reads, and CUDA events (or host time on CPU) for transfer and rebuild."""
+
+    def __init__(self, dev: Any) -> None:
+        self.cuda = dev.type == "cuda"
+        self.read_s = 0.0
+        self.transfer_s = 0.0
+        self.rebuild_s = 0.0
+        self._pairs: dict[str, list[tuple[Any, Any]]] = {"transfer": [], "rebuild": []}
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.read_s += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def device(self, kind: str) -> Iterator[None]:
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pairs[kind].append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            elapsed = time.perf_counter() - t0
+            if kind == "transfer":
+                self.transfer_s += elapsed
+            else:
+                self.rebuild_s += elapsed
+
+    def finish(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.transfer_s += sum(s.elapsed_time(e) for s, e in self._pairs["transfer"]) / 1000
+            self.rebuild_s += sum(s.elapsed_time(e) for s, e in self._pairs["rebuild"]) / 1000
+            self._pairs = {"transfer": [], "rebuild": []}
+
+
+def _host(raw: Raw, dev: Any) -> Any:
+    """Host Raw -> torch tensor of the stored dtype, in pinned memory when ``dev`` is CUDA."""
+    t = to_torch(raw)
+    return t.pin_memory() if dev.type == "cuda" else t
+
+
+def _upload(host: Any, dev: Any) -> Any:
+    """Host tensor -> ``dev`` (a non-blocking copy from pinned memory on CUDA)."""
+    return host.to(dev, non_blocking=True) if dev.type == "cuda" else host
+
+
+def _to_device(raw: Raw, dev: Any) -> Any:
+    """Host Raw -> device tensor of the stored dtype (pinned + non_blocking on CUDA)."""
+    return _upload(_host(raw, dev), dev)
+
+
+def _rebuild(pe: Any, cols: Any, rows: Any, dtype: Any, out: Any = None) -> Any:
+    """``P* * (U @ V)`` for a chunk of tasks in ``dtype`` (inputs are cast first), into ``out``
+    when given."""
+    import torch
+
+    res = torch.bmm(cols.to(dtype), rows.to(dtype), out=out)
+    res.mul_(pe.to(dtype))
+    return res
+
+
+def per_task_bytes(t: int, r: int, d: int, itemsize: int) -> int:
+    """Working-set bytes of one task in a chunk: its prompt in the compute dtype, in float64 and
+    (transiently, when the float64 error is formed) upcast to float64, plus its factors as
+    stored, in the compute dtype and in float64 (at most)."""
+    return t * d * (itemsize + 8 + 8) + (t * r + r * d) * (itemsize + 8 + 8)
+
+
+def _plan(n: int, t: int, r: int, d: int, itemsize: int, chunk_bytes: int) -> int:
+    """Tasks per chunk so that one chunk's working set stays within ``chunk_bytes``."""
+    return max(1, min(n, chunk_bytes // max(1, per_task_bytes(t, r, d, itemsize))))
+
+
+def _rebuild_checks(
+    ckpt: Checkpoint,
+    dev: Any,
+    dtype_name: str,
+    tasks: list[int],
+    chunk_bytes: int,
+    timer: _Timer,
+    chunk_log: list[int] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """Per-task metrics of the rebuild in ``dtype_name`` against float64; returns (tasks, failures, pe_ok)."""
+    import torch
+
+    n, t, r, d = _check_layout(ckpt)
+    dtype = _torch_dtype(dtype_name)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    step = _plan(n, t, r, d, itemsize, chunk_bytes)
+    rtol, atol, dmax = TOLERANCES[dtype_name], ATOLS[dtype_name], DTYPE_MAX[dtype_name]
+    with timer.read():
+        pe_host = _host(ckpt.read("prompt_embeddings"), dev)
+    with timer.device("transfer"):
+        pe_dev = _upload(pe_host, dev)
+    with timer.device("rebuild"):
+        pe64 = pe_dev.double()
+        pe_ok_t = torch.isfinite(pe64).all()
+    pe_c = pe_dev.to(dtype)
+    # One float64 and one compute-dtype buffer, reused by every chunk: the working set stays
+    # constant (and the allocator has nothing to fragment), whatever the number of tasks.
+    rows_max = min(step, len(tasks)) if tasks else 0
+    ref_buf = torch.empty((rows_max, t, d), dtype=torch.float64, device=dev)
+    out_buf = torch.empty((rows_max, t, d), dtype=dtype, device=dev)
+    # Per-task results, allocated once (long-lived small tensors made per chunk would pin the
+    # heap between the chunks' large temporaries and let it grow with the number of tasks).
+    stats = torch.zeros((7, len(tasks)), dtype=torch.float64, device=dev)
+    pos = 0
+    for start, stop in _task_runs(tasks, step):
+        m = stop - start
+        if chunk_log is not None:
+            chunk_log.append(m)
+        with timer.read():  # file read, and the copy into pinned memory on CUDA
+            cols_host = _host(ckpt.read_rows("prefix_task_cols", start, stop), dev)
+            rows_host = _host(ckpt.read_rows("prefix_task_rows", start, stop), dev)
+        with timer.device("transfer"):
+            cols = _upload(cols_host, dev)
+            rows = _upload(rows_host, dev)
+        del cols_host, rows_host  # the caching host allocator keeps them until the copies end
+        with timer.device("rebuild"):
+            cols64, rows64 = cols.double(), rows.double()
+            inputs_ok = torch.isfinite(cols64).all(dim=(1, 2)) & torch.isfinite(rows64).all(dim=(1, 2))
+            ref = torch.bmm(cols64, rows64, out=ref_buf[:m])
+            ref.mul_(pe64)
+            del cols64, rows64
+            prompt = _rebuild(pe_c, cols, rows, dtype, out=out_buf[:m])
+            del cols, rows
+            flat = ref.view(m, -1)
+            low, high = torch.aminmax(flat, dim=1)
+            ref_finite = torch.isfinite(low) & torch.isfinite(high)
+            max_abs = torch.maximum(low.abs(), high.abs())
+            ref_norm = torch.linalg.vector_norm(flat, dim=1)
+            ref.sub_(prompt)  # now the error (ref - prompt), in float64, in place
+            del prompt
+            err_norm = torch.linalg.vector_norm(flat, dim=1)  # Inf/NaN when the prompt is not finite
+            err_max = flat.abs_().amax(dim=1)
+            del ref, flat
+            finite = torch.isfinite(err_norm)
+            for row, value in enumerate((inputs_ok, finite, ref_finite, max_abs, ref_norm, err_norm, err_max)):
+                stats[row, pos : pos + m] = value
+            pos += m
+    del ref_buf, out_buf
+    with timer.device("rebuild"):
+        host_stats = stats.cpu().numpy()
+        pe_ok = bool(pe_ok_t.cpu())
+    timer.finish()
+    inputs_ok_a, finite_a, ref_finite_a, max_abs_a, ref_norm_a, err_norm_a, err_max_a = host_stats
+    scale = math.sqrt(t * d)
+    out: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    if not pe_ok:
+        failures.append(
+            {
+                "task": None,
+                "check": "non-finite-input",
+                "message": "prompt_embeddings (P*) holds NaN/Inf values",
+            }
+        )
+    for i, k in enumerate(tasks):
+        rn, en = float(ref_norm_a[i]), float(err_norm_a[i])
+        rel = en / rn if rn > 0 else (0.0 if en == 0 else math.inf)
+        mx = float(max_abs_a[i])
+        headroom = mx / dmax
+        in_ok, fin_ok, ref_ok = bool(inputs_ok_a[i]), bool(finite_a[i]), bool(ref_finite_a[i])
+        problems: list[tuple[str, str]] = []
+        if not in_ok:
+            problems.append(("non-finite-input", "U_k or V_k holds NaN/Inf values"))
+        elif not pe_ok or not ref_ok:
+            problems.append(("non-finite-prompt", "the float64 prompt is not finite"))
+        elif not fin_ok or headroom > 1:
+            problems.append(
+                (
+                    "overflow",
+                    f"the {dtype_name} rebuild overflows: max |P_k| {mx:.6g} > {dtype_name} max {dmax:.6g}"
+                    if headroom > 1
+                    else f"the {dtype_name} rebuild holds Inf/NaN (U_k @ V_k overflows {dtype_name})",
+                )
+            )
+        elif not en <= rtol * rn + atol * scale:
+            problems.append(("tolerance", f"relative error {rel:.3g} exceeds {rtol:g} for {dtype_name}"))
+        out.append(
+            {
+                "task": k,
+                "max_abs_err": _json_float(float(err_max_a[i])),
+                "rel_err": _json_float(rel),
+                "max_abs": _json_float(mx),
+                "headroom": _json_float(headroom),
+                "finite": fin_ok and ref_ok,
+                "inputs_finite": in_ok and pe_ok,
+                "ok": not problems,
+            }
+        )
+        for code, message in problems:
+            failures.append({"task": k, "check": code, "message": message})
+    return out, failures, pe_ok
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _meta_ints(meta: dict[str, str], key: str) -> list[int] | None:
+    text = meta.get(key)
+    if text is None or text == "":
+        return None
+    return [int(v) for v in text.split(",")]
+
+
+def _meta_floats(meta: dict[str, str], key: str) -> list[float] | None:
+    text = meta.get(key)
+    if text is None or text == "":
+        return None
+    return [float(v) for v in text.split(",")]
+
+
+_MODES = {"AVERAGE_SOURCE_TASKS": "average", "EXACT_SOURCE_TASK": "exact", "ONLY_SOURCE_SHARED": "shared"}
+
+
+def _resolve_source(
+    target: Checkpoint, source: str | os.PathLike[str] | Checkpoint | None, notes: list[str]
+) -> Checkpoint | None:
+    """The source to compare against: the given one, or the recorded one while it still matches."""
+    meta = target.file.metadata
+    if source is not None:
+        ckpt = source if isinstance(source, Checkpoint) else load_source(source)
+        recorded = meta.get("mpt_tools.source_sha256")
+        if recorded and recorded != ckpt.sha256():
+            notes.append("the given source's sha256 differs from the one recorded by init")
+        return ckpt
+    recorded_path = meta.get("mpt_tools.source")
+    if not recorded_path or "mpt_tools.mode" not in meta:
+        return None
+    if not os.path.exists(recorded_path):
+        notes.append(f"recorded source {recorded_path} not found here; pass --source to compare against it")
+        return None
+    try:
+        ckpt = load_source(recorded_path)
+    except MptToolsError as exc:
+        notes.append(f"recorded source {recorded_path} cannot be read ({exc}); pass --source")
+        return None
+    recorded = meta.get("mpt_tools.source_sha256")
+    if recorded and recorded != ckpt.sha256():
+        notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source to compare")
+        return None
+    return ckpt
+
+
+def _cmp(name: str, ok: bool, detail: str) -> dict[str, Any]:
+    return {"check": name, "ok": ok, "detail": detail}
+
+
+def _target_checks(
+    target: Checkpoint, src: Checkpoint, dev: Any, dtype_name: str, chunk_bytes: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check that ``target`` is what its recorded mode promises against ``src``."""
+    import torch
+
+    from .factors import average_factors, random_factors
+
+    meta = target.file.metadata
+    mode = _MODES.get(meta.get("mpt_tools.mode", ""))
+    result: dict[str, Any] = {
+        "source": src.location,
+        "source_sha256": src.sha256(),
+        "mode": mode,
+        "task": None,
+        "checks": [],
+        "similarity": None,
+    }
+    failures: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = result["checks"]
+
+    def add(name: str, ok: bool, detail: str) -> None:
+        checks.append(_cmp(name, ok, detail))
+        if not ok:
+            failures.append({"task": None, "check": "target-mismatch", "message": f"{name}: {detail}"})
+
+    if mode is None:
+        add("mode", False, "the target records no mpt_tools.mode; cannot tell what it should equal")
+        return result, failures
+    n_t, t_t, r_t, d_t = _check_layout(target)
+    pe_t = to_float32(target.read("prompt_embeddings"))
+    src_pe_shape = src.shapes.get("prompt_embeddings")
+    if src_pe_shape != (t_t, d_t):
+        add("prompt_embeddings", False, f"shape {list(pe_t.shape)} vs the source's {src_pe_shape}")
+        return result, failures
+    pe_s = to_float32(src.read("prompt_embeddings"))
+    add("prompt_embeddings", _same_bits(pe_t, pe_s), "bitwise equal to the source's P*")
+    cols_t = to_float32(target.read("prefix_task_cols"))
+    rows_t = to_float32(target.read("prefix_task_rows"))
+    if mode == "shared":
+        seed = meta.get("mpt_tools.seed")
+        if seed is not None:
+            cols_e, rows_e = random_factors(int(seed), n_t, t_t, r_t, d_t)
+            same = _same_bits(cols_t, cols_e) and _same_bits(rows_t, rows_e)
+            add("factors", same, f"bitwise the N(0, 0.02) draws of seed {seed}")
+        return result, failures
+    n_s, t_s, r_s, d_s = _check_layout(src)
+    if (t_s, r_s, d_s) != (t_t, r_t, d_t):
+        add("factors", False, f"target (T, r, d) {(t_t, r_t, d_t)} vs source {(t_s, r_s, d_s)}")
+        return result, failures
+    if mode == "exact":
+        k = int(meta.get("mpt_tools.task", "0"))
+        result["task"] = k
+        if not 0 <= k < n_s:
+            add("task", False, f"recorded task {k} is not a task of the source (0..{n_s - 1})")
+            return result, failures
+        cols_e = to_float32(src.read_rows("prefix_task_cols", k, k + 1))
+        rows_e = to_float32(src.read_rows("prefix_task_rows", k, k + 1))
+        what = f"bitwise source task {k}"
+    else:
+        tasks = _meta_ints(meta, "mpt_tools.tasks")
+        weights = _meta_floats(meta, "mpt_tools.weights")
+        if tasks is not None and any(not 0 <= j < n_s for j in tasks):
+            add("tasks", False, f"recorded tasks {tasks} are not all tasks of the source (0..{n_s - 1})")
+            return result, failures
+        cols_e, rows_e = average_factors(src, tasks, weights)
+        what = "bitwise the PEFT mean of " + (f"source tasks {tasks}" if tasks else f"all {n_s} source tasks")
+        if weights:
+            what += f" weighted {weights}"
+    same_cols = all(_same_bits(cols_t[i : i + 1], cols_e) for i in range(n_t))
+    same_rows = all(_same_bits(rows_t[i : i + 1], rows_e) for i in range(n_t))
+    add("prefix_task_cols", same_cols, what)
+    add("prefix_task_rows", same_rows, what)
+    dtype = _torch_dtype(dtype_name)
+    pe_dev = _dev(pe_t, dev)
+    p_target = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), dtype)
+    if mode == "exact":
+        p_src = _rebuild(_dev(pe_s, dev), _dev(cols_e, dev), _dev(rows_e, dev), dtype)
+        add("prompt", bool(torch.equal(p_target, p_src)), f"{dtype_name} prompt bitwise equal to source task {k}'s")
+        return result, failures
+    # average: how close is the target prompt to each source task's prompt (float64)?
+    averaged = set(_meta_ints(meta, "mpt_tools.tasks") or range(n_s))
+    p_t64 = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), torch.float64)
+    t_norm = torch.linalg.vector_norm(p_t64)
+    pe64 = _dev(pe_s, dev).double()
+    step = _plan(n_s, t_s, r_s, d_s, 8, chunk_bytes)
+    sims: list[dict[str, Any]] = []
+    for start in range(0, n_s, step):
+        stop = min(n_s, start + step)
+        cols = _to_device(src.read_rows("prefix_task_cols", start, stop), dev).double()
+        rows = _to_device(src.read_rows("prefix_task_rows", start, stop), dev).double()
+        p = cols.bmm(rows).mul_(pe64)
+        dots = (p * p_t64).sum(dim=(1, 2))
+        norms = torch.linalg.vector_norm(p, dim=(1, 2))
+        dist = torch.linalg.vector_norm(p - p_t64, dim=(1, 2))
+        cos = (dots / (norms * t_norm)).cpu().numpy()
+        rel = (dist / norms).cpu().numpy()
+        for i in range(stop - start):
+            j = start + i
+            sims.append(
+                {
+                    "task": j,
+                    "cosine": _json_float(float(cos[i])),
+                    "rel_distance": _json_float(float(rel[i])),
+                    "averaged": j in averaged,
+                }
+            )
+    result["similarity"] = sims
+    return result, failures
+
+
+def _dev(array: np.ndarray, dev: Any) -> Any:
+    """A float32 host array as a device tensor (a private copy)."""
+    import torch
+
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True, order="C")).to(dev)
+
+
+def _describe_device(dev: Any) -> str:
+    import torch
+
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return "cpu"
+
+
+def verify(
+    path_or_checkpoint: str | os.PathLike[str] | Checkpoint,
+    *,
+    source: str | os.PathLike[str] | Checkpoint | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    tasks: list[int] | None = None,
+    chunk_bytes: int | None = None,
+    check: bool = True,
+    chunk_log: list[int] | None = None,
+) -> dict[str, Any]:
+    """Rebuild every task prompt of an adapter on ``device`` in ``dtype`` and verify it.
+
+    Returns the report (schema ``mpt-tools/verify/1``: device, dtype, tolerance, tasks, target,
+    ok, failures, notes, timings). ``tasks`` restricts the rebuild to those tasks; ``chunk_bytes``
+    bounds one chunk's working set (default 256 MiB on CPU, 2 GiB on CUDA); ``chunk_log``, when
+    given, receives the number of tasks of each chunk. With ``source`` (or the recorded
+    ``mpt_tools.source``), a target is also checked against what its mode promises.
+
+    When anything fails, raises :class:`VerificationFailed` (a VerifyError naming the failing
+    tasks, with the full report as ``.report``) unless ``check`` is False, in which case the
+    report is returned with ``ok`` False. Unreadable inputs raise other MptToolsErrors;
+    ``device="cuda"`` without CUDA raises :class:`DeviceError`.
+    """
+    import torch
+
+    t_start = time.perf_counter()
+    dtype_name = _dtype_name(dtype)
+    _torch_dtype(dtype_name)  # validates
+    dev = resolve_device(device)
+    ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else load_source(path_or_checkpoint)
+    _refuse_broken(ckpt)
+    n, t, r, d = _check_layout(ckpt)
+    if tasks is None:
+        selected = list(range(n))
+    else:
+        bad = [k for k in tasks if not 0 <= k < n]
+        if bad:
+            raise ValidationError(f"--tasks {bad} out of range: the adapter has {n} tasks (0..{n - 1})", ckpt.location)
+        selected = sorted(set(tasks))
+    budget = chunk_bytes if chunk_bytes is not None else DEFAULT_CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
+    if budget <= 0:
+        raise ValidationError(f"chunk_bytes must be positive, got {budget}")
+    notes: list[str] = []
+    timer = _Timer(dev)
+    with _exact_fp32_matmul(dev), torch.no_grad():
+        task_rows, failures, _ = _rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
+        target_report: dict[str, Any] | None = None
+        src = _resolve_source(ckpt, source, notes)
+        if source is not None and "mpt_tools.mode" not in ckpt.file.metadata:
+            failures.append(
+                {
+                    "task": None,
+                    "check": "target-mismatch",
+                    "message": "--source given but the adapter records no mpt_tools.mode (not written by init)",
+                }
+            )
+        elif src is not None:
+            target_report, target_failures = _target_checks(ckpt, src, dev, dtype_name, budget)
+            failures += target_failures
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    info = ckpt.info("prompt_embeddings")
+    src_dtype = DTYPE_NAMES.get(info.dtype, info.dtype) if info else None
+    report = {
+        "schema": SCHEMA,
+        "path": ckpt.location,
+        "weights": ckpt.weights_path,
+        "device": _describe_device(dev),
+        "dtype": dtype_name,
+        "stored_dtype": src_dtype,
+        "tolerance": {
+            "rel_frobenius": TOLERANCES[dtype_name],
+            "atol_per_element": ATOLS[dtype_name],
+            "dtype_max": DTYPE_MAX[dtype_name],
+        },
+        "shape": {"num_tasks": n, "total_virtual_tokens": t, "num_ranks": r, "token_dim": d},
+        "chunk_bytes": budget,
+        "tasks": task_rows,
+        "target": target_report,
+        "ok": not failures,
+        "failures": failures,
+        "notes": notes,
+        "timings": {
+            "read_s": round(timer.read_s, 6),
+            "transfer_s": round(timer.transfer_s, 6),
+            "rebuild_s": round(timer.rebuild_s, 6),
+            "total_s": round(time.perf_counter() - t_start, 6),
+        },
+    }
+    if check and not report["ok"]:
+        raise failure_error(report)
+    return report
+
+
+def failure_error(report: dict[str, Any]) -> VerificationFailed:
+    """The one-line error for a failed report, naming the failing tasks and the first problem."""
+    failures = report["failures"]
+    tasks = sorted({f["task"] for f in failures if f["task"] is not None})
+    first = failures[0]
+    if tasks:
+        shown = ", ".join(str(k) for k in tasks[:10]) + (f" (+{len(tasks) - 10} more)" if len(tasks) > 10 else "")
+        head = f"verification failed for task(s) {shown}"
+    else:
+        head = "verification failed"
+    where = f"task {first['task']}: " if first["task"] is not None else ""
+    more = f" [{len(failures)} failure(s) in all]" if len(failures) > 1 else ""
+    return VerificationFailed(f"{head}: {where}{first['check']}: {first['message']}{more}", report["path"], report)
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: ok/FAILED, tasks, device, dtype, worst relative error and headroom, target checks."""
+    rels = [t["rel_err"] for t in report["tasks"] if t["rel_err"] is not None]
+    heads = [t["headroom"] for t in report["tasks"] if t["headroom"] is not None]
+    worst = f"{max(rels):.2g}" if rels else "n/a"
+    head = f"{max(heads):.2g}" if heads else "n/a"
+    state = "ok" if report["ok"] else "FAILED"
+    line = (
+        f"verify {state}: {len(report['tasks'])} task(s) on {report['device']} in {report['dtype']}, "
+        f"worst rel err {worst} (tol {report['tolerance']['rel_frobenius']:g}), max headroom {head}"
+    )
+    target = report.get("target")
+    if target:
+        passed = sum(c["ok"] for c in target["checks"])
+        line += f"; {target['mode']} target vs source: {passed}/{len(target['checks'])} checks"
+    return line
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The report as a readable table (what ``mpt-tools verify`` prints without ``--json``)."""
+    tol = report["tolerance"]
+    lines = [
+        f"verify {report['path']} on {report['device']} in {report['dtype']} "
+        f"(stored {report['stored_dtype']}; rel tol {tol['rel_frobenius']:g}, dtype max {tol['dtype_max']:.6g})",
+        f"{'task':>6} {'max|err|':>10} {'rel err':>10} {'max|P_k|':>10} {'headroom':>10} {'finite':>7}  status",
+    ]
+    for t in report["tasks"]:
+        status = "ok" if t["ok"] else "FAIL"
+        finite = "yes" if t["finite"] and t["inputs_finite"] else "NO"
+        lines.append(
+            f"{t['task']:>6} {_g(t['max_abs_err']):>10} {_g(t['rel_err']):>10} {_g(t['max_abs']):>10} "
+            f"{_g(t['headroom']):>10} {finite:>7}  {status}"
+        )
+    target = report.get("target")
+    if target:
+        task = f" task {target['task']}" if target.get("task") is not None else ""
+        lines.append(f"target vs source {target['source']} ({target['mode']}{task}):")
+        for c in target["checks"]:
+            lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']:<18} {c['detail']}")
+        if target.get("similarity"):
+            lines.append(f"  {'source task':>11} {'cosine':>9} {'rel dist':>9}  averaged")
+            for s in target["similarity"]:
+                avg = "yes" if s["averaged"] else "no"
+                lines.append(f"  {s['task']:>11} {_g(s['cosine']):>9} {_g(s['rel_distance']):>9}  {avg}")
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    for f in report["failures"]:
+        where = f"task {f['task']}" if f["task"] is not None else "adapter"
+        lines.append(f"failure: {where}: {f['check']}: {f['message']}")
+    tm = report["timings"]
+    lines.append(
+        f"timings: read {tm['read_s']:.3g} s, transfer {tm['transfer_s']:.3g} s, "
+        f"rebuild {tm['rebuild_s']:.3g} s, total {tm['total_s']:.3g} s"
+    )
+    lines.append(summary_line(report))
+    return lines
+
+
+def init_and_verify(
+    source: str | os.PathLike[str],
+    mode: str,
+    out: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    hub_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    **init_kwargs: Any,
+) -> dict[str, Any]:
+    """Run :func:`mpt_tools.pipeline.init_adapter`, then :func:`verify` the written folder against
+    the source; returns init's result with the verify report under ``"verify"``.
+
+    On a failed verification, the files init wrote are removed when they did not exist before
+    (and the folder, when init created it); files that existed before (overwritten with
+    ``force``) are left in place and the error says so. Then VerificationFailed is raised.
+    """
+    from .config import CONFIG_NAME
+    from .pipeline import init_adapter
+    from .writer import WEIGHTS_NAME
+
+    resolve_device(device)  # fail before writing anything
+    ckpt = load_source(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    folder = Path(out)
+    folder_existed = folder.exists()
+    existed = {name: os.path.lexists(folder / name) for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    result = init_adapter(ckpt, mode, out, **init_kwargs)
+    report = verify(out, source=ckpt, device=device, check=False)
+    if not report["ok"]:
+        err = failure_error(report)
+        removed, kept = [], []
+        for name, was_there in existed.items():
+            if was_there:
+                kept.append(name)
+            else:
+                with contextlib.suppress(OSError):
+                    (folder / name).unlink()
+                removed.append(name)
+        if not folder_existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        tail = f"; removed {', '.join(removed)}" if removed else ""
+        if kept:
+            tail += f"; left {', '.join(kept)} in place (they existed before this run and were overwritten)"
+        raise VerificationFailed(err.message + tail, str(out), report)
+    return {**result, "verify": report}
+
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "SCHEMA",
+    "TOLERANCES",
+    "DeviceError",
+    "VerificationFailed",
+    "failure_error",
+    "init_and_verify",
+    "per_task_bytes",
+    "report_lines",
+    "resolve_device",
+    "summary_line",
+    "verify",
+]

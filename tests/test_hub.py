@@ -1,0 +1,693 @@
+"""Hub in and out (issue #3): sources from the Hub, push, the base-model check.
+
+Everything runs against the real huggingface_hub client talking to tests/hubserver.py's FakeHub
+on 127.0.0.1 (pointed at it with HF_ENDPOINT, which mpt-tools reads at call time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, ROOT, run_cli
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hubserver import FakeHub, isolate_hf_environment, record_retry_sleeps, sha256_hex
+
+from mpt_tools.errors import HubError
+from mpt_tools.hub import download_source, parse_spec, push_adapter
+
+TOKEN = "hf_goodtoken"  # FakeHub default: user "alice"
+BAD_TOKEN = "hf_wrongtoken123"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def adapter_files(name: str = "causal", prefix: str = "") -> dict[str, bytes]:
+    folder = FIXTURES / name
+    return {prefix + p.name: p.read_bytes() for p in folder.iterdir() if p.name != "README.md"}
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path) -> Path:
+    return isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
+
+
+@pytest.fixture
+def hub(hf_cache, monkeypatch):
+    with FakeHub() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    return record_retry_sleeps(monkeypatch)
+
+
+@pytest.fixture
+def src(hub) -> str:
+    hub.add_repo("org/src", adapter_files())
+    return "org/src"
+
+
+def inspect_json(*args: str):
+    result = run_cli("inspect", *args, "--json", "--no-norms")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """dtype, shape and raw bytes of every tensor (for bitwise comparison)."""
+    with safe_open(str(folder / WEIGHTS), "np") as fh:
+        return {k: (str(fh.get_tensor(k).dtype), fh.get_tensor(k).shape, fh.get_tensor(k).tobytes()) for k in fh.keys()}  # noqa: SIM118
+
+
+def assert_one_error_line(result, *needles: str, secrets: tuple[str, ...] = (TOKEN, BAD_TOKEN)) -> str:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("error: ")
+    for needle in needles:
+        assert needle in line, line
+    for secret in secrets:
+        assert secret not in result.stdout and secret not in result.stderr
+    return line
+
+
+# --------------------------------------------------------------------------- spec parsing
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "expected"),
+    [
+        ("org/name", {}, ("org/name", None, None)),
+        ("hf://org/name", {}, ("org/name", None, None)),
+        ("hf://org/name@v2", {}, ("org/name", "v2", None)),
+        ("hf://org/name@v2/sub/deeper", {}, ("org/name", "v2", "sub/deeper")),
+        ("hf://org/name/sub", {}, ("org/name", None, "sub")),
+        ("hf://org/name@refs/pr/3/sub", {}, ("org/name", "refs/pr/3", "sub")),
+        ("hf://org/name@refs%2Fpr%2F3", {}, ("org/name", "refs/pr/3", None)),
+        ("org/name@abc1234", {}, ("org/name", "abc1234", None)),
+        ("hf://org/name@v2/sub", {"revision": "v2", "subfolder": "sub"}, ("org/name", "v2", "sub")),
+        ("org/name", {"revision": "dev", "subfolder": "a"}, ("org/name", "dev", "a")),
+        ("hf://gpt2", {}, ("gpt2", None, None)),
+    ],
+)
+def test_parse_spec(spec, kwargs, expected):
+    parsed = parse_spec(spec, **kwargs)
+    assert (parsed.repo_id, parsed.revision, parsed.subfolder) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "needle"),
+    [
+        ("hf://org/name@v1", {"revision": "v2"}, "contradicts"),
+        ("hf://org/name/a", {"subfolder": "b"}, "contradicts"),
+        ("hf://org/na me", {}, "not a valid"),
+        ("hf://org/name@", {}, "empty revision"),
+        ("hf://org/name/../x", {}, "invalid subfolder"),
+    ],
+)
+def test_parse_spec_refuses(spec, kwargs, needle):
+    with pytest.raises(HubError, match=needle):
+        parse_spec(spec, **kwargs)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def test_download_by_revision_tag_and_commit(hub, src):
+    first = hub.head(src)
+    second = hub.add_commit(src, adapter_files("causal_fp16"), branch="v2")
+    hub.add_tag(src, "v1.0", first)
+    sha_main = sha256_hex(adapter_files()[WEIGHTS])
+    sha_v2 = sha256_hex(adapter_files("causal_fp16")[WEIGHTS])
+
+    report = inspect_json(src)
+    assert report["files"][0]["sha256"] == sha_main
+    assert report["hub"]["commit"] == first
+    assert report["hub"]["url"] == f"hf://{src}@{first}"
+    assert report["hub"]["revision"] == "main"
+
+    for args in (["--revision", "v2"], [f"hf://{src}@v2"], [f"hf://{src}@{second}"], [f"hf://{src}@{second[:10]}"]):
+        cli_args = [src, *args] if args[0].startswith("--") else args
+        report = inspect_json(*cli_args)
+        assert report["files"][0]["sha256"] == sha_v2, args
+        assert report["hub"]["commit"] == second
+    report = inspect_json(f"hf://{src}@v1.0")
+    assert report["hub"]["commit"] == first and report["files"][0]["sha256"] == sha_main
+
+
+def test_download_subfolder_forms(hub):
+    commit = hub.add_repo("org/named", adapter_files(prefix="first/") | adapter_files("seq2seq", prefix="second/"))
+    hub.add_tag("org/named", "v1", commit)
+    expected = sha256_hex(adapter_files("seq2seq")[WEIGHTS])
+    for args in (
+        ["org/named", "--subfolder", "second"],
+        ["hf://org/named/second"],
+        ["hf://org/named@v1/second"],
+        [f"hf://org/named@{commit}/second"],
+        ["hf://org/named@main", "--subfolder", "second"],
+    ):
+        report = inspect_json(*args)
+        assert report["files"][0]["sha256"] == expected, args
+        assert report["hub"]["subfolder"] == "second"
+        assert report["hub"]["url"] == f"hf://org/named@{commit}/second"
+        assert report["config"]["task_type"] == "SEQ_2_SEQ_LM"
+    # Without the subfolder: a clear refusal that names the fix.
+    result = run_cli("inspect", "org/named")
+    assert_one_error_line(result, "org/named", "--subfolder")
+
+
+def test_only_config_and_one_weights_file_are_fetched(hub):
+    files = adapter_files() | {
+        "adapter_model.bin": adapter_files("causal_bin")["adapter_model.bin"],
+        "big.bin": os.urandom(4096),
+        "README.md": b"# card",
+        "other/adapter_model.safetensors": b"x" * 10,
+    }
+    hub.add_repo("org/many", files)
+    folder, info = download_source("org/many")
+    assert info["file"] == WEIGHTS  # safetensors wins, as in PEFT
+    gets = sorted(r.path.rsplit("/", 1)[-1] for r in hub.find_requests("GET", "/resolve/"))
+    assert gets == [CONFIG, WEIGHTS]
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG, WEIGHTS]
+    assert (folder / WEIGHTS).read_bytes() == files[WEIGHTS]
+
+
+def test_bin_fallback(hub):
+    hub.add_repo("org/bin", adapter_files("causal_bin"))
+    report = inspect_json("org/bin")
+    assert report["format"] == "pickle"
+    assert report["hub"]["file"] == "adapter_model.bin"
+    gets = [r.path for r in hub.find_requests("GET", "/resolve/")]
+    assert not any(p.endswith(WEIGHTS) for p in gets)
+
+
+def test_cache_reuse(hub, src):
+    inspect_json(src)
+    assert len(hub.find_requests("GET", "/resolve/")) == 2
+    hub.clear_requests()
+    inspect_json(src)
+    assert hub.find_requests("GET") == []  # no file fetched again
+    assert [r.method for r in hub.requests] == ["HEAD"]  # only: where does main point now?
+    hub.clear_requests()
+    inspect_json(f"hf://{src}@{hub.head(src)}")
+    assert hub.requests == []  # pinned commit, all cached: no request at all
+
+
+def test_offline_from_cache(hub, src, monkeypatch):
+    online = inspect_json(src)
+    hub.clear_requests()
+    offline = inspect_json(src, "--offline")
+    assert hub.requests == []
+    assert offline["hub"] == online["hub"]
+    assert offline["files"][0]["sha256"] == online["files"][0]["sha256"]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert inspect_json(src)["hub"]["commit"] == online["hub"]["commit"]
+    assert hub.requests == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    hub.close()  # gone: --offline still works from the cache
+    assert inspect_json(src, "--offline")["hub"]["commit"] == online["hub"]["commit"]
+
+
+def test_library_download_source(hub, src, tmp_path):
+    cache = tmp_path / "own_cache"
+    folder, info = download_source(f"hf://{src}", cache_dir=cache)
+    assert folder.is_relative_to(cache)
+    assert (folder / WEIGHTS).read_bytes() == adapter_files()[WEIGHTS]
+    assert info == {
+        "repo_id": src,
+        "revision": "main",
+        "commit": hub.head(src),
+        "subfolder": None,
+        "url": f"hf://{src}@{hub.head(src)}",
+        "file": WEIGHTS,
+        "sha256": sha256_hex(adapter_files()[WEIGHTS]),
+        "endpoint": hub.url,
+    }
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def protected(hub):
+    hub.add_repo("org/private", adapter_files(), private=True)
+    hub.add_repo("org/gated", adapter_files(), gated=True)
+    hub.add_repo("org/closed", adapter_files(), gated="manual", authorized_users=["bob"])
+    hub.add_repo("org/public", adapter_files())
+    hub.add_repo("org/empty", {"README.md": b"nothing"})
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["org/missing"], ["hf://org/missing@main", "repository not found", "--token"]),
+        (["org/missing", "--token", TOKEN], ["org/missing", "repository not found"]),
+        (["org/private"], ["org/private", "repository not found", "--token"]),
+        (["org/gated"], ["org/gated", "gated", "request access"]),
+        (["org/closed", "--token", TOKEN], ["org/closed", "gated", "not been granted"]),
+        (["org/public", "--revision", "nope"], ["hf://org/public@nope", "revision not found"]),
+        (["hf://org/public@nope"], ["hf://org/public@nope", "revision not found"]),
+        (["org/empty"], ["org/empty", "no adapter_model.safetensors or adapter_model.bin"]),
+        (["org/public", "--subfolder", "nope"], ["hf://org/public@", "/nope", "no adapter_model"]),
+        (["org/public", "--offline"], ["org/public", "not in the local cache", "offline"]),
+        (["org/public", "--token", BAD_TOKEN], ["org/public", "rejected the token"]),
+    ],
+)
+def test_download_errors(protected, args, needles):
+    result = run_cli("inspect", *args)
+    assert_one_error_line(result, *needles)
+    assert result.stdout == ""
+
+
+def test_error_when_offline_by_environment(hub, protected, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("inspect", "org/public")
+    assert_one_error_line(result, "org/public", "offline")
+    assert hub.requests == []
+
+
+def test_error_server_down(hub, protected, sleeps):
+    hub.fail_next(503, count=1000)
+    result = run_cli("validate", "org/public", "--token", TOKEN)
+    assert_one_error_line(result, "org/public", "503", "try again later")
+    assert sleeps  # huggingface_hub's retries ran (instantly)
+    assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
+
+
+def test_error_connection_refused(hf_cache, monkeypatch, sleeps):
+    dead = FakeHub()
+    dead.close()
+    monkeypatch.setenv("HF_ENDPOINT", dead.url)
+    result = run_cli("init", "org/src", "--mode", "average", "--out", hf_cache.parent / "out", "--token", TOKEN)
+    assert_one_error_line(result, "org/src", "cannot connect", dead.url)
+    assert not (hf_cache.parent / "out").exists()
+
+
+def test_token_from_environment(hub, protected, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    report = inspect_json("org/private")
+    assert report["hub"]["repo_id"] == "org/private"
+    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    assert TOKEN not in json.dumps(report)
+
+
+def test_authorization_header_is_the_token(hub, protected):
+    result = run_cli("inspect", "org/private", "--token", TOKEN, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert hub.requests
+    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    assert TOKEN not in result.stdout and TOKEN not in result.stderr
+
+
+def test_redirect_to_other_host_drops_the_token(hub, protected):
+    with FakeHub() as cdn:
+        hub.redirect_files_to(cdn)
+        report = inspect_json("org/private", "--token", TOKEN)
+        assert report["files"][0]["sha256"] == sha256_hex(adapter_files()[WEIGHTS])
+        assert hub.find_requests("GET") == []  # the bodies came from the other host
+        assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+        assert len(cdn.requests) == 2
+        assert all(r.authorization is None for r in cdn.requests)
+
+
+def test_corrupted_download_is_rejected_and_removed(hub, src, hf_cache):
+    hub.corrupt(src, WEIGHTS, "flip")  # same size: only the sha256 tells
+    result = run_cli("inspect", src)
+    assert_one_error_line(result, src, WEIGHTS, "sha256 mismatch", "run the command again")
+    good = sha256_hex(adapter_files()[WEIGHTS])
+    assert not list(hf_cache.rglob(good))  # the bad blob is gone from the cache
+    assert not list(hf_cache.rglob(WEIGHTS))
+    hub.uncorrupt(src, WEIGHTS)
+    assert inspect_json(src)["files"][0]["sha256"] == good
+
+
+def test_truncated_download_is_rejected(hub, src):
+    hub.corrupt(src, WEIGHTS, "truncate")
+    result = run_cli("inspect", src)
+    assert_one_error_line(result, src, "corrupted")
+
+
+# --------------------------------------------------------------------------- push
+
+
+@pytest.fixture
+def adapter(tmp_path) -> Path:
+    out = tmp_path / "target"
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "1", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def _front_matter(card: str) -> str:
+    assert card.startswith("---\n")
+    return card.split("---\n")[1]
+
+
+def test_push_to_new_repo(hub, adapter):
+    result = run_cli("push", adapter, "alice/new", "--token", TOKEN)
+    assert result.exit_code == 0, result.stderr
+    files = hub.files("alice/new")
+    assert set(files) == {".gitattributes", WEIGHTS, CONFIG, "README.md"}
+    assert files[WEIGHTS] == (adapter / WEIGHTS).read_bytes()
+    assert files[CONFIG] == (adapter / CONFIG).read_bytes()
+    info = hub.commit_info("alice/new")
+    assert info["files"] == sorted(files) and len(info["parents"]) == 1  # one commit after creation
+    assert hub.commit_info("alice/new", info["parents"][0])["files"] == [".gitattributes"]
+    assert f"{hub.url}/alice/new/commit/{info['oid']}" in result.stdout
+    assert len(hub.find_requests("POST", "/commit/")) == 1
+    card = files["README.md"].decode()
+    front = _front_matter(card)
+    for line in (
+        "library_name: peft",
+        "base_model: tiny-random/gpt2",
+        "- base_model:adapter:tiny-random/gpt2",
+        "- peft",
+        "- multitask-prompt-tuning",
+    ):
+        assert line in front.splitlines(), front
+    assert "EXACT_SOURCE_TASK" in card and "| task | `1` |" in card
+    assert sha256_hex(files[WEIGHTS]) in card
+    assert 'PeftModel.from_pretrained(base, "alice/new")' in card
+    assert str(FIXTURES) not in card  # local paths stay local
+    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    assert not hub.find_requests(path_contains="xet")
+
+
+def test_push_private_repo(hub, adapter):
+    result = run_cli("push", adapter, "alice/secret", "--private", "--token", TOKEN, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema"] == "mpt-tools/push/1" and data["commit"] == hub.head("alice/secret")
+    with pytest.raises(Exception):  # noqa: B017 - not visible without a token
+        download_source("alice/secret")
+
+
+def test_push_to_existing_repo(hub, adapter):
+    first = hub.add_repo("alice/existing", {"keep.txt": b"k", WEIGHTS: b"old"})
+    result = run_cli("push", adapter, "alice/existing", "--token", TOKEN, "--commit-message", "New init")
+    assert result.exit_code == 0, result.stderr
+    files = hub.files("alice/existing")
+    assert files["keep.txt"] == b"k" and files[WEIGHTS] == (adapter / WEIGHTS).read_bytes()
+    info = hub.commit_info("alice/existing")
+    assert info["parents"] == [first] and info["title"] == "New init" and info["author"] == "alice"
+
+
+def test_push_to_new_branch(hub, adapter):
+    main = hub.add_repo("alice/branchy", {"a.txt": b"a"})
+    result = run_cli("push", adapter, "alice/branchy", "--revision", "dev", "--token", TOKEN)
+    assert result.exit_code == 0, result.stderr
+    assert hub.head("alice/branchy") == main  # main untouched
+    dev = hub.files("alice/branchy", "dev")
+    assert {"a.txt", WEIGHTS, CONFIG, "README.md"} <= set(dev)
+    assert 'revision="dev"' in dev["README.md"].decode()
+    # The pushed branch is a source again.
+    assert inspect_json("alice/branchy", "--revision", "dev")["hub"]["commit"] == hub.head("alice/branchy", "dev")
+
+
+def test_push_pull_request(hub, adapter):
+    main = hub.add_repo("alice/pr", {"a.txt": b"a"})
+    result = run_cli("push", adapter, "alice/pr", "--create-pr", "--token", TOKEN)
+    assert result.exit_code == 0, result.stderr
+    assert f"{hub.url}/alice/pr/discussions/1" in result.stdout
+    assert hub.head("alice/pr") == main
+    assert [pr["num"] for pr in hub.pull_requests("alice/pr")] == [1]
+    assert WEIGHTS in hub.files("alice/pr", "refs/pr/1")
+    assert hub.find_requests("POST", "/commit/main")[0].query == {"create_pr": ["1"]}
+
+
+def test_push_dry_run_sends_nothing(hub, adapter):
+    result = run_cli("push", adapter, "alice/dry", "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert hub.requests == []
+    assert not hub.repo_exists("alice/dry")
+    weights = (adapter / WEIGHTS).read_bytes()
+    assert sha256_hex(weights) in result.stdout and str(len(weights)) in result.stdout
+    assert "library_name: peft" in result.stdout and "README.md" in result.stdout
+    result = run_cli("push", adapter, "alice/dry", "--dry-run", "--json", "--token", TOKEN)
+    data = json.loads(result.stdout)
+    assert data["dry_run"] is True and data["commit"] is None
+    assert [f["path"] for f in data["files"]] == [WEIGHTS, CONFIG, "README.md"]
+    assert data["files"][2]["sha256"] == hashlib.sha256(data["card"].encode()).hexdigest()
+    assert hub.requests == [] and TOKEN not in result.stdout
+
+
+def test_push_dry_run_without_any_server(hf_cache, adapter, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail
+    result = run_cli("push", adapter, "alice/dry", "--dry-run")
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("repo", "token", "needles"),
+    [
+        ("alice/x", None, ["hf://alice/x", "needs a write token"]),
+        ("alice/x", BAD_TOKEN, ["hf://alice/x", "rejected the token"]),
+        ("bob/x", TOKEN, ["hf://bob/x", "cannot write", "403"]),
+    ],
+)
+def test_push_errors(hub, adapter, repo, token, needles):
+    if repo.startswith("bob/"):
+        hub.add_repo(repo, {"a.txt": b"a"})
+    args = ["push", adapter, repo] + (["--token", token] if token else [])
+    assert_one_error_line(run_cli(*args), *needles)
+
+
+def test_push_refuses_an_invalid_adapter(hub, adapter, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / CONFIG).read_text())
+    cfg["peft_type"] = "LORA"
+    (bad / CONFIG).write_text(json.dumps(cfg))
+    assert_one_error_line(run_cli("push", bad, "alice/bad", "--token", TOKEN), "refusing to push", "peft_type")
+    assert_one_error_line(run_cli("push", tmp_path / "nope", "alice/bad", "--token", TOKEN), "not an adapter folder")
+    assert_one_error_line(run_cli("push", FIXTURES / "causal_bin", "alice/bad"), "convert")
+    assert_one_error_line(run_cli("push", adapter, "not a repo"), "not a valid repo id")
+    assert hub.requests == []
+
+
+# --------------------------------------------------------------------------- round trip and secrecy
+
+
+def test_round_trip_init_push_init(hub, src, tmp_path):
+    first_out, second_out = tmp_path / "first", tmp_path / "second"
+    commit = hub.head(src)
+    result = run_cli(
+        "init", src, "--mode", "average", "--out", first_out, "--push", "alice/avg", "--private", "--token", TOKEN
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "commit: " in result.stdout
+    with safe_open(str(first_out / WEIGHTS), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["mpt_tools.source"] == f"hf://{src}@{commit}"
+    assert meta["mpt_tools.source_revision"] == commit
+    pushed = hub.files("alice/avg")
+    assert pushed[WEIGHTS] == (first_out / WEIGHTS).read_bytes()
+    card = pushed["README.md"].decode()
+    assert f"hf://{src}@{commit}" in card and "AVERAGE_SOURCE_TASKS" in card
+
+    result = run_cli("init", "alice/avg", "--mode", "exact", "--task", "0", "--out", second_out, "--token", TOKEN)
+    assert result.exit_code == 0, result.stderr
+    assert tensors(first_out) == tensors(second_out)  # bitwise
+    with safe_open(str(second_out / WEIGHTS), "pt") as fh:
+        assert fh.metadata()["mpt_tools.source"] == f"hf://alice/avg@{hub.head('alice/avg')}"
+
+    # The token is nowhere: not in written files, pushed files, metadata, config or card.
+    for path in [*first_out.iterdir(), *second_out.iterdir()]:
+        assert TOKEN.encode() not in path.read_bytes(), path
+    for repo in ("alice/avg", src):
+        for name, data in hub.files(repo).items():
+            assert TOKEN.encode() not in data, (repo, name)
+    assert TOKEN not in result.stdout and TOKEN not in result.stderr
+
+
+def test_init_push_json_and_pr(hub, adapter, tmp_path):
+    hub.add_repo("alice/target", {"a.txt": b"a"})
+    out = tmp_path / "pr"
+    result = run_cli(
+        "init",
+        FIXTURES / "causal",
+        "--mode",
+        "shared",
+        "--seed",
+        "3",
+        "--out",
+        out,
+        "--push",
+        "alice/target",
+        "--create-pr",
+        "--token",
+        TOKEN,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["push"]["pr_url"] == f"{hub.url}/alice/target/discussions/1"
+    card = hub.files("alice/target", "refs/pr/1")["README.md"].decode()
+    assert "| seed | `3` |" in card and "ONLY_SOURCE_SHARED" in card
+    assert "a local file (causal)" in card and str(FIXTURES) not in card
+
+
+def test_init_push_failure_says_the_adapter_was_written(hub, tmp_path):
+    out = tmp_path / "kept"
+    result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--push", "alice/x")
+    assert_one_error_line(result, "needs a write token", "was written to", "mpt-tools push")
+    assert (out / WEIGHTS).is_file()
+
+
+def test_library_push_adapter(hub, adapter):
+    dry = push_adapter(adapter, "alice/lib", dry_run=True)
+    assert dry["dry_run"] and hub.requests == []
+    done = push_adapter(adapter, "alice/lib", token=TOKEN, revision="v1")
+    assert done["commit"] == hub.head("alice/lib", "v1")
+    assert (
+        done["card"]
+        == hub.files("alice/lib", "v1")["README.md"].decode()
+        == dry["card"].replace(
+            'PeftModel.from_pretrained(base, "alice/lib")',
+            'PeftModel.from_pretrained(base, "alice/lib", revision="v1")',
+        )
+    )
+
+
+# --------------------------------------------------------------------------- base-model check
+
+
+def _base_repo(hub, config: dict) -> None:
+    hub.add_repo("tiny-random/gpt2", {"config.json": json.dumps(config).encode(), "model.safetensors": b"x" * 64})
+
+
+def _findings(result) -> list[dict]:
+    return [f for f in json.loads(result.stdout)["findings"] if f["code"] == "base-model"]
+
+
+@pytest.mark.parametrize("key", ["n_embd", "hidden_size", "d_model"])
+def test_base_model_check_matches(hub, key):
+    _base_repo(hub, {key: 16})
+    result = run_cli("validate", FIXTURES / "causal", "--check-base-model", "--json")
+    assert result.exit_code == 0, result.stderr
+    (finding,) = _findings(result)
+    assert finding["level"] == "info" and finding["expected"] == 16
+    gets = [r.path for r in hub.find_requests("GET", "/resolve/")]
+    assert gets == ["/tiny-random/gpt2/resolve/main/config.json"]  # only the config, no weights
+
+
+def test_base_model_check_mismatch(hub, tmp_path):
+    _base_repo(hub, {"hidden_size": 32})
+    result = run_cli("validate", FIXTURES / "causal", "--check-base-model", "--json")
+    assert result.exit_code == 1
+    (finding,) = _findings(result)
+    assert finding["level"] == "error" and (finding["expected"], finding["found"]) == (32, 16)
+    result = run_cli("validate", FIXTURES / "causal", "--check-base-model")
+    assert "base model tiny-random/gpt2" in result.stdout and "token_dim" in result.stderr
+    out = tmp_path / "refused"
+    result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--check-base-model")
+    assert_one_error_line(result, "token_dim", "base model")
+    assert not out.exists()
+
+
+def test_base_model_local_folder(tmp_path, hub):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))
+    result = run_cli("validate", FIXTURES / "causal", "--base-model", base, "--json")
+    assert result.exit_code == 0 and _findings(result)[0]["level"] == "info"
+    (base / "config.json").write_text(json.dumps({"d_model": 8}))
+    result = run_cli("validate", FIXTURES / "causal", "--base-model", base, "--json")
+    assert result.exit_code == 1 and _findings(result)[0]["level"] == "error"
+    out = tmp_path / "t"
+    result = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--out", out, "--base-model", base)
+    assert_one_error_line(result, "token_dim")
+    assert hub.requests == []
+
+
+def test_base_model_unavailable_is_a_warning(hub, monkeypatch):
+    result = run_cli("validate", FIXTURES / "causal", "--check-base-model", "--json")  # not on the Hub
+    assert result.exit_code == 0, result.stderr
+    (finding,) = _findings(result)
+    assert finding["level"] == "warning" and "repository not found" in finding["message"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("validate", FIXTURES / "causal", "--base-model", "org/uncached", "--json")
+    assert result.exit_code == 0
+    (finding,) = _findings(result)
+    assert finding["level"] == "warning" and "offline" in finding["message"]
+
+
+def test_base_model_offline_by_default_in_tests(tmp_path):
+    """conftest sets HF_HUB_OFFLINE=1: the check warns and validate still passes."""
+    result = run_cli("validate", FIXTURES / "causal", "--check-base-model")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: base_model: cannot check the base model" in result.stdout
+    out = tmp_path / "t"
+    result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--check-base-model")
+    assert result.exit_code == 0 and "cannot check the base model" in result.stderr
+    assert (out / WEIGHTS).is_file()
+
+
+def test_local_commands_never_import_huggingface_hub(tmp_path):
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from mpt_tools.cli import cli\n"
+        f"r = CliRunner().invoke(cli, ['validate', {str(FIXTURES / 'causal')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        f"r = CliRunner().invoke(cli, ['init', {str(FIXTURES / 'causal')!r}, '--mode', 'average', "
+        f"'--out', {str(tmp_path / 'o')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "r = CliRunner().invoke(cli, ['push', " + repr(str(tmp_path / "o")) + ", 'alice/x', '--dry-run'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('huggingface_hub' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_corruption_caught_without_symlinks_in_the_cache(hub, src, monkeypatch, hf_cache):
+    """A cache without symlinks (Windows) keeps no etag-named blob: the Hub's paths-info is asked."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_SYMLINKS", True)
+    hub.corrupt(src, WEIGHTS, "flip")
+    result = run_cli("inspect", src)
+    assert_one_error_line(result, src, "sha256 mismatch")
+    assert hub.find_requests("POST", "/paths-info/")
+    assert not [p for p in hf_cache.rglob(WEIGHTS) if not p.is_symlink()]
+    hub.uncorrupt(src, WEIGHTS)
+    report = inspect_json(src)
+    assert report["files"][0]["sha256"] == sha256_hex(adapter_files()[WEIGHTS])
+    assert not Path(report["files"][0]["path"]).is_symlink()
+
+
+def test_pull_request_against_a_missing_branch(hub, adapter):
+    hub.add_repo("alice/prb", {"a.txt": b"a"})
+    result = run_cli("push", adapter, "alice/prb", "--revision", "nope", "--create-pr", "--token", TOKEN)
+    assert_one_error_line(result, "hf://alice/prb@nope", "branch nope not found", "without --create-pr")
+    assert hub.pull_requests("alice/prb") == []
+
+
+def test_repo_without_config_online_then_offline(hub):
+    hub.add_repo("org/bare", {WEIGHTS: adapter_files()[WEIGHTS]})
+    result = run_cli("inspect", "org/bare", "--json", "--no-norms", "--num-virtual-tokens", "4")
+    assert result.exit_code == 0, result.stderr
+    online = json.loads(result.stdout)
+    assert online["config_source"] == "inferred from the tensor shapes"
+    hub.clear_requests()
+    result = run_cli("inspect", "org/bare", "--json", "--no-norms", "--num-virtual-tokens", "4", "--offline")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["hub"] == online["hub"]
+    assert hub.requests == []

@@ -1,0 +1,603 @@
+"""`verify`: rebuild every task prompt against float64, and check targets against their source.
+
+The CPU path runs everywhere; tests marked ``gpu`` need CUDA and are skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpt_tools.errors import MptToolsError, VerifyError
+from mpt_tools.formats import from_torch, safetensors_bytes
+from mpt_tools.pipeline import init_adapter
+from mpt_tools.rebuild import (
+    SCHEMA,
+    TOLERANCES,
+    DeviceError,
+    VerificationFailed,
+    init_and_verify,
+    verify,
+)
+from mpt_tools.source import load_source
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+SOURCES = ["causal", "seq2seq", "causal_bin", "causal_bf16", "causal_fp16", "named/sources"]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_source(
+    folder: Path,
+    pe: torch.Tensor,
+    cols: torch.Tensor,
+    rows: torch.Tensor,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A PEFT-style causal adapter folder holding these three tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"prompt_embeddings": pe, "prefix_task_cols": cols, "prefix_task_rows": rows}
+    blob = safetensors_bytes({k: from_torch(v) for k, v in tensors.items()}, metadata or {"format": "pt"})
+    (folder / "adapter_model.safetensors").write_bytes(blob)
+    config = json.loads((FIXTURES / "causal" / "adapter_config.json").read_text())
+    n, t, r = cols.shape
+    config.update(num_tasks=n, num_ranks=r, num_virtual_tokens=t, token_dim=pe.shape[1])
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return folder
+
+
+def random_source(
+    folder: Path, n: int = 5, t: int = 6, r: int = 3, d: int = 24, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    pe = torch.randn(t, d, generator=g).to(dtype)
+    cols = (0.3 * torch.randn(n, t, r, generator=g)).to(dtype)
+    rows = (0.3 * torch.randn(n, r, d, generator=g)).to(dtype)
+    return write_source(folder, pe, cols, rows)
+
+
+def tamper(folder: Path, name: str, index: tuple[int, ...], value: float) -> None:
+    """Change one value of a written target, keeping its metadata."""
+    ckpt = load_source(folder)
+    tensors = {}
+    for key in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
+        arr = np.array(ckpt.read(key).array, dtype=np.float32)
+        if key == name:
+            arr[index] = value
+        tensors[key] = from_torch(torch.from_numpy(arr))
+    blob = safetensors_bytes(tensors, ckpt.file.metadata)
+    (folder / "adapter_model.safetensors").write_bytes(blob)
+
+
+# --- the rebuild itself ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", SOURCES)
+def test_fixture_prompts_rebuild_within_tolerance_on_cpu(name: str, dtype: str) -> None:
+    report = verify(FIXTURES / name, device="cpu", dtype=dtype)
+    assert report["ok"] and not report["failures"]
+    n = load_source(FIXTURES / name).shapes["prefix_task_cols"][0]
+    assert [t["task"] for t in report["tasks"]] == list(range(n))
+    for t in report["tasks"]:
+        assert t["ok"] and t["finite"] and t["inputs_finite"]
+        assert 0 <= t["rel_err"] <= TOLERANCES[dtype]
+        assert t["max_abs"] > 0 and 0 < t["headroom"] < 1e-3
+    assert report["device"] == "cpu" and report["dtype"] == dtype
+    assert report["target"] is None  # a source, not a target written by init
+
+
+def test_float32_rebuild_is_exact_to_a_few_ulps() -> None:
+    report = verify(FIXTURES / "causal", device="cpu")
+    assert max(t["rel_err"] for t in report["tasks"]) < 3e-7
+
+
+def test_json_schema(tmp_path: Path) -> None:
+    out = tmp_path / "avg"
+    init_adapter(FIXTURES / "causal", "average", out)
+    res = run_cli("verify", out, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["schema"] == SCHEMA == "mpt-tools/verify/1"
+    assert set(report) >= {
+        "schema",
+        "path",
+        "device",
+        "dtype",
+        "tolerance",
+        "tasks",
+        "target",
+        "ok",
+        "failures",
+        "notes",
+        "timings",
+    }
+    assert set(report["timings"]) == {"read_s", "transfer_s", "rebuild_s", "total_s"}
+    assert set(report["tolerance"]) == {"rel_frobenius", "atol_per_element", "dtype_max"}
+    assert set(report["tasks"][0]) == {
+        "task",
+        "max_abs_err",
+        "rel_err",
+        "max_abs",
+        "headroom",
+        "finite",
+        "inputs_finite",
+        "ok",
+    }
+    target = report["target"]
+    assert target["mode"] == "average" and target["source"] == str(FIXTURES / "causal")
+    assert all(c["ok"] for c in target["checks"])
+    assert [s["task"] for s in target["similarity"]] == [0, 1, 2]
+    assert report["ok"] is True and report["failures"] == []
+
+
+def test_table_output(tmp_path: Path) -> None:
+    res = run_cli("verify", FIXTURES / "causal", "--device", "cpu", "--dtype", "float16")
+    assert res.exit_code == 0, res.stderr
+    assert "rel err" in res.stdout and "headroom" in res.stdout
+    assert res.stdout.strip().splitlines()[-1].startswith("verify ok: 3 task(s) on cpu in float16")
+
+
+def test_tasks_selection() -> None:
+    report = verify(FIXTURES / "named" / "sources", device="cpu", tasks=[3, 1])
+    assert [t["task"] for t in report["tasks"]] == [1, 3]
+    res = run_cli("verify", FIXTURES / "causal", "--device", "cpu", "--tasks", "0,7")
+    assert res.exit_code == 1
+    assert res.stderr.count("\n") == 1 and "out of range" in res.stderr
+
+
+# --- planted problems ----------------------------------------------------------------------------
+
+
+def test_planted_nan_is_caught_and_named(tmp_path: Path) -> None:
+    src = random_source(tmp_path / "src", n=5)
+    ckpt = load_source(src)
+    cols = torch.from_numpy(np.array(ckpt.read("prefix_task_cols").array))
+    cols[3, 2, 1] = float("nan")
+    pe = torch.from_numpy(np.array(ckpt.read("prompt_embeddings").array))
+    rows = torch.from_numpy(np.array(ckpt.read("prefix_task_rows").array))
+    write_source(src, pe, cols, rows)
+    with pytest.raises(VerificationFailed) as info:
+        verify(src, device="cpu")
+    assert "task(s) 3" in str(info.value) and "non-finite-input" in str(info.value)
+    report = info.value.report
+    assert report["ok"] is False
+    assert [f["task"] for f in report["failures"]] == [3]
+    assert report["tasks"][3]["inputs_finite"] is False and report["tasks"][3]["rel_err"] is None
+    assert all(t["ok"] for i, t in enumerate(report["tasks"]) if i != 3)
+    # the CLI still prints the report, then one line on stderr, exit 1
+    res = run_cli("verify", src, "--device", "cpu", "--json")
+    assert res.exit_code == 1
+    assert json.loads(res.stdout)["failures"][0]["task"] == 3
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "task(s) 3" in res.stderr
+
+
+def test_nan_in_shared_prompt_fails_every_task(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    pe = torch.randn(4, 8, generator=g)
+    pe[0, 0] = float("inf")
+    src = write_source(tmp_path / "s", pe, torch.randn(3, 4, 2, generator=g), torch.randn(3, 2, 8, generator=g))
+    report = verify(src, device="cpu", check=False)
+    assert not report["ok"]
+    assert report["failures"][0] == {
+        "task": None,
+        "check": "non-finite-input",
+        "message": "prompt_embeddings (P*) holds NaN/Inf values",
+    }
+    assert {f["task"] for f in report["failures"][1:]} == {0, 1, 2}
+
+
+def overflow_source(folder: Path) -> Path:
+    """Task 1's prompt reaches ~1e5: fine in fp32/bf16, over float16's 65504."""
+    pe = torch.full((4, 8), 300.0)
+    cols = torch.full((3, 4, 1), 0.5)
+    rows = torch.full((3, 1, 8), 0.5)
+    cols[1] = 20.0
+    rows[1] = 20.0  # P_1 = 300 * 400 = 120000
+    return write_source(folder, pe, cols, rows)
+
+
+def test_planted_fp16_overflow_is_caught(tmp_path: Path) -> None:
+    src = overflow_source(tmp_path / "o")
+    assert verify(src, device="cpu", dtype="float32")["ok"]
+    assert verify(src, device="cpu", dtype="bfloat16")["ok"]
+    with pytest.raises(VerificationFailed) as info:
+        verify(src, device="cpu", dtype="float16")
+    report = info.value.report
+    assert [(f["task"], f["check"]) for f in report["failures"]] == [(1, "overflow")]
+    assert report["tasks"][1]["headroom"] == pytest.approx(120000 / 65504)
+    assert report["tasks"][0]["headroom"] == pytest.approx(75 / 65504)
+    res = run_cli("verify", src, "--device", "cpu", "--dtype", "float16")
+    assert res.exit_code == 1 and "FAIL" in res.stdout
+    assert res.stderr.count("\n") == 1 and "task(s) 1" in res.stderr and "overflow" in res.stderr
+
+
+def test_intermediate_overflow_is_caught(tmp_path: Path) -> None:
+    """U_k @ V_k overflows float16 even though P_k itself would fit."""
+    pe = torch.full((2, 4), 1e-3)
+    cols = torch.full((1, 2, 1), 400.0)
+    rows = torch.full((1, 1, 4), 400.0)  # U @ V = 160000 > 65504, P = 160
+    src = write_source(tmp_path / "i", pe, cols, rows)
+    report = verify(src, device="cpu", dtype="float16", check=False)
+    assert [(f["task"], f["check"]) for f in report["failures"]] == [(0, "overflow")]
+    assert report["tasks"][0]["headroom"] < 1
+
+
+def test_wrong_values_exceed_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild that differs from float64 beyond the dtype's tolerance is a failure (checked by
+    holding bf16-rounded arithmetic to the fp32 tolerance)."""
+    import mpt_tools.rebuild as rb
+
+    src = random_source(tmp_path / "w")
+    original = rb._rebuild
+
+    def sloppy(pe: Any, cols: Any, rows: Any, dtype: Any, out: Any = None) -> Any:
+        return original(pe, cols, rows, torch.bfloat16).to(dtype)
+
+    monkeypatch.setattr(rb, "_rebuild", sloppy)
+    report = verify(src, device="cpu", check=False)
+    assert {f["check"] for f in report["failures"]} == {"tolerance"}
+    assert {f["task"] for f in report["failures"]} == set(range(5))
+
+
+# --- targets against their source --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["causal", "causal_bf16", "causal_fp16", "causal_bin", "seq2seq"])
+@pytest.mark.parametrize(
+    "mode,kwargs",
+    [
+        ("average", {}),
+        ("average", {"tasks": [0, 1], "weights": [1.0, 3.0]}),
+        ("exact", {"task": 1}),
+        ("exact", {"task": 0, "target_tasks": 3}),
+        ("shared", {"seed": 5, "num_tasks": 2}),
+    ],
+)
+def test_every_mode_matches_its_source(tmp_path: Path, name: str, mode: str, kwargs: dict[str, Any]) -> None:
+    out = tmp_path / "t"
+    init_adapter(FIXTURES / name, mode, out, **kwargs)
+    for source in (None, FIXTURES / name):  # recorded provenance, then explicit
+        report = verify(out, device="cpu", source=source)
+        target = report["target"]
+        assert target["mode"] == mode
+        assert target["checks"] and all(c["ok"] for c in target["checks"]), target["checks"]
+        names = [c["check"] for c in target["checks"]]
+        if mode == "exact":
+            assert names == ["prompt_embeddings", "prefix_task_cols", "prefix_task_rows", "prompt"]
+            assert target["task"] == kwargs["task"]
+        elif mode == "average":
+            assert names == ["prompt_embeddings", "prefix_task_cols", "prefix_task_rows"]
+            sims = target["similarity"]
+            assert len(sims) == load_source(FIXTURES / name).shapes["prefix_task_cols"][0]
+            assert all(-1 <= s["cosine"] <= 1 and s["rel_distance"] >= 0 for s in sims)
+            averaged = kwargs.get("tasks")
+            assert [s["averaged"] for s in sims] == [averaged is None or s["task"] in averaged for s in sims]
+        else:
+            assert names == ["prompt_embeddings", "factors"]
+
+
+def test_exact_target_is_its_source_task(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    init_adapter(FIXTURES / "causal", "exact", out, task=2)
+    report = verify(out, device="cpu", source=FIXTURES / "causal")
+    src = verify(FIXTURES / "causal", device="cpu")
+    assert report["tasks"][0]["max_abs"] == src["tasks"][2]["max_abs"]
+
+
+def test_average_similarity_of_a_one_task_mean_is_one(tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    init_adapter(FIXTURES / "causal", "average", out, tasks=[1])
+    sims = verify(out, device="cpu")["target"]["similarity"]
+    assert sims[1]["cosine"] == pytest.approx(1.0) and sims[1]["rel_distance"] == pytest.approx(0.0, abs=1e-12)
+    assert sims[0]["cosine"] < 0.999
+
+
+@pytest.mark.parametrize(
+    "mode,kwargs,name,index",
+    [
+        ("exact", {"task": 1}, "prefix_task_cols", (0, 1, 0)),
+        ("exact", {"task": 1}, "prompt_embeddings", (2, 3)),
+        ("average", {}, "prefix_task_rows", (0, 0, 5)),
+        ("shared", {"seed": 1}, "prompt_embeddings", (0, 0)),
+        ("shared", {"seed": 1}, "prefix_task_cols", (0, 0, 0)),
+    ],
+)
+def test_tampered_target_is_caught(
+    tmp_path: Path, mode: str, kwargs: dict[str, Any], name: str, index: tuple[int, ...]
+) -> None:
+    out = tmp_path / "t"
+    init_adapter(FIXTURES / "causal", mode, out, **kwargs)
+    ckpt = load_source(out)
+    old = float(ckpt.read(name).array[index])
+    tamper(out, name, index, np.nextafter(np.float32(old), np.float32(np.inf)))  # one ulp
+    with pytest.raises(VerificationFailed) as info:
+        verify(out, device="cpu", source=FIXTURES / "causal")
+    failures = info.value.report["failures"]
+    assert failures and all(f["check"] == "target-mismatch" for f in failures)
+    assert any(name in f["message"] or "factors" in f["message"] for f in failures)
+    assert "sha256" not in " ".join(info.value.report["notes"])  # the source is the one recorded
+    res = run_cli("verify", out, "--device", "cpu")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "target-mismatch" in res.stderr
+
+
+def test_target_against_another_source_is_caught(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    init_adapter(FIXTURES / "causal", "exact", out, task=0)
+    other = random_source(tmp_path / "other", n=3, t=4, r=2, d=16)
+    with pytest.raises(VerificationFailed) as info:
+        verify(out, device="cpu", source=other)
+    assert "sha256 differs" in info.value.report["notes"][0]
+
+
+def test_recorded_source_gone_or_changed(tmp_path: Path) -> None:
+    src = random_source(tmp_path / "src")
+    out = tmp_path / "t"
+    init_adapter(src, "average", out)
+    assert verify(out, device="cpu")["target"]["mode"] == "average"
+    random_source(src, seed=9)  # the source changed since init
+    report = verify(out, device="cpu")
+    assert report["ok"] and report["target"] is None and "changed since init" in report["notes"][0]
+    shutil.rmtree(src)
+    report = verify(out, device="cpu")
+    assert report["ok"] and report["target"] is None and "not found" in report["notes"][0]
+
+
+def test_source_given_for_an_adapter_without_provenance(tmp_path: Path) -> None:
+    with pytest.raises(VerifyError, match=r"records no mpt_tools\.mode"):
+        verify(FIXTURES / "causal", device="cpu", source=FIXTURES / "causal")
+
+
+# --- init --verify ---------------------------------------------------------------------------
+
+
+def test_init_verify_prints_summary(tmp_path: Path) -> None:
+    out = tmp_path / "v"
+    res = run_cli("init", FIXTURES / "causal_bf16", "--mode", "average", "--out", out, "--verify")
+    assert res.exit_code == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("verify ok: 1 task(s)") and "average target vs source: 3/3 checks" in last
+    res = run_cli("init", FIXTURES / "causal", "--mode", "exact", "--out", tmp_path / "j", "--verify", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verify"]["ok"] is True
+
+
+def break_average(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make init write a wrong average (one value off) so that --verify must fail."""
+    import mpt_tools.pipeline as pipeline
+
+    real = pipeline.build_target
+
+    def wrong(*args: Any, **kwargs: Any) -> Any:
+        target = real(*args, **kwargs)
+        target.tensors["prefix_task_cols"] = target.tensors["prefix_task_cols"] * np.float32(1.001)
+        return target
+
+    monkeypatch.setattr(pipeline, "build_target", wrong)
+
+
+def test_init_verify_failure_removes_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    break_average(monkeypatch)
+    out = tmp_path / "new"
+    res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify")
+    assert res.exit_code == 1
+    assert res.stderr.count("\n") == 1 and "prefix_task_cols" in res.stderr and "removed" in res.stderr
+    assert not out.exists()
+    # a folder that existed (empty) stays, the new files go
+    out.mkdir()
+    with pytest.raises(VerificationFailed):
+        init_and_verify(FIXTURES / "causal", "average", out, device="cpu")
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_init_verify_failure_keeps_files_that_existed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "old"
+    init_adapter(FIXTURES / "causal", "average", out)
+    break_average(monkeypatch)
+    res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify", "--force")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1
+    assert "left adapter_model.safetensors, adapter_config.json in place" in res.stderr
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message when CUDA is missing")
+def test_device_cuda_without_cuda(tmp_path: Path) -> None:
+    res = run_cli("verify", FIXTURES / "causal", "--device", "cuda")
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "CUDA is not available" in res.stderr
+    with pytest.raises(DeviceError):
+        verify(FIXTURES / "causal", device="cuda")
+    out = tmp_path / "x"
+    res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify")
+    assert res.exit_code == 0  # --verify uses auto: the CPU
+    with pytest.raises(DeviceError):
+        init_and_verify(FIXTURES / "causal", "average", tmp_path / "y", device="cuda")
+    assert not (tmp_path / "y").exists()  # refused before writing
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["verify", "/no/such/adapter"], "no such file"),
+        (["verify", str(FIXTURES / "causal"), "--tasks", "-1"], "out of range"),
+        (["verify", str(FIXTURES / "causal"), "--source", "/no/such/src"], "no such file"),
+    ],
+)
+def test_errors_are_one_line_exit_1(args: list[str], needle: str) -> None:
+    res = run_cli(*args)
+    assert res.exit_code == 1
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and needle in res.stderr
+
+
+def test_missing_factors_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(safetensors_bytes({"prompt_embeddings": from_torch(torch.ones(4, 8))}, {"format": "pt"}))
+    with pytest.raises(MptToolsError, match="prefix_task_cols: tensor missing"):
+        verify(path, device="cpu")
+
+
+def test_bad_dtype_and_chunk_bytes() -> None:
+    with pytest.raises(MptToolsError, match="unknown dtype"):
+        verify(FIXTURES / "causal", device="cpu", dtype="float8")
+    with pytest.raises(MptToolsError, match="chunk_bytes"):
+        verify(FIXTURES / "causal", device="cpu", chunk_bytes=0)
+
+
+# --- bounded chunks ------------------------------------------------------------------------------
+
+
+def test_chunks_are_bounded(tmp_path: Path) -> None:
+    n, t, r, d = 40, 6, 3, 32
+    src = random_source(tmp_path / "big", n=n, t=t, r=r, d=d)
+    per_task = t * d * (4 + 16) + (t * r + r * d) * (4 + 16)
+    budget = 5 * per_task + 7
+    log: list[int] = []
+    ckpt = load_source(src)
+    report = verify(ckpt, device="cpu", chunk_bytes=budget, chunk_log=log)
+    assert report["ok"] and len(report["tasks"]) == n
+    assert log == [5] * 8
+    reads = [x for x in ckpt.file.reads if x[0] == "prefix_task_rows"]
+    assert [stop - start for _, start, stop, _ in reads] == [5] * 8
+    assert max(nbytes for *_, nbytes in reads) == 5 * r * d * 4
+    # a budget under one task still makes progress, one task at a time
+    log.clear()
+    verify(src, device="cpu", chunk_bytes=1, chunk_log=log)
+    assert log == [1] * n
+    # a sparse selection is read as contiguous runs only
+    log.clear()
+    verify(src, device="cpu", chunk_bytes=budget, chunk_log=log, tasks=[0, 1, 2, 10, 11, 39])
+    assert log == [3, 2, 1]
+    # identical metrics whatever the chunking
+    whole = verify(src, device="cpu")
+    assert whole["tasks"] == report["tasks"]
+
+
+# --- property: init then verify always passes ----------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 5),
+    t=st.integers(1, 6),
+    r=st.integers(1, 4),
+    d=st.integers(1, 24),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    mode=st.sampled_from(["average", "exact", "shared"]),
+    compute=st.sampled_from(["float32", "bfloat16", "float16"]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_init_then_verify_always_passes(
+    tmp_path_factory: pytest.TempPathFactory,
+    n: int,
+    t: int,
+    r: int,
+    d: int,
+    dtype: str,
+    mode: str,
+    compute: str,
+    seed: int,
+    data: st.DataObject,
+) -> None:
+    tmp = tmp_path_factory.mktemp("prop")
+    src = random_source(tmp / "src", n=n, t=t, r=r, d=d, dtype=TORCH_DTYPES[dtype], seed=seed)
+    kwargs: dict[str, Any] = {}
+    if mode == "exact":
+        kwargs["task"] = data.draw(st.integers(0, n - 1))
+    elif mode == "shared":
+        kwargs["seed"] = seed
+    else:
+        subset = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True) | st.none())
+        if subset is not None:
+            kwargs["tasks"] = subset
+            if data.draw(st.booleans()):
+                kwargs["weights"] = data.draw(st.lists(st.floats(0.1, 10), min_size=len(subset), max_size=len(subset)))
+    out = tmp / "out"
+    init_adapter(src, mode, out, **kwargs)
+    report = verify(out, device="cpu", dtype=compute)
+    assert report["ok"] and report["target"] is not None
+    assert all(c["ok"] for c in report["target"]["checks"])
+    # the source itself rebuilds within tolerance too
+    assert verify(src, device="cpu", dtype=compute)["ok"]
+
+
+# --- GPU -------------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", SOURCES)
+def test_gpu_agrees_with_cpu(name: str, dtype: str) -> None:
+    cpu = verify(FIXTURES / name, device="cpu", dtype=dtype)
+    cuda = verify(FIXTURES / name, device="cuda", dtype=dtype)
+    assert cuda["ok"] and cuda["device"].startswith("cuda:")
+    tol = TOLERANCES[dtype]
+    for a, b in zip(cpu["tasks"], cuda["tasks"], strict=True):
+        assert a["task"] == b["task"]
+        assert b["rel_err"] <= tol
+        # the float64 references agree to float64 precision; the rebuilds within the tolerance
+        assert b["max_abs"] == pytest.approx(a["max_abs"], rel=1e-12)
+        assert abs(b["rel_err"] - a["rel_err"]) <= tol
+
+
+@gpu
+@needs_cuda
+def test_gpu_target_checks_and_timings(tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    init_adapter(FIXTURES / "causal", "average", out)
+    report = verify(out, device="cuda")
+    assert report["ok"] and all(c["ok"] for c in report["target"]["checks"])
+    cpu = verify(out, device="cpu")
+    for a, b in zip(cpu["target"]["similarity"], report["target"]["similarity"], strict=True):
+        assert b["cosine"] == pytest.approx(a["cosine"], rel=1e-9)
+    assert report["timings"]["transfer_s"] > 0 and report["timings"]["rebuild_s"] > 0
+
+
+@gpu
+@needs_cuda
+def test_gpu_catches_nan_and_overflow(tmp_path: Path) -> None:
+    src = overflow_source(tmp_path / "o")
+    with pytest.raises(VerificationFailed) as info:
+        verify(src, device="cuda", dtype="float16")
+    assert [(f["task"], f["check"]) for f in info.value.report["failures"]] == [(1, "overflow")]
+    assert verify(src, device="cuda", dtype="float32")["ok"]
+    g = torch.Generator().manual_seed(0)
+    cols = torch.randn(4, 3, 2, generator=g)
+    cols[2, 0, 0] = float("nan")
+    nan_src = write_source(tmp_path / "n", torch.randn(3, 8, generator=g), cols, torch.randn(4, 2, 8, generator=g))
+    with pytest.raises(VerificationFailed) as info:
+        verify(nan_src, device="cuda")
+    assert [(f["task"], f["check"]) for f in info.value.report["failures"]] == [(2, "non-finite-input")]
+
+
+@gpu
+@needs_cuda
+def test_gpu_chunks_bounded(tmp_path: Path) -> None:
+    n, t, r, d = 64, 50, 4, 512
+    src = random_source(tmp_path / "big", n=n, t=t, r=r, d=d)
+    per_task = t * d * (4 + 16) + (t * r + r * d) * (4 + 16)
+    log: list[int] = []
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    report = verify(src, device="cuda", chunk_bytes=4 * per_task, chunk_log=log)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert report["ok"] and log == [4] * 16
+    # the whole source's prompts in float64 would take n * t * d * 8 = 13 MB; one chunk's working
+    # set is 4 * per_task = 2 MB; allow for the allocator's rounding and the float64 temporaries
+    assert peak < 3 * 4 * per_task, peak
+    cpu = verify(src, device="cpu")
+    assert [t["max_abs"] for t in cpu["tasks"]] == pytest.approx([t["max_abs"] for t in report["tasks"]], rel=1e-12)
