@@ -444,23 +444,45 @@ def safetensors_bytes(tensors: dict[str, Raw], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
 
 
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file (0o666 less the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def synced_temp_file(folder: str | os.PathLike[str], name: str, data: bytes | str) -> str:
+    """Write ``data`` to a new temp file named after ``name`` in ``folder``, fsynced, with the mode
+    a normal write would give (not mkstemp's 0600). Returns its path; removes it on failure."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode())
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename.
 
     On any failure the temp file is removed and ``path`` is left as it was.
     """
     target = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = ""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = synced_temp_file(target.parent, target.name, data)
         os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write: {exc.strerror or exc}", str(target)) from None
         raise

@@ -42,7 +42,7 @@ from .formats import (
     to_torch,
 )
 from .source import Checkpoint
-from .writer import WEIGHTS_NAME, check_output_dir, provenance, write_adapter
+from .writer import WEIGHTS_NAME, check_output_dir, provenance, write_adapter, write_files
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
 MAX_ELEMENTS = 1 << 31
@@ -518,15 +518,7 @@ def convert(
         weights_file = out_path / WEIGHTS_NAME
         config_written = True
     else:
-        created = not out_path.exists()
-        out_path.mkdir(parents=True, exist_ok=True)
-        try:
-            atomic_write(out_path / WEIGHTS_NAME, safetensors_bytes(tensors, meta))
-        except BaseException:
-            if created:
-                with contextlib.suppress(OSError):
-                    out_path.rmdir()
-            raise
+        write_files(out_path, {WEIGHTS_NAME: safetensors_bytes(tensors, meta)})
         written = [str(out_path / WEIGHTS_NAME)]
         weights_file = out_path / WEIGHTS_NAME
     # Read back what was written and compare bitwise with what was meant.

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import CONFIG_NAME, config_to_json
 from .errors import WriteError
-from .formats import Raw, atomic_write, safetensors_bytes
+from .formats import Raw, safetensors_bytes, synced_temp_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -60,26 +62,61 @@ def write_adapter(
 ) -> list[str]:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir``.
 
-    Each file is written to a temp file in ``out_dir`` and renamed into place; on failure no
-    partial file remains and a folder created here is removed. Returns the written paths.
+    Written through :func:`write_files` (a new folder appears complete or not at all; in an existing
+    one each file is replaced atomically). Returns the written paths.
     """
     out = check_output_dir(out_dir, force=force, protected=protected or [])
     blob = safetensors_bytes(tensors, metadata)
     text = config_to_json(config)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WriteError(f"cannot create folder: {exc.strerror or exc}", str(out)) from None
-    try:
-        atomic_write(out / WEIGHTS_NAME, blob)
-        atomic_write(out / CONFIG_NAME, text)
-    except BaseException:
-        if created:
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                with contextlib.suppress(OSError):
-                    (out / name).unlink()
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+    write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text})
     return [str(out / WEIGHTS_NAME), str(out / CONFIG_NAME)]
+
+
+def _fsync_dir(folder: str | os.PathLike[str]) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_files(out_dir: str | os.PathLike[str], files: dict[str, bytes | str]) -> None:
+    """Write ``files`` (name to content) into ``out_dir`` as close to one atomic step as POSIX allows.
+
+    A new folder is built complete under a temp name beside it and renamed into place, so it is
+    either absent or complete. In an existing folder every file is first written and fsynced under a
+    temp name, then all are renamed into place back to back: each file is always the old or the new
+    one, and the window in which they disagree is the few microseconds between two renames. On a
+    failure no temp file or folder is left behind and the existing files are untouched.
+    """
+    out = Path(out_dir)
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dir = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+            os.mkdir(tmp_dir)  # mode 0o777 less the umask, like a plain mkdir
+            try:
+                for name, data in files.items():
+                    os.replace(synced_temp_file(tmp_dir, name, data), tmp_dir / name)
+                _fsync_dir(tmp_dir)
+                os.rename(tmp_dir, out)
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+            _fsync_dir(out.parent)
+            return
+        temps: dict[str, str] = {}
+        try:
+            for name, data in files.items():
+                temps[name] = synced_temp_file(out, name, data)
+            for name in list(temps):
+                os.replace(temps[name], out / name)
+                del temps[name]
+        finally:
+            for tmp in temps.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        _fsync_dir(out)
+    except OSError as exc:
+        raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None

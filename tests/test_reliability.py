@@ -96,56 +96,97 @@ def _big_source(tmp: Path) -> Path:
     return path
 
 
+def _big_adapter(tmp: Path) -> Path:
+    """A ~40 MB adapter folder (5000 tasks) for convert to chew on."""
+    src = _big_source(tmp)
+    folder = tmp / "big-adapter"
+    subprocess.run(
+        [sys.executable, "-m", "mpt_tools", "init", str(src), "--mode", "shared", "--seed", "1",
+         "--num-tasks", "5000", "--task-type", "CAUSAL_LM", "--out", str(folder)],
+        check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    return folder
+
+
+def _commands(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name: (argv writing the new output, argv writing a different old output), without --out."""
+    src = _big_source(tmp)
+    base = [sys.executable, "-m", "mpt_tools"]
+    init = [*base, "init", str(src), "--mode", "shared", "--task-type", "CAUSAL_LM"]
+    adapter = _big_adapter(tmp)
+    convert = [*base, "convert", str(adapter)]
+    return {
+        "init": ([*init, "--seed", "5", "--num-tasks", "5000"], [*init, "--seed", "6", "--num-tasks", "4999"]),
+        "convert": ([*convert, "--dtype", "bfloat16"], [*convert, "--dtype", "float16"]),
+    }
+
+
+def _kill_at_spread_moments(argv: list[str], full: float, i: int, steps: int) -> None:
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(full * (0.3 + 0.8 * i / (steps - 1)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
-def test_sigkill_never_leaves_a_partial_file(tmp_path: Path) -> None:
-    """Kill `init` at spread-out moments while it writes a ~40 MB target over an existing one:
-    each destination file is always the old one or the complete new one."""
-    src = _big_source(tmp_path)
-    argv = [
-        sys.executable,
-        "-m",
-        "mpt_tools",
-        "init",
-        str(src),
-        "--mode",
-        "shared",
-        "--seed",
-        "5",
-        "--num-tasks",
-        "5000",
-        "--task-type",
-        "CAUSAL_LM",
-    ]
-    new_dir, out = tmp_path / "new", tmp_path / "out"
-    subprocess.run([*argv, "--out", str(new_dir)], check=True, cwd=ROOT, capture_output=True)
-    old_args = [*argv[:-6], "--seed", "6", "--num-tasks", "4999", "--task-type", "CAUSAL_LM"]
-    subprocess.run([*old_args, "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+@pytest.mark.parametrize("command", ["init", "convert"])
+def test_sigkill_never_leaves_a_partial_file(tmp_path: Path, command: str) -> None:
+    """Kill `init` / `convert` (SIGKILL, in a subprocess) at spread-out moments while it writes a
+    ~40 MB adapter, over an existing one and into a new folder: an existing destination file is
+    always the old one or the complete new one; a new folder is absent or complete."""
+    new_argv, old_argv = _commands(tmp_path)[command]
     names = ("adapter_model.safetensors", "adapter_config.json")
+    new_dir, out = tmp_path / "new", tmp_path / "out"
+    start = time.perf_counter()
+    subprocess.run([*new_argv, "--out", str(new_dir)], check=True, cwd=ROOT, capture_output=True)
+    full = time.perf_counter() - start
+    subprocess.run([*old_argv, "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
     old = {n: (out / n).read_bytes() for n in names}
     new = {n: (new_dir / n).read_bytes() for n in names}
-    assert old != new
-    start = time.perf_counter()
-    subprocess.run([*argv, "--out", str(tmp_path / "timing")], check=True, cwd=ROOT, capture_output=True)
-    full = time.perf_counter() - start
+    assert old["adapter_model.safetensors"] != new["adapter_model.safetensors"]
+    steps = 10
     outcomes = set()
-    for i in range(12):
+    for i in range(steps):
         for n in names:
             (out / n).write_bytes(old[n])
-        proc = subprocess.Popen(
-            [*argv, "--out", str(out), "--force"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        time.sleep(full * (0.3 + 0.7 * i / 11))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill_at_spread_moments([*new_argv, "--out", str(out), "--force"], full, i, steps)
         for n in names:
             got = (out / n).read_bytes()
             assert got in (old[n], new[n]), f"partial {n} after a kill at step {i}"
             outcomes.add((n, got == new[n]))
         for p in out.iterdir():  # temp files may remain after SIGKILL, but never under the real names
-            assert p.name in names or p.name.endswith(".tmp")
+            assert p.name in names or p.name.endswith(".tmp"), p
         for p in out.glob("*.tmp"):
             p.unlink()
-    assert ("adapter_model.safetensors", False) in outcomes or ("adapter_model.safetensors", True) in outcomes
+        fresh = tmp_path / f"fresh{i}"
+        _kill_at_spread_moments([*new_argv, "--out", str(fresh)], full, i, steps)
+        if fresh.exists():
+            assert {p.name: p.read_bytes() for p in fresh.iterdir()} == new, f"partial new folder at step {i}"
+            outcomes.add(("fresh", True))
+        else:
+            outcomes.add(("fresh", False))
+        for p in tmp_path.glob(".fresh*.tmp"):  # a killed run's temp folder, under a hidden temp name
+            assert p.is_dir()
+    assert outcomes  # every kill was checked
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
+    """Temp-then-rename must not leave mkstemp's 0600 on the outputs: they are shared like
+    save_pretrained's files (0666 less the umask)."""
+    old = os.umask(0o022)
+    try:
+        for argv in (
+            ["init", FIXTURES / "causal", "--mode", "exact", "--out", tmp_path / "new"],
+            ["init", FIXTURES / "causal", "--mode", "average", "--out", tmp_path / "new", "--force"],
+            ["convert", FIXTURES / "causal_bin", "--out", tmp_path / "conv.safetensors"],
+        ):
+            assert run_cli(*argv).exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o755
+    for p in [*(tmp_path / "new").iterdir(), tmp_path / "conv.safetensors"]:
+        assert p.stat().st_mode & 0o777 == 0o644, p
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_normal_failure_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
