@@ -6,6 +6,7 @@ exit 2 (Click's own); no traceback reaches the user unless MPT_TOOLS_DEBUG=1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +42,11 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # `mpt-tools inspect x | head`: the reader left; say nothing more
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(1)
         except Exception as exc:  # a bug: still no traceback for users
             if _debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
@@ -276,6 +282,16 @@ def inspect(
     _exit_if_invalid(report)
 
 
+def _average_how(meta: dict[str, str]) -> str:
+    """'mean of ...' for init's summary line, from the provenance it recorded."""
+    tasks, weights = meta.get("mpt_tools.tasks"), meta.get("mpt_tools.weights")
+    if weights:
+        return f"weighted mean of source tasks {tasks} (weights {weights})"
+    if tasks:
+        return f"mean of source tasks {tasks}"
+    return "mean of the source task factors"
+
+
 def _int_list(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -394,7 +410,7 @@ def init(
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
     how = {
-        "average": "mean of the source task factors",
+        "average": _average_how(result["metadata"]),
         "exact": f"source task {result['task']}",
         "shared": f"shared prompt only, fresh factors from seed {result['seed']}",
     }[result["mode"]]

@@ -21,6 +21,7 @@ from .checks import check_source, errors
 from .errors import MptToolsError, WriteError
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, to_float64
 from .source import Checkpoint
+from .writer import source_folders
 
 CHUNK_BYTES = 64 << 20
 # Config fields that say how or where a file was written, not what the adapter is.
@@ -188,11 +189,8 @@ def _check_plot_path(out: Path, *, force: bool, protected: list[str]) -> None:
         raise WriteError("the plot file name must end in .png", str(out))
     if out.exists() and not out.is_file():
         raise WriteError("exists and is not a file", str(out))
-    folder = out.resolve().parent
-    for item in protected:
-        p = Path(item).resolve()
-        if folder == (p if p.is_dir() else p.parent):
-            raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
+    if out.resolve().parent in source_folders(protected):
+        raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
     if os.path.lexists(out) and not force:
         raise WriteError("already exists; pass --force to overwrite it", str(out))
 

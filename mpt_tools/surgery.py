@@ -42,7 +42,7 @@ from .formats import (
     to_torch,
 )
 from .source import Checkpoint
-from .writer import WEIGHTS_NAME, check_output_dir, provenance, write_adapter, write_files
+from .writer import WEIGHTS_NAME, check_output_dir, provenance, source_folders, write_adapter, write_files
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
 MAX_ELEMENTS = 1 << 31
@@ -474,11 +474,12 @@ def convert(
     out_path = Path(out)
     as_file = out_path.suffix.lower() == ".safetensors" and not out_path.is_dir()
     protected = _protected(ckpt)
-    source_folders = {(p if Path(p).is_dir() else Path(p).parent).resolve() for p in map(Path, protected)}
     if as_file:
         if out_path.exists() and not out_path.is_file():
             raise WriteError("exists and is not a file", str(out_path))
-        if out_path.resolve().parent in source_folders:
+        if out_path.resolve() in {Path(p).resolve() for p in protected}:
+            raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out_path))
+        if out_path.resolve().parent in source_folders(protected):
             raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out_path))
         if os.path.lexists(out_path) and not force:
             raise WriteError("already exists; pass --force to overwrite it", str(out_path))

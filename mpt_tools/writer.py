@@ -29,6 +29,26 @@ def provenance(fields: dict[str, Any]) -> dict[str, str]:
     return meta
 
 
+ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
+
+
+def source_folders(protected: list[str]) -> set[Path]:
+    """The folders mpt-tools must not write into, given the source paths in ``protected``.
+
+    A source folder is off limits, and so is the folder of a source file that is part of an adapter
+    (an adapter_config.json beside it, or an adapter file name). A bare tensor file such as
+    ``./sources.safetensors`` does not claim its folder: outputs may go next to it (never over it).
+    """
+    folders: set[Path] = set()
+    for item in protected:
+        p = Path(item).resolve()
+        if p.is_dir():
+            folders.add(p)
+        elif p.name in ADAPTER_FILES or (p.parent / CONFIG_NAME).exists():
+            folders.add(p.parent)
+    return folders
+
+
 def check_output_dir(out_dir: str | os.PathLike[str], *, force: bool, protected: list[str]) -> Path:
     """Refuse an output folder that would clobber files without ``force`` or touch a source.
 
@@ -38,12 +58,8 @@ def check_output_dir(out_dir: str | os.PathLike[str], *, force: bool, protected:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise WriteError("exists and is not a directory", str(out))
-    resolved = out.resolve()
-    for item in protected:
-        p = Path(item).resolve()
-        folder = p if p.is_dir() else p.parent
-        if resolved == folder:
-            raise WriteError("is the source's own folder; mpt-tools never writes into a source", str(out))
+    if out.resolve() in source_folders(protected):
+        raise WriteError("is the source's own folder; mpt-tools never writes into a source", str(out))
     if not force:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if os.path.lexists(out / name):

@@ -269,3 +269,46 @@ def test_debug_env_shows_traceback(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_outputs_may_go_beside_a_bare_file_but_never_over_a_source(tmp_path: Path) -> None:
+    """A bare tensor file does not claim its folder; an adapter folder (or an adapter file name) does."""
+    bare = tmp_path / "sources.safetensors"
+    shutil.copy(FIXTURES / "causal" / "adapter_model.safetensors", bare)
+    before = bare.read_bytes()
+    assert run_cli("convert", bare, "--out", tmp_path / "bf16.safetensors", "--dtype", "bfloat16").exit_code == 0
+    ok = run_cli("init", bare, "--mode", "exact", "--task-type", "CAUSAL_LM", "--out", tmp_path)
+    assert ok.exit_code == 0, ok.stderr
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    over = run_cli("convert", bare, "--out", bare, "--force")
+    assert over.exit_code == 1 and "source file itself" in over.stderr
+    assert bare.read_bytes() == before
+    # now tmp_path holds an adapter: it is a source folder, and its files are off limits
+    again = run_cli("init", tmp_path, "--mode", "exact", "--out", tmp_path, "--force")
+    assert again.exit_code == 1 and "source's own folder" in again.stderr
+
+
+def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`mpt-tools inspect big --similarity | head -1`: no internal error when the reader leaves."""
+    import numpy as np
+
+    from mpt_tools.formats import from_numpy, safetensors_bytes
+
+    rng = np.random.default_rng(0)
+    n, t, r, d = 300, 4, 1, 8
+    tensors = {
+        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
+        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32),
+        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32),
+    }
+    src = tmp_path / "many.safetensors"
+    src.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
+    argv = [sys.executable, "-m", "mpt_tools", "inspect", str(src), "--task-type", "CAUSAL_LM", "--similarity"]
+    env = {k: v for k, v in os.environ.items() if k != "MPT_TOOLS_RAISE_UNEXPECTED"}  # as a user runs it
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"source: ")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "internal error" not in err and "Traceback" not in err and "BrokenPipe" not in err, err
