@@ -905,6 +905,8 @@ def push_adapter(
         "files": files,
         "card": card,
         "dry_run": dry_run,
+        "unchanged": [],
+        "no_op": False,
         "commit": None,
         "commit_url": None,
         "pr_url": None,
@@ -942,6 +944,16 @@ def push_adapter(
             raise
         raise _push_error(exc, where=where, token=token, revision=revision) from None
     commit_info: Any = info
+    # huggingface_hub leaves out files whose content the branch already has (comparing the hashes
+    # it fetched); with none left it makes no commit and returns the branch head.
+    unchanged = [
+        op.path_in_repo
+        for op in operations
+        if getattr(op, "_remote_oid", None) is not None
+        and getattr(op, "_remote_oid", None) == getattr(op, "_local_oid", None)
+    ]
+    result["unchanged"] = unchanged
+    result["no_op"] = len(unchanged) == len(operations)
     result.update(
         {
             "commit": getattr(commit_info, "oid", None),
@@ -965,9 +977,17 @@ def push_summary(result: dict[str, Any]) -> list[str]:
         lines.append("model card (README.md):")
         lines += ["  " + line if line else "" for line in result["card"].splitlines()]
         return lines
-    lines.append(f"pushed {len(result['files'])} files to {where} in one commit")
+    unchanged = set(result.get("unchanged") or [])
+    if result.get("no_op"):
+        lines.append(f"nothing to push: {where} already holds these exact files (no commit made)")
+        lines.append(f"commit: {result['commit_url']}")
+        return lines
+    changed = len(result["files"]) - len(unchanged)
+    same = f" ({len(unchanged)} unchanged)" if unchanged else ""
+    lines.append(f"pushed {changed} file(s) to {where} in one commit{same}")
     for f in result["files"]:
-        lines.append(f"  {f['path']:<26} {f['bytes']:>10} bytes  sha256 {f['sha256'][:16]}...")
+        tag = "  (unchanged)" if f["path"] in unchanged else ""
+        lines.append(f"  {f['path']:<26} {f['bytes']:>10} bytes  sha256 {f['sha256'][:16]}...{tag}")
     if result.get("pr_url"):
         lines.append(f"pull request: {result['pr_url']}")
     else:

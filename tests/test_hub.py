@@ -407,6 +407,26 @@ def test_push_to_existing_repo(hub, adapter):
     assert info["parents"] == [first] and info["title"] == "New init" and info["author"] == "alice"
 
 
+def test_push_again_unchanged_makes_no_commit_and_says_so(hub, adapter, tmp_path):
+    assert run_cli("push", adapter, "alice/again", "--token", TOKEN).exit_code == 0
+    head = hub.head("alice/again")
+    commits = len(hub.find_requests("POST", "/commit/main"))
+    again = run_cli("push", adapter, "alice/again", "--token", TOKEN, "--json")
+    assert again.exit_code == 0, again.stderr
+    data = json.loads(again.stdout)
+    assert data["no_op"] is True and sorted(data["unchanged"]) == sorted([WEIGHTS, CONFIG, "README.md"])
+    assert hub.head("alice/again") == head and data["commit"] == head
+    assert len(hub.find_requests("POST", "/commit/main")) == commits  # no commit request at all
+    text = run_cli("push", adapter, "alice/again", "--token", TOKEN)
+    assert "nothing to push" in text.stdout and "pushed" not in text.stdout
+    # Another adapter: only what changed goes up, and the summary says which file was unchanged.
+    other = tmp_path / "other"
+    assert run_cli("init", FIXTURES / "causal", "--mode", "exact", "--task", "2", "--out", other).exit_code == 0
+    partial = run_cli("push", other, "alice/again", "--token", TOKEN)
+    assert partial.exit_code == 0 and "(1 unchanged)" in partial.stdout, partial.stdout
+    assert hub.head("alice/again") != head
+
+
 def test_push_to_new_branch(hub, adapter):
     main = hub.add_repo("alice/branchy", {"a.txt": b"a"})
     result = run_cli("push", adapter, "alice/branchy", "--revision", "dev", "--token", TOKEN)
