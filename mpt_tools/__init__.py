@@ -6,20 +6,36 @@ The library API (every CLI command is one of these functions)::
     from mpt_tools import select_tasks, rerank, convert, export_prompt, diff, task_similarity
     from mpt_tools import push_adapter, download_source
 
-None of them imports torch or huggingface_hub until a code path needs it.
+Names are imported on first use, so ``import mpt_tools`` stays cheap, and none of the functions
+imports torch or huggingface_hub until a code path needs it.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .compare import diff, plot_similarity, task_similarity
-from .errors import MptToolsError
-from .hub import download_source, push_adapter
-from .pipeline import init_adapter, inspect_source, validate
-from .rebuild import init_and_verify, verify
-from .source import Checkpoint, load_source
-from .surgery import convert, export_prompt, rerank, select_tasks
+_WHERE = {
+    "Checkpoint": "source",
+    "MptToolsError": "errors",
+    "convert": "surgery",
+    "diff": "compare",
+    "download_source": "hub",
+    "export_prompt": "surgery",
+    "init_adapter": "pipeline",
+    "init_and_verify": "rebuild",
+    "inspect_source": "pipeline",
+    "load_source": "source",
+    "plot_similarity": "compare",
+    "push_adapter": "hub",
+    "rerank": "surgery",
+    "select_tasks": "surgery",
+    "task_similarity": "compare",
+    "validate": "pipeline",
+    "verify": "rebuild",
+}
 
 __all__ = [
     "Checkpoint",
@@ -41,3 +57,25 @@ __all__ = [
     "validate",
     "verify",
 ]
+
+if TYPE_CHECKING:
+    from .compare import diff, plot_similarity, task_similarity
+    from .errors import MptToolsError
+    from .hub import download_source, push_adapter
+    from .pipeline import init_adapter, inspect_source, validate
+    from .rebuild import init_and_verify, verify
+    from .source import Checkpoint, load_source
+    from .surgery import convert, export_prompt, rerank, select_tasks
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (PEP 562)."""
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mpt_tools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

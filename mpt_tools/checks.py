@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
+from .errors import ValidationError
 from .formats import CANONICAL, DTYPES, FLOAT_DTYPES, Raw, to_float32
 from .source import Checkpoint
 
@@ -70,6 +71,19 @@ class Finding:
 def errors(findings: list[Finding]) -> list[Finding]:
     """Only the findings at level error."""
     return [f for f in findings if f.level == "error"]
+
+
+def refusal(location: str, problems: list[Finding]) -> ValidationError:
+    """One error for a list of error findings: the first in full, then how many more there are."""
+    first = problems[0]
+    msg = f"{first.field}: {first.message}"
+    if first.expected is not None or first.found is not None:
+        msg += f" (expected {first.expected}, found {first.found})"
+    if first.fix:
+        msg += f"; fix: {first.fix}"
+    if len(problems) > 1:
+        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
+    return ValidationError(msg, location, problems)
 
 
 def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:

@@ -66,21 +66,31 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def source_options(func: F) -> F:
-    """Options shared by every command that reads a SOURCE: subfolder, config fields, Hub."""
-    options: list[Callable[[F], F]] = [
-        click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo."),
+def _source_option_list(with_sizes: bool) -> list[Callable[[F], F]]:
+    sizes = [
         click.option("--num-tasks", "src_num_tasks", type=int, help="Override the source's num_tasks."),
         click.option("--num-ranks", "src_num_ranks", type=int, help="Override the source's num_ranks."),
+    ]
+    return [
+        click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo."),
+        *(sizes if with_sizes else []),
         click.option("--num-virtual-tokens", type=int, help="Give or override num_virtual_tokens."),
         click.option("--token-dim", type=int, help="Give or override token_dim."),
         click.option("--num-transformer-submodules", type=int, help="Give or override nts (1 or 2)."),
         click.option("--task-type", help="Give or override task_type (e.g. CAUSAL_LM, SEQ_2_SEQ_LM)."),
         *hub_option_list(),
     ]
+
+
+def _apply(func: F, options: list[Callable[[F], F]]) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def source_options(func: F) -> F:
+    """Options shared by every command that reads a SOURCE: subfolder, config fields, Hub."""
+    return _apply(func, _source_option_list(with_sizes=True))
 
 
 def hub_option_list() -> list[Callable[[F], F]]:
@@ -378,10 +388,15 @@ def init(
     prompt_tuning_init RANDOM with a null path, so PEFT loads the folder anywhere.
     """
     from .pipeline import init_adapter
-    from .rebuild import init_and_verify
+
+    run: Callable[..., dict[str, Any]] = init_adapter
+    if verify_after:
+        from .rebuild import init_and_verify
+
+        run = init_and_verify
 
     hub = _hub(kw)
-    result = (init_and_verify if verify_after else init_adapter)(
+    result = run(
         source,
         mode,
         out,
@@ -468,17 +483,7 @@ def _add_similarity(report: dict[str, Any], ckpt: Any, plot: str | None, force: 
 
 def _plain_source_options(func: F) -> F:
     """source_options without --num-tasks/--num-ranks (for commands that set those themselves)."""
-    options: list[Callable[[F], F]] = [
-        click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo."),
-        click.option("--num-virtual-tokens", type=int, help="Give or override num_virtual_tokens."),
-        click.option("--token-dim", type=int, help="Give or override token_dim."),
-        click.option("--num-transformer-submodules", type=int, help="Give or override nts (1 or 2)."),
-        click.option("--task-type", help="Give or override task_type (e.g. CAUSAL_LM, SEQ_2_SEQ_LM)."),
-        *hub_option_list(),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _apply(func, _source_option_list(with_sizes=False))
 
 
 def _source_kw(kw: dict[str, Any], *, with_counts: bool = True) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_source, errors
+from .checks import check_source, errors, refusal
 from .errors import MptToolsError, WriteError
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, to_float64
 from .source import Checkpoint
@@ -55,11 +55,9 @@ def iter_prompts(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> Iterator[t
 
 
 def _require_prompts(ckpt: Checkpoint) -> None:
-    from .pipeline import _fail
-
     problems = [f for f in errors(check_source(ckpt, values=False)) if f.code != "non-finite"]
     if problems:
-        raise _fail(ckpt, problems)
+        raise refusal(ckpt.location, problems)
 
 
 def task_similarity(

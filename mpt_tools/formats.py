@@ -420,6 +420,28 @@ def normalise_keys(names: Iterable[str], path: str | None = None) -> tuple[dict[
     return mapping, notes, ignored
 
 
+def safetensors_parts(tensors: dict[str, Raw], metadata: dict[str, str] | None = None) -> list[bytes | memoryview]:
+    """The safetensors serialisation of ``tensors`` as a list of buffers, without copying the data.
+
+    Writing the parts in order (``file.writelines``) gives exactly :func:`safetensors_bytes`.
+    """
+    order = sorted(tensors, key=lambda k: (-DTYPES[tensors[k].dtype][0], k))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    pos = 0
+    chunks: list[bytes | memoryview] = []
+    for name in order:
+        raw = tensors[name]
+        data = np.ascontiguousarray(raw.array).reshape(-1).view(np.uint8).data
+        header[name] = {"dtype": raw.dtype, "shape": list(raw.shape), "data_offsets": [pos, pos + data.nbytes]}
+        pos += data.nbytes
+        chunks.append(data)
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return [struct.pack("<Q", len(blob)) + blob, *chunks]
+
+
 def safetensors_bytes(tensors: dict[str, Raw], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise tensors to safetensors bytes, deterministically.
 
@@ -427,21 +449,7 @@ def safetensors_bytes(tensors: dict[str, Raw], metadata: dict[str, str] | None =
     key (what PEFT writes); metadata keys are sorted (safetensors itself orders them at random).
     Tensors are laid out by descending itemsize, then name, as safetensors does.
     """
-    order = sorted(tensors, key=lambda k: (-DTYPES[tensors[k].dtype][0], k))
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
-    pos = 0
-    chunks: list[bytes] = []
-    for name in order:
-        raw = tensors[name]
-        data = np.ascontiguousarray(raw.array).tobytes()
-        header[name] = {"dtype": raw.dtype, "shape": list(raw.shape), "data_offsets": [pos, pos + len(data)]}
-        pos += len(data)
-        chunks.append(data)
-    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
+    return b"".join(safetensors_parts(tensors, metadata))
 
 
 def file_mode() -> int:
@@ -451,15 +459,25 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def synced_temp_file(folder: str | os.PathLike[str], name: str, data: bytes | str) -> str:
-    """Write ``data`` to a new temp file named after ``name`` in ``folder``, fsynced, with the mode
-    a normal write would give (not mkstemp's 0600). Returns its path; removes it on failure."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+Payload = bytes | str | list[bytes | memoryview]
+
+
+def synced_temp_file(folder: str | os.PathLike[str], name: str, data: Payload) -> str:
+    """Write ``data`` (bytes, text, or a list of buffers written in order) to a new temp file named
+    after ``name`` in ``folder``, fsynced, with the mode a normal write would give (not mkstemp's
+    0600). Returns its path; removes it on failure."""
+    parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb", buffering=0) as fh:
             os.fchmod(fh.fileno(), file_mode())
-            fh.write(payload)
+            for part in parts:
+                view = memoryview(part)
+                while view.nbytes:
+                    written = fh.write(view)
+                    if not written:
+                        raise OSError(5, "short write")
+                    view = view[written:]
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -469,7 +487,7 @@ def synced_temp_file(folder: str | os.PathLike[str], name: str, data: bytes | st
     return tmp
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
+def atomic_write(path: str | os.PathLike[str], data: Payload) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename.
 
     On any failure the temp file is removed and ``path`` is left as it was.

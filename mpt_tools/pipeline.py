@@ -17,6 +17,7 @@ from .checks import (
     check_source,
     check_target,
     errors,
+    refusal,
     value_findings,
 )
 from .config import INIT_MODES, MptConfig, read_config, target_config
@@ -34,15 +35,7 @@ def _load(source: str | os.PathLike[str] | Checkpoint, **kwargs: Any) -> Checkpo
 
 
 def _fail(ckpt: Checkpoint, problems: list[Finding]) -> ValidationError:
-    first = problems[0]
-    msg = f"{first.field}: {first.message}"
-    if first.expected is not None or first.found is not None:
-        msg += f" (expected {first.expected}, found {first.found})"
-    if first.fix:
-        msg += f"; fix: {first.fix}"
-    if len(problems) > 1:
-        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
-    return ValidationError(msg, ckpt.location, problems)
+    return refusal(ckpt.location, problems)
 
 
 def validate(

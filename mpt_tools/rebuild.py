@@ -194,20 +194,11 @@ def _check_layout(ckpt: Checkpoint) -> tuple[int, int, int, int]:
 def _refuse_broken(ckpt: Checkpoint) -> None:
     """Raise ValidationError on the header/config errors every command refuses (values are the
     rebuild's own business: non-finite tasks are reported per task)."""
-    from .checks import check_source, errors
+    from .checks import check_source, errors, refusal
 
     problems = errors(check_source(ckpt, values=False))
-    if not problems:
-        return
-    first = problems[0]
-    msg = f"{first.field}: {first.message}"
-    if first.expected is not None or first.found is not None:
-        msg += f" (expected {first.expected}, found {first.found})"
-    if first.fix:
-        msg += f"; fix: {first.fix}"
-    if len(problems) > 1:
-        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
-    raise ValidationError(msg, ckpt.location, problems)
+    if problems:
+        raise refusal(ckpt.location, problems)
 
 
 class _Timer:

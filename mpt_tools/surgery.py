@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .checks import Finding, check_source, errors
+from .checks import Finding, check_source, errors, refusal
 from .config import target_config
 from .errors import ValidationError, VerifyError, WriteError
 from .formats import (
@@ -99,12 +99,10 @@ def _open(
 
 def _require(ckpt: Checkpoint, extra: list[Finding] | None = None, *, values: bool = True) -> list[str]:
     """Raise ValidationError listing every error of the source (plus ``extra``); return the warnings."""
-    from .pipeline import _fail
-
     findings = check_source(ckpt, values=values) + (extra or [])
     problems = errors(findings)
     if problems:
-        raise _fail(ckpt, problems)
+        raise refusal(ckpt.location, problems)
     return [f.line() for f in findings if f.level == "warning"]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from .config import CONFIG_NAME, config_to_json
 from .errors import WriteError
-from .formats import Raw, safetensors_bytes, synced_temp_file
+from .formats import Payload, Raw, safetensors_parts, synced_temp_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -82,7 +82,7 @@ def write_adapter(
     one each file is replaced atomically). Returns the written paths.
     """
     out = check_output_dir(out_dir, force=force, protected=protected or [])
-    blob = safetensors_bytes(tensors, metadata)
+    blob = safetensors_parts(tensors, metadata)
     text = config_to_json(config)
     write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text})
     return [str(out / WEIGHTS_NAME), str(out / CONFIG_NAME)]
@@ -97,7 +97,7 @@ def _fsync_dir(folder: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def write_files(out_dir: str | os.PathLike[str], files: dict[str, bytes | str]) -> None:
+def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload]) -> None:
     """Write ``files`` (name to content) into ``out_dir`` as close to one atomic step as POSIX allows.
 
     A new folder is built complete under a temp name beside it and renamed into place, so it is

@@ -29,6 +29,22 @@ def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("MPT_TOOLS_RAISE_UNEXPECTED", "1")
 
 
+def write_random_source(path: Path, n: int, t: int, r: int, d: int, seed: int = 0) -> Path:
+    """A bare float32 MPT source file of random normal tensors, written with our own writer."""
+    import numpy as np
+
+    from mpt_tools.formats import from_numpy, safetensors_bytes
+
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
+        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32),
+        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32),
+    }
+    path.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
+    return path
+
+
 def run_cli(*args: str) -> Result:
     """Run the CLI in-process; stdout and stderr are kept apart."""
     from mpt_tools.cli import cli

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, ROOT, run_cli
+from conftest import FIXTURES, ROOT, run_cli, write_random_source
 
 from mpt_tools import __version__
 from mpt_tools.cli import cli
@@ -290,19 +290,7 @@ def test_outputs_may_go_beside_a_bare_file_but_never_over_a_source(tmp_path: Pat
 
 def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     """`mpt-tools inspect big --similarity | head -1`: no internal error when the reader leaves."""
-    import numpy as np
-
-    from mpt_tools.formats import from_numpy, safetensors_bytes
-
-    rng = np.random.default_rng(0)
-    n, t, r, d = 300, 4, 1, 8
-    tensors = {
-        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
-        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32),
-        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32),
-    }
-    src = tmp_path / "many.safetensors"
-    src.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
+    src = write_random_source(tmp_path / "many.safetensors", n=300, t=4, r=1, d=8)
     argv = [sys.executable, "-m", "mpt_tools", "inspect", str(src), "--task-type", "CAUSAL_LM", "--similarity"]
     env = {k: v for k, v in os.environ.items() if k != "MPT_TOOLS_RAISE_UNEXPECTED"}  # as a user runs it
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

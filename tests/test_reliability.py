@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT, run_cli
+from conftest import FIXTURES, ROOT, run_cli, write_random_source
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -84,16 +84,7 @@ def test_pickle_reader_fuzz_only_raises_our_error(tmp_path_factory, data: bytes)
 
 
 def _big_source(tmp: Path) -> Path:
-    rng = np.random.default_rng(0)
-    t, d, r, n = 50, 512, 4, 4
-    tensors = {
-        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
-        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32),
-        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32),
-    }
-    path = tmp / "src.safetensors"
-    path.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
-    return path
+    return write_random_source(tmp / "src.safetensors", n=4, t=50, r=4, d=512)
 
 
 def _big_adapter(tmp: Path) -> Path:

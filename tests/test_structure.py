@@ -6,11 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT
-
-from mpt_tools.formats import from_numpy, safetensors_bytes
+from conftest import FIXTURES, ROOT, write_random_source
 
 PROBE = r"""
 import sys
@@ -52,15 +49,7 @@ def test_average_is_the_only_init_that_needs_torch(tmp_path: Path) -> None:
 
 
 def make_big(tmp: Path, n: int = 40, t: int = 6, r: int = 3, d: int = 32) -> Path:
-    rng = np.random.default_rng(0)
-    tensors = {
-        "prompt_embeddings": rng.standard_normal((t, d), dtype=np.float32),
-        "prefix_task_cols": rng.standard_normal((n, t, r), dtype=np.float32),
-        "prefix_task_rows": rng.standard_normal((n, r, d), dtype=np.float32),
-    }
-    path = tmp / "big.safetensors"
-    path.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt"}))
-    return path
+    return write_random_source(tmp / "big.safetensors", n, t, r, d)
 
 
 def test_exact_reads_only_task_k(tmp_path: Path) -> None:
