@@ -62,7 +62,7 @@ def average_factors(
 
     out = []
     for name in ("prefix_task_cols", "prefix_task_rows"):
-        t = _torch_tensor(ckpt.read(name))
+        t = _torch_tensor(ckpt.map(name))
         if tasks is not None:
             t = t.index_select(0, torch.tensor(tasks, dtype=torch.long))
         if weights is None:

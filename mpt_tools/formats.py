@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -165,6 +166,29 @@ class TensorFile:
         info = self.infos[name]
         first = info.shape[0] if info.shape else 1
         return self.read_rows(name, 0, first)
+
+    def map(self, name: str) -> Raw:
+        """One whole tensor, memory-mapped (private copy-on-write) rather than read into new memory.
+
+        For large reductions (the average): the page cache's pages back the array, so nothing is
+        copied or zero-filled, and writes to the array never reach the file. The file's size is
+        checked against the header before mapping. Falls back to :meth:`read` for pickles, empty
+        tensors and platforms without mmap.
+        """
+        info = self.infos[name]
+        if name in self._loaded or not info.shape or info.nbytes == 0:
+            return self.read(name)
+        itemsize, storage = DTYPES[info.dtype]
+        try:
+            with open(self.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < info.start + info.nbytes:
+                    raise FormatError(f"file ended inside tensor {name!r} (truncated?)", self.path)
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError, AttributeError):
+            return self.read(name)
+        self.reads.append((name, 0, info.shape[0], info.nbytes))
+        arr = np.frombuffer(mapped, dtype=storage, count=info.nbytes // itemsize, offset=info.start)
+        return Raw(info.dtype, tuple(info.shape), arr.reshape(info.shape))
 
     def read_rows(self, name: str, start: int, stop: int) -> Raw:
         """Read rows ``start:stop`` of a tensor's first dimension (only those bytes)."""

@@ -59,6 +59,10 @@ class Checkpoint:
         """Read a whole canonical tensor."""
         return self.file.read(self.keymap[name])
 
+    def map(self, name: str) -> Raw:
+        """A canonical tensor, memory-mapped (see :meth:`mpt_tools.formats.TensorFile.map`)."""
+        return self.file.map(self.keymap[name])
+
     def read_rows(self, name: str, start: int, stop: int) -> Raw:
         """Read rows ``start:stop`` (tasks, for the factors) of a canonical tensor."""
         return self.file.read_rows(self.keymap[name], start, stop)

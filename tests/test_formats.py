@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_random_source
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -163,3 +164,26 @@ def test_pickle_weights_only(tmp_path: Path) -> None:
     torch.save({"x": "not a tensor"}, path)
     with pytest.raises(FormatError, match="not a tensor"):
         open_pickle(path)
+
+
+def test_map_is_the_read_without_a_copy_and_never_writes_the_file(tmp_path: Path) -> None:
+    """The average reduces memory-mapped tensors: same values as read(), pages shared with the
+    page cache (no private copy until written), and a write to the array never reaches the file."""
+    import mmap
+
+    path = write_random_source(tmp_path / "s.safetensors", n=5, t=3, r=2, d=4)
+    before = path.read_bytes()
+    f = open_safetensors(path)
+    for name in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
+        mapped, read = f.map(name), f.read(name)
+        assert mapped.shape == read.shape and mapped.array.tobytes() == read.array.tobytes()
+        base: object = mapped.array
+        while isinstance(base, (np.ndarray, memoryview)):
+            base = base.base if isinstance(base, np.ndarray) else base.obj
+        assert isinstance(base, mmap.mmap)
+        mapped.array[...] = 0  # copy-on-write: the file keeps its bytes
+    assert path.read_bytes() == before
+    # A file cut short after its header was read is refused, not mapped past its end.
+    path.write_bytes(before[: len(before) // 2])
+    with pytest.raises(MptToolsError, match="truncated"):
+        f.map("prefix_task_rows")

@@ -711,3 +711,17 @@ def test_repo_without_config_online_then_offline(hub):
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["hub"] == online["hub"]
     assert hub.requests == []
+
+
+def test_an_existing_local_path_wins_over_a_repo_id(hub, src, tmp_path, monkeypatch):
+    """`org/src` names a local folder here and a Hub repo there: the local folder is read, no request."""
+    local = tmp_path / "org" / "src"
+    shutil.copytree(FIXTURES / "seq2seq", local)
+    monkeypatch.chdir(tmp_path)
+    before = len(hub.requests)
+    data = inspect_json("org/src")
+    assert data["hub"] is None and data["config"]["task_type"] == "SEQ_2_SEQ_LM"
+    assert len(hub.requests) == before
+    shutil.rmtree(local)  # gone locally: now it is the Hub repo (the causal fixture)
+    data = inspect_json("org/src")
+    assert data["hub"]["repo_id"] == "org/src" and data["config"]["task_type"] == "CAUSAL_LM"
