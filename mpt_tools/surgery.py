@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .checks import Finding, check_source, errors, refusal
-from .config import target_config
+from .config import PEFT_DEFAULTS, target_config
 from .errors import ValidationError, VerifyError, WriteError
 from .formats import (
     DTYPE_NAMES,
@@ -50,24 +50,13 @@ CHUNK_BYTES = 64 << 20
 CAST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 FP16_MAX = 65504.0
 
-# The fields PEFT 0.21 writes for a PromptTuningConfig (save_pretrained), with its defaults.
+# The fields PEFT 0.21 writes for a PromptTuningConfig (save_pretrained), with its defaults: the
+# MultitaskPromptTuningConfig's fields less the four MPT ones.
+_MPT_ONLY = ("num_ranks", "num_tasks", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task")
 PROMPT_TUNING_DEFAULTS: dict[str, Any] = {
-    "auto_mapping": None,
-    "base_model_name_or_path": None,
-    "inference_mode": True,
-    "modules_to_save": None,
-    "num_attention_heads": None,
-    "num_layers": None,
+    **{k: v for k, v in PEFT_DEFAULTS.items() if k not in _MPT_ONLY},
     "num_transformer_submodules": 1,
-    "num_virtual_tokens": None,
     "peft_type": "PROMPT_TUNING",
-    "prompt_tuning_init": "RANDOM",
-    "prompt_tuning_init_text": None,
-    "revision": None,
-    "task_type": None,
-    "token_dim": None,
-    "tokenizer_kwargs": None,
-    "tokenizer_name_or_path": None,
 }
 # Fields a PROMPT_TUNING config takes over from the MPT source config.
 _PT_FROM_SOURCE = (
