@@ -48,6 +48,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -774,39 +776,36 @@ def init_and_verify(
     """Run :func:`mpt_tools.pipeline.init_adapter`, then :func:`verify` the written folder against
     the source; returns init's result with the verify report under ``"verify"``.
 
-    On a failed verification, the files init wrote are removed when they did not exist before
-    (and the folder, when init created it); files that existed before (overwritten with
-    ``force``) are left in place and the error says so. Then VerificationFailed is raised.
+    The adapter is written and verified in a hidden staging folder beside ``out`` and only then
+    moved into place (a new ``out`` by one rename; into an existing one, with ``force``, file by
+    file, back to back). On a failed verification the staging folder is removed and ``out`` is left
+    exactly as it was; then VerificationFailed is raised.
     """
-    from .config import CONFIG_NAME
     from .pipeline import init_adapter
-    from .writer import WEIGHTS_NAME
+    from .writer import check_output_dir, commit_staged
 
     resolve_device(device)  # fail before writing anything
     ckpt = load_source(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     folder = Path(out)
-    folder_existed = folder.exists()
-    existed = {name: os.path.lexists(folder / name) for name in (WEIGHTS_NAME, CONFIG_NAME)}
-    result = init_adapter(ckpt, mode, out, **init_kwargs)
-    report = verify(out, source=ckpt, device=device, check=False)
-    if not report["ok"]:
-        err = failure_error(report)
-        removed, kept = [], []
-        for name, was_there in existed.items():
-            if was_there:
-                kept.append(name)
-            else:
-                with contextlib.suppress(OSError):
-                    (folder / name).unlink()
-                removed.append(name)
-        if not folder_existed:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        tail = f"; removed {', '.join(removed)}" if removed else ""
-        if kept:
-            tail += f"; left {', '.join(kept)} in place (they existed before this run and were overwritten)"
-        raise VerificationFailed(err.message + tail, str(out), report)
-    return {**result, "verify": report}
+    protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
+    check_output_dir(folder, force=bool(init_kwargs.get("force")), protected=protected)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.verify.tmp"
+    try:
+        result = init_adapter(ckpt, mode, staging, **init_kwargs)
+        report = verify(staging, source=ckpt, device=device, check=False)
+        if not report["ok"]:
+            err = failure_error(report)
+            kept = " (nothing was written)" if not folder.exists() else f" ({folder} was left as it was)"
+            raise VerificationFailed(err.message + kept, str(out), report)
+        commit_staged(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for key, value in list(report.items()):  # name the final folder, not the staging one
+        if isinstance(value, str) and value.startswith(str(staging)):
+            report[key] = str(folder) + value[len(str(staging)) :]
+    files = [str(folder / Path(f).name) for f in result["files"]]
+    return {**result, "out": str(folder), "files": files, "verify": report}
 
 
 __all__ = [

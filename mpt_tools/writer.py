@@ -136,3 +136,24 @@ def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload]) -> N
         _fsync_dir(out)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
+
+
+def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[str]:
+    """Move the files of a complete, fsynced ``staging`` folder (beside ``out_dir``) into place.
+
+    A missing ``out_dir`` is the staging folder renamed (one atomic step); in an existing one the
+    files are renamed back to back, each always the old or the new one. Returns the new paths.
+    """
+    src, out = Path(staging), Path(out_dir)
+    names = sorted(p.name for p in src.iterdir())
+    try:
+        if not out.exists():
+            os.rename(src, out)
+        else:
+            for name in names:
+                os.replace(src / name, out / name)
+        _fsync_dir(out)
+        _fsync_dir(out.parent)
+    except OSError as exc:
+        raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
+    return [str(out / name) for name in names]

@@ -385,28 +385,50 @@ def break_average(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "build_target", wrong)
 
 
-def test_init_verify_failure_removes_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_verify_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     break_average(monkeypatch)
     out = tmp_path / "new"
     res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify")
     assert res.exit_code == 1
-    assert res.stderr.count("\n") == 1 and "prefix_task_cols" in res.stderr and "removed" in res.stderr
+    assert res.stderr.count("\n") == 1 and "prefix_task_cols" in res.stderr and "nothing was written" in res.stderr
     assert not out.exists()
-    # a folder that existed (empty) stays, the new files go
+    # a folder that existed (empty) stays empty
     out.mkdir()
     with pytest.raises(VerificationFailed):
         init_and_verify(FIXTURES / "causal", "average", out, device="cpu")
     assert out.is_dir() and list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # no staging folder left behind
 
 
-def test_init_verify_failure_keeps_files_that_existed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_init_verify_failure_leaves_an_existing_adapter_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "old"
-    init_adapter(FIXTURES / "causal", "average", out)
+    init_adapter(FIXTURES / "causal", "exact", out, task=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     break_average(monkeypatch)
     res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify", "--force")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1
-    assert "left adapter_model.safetensors, adapter_config.json in place" in res.stderr
-    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert "was left as it was" in res.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_init_verify_success_replaces_an_existing_adapter(tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    init_adapter(FIXTURES / "causal", "exact", out, task=2)
+    (out / "notes.txt").write_text("mine")
+    res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify", "--force", "--json")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["out"] == str(out) and data["verify"]["path"] == str(out) and data["verify"]["ok"]
+    assert str(tmp_path / ".") not in res.stdout.replace(str(out), "")  # no staging path in the report
+    plain = tmp_path / "plain"
+    init_adapter(FIXTURES / "causal", "average", plain)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (plain / name).read_bytes()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "plain"]
 
 
 # --- errors ------------------------------------------------------------------------------------
