@@ -701,15 +701,17 @@ def failure_error(report: dict[str, Any]) -> VerificationFailed:
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """One line: ok/FAILED, tasks, device, dtype, worst relative error and headroom, target checks."""
+    """One line: ok/FAILED, tasks, device, dtype, worst relative error, largest |P_k| against the
+    dtype's largest value, target checks."""
     rels = [t["rel_err"] for t in report["tasks"] if t["rel_err"] is not None]
-    heads = [t["headroom"] for t in report["tasks"] if t["headroom"] is not None]
+    peaks = [t["max_abs"] for t in report["tasks"] if t["max_abs"] is not None]
     worst = f"{max(rels):.2g}" if rels else "n/a"
-    head = f"{max(heads):.2g}" if heads else "n/a"
+    peak = f"{max(peaks):.3g}" if peaks else "n/a"
     state = "ok" if report["ok"] else "FAILED"
     line = (
         f"verify {state}: {len(report['tasks'])} task(s) on {report['device']} in {report['dtype']}, "
-        f"worst rel err {worst} (tol {report['tolerance']['rel_frobenius']:g}), max headroom {head}"
+        f"worst rel err {worst} (tol {report['tolerance']['rel_frobenius']:g}), "
+        f"max |P_k| {peak} (dtype max {report['tolerance']['dtype_max']:.4g})"
     )
     target = report.get("target")
     if target:
