@@ -529,9 +529,11 @@ def _target_checks(
             add("tasks", False, f"recorded tasks {tasks} are not all tasks of the source (0..{n_s - 1})")
             return result, failures
         cols_e, rows_e = average_factors(src, tasks, weights)
-        what = "bitwise the PEFT mean of " + (f"source tasks {tasks}" if tasks else f"all {n_s} source tasks")
+        which = f"source tasks {tasks}" if tasks else f"all {n_s} source tasks"
         if weights:
-            what += f" weighted {weights}"
+            what = f"bitwise the weighted mean of {which} with weights {weights} (float64, rounded once)"
+        else:
+            what = f"bitwise the PEFT mean of {which}"
     same_cols = all(_same_bits(cols_t[i : i + 1], cols_e) for i in range(n_t))
     same_rows = all(_same_bits(rows_t[i : i + 1], rows_e) for i in range(n_t))
     add("prefix_task_cols", same_cols, what)
