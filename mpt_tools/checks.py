@@ -360,6 +360,18 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
     return out
 
 
+def task_runs(tasks: list[int], step: int) -> list[tuple[int, int]]:
+    """Split task indices, in their order, into runs ``(start, stop)`` of consecutive tasks, each
+    at most ``step`` long, so that each run is read from the file in one piece."""
+    runs: list[tuple[int, int]] = []
+    for k in tasks:
+        if runs and runs[-1][1] == k and k - runs[-1][0] < step:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
 def iter_task_chunks(ckpt: Checkpoint, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, Raw]]:
     """Yield ``(start, stop, raw)`` over a factor tensor in chunks of whole tasks, each at most
     ``max_bytes`` (at least one task)."""

@@ -82,15 +82,14 @@ def _source_option_list(with_sizes: bool) -> list[Callable[[F], F]]:
     ]
 
 
-def _apply(func: F, options: list[Callable[[F], F]]) -> F:
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 def source_options(func: F) -> F:
     """Options shared by every command that reads a SOURCE: subfolder, config fields, Hub."""
-    return _apply(func, _source_option_list(with_sizes=True))
+    return with_options(_source_option_list(with_sizes=True))(func)
+
+
+def _plain_source_options(func: F) -> F:
+    """source_options without --num-tasks/--num-ranks (for commands that set those themselves)."""
+    return with_options(_source_option_list(with_sizes=False))(func)
 
 
 def hub_option_list() -> list[Callable[[F], F]]:
@@ -352,14 +351,9 @@ def _float_list(value: str | None) -> list[float] | None:
     "--verify",
     "verify_after",
     is_flag=True,
-    help="Then run `verify` on --out against SOURCE; on failure remove the new files and exit 1.",
+    help="Verify the adapter against SOURCE before it goes into --out; on failure --out is left as it was.",
 )
-@click.option("--subfolder", help="Named adapter saved under a subfolder of the directory or repo.")
-@click.option("--num-virtual-tokens", type=int, help="Give or override num_virtual_tokens.")
-@click.option("--token-dim", type=int, help="Give or override token_dim.")
-@click.option("--num-transformer-submodules", type=int, help="Give or override nts (1 or 2).")
-@click.option("--task-type", help="Give or override task_type.")
-@with_options(hub_option_list())
+@_plain_source_options
 @with_options(base_model_option_list())
 @click.option("--push", "push_to", metavar="REPO_ID", help="Then push --out to this Hub repo (see `push`).")
 @click.option("--private", is_flag=True, help="With --push: create the repo private.")
@@ -454,14 +448,11 @@ def init(
 
 def _add_similarity(report: dict[str, Any], ckpt: Any, plot: str | None, force: bool) -> Any:
     """Add the task similarity matrix (and the plot) to an inspect report; return the matrix."""
-    from .compare import plot_similarity, similarity_json, task_similarity
+    from .compare import plot_similarity, require_matplotlib, similarity_json, task_similarity
     from .errors import ValidationError
 
     if plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
+        require_matplotlib()  # before the (possibly long) similarity computation
     try:
         matrix = task_similarity(ckpt)
     except ValidationError:
@@ -475,15 +466,9 @@ def _add_similarity(report: dict[str, Any], ckpt: Any, plot: str | None, force: 
         report.setdefault("notes", []).append(f"{plot} not written: the source has errors")
         return matrix
     if plot:
-        protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
         title = f"task similarity: {ckpt.location}"
-        report["plot"] = plot_similarity(matrix, plot, title=title, force=force, protected=protected)
+        report["plot"] = plot_similarity(matrix, plot, title=title, force=force, protected=ckpt.source_paths)
     return matrix
-
-
-def _plain_source_options(func: F) -> F:
-    """source_options without --num-tasks/--num-ranks (for commands that set those themselves)."""
-    return _apply(func, _source_option_list(with_sizes=False))
 
 
 def _source_kw(kw: dict[str, Any], *, with_counts: bool = True) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 from .checks import check_source, errors, refusal
 from .errors import MptToolsError, WriteError
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, to_float64
-from .source import Checkpoint
+from .source import Checkpoint, load_source
 from .writer import source_folders
 
 CHUNK_BYTES = 64 << 20
@@ -28,30 +28,28 @@ CHUNK_BYTES = 64 << 20
 VOLATILE_CONFIG = ("peft_version",)
 
 
-def _open(
-    source: str | os.PathLike[str] | Checkpoint,
-    overrides: dict[str, Any] | None = None,
-    subfolder: str | None = None,
-    hub_options: dict[str, Any] | None = None,
-) -> Checkpoint:
-    from .pipeline import _load
+def _task_ranges(ckpt: Checkpoint, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Ranges of tasks whose float64 prompts take at most ``chunk_bytes`` (at least one task)."""
+    t, d = ckpt.shapes["prompt_embeddings"]
+    n = ckpt.shapes["prefix_task_cols"][0]
+    step = max(1, chunk_bytes // max(1, t * d * 8))
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
 
-    return _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+
+def _prompts(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The float64 effective prompts P* * (U_k @ V_k) of tasks ``start:stop``, [k, T, d]."""
+    cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
+    rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
+    with np.errstate(all="ignore"):
+        return pe[None] * np.matmul(cols, rows)
 
 
 def iter_prompts(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(start, stop, prompts)``: the effective prompts of tasks ``start:stop`` as float64
     [stop - start, T, d], in chunks of at most ``chunk_bytes`` of prompts (at least one task)."""
     pe = to_float64(ckpt.read("prompt_embeddings"))
-    t, d = pe.shape
-    n = ckpt.shapes["prefix_task_cols"][0]
-    step = max(1, chunk_bytes // max(1, t * d * 8))
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
-        rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
-        with np.errstate(all="ignore"):
-            yield start, stop, pe[None] * np.matmul(cols, rows)
+    for start, stop in _task_ranges(ckpt, chunk_bytes):
+        yield start, stop, _prompts(ckpt, pe, start, stop)
 
 
 def _require_prompts(ckpt: Checkpoint) -> None:
@@ -74,18 +72,18 @@ def task_similarity(
     stays bounded (besides the N x N result) whatever N is. An entry is NaN where a prompt is all
     zeros or not finite.
     """
-    ckpt = _open(source, overrides, subfolder, hub_options)
+    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
     _require_prompts(ckpt)
     n = ckpt.shapes["prefix_task_cols"][0]
     half = max(1, chunk_bytes // 2)
     gram = np.zeros((n, n), dtype=np.float64)
-    blocks = [(s, e) for s, e, _ in _block_bounds(ckpt, half)]
+    blocks = _task_ranges(ckpt, half)
     pe = to_float64(ckpt.read("prompt_embeddings"))
     with np.errstate(all="ignore"):
         for bi, (s1, e1) in enumerate(blocks):
-            a = _block(ckpt, pe, s1, e1)
+            a = _prompts(ckpt, pe, s1, e1).reshape(e1 - s1, -1)
             for s2, e2 in blocks[bi:]:
-                b = a if s2 == s1 else _block(ckpt, pe, s2, e2)
+                b = a if s2 == s1 else _prompts(ckpt, pe, s2, e2).reshape(e2 - s2, -1)
                 g = a @ b.T
                 gram[s1:e1, s2:e2] = g
                 gram[s2:e2, s1:e1] = g.T
@@ -94,21 +92,6 @@ def task_similarity(
     sim[~np.isfinite(sim)] = np.nan
     np.fill_diagonal(sim, np.where(norms > 0, 1.0, np.nan))
     return np.clip(sim, -1.0, 1.0)
-
-
-def _block_bounds(ckpt: Checkpoint, chunk_bytes: int) -> Iterator[tuple[int, int, None]]:
-    t, d = ckpt.shapes["prompt_embeddings"]
-    n = ckpt.shapes["prefix_task_cols"][0]
-    step = max(1, chunk_bytes // max(1, t * d * 8))
-    for start in range(0, n, step):
-        yield start, min(n, start + step), None
-
-
-def _block(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int) -> np.ndarray:
-    cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
-    rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
-    prompts = pe[None] * np.matmul(cols, rows)
-    return prompts.reshape(stop - start, -1)
 
 
 def similarity_json(matrix: np.ndarray) -> list[list[float | None]]:
@@ -128,6 +111,14 @@ def format_similarity(matrix: np.ndarray, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib() -> None:
+    """Raise MptToolsError saying how to install matplotlib when it is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
+
+
 def plot_similarity(
     matrix: np.ndarray,
     path: str | os.PathLike[str],
@@ -142,13 +133,12 @@ def plot_similarity(
     the cells for up to 16 tasks. Raises MptToolsError naming ``pip install 'mpt-tools[plot]'`` when
     matplotlib is missing. ``protected`` are source paths whose folders are never written.
     """
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
     out = Path(path)
     _check_plot_path(out, force=force, protected=protected or [])
     n = matrix.shape[0]
@@ -268,7 +258,7 @@ def diff(
     relative Frobenius difference of the effective prompts. Safetensors metadata differences are
     listed but do not make the adapters different.
     """
-    ca, cb = _open(a, hub_options=hub_options), _open(b, hub_options=hub_options)
+    ca, cb = load_source(a, hub_options=hub_options), load_source(b, hub_options=hub_options)
     fa, fb = _file_sets(ca), _file_sets(cb)
     only_a = sorted(set(fa) - set(fb))
     only_b = sorted(set(fb) - set(fa))

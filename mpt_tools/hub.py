@@ -30,7 +30,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import __version__
+from .checks import check_source, errors, refusal
 from .errors import HubError, MptToolsError, ValidationError
+from .source import file_sha256, hash_file, load_source
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -354,21 +356,8 @@ def _commit_of(path: str, subfolder: str | None) -> str | None:
     return None
 
 
-def _file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _git_blob_sha1(path: str | os.PathLike[str]) -> str:
-    size = os.path.getsize(path)
-    digest = hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path, hashlib.sha1(b"blob %d\0" % os.path.getsize(path)))
 
 
 def _expected_hash(fetch: _Fetch, local: str, path_in_repo: str, commit: str | None) -> tuple[str, str] | None:
@@ -415,7 +404,7 @@ def _verify(fetch: _Fetch, local: str, filename: str, commit: str | None, where:
     """
     path_in_repo = f"{fetch.spec.subfolder}/{filename}" if fetch.spec.subfolder else filename
     expected = _expected_hash(fetch, local, path_in_repo, commit)
-    actual = _file_sha256(local)
+    actual = file_sha256(local)  # also remembered for the command's own sha256 of the source
     if expected is None:
         return actual
     kind, value = expected
@@ -851,8 +840,6 @@ def push_adapter(
     "files": [{"path", "bytes", "sha256"}], "card", "dry_run", "commit", "commit_url", "pr_url",
     "url"}``.
     """
-    from .pipeline import validate
-
     src = Path(folder)
     _validate_repo_id(repo_id)
     if not src.is_dir():
@@ -868,15 +855,11 @@ def push_adapter(
         raise HubError(f"no {PUSH_WEIGHTS} here{hint}", str(src))
     if not config_file.is_file():
         raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
-    report = validate(str(src))
-    if not report["valid"]:
-        errs = [f for f in report["findings"] if f["level"] == "error"]
-        first = errs[0]
-        more = f" [and {len(errs) - 1} more: run `mpt-tools validate`]" if len(errs) > 1 else ""
-        raise ValidationError(f"refusing to push: {first['field']}: {first['message']}{more}", str(src), errs)
-    from .source import load_source
-
     ckpt = load_source(src)
+    problems = errors(check_source(ckpt))
+    if problems:
+        refused = refusal(str(src), problems)
+        raise ValidationError(f"refusing to push: {refused.message}", refused.path, problems)
     config_bytes = config_file.read_bytes()
     try:
         config = json.loads(config_bytes)

@@ -30,14 +30,6 @@ from .writer import check_output_dir, provenance, write_adapter
 NORM_CHUNK_BYTES = 64 << 20
 
 
-def _load(source: str | os.PathLike[str] | Checkpoint, **kwargs: Any) -> Checkpoint:
-    return source if isinstance(source, Checkpoint) else load_source(source, **kwargs)
-
-
-def _fail(ckpt: Checkpoint, problems: list[Finding]) -> ValidationError:
-    return refusal(ckpt.location, problems)
-
-
 def validate(
     source: str | os.PathLike[str] | Checkpoint,
     *,
@@ -58,7 +50,7 @@ def validate(
     base_model_name_or_path) compares token_dim with the base model's hidden size, reading only
     its config.json (code ``base-model``; off by default, so no network is touched).
     """
-    ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    ckpt = load_source(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     findings = check_source(ckpt)
     target: MptConfig | None = None
     if against is not None:
@@ -83,7 +75,8 @@ def validate(
     }
 
 
-def _json_float(value: float) -> float | None:
+def json_float(value: float) -> float | None:
+    """A float for JSON output: NaN and infinities become None (null)."""
     return float(value) if np.isfinite(value) else None
 
 
@@ -116,9 +109,9 @@ def task_norms(ckpt: Checkpoint, chunk_bytes: int = NORM_CHUNK_BYTES) -> list[di
             out.append(
                 {
                     "task": start + i,
-                    "cols_norm": _json_float(cn[i]),
-                    "rows_norm": _json_float(rn[i]),
-                    "prompt_norm": _json_float(pn[i]),
+                    "cols_norm": json_float(cn[i]),
+                    "rows_norm": json_float(rn[i]),
+                    "prompt_norm": json_float(pn[i]),
                 }
             )
     return out
@@ -134,7 +127,7 @@ def inspect_source(
 ) -> dict[str, Any]:
     """Describe a source: files with sha256, format, tensors, config, parameter counts, findings and
     per-task norms (see the README for the JSON schema)."""
-    ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    ckpt = load_source(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     findings = check_source(ckpt)
     files = [{"role": "weights", "path": ckpt.weights_path, "bytes": ckpt.file.size, "sha256": ckpt.sha256()}]
     if ckpt.config.path:
@@ -347,7 +340,7 @@ def init_adapter(
     ValidationError listing every problem before anything is written.
     """
     mode = canonical_mode(mode)
-    ckpt = _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
+    ckpt = load_source(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     warnings: list[str] = []
     src_cols = ckpt.shapes.get("prefix_task_cols")
     src_n = src_cols[0] if src_cols and len(src_cols) == 3 else None
@@ -413,9 +406,9 @@ def init_adapter(
         findings += base_model_findings(ckpt, base_model, hub_options=hub_options)
     problems = errors(findings)
     if problems:
-        raise _fail(ckpt, problems)
+        raise refusal(ckpt.location, problems)
     warnings += [f.line() for f in findings if f.level == "warning"]
-    protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
+    protected = ckpt.source_paths
     check_output_dir(out, force=force, protected=protected)
     target = build_target(
         ckpt,

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -57,9 +56,13 @@ from typing import Any
 
 import numpy as np
 
+from .checks import MODES, check_source, errors, refusal, task_runs
 from .errors import MptToolsError, ValidationError, VerifyError
+from .factors import average_factors, random_factors
 from .formats import DTYPE_NAMES, Raw, to_float32, to_torch
+from .pipeline import init_adapter, json_float
 from .source import Checkpoint, load_source
+from .writer import check_output_dir, commit_staged, staging_folder
 
 SCHEMA = "mpt-tools/verify/1"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -149,25 +152,6 @@ def _exact_fp32_matmul(dev: Any) -> Iterator[None]:
             mm.allow_tf32 = old_tf32
 
 
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def _task_runs(tasks: list[int], step: int) -> list[tuple[int, int]]:
-    """Split sorted distinct task indices into contiguous ``(start, stop)`` runs of at most ``step``."""
-    runs: list[tuple[int, int]] = []
-    i = 0
-    while i < len(tasks):
-        start = tasks[i]
-        stop = start + 1
-        i += 1
-        while i < len(tasks) and tasks[i] == stop and stop - start < step:
-            stop += 1
-            i += 1
-        runs.append((start, stop))
-    return runs
-
-
 def _check_layout(ckpt: Checkpoint) -> tuple[int, int, int, int]:
     """(N, T, r, d) of a checkpoint with consistent P*, U, V; ValidationError otherwise."""
     shapes = ckpt.shapes
@@ -196,8 +180,6 @@ def _check_layout(ckpt: Checkpoint) -> tuple[int, int, int, int]:
 def _refuse_broken(ckpt: Checkpoint) -> None:
     """Raise ValidationError on the header/config errors every command refuses (values are the
     rebuild's own business: non-finite tasks are reported per task)."""
-    from .checks import check_source, errors, refusal
-
     problems = errors(check_source(ckpt, values=False))
     if problems:
         raise refusal(ckpt.location, problems)
@@ -320,7 +302,7 @@ def _rebuild_checks(
     # heap between the chunks' large temporaries and let it grow with the number of tasks).
     stats = torch.zeros((7, len(tasks)), dtype=torch.float64, device=dev)
     pos = 0
-    for start, stop in _task_runs(tasks, step):
+    for start, stop in task_runs(tasks, step):
         m = stop - start
         if chunk_log is not None:
             chunk_log.append(m)
@@ -395,10 +377,10 @@ def _rebuild_checks(
         out.append(
             {
                 "task": k,
-                "max_abs_err": _json_float(float(err_max_a[i])),
-                "rel_err": _json_float(rel),
-                "max_abs": _json_float(mx),
-                "headroom": _json_float(headroom),
+                "max_abs_err": json_float(float(err_max_a[i])),
+                "rel_err": json_float(rel),
+                "max_abs": json_float(mx),
+                "headroom": json_float(headroom),
                 "finite": fin_ok and ref_ok,
                 "inputs_finite": in_ok and pe_ok,
                 "ok": not problems,
@@ -427,16 +409,13 @@ def _meta_floats(meta: dict[str, str], key: str) -> list[float] | None:
     return [float(v) for v in text.split(",")]
 
 
-_MODES = {"AVERAGE_SOURCE_TASKS": "average", "EXACT_SOURCE_TASK": "exact", "ONLY_SOURCE_SHARED": "shared"}
-
-
 def _resolve_source(
     target: Checkpoint, source: str | os.PathLike[str] | Checkpoint | None, notes: list[str]
 ) -> Checkpoint | None:
     """The source to compare against: the given one, or the recorded one while it still matches."""
     meta = target.file.metadata
     if source is not None:
-        ckpt = source if isinstance(source, Checkpoint) else load_source(source)
+        ckpt = load_source(source)
         recorded = meta.get("mpt_tools.source_sha256")
         if recorded and recorded != ckpt.sha256():
             notes.append("the given source's sha256 differs from the one recorded by init")
@@ -469,10 +448,8 @@ def _target_checks(
     """Check that ``target`` is what its recorded mode promises against ``src``."""
     import torch
 
-    from .factors import average_factors, random_factors
-
     meta = target.file.metadata
-    mode = _MODES.get(meta.get("mpt_tools.mode", ""))
+    mode = MODES.get(meta.get("mpt_tools.mode", "").lower())
     result: dict[str, Any] = {
         "source": src.location,
         "source_sha256": src.sha256(),
@@ -567,8 +544,8 @@ def _target_checks(
             sims.append(
                 {
                     "task": j,
-                    "cosine": _json_float(float(cos[i])),
-                    "rel_distance": _json_float(float(rel[i])),
+                    "cosine": json_float(float(cos[i])),
+                    "rel_distance": json_float(float(rel[i])),
                     "averaged": j in averaged,
                 }
             )
@@ -622,7 +599,7 @@ def verify(
     dtype_name = _dtype_name(dtype)
     _torch_dtype(dtype_name)  # validates
     dev = resolve_device(device)
-    ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else load_source(path_or_checkpoint)
+    ckpt = load_source(path_or_checkpoint)
     _refuse_broken(ckpt)
     n, t, r, d = _check_layout(ckpt)
     if tasks is None:
@@ -780,21 +757,16 @@ def init_and_verify(
     """Run :func:`mpt_tools.pipeline.init_adapter`, then :func:`verify` the written folder against
     the source; returns init's result with the verify report under ``"verify"``.
 
-    The adapter is written and verified in a hidden staging folder beside ``out`` and only then
-    moved into place (a new ``out`` by one rename; into an existing one, with ``force``, file by
-    file, back to back). On a failed verification the staging folder is removed and ``out`` is left
-    exactly as it was; then VerificationFailed is raised.
+    The adapter is written and verified in a hidden :func:`mpt_tools.writer.staging_folder` and
+    only then moved into place by :func:`mpt_tools.writer.commit_staged`. On a failed verification
+    the staging folder is removed and ``out`` is left exactly as it was; then VerificationFailed is
+    raised.
     """
-    from .pipeline import init_adapter
-    from .writer import check_output_dir, commit_staged
-
     resolve_device(device)  # fail before writing anything
     ckpt = load_source(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     folder = Path(out)
-    protected = [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
-    check_output_dir(folder, force=bool(init_kwargs.get("force")), protected=protected)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.verify.tmp"
+    check_output_dir(folder, force=bool(init_kwargs.get("force")), protected=ckpt.source_paths)
+    staging = staging_folder(folder)
     try:
         result = init_adapter(ckpt, mode, staging, **init_kwargs)
         report = verify(staging, source=ckpt, device=device, check=False)

@@ -12,7 +12,16 @@ from typing import Any
 
 from .config import CONFIG_NAME, MptConfig, bare_config, read_config
 from .errors import SourceError
-from .formats import CANONICAL, PICKLE_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
+from .formats import (
+    CANONICAL,
+    PICKLE_SUFFIXES,
+    Raw,
+    TensorFile,
+    TensorInfo,
+    atomic_write,
+    normalise_keys,
+    open_tensor_file,
+)
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -59,6 +68,12 @@ class Checkpoint:
         """Read a whole canonical tensor."""
         return self.file.read(self.keymap[name])
 
+    @property
+    def source_paths(self) -> list[str]:
+        """The files this checkpoint was read from (weights, and config when there is one): what
+        no command may write over or beside (see :func:`mpt_tools.writer.source_folders`)."""
+        return [self.weights_path] + ([self.config.path] if self.config.path else [])
+
     def map(self, name: str) -> Raw:
         """A canonical tensor, memory-mapped (see :meth:`mpt_tools.formats.TensorFile.map`)."""
         return self.file.map(self.keymap[name])
@@ -77,6 +92,14 @@ class Checkpoint:
 def _hash_cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mpt-tools" / "sha256-v1.json"
+
+
+def hash_file(path: str | os.PathLike[str], digest: Any) -> str:
+    """Feed a file to a hashlib ``digest`` in 1 MiB blocks; its hex digest."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return str(digest.hexdigest())
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -101,18 +124,12 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             cache = {}
         if key in cache:
             return cache[key]
-    digest = hashlib.sha256()
-    with open(real, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = hash_file(real, hashlib.sha256())
     if use_cache:
         cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
         cache[key] = value
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            from .formats import atomic_write
-
             atomic_write(cache_file, json.dumps(dict(list(cache.items())[-256:])))
         except Exception:  # a cache that cannot be written is only slower
             pass
@@ -142,7 +159,7 @@ def _weights_in_dir(folder: Path) -> Path:
 
 
 def load_source(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str] | Checkpoint,
     *,
     subfolder: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -153,8 +170,11 @@ def load_source(
     SOURCE is a ``.safetensors`` file, a ``.bin``/``.pt``/``.pth`` file (weights-only loading), a
     PEFT adapter directory (``--subfolder`` for a named adapter), or a Hub repo id / ``hf://`` URL.
     ``overrides`` give or replace config fields (None values are ignored). An existing local path
-    wins over a repo id spelled the same way.
+    wins over a repo id spelled the same way. A :class:`Checkpoint` is returned as it is, so every
+    library function takes either.
     """
+    if isinstance(source, Checkpoint):
+        return source
     text = os.fspath(source)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     path = Path(text)

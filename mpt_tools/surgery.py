@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .checks import Finding, check_source, errors, refusal
+from .checks import Finding, check_source, errors, refusal, task_runs
 from .config import PEFT_DEFAULTS, target_config
 from .errors import ValidationError, VerifyError, WriteError
 from .formats import (
@@ -41,7 +41,7 @@ from .formats import (
     to_float64,
     to_torch,
 )
-from .source import Checkpoint
+from .source import Checkpoint, load_source
 from .writer import WEIGHTS_NAME, check_output_dir, provenance, source_folders, write_adapter, write_files
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
@@ -75,17 +75,6 @@ _PT_FROM_SOURCE = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _open(
-    source: str | os.PathLike[str] | Checkpoint,
-    overrides: dict[str, Any] | None,
-    subfolder: str | None,
-    hub_options: dict[str, Any] | None,
-) -> Checkpoint:
-    from .pipeline import _load
-
-    return _load(source, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
-
-
 def _require(ckpt: Checkpoint, extra: list[Finding] | None = None, *, values: bool = True) -> list[str]:
     """Raise ValidationError listing every error of the source (plus ``extra``); return the warnings."""
     findings = check_source(ckpt, values=values) + (extra or [])
@@ -97,10 +86,6 @@ def _require(ckpt: Checkpoint, extra: list[Finding] | None = None, *, values: bo
 
 def _usage(field_name: str, message: str, expected: Any, found: Any, fix: str, code: str = "usage") -> Finding:
     return Finding("error", code, field_name, message, expected, found, fix)
-
-
-def _protected(ckpt: Checkpoint) -> list[str]:
-    return [ckpt.weights_path] + ([ckpt.config.path] if ckpt.config.path else [])
 
 
 def _source_fields(ckpt: Checkpoint) -> dict[str, Any]:
@@ -158,13 +143,7 @@ def _check_tasks(field_name: str, tasks: Sequence[int], n: int) -> list[Finding]
 
 def _gather(ckpt: Checkpoint, name: str, select: Sequence[int]) -> Raw:
     """Rows ``select`` of a factor tensor, bitwise, reading each run of consecutive tasks once."""
-    runs: list[tuple[int, int]] = []
-    for k in select:
-        if runs and runs[-1][1] == k:
-            runs[-1] = (runs[-1][0], k + 1)
-        else:
-            runs.append((k, k + 1))
-    parts = [ckpt.read_rows(name, a, b) for a, b in runs]
+    parts = [ckpt.read_rows(name, a, b) for a, b in task_runs(list(select), max(1, len(select)))]
     arr = np.ascontiguousarray(np.concatenate([p.array for p in parts], axis=0))
     return Raw(parts[0].dtype, tuple(arr.shape), arr)
 
@@ -185,7 +164,7 @@ def select_tasks(
     it). ``prompt_embeddings`` and each selected task's factors are copied bitwise in the source
     dtype; only the selected tasks' bytes are read. ``num_tasks`` in the config follows.
     """
-    ckpt = _open(source, overrides, subfolder, hub_options)
+    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
     select = [int(s) for s in select]
     extra: list[Finding] = []
     cols_shape = ckpt.shapes.get("prefix_task_cols")
@@ -193,7 +172,7 @@ def select_tasks(
         extra += _check_tasks("select", select, cols_shape[0])
     warnings = _require(ckpt, extra)
     n, _t, r, _d = _dims(ckpt)
-    protected = _protected(ckpt)
+    protected = ckpt.source_paths
     check_output_dir(out, force=force, protected=protected)
     tensors: dict[str, Raw] = {"prompt_embeddings": ckpt.read("prompt_embeddings")}
     for name in FACTOR_KEYS:
@@ -273,7 +252,7 @@ def rerank(
     (truncated SVD). The result reports per task the relative error of the prompt it causes,
     ``|P* * (approx - exact)|_F / |P* * exact|_F`` (float64; 0 when exact).
     """
-    ckpt = _open(source, overrides, subfolder, hub_options)
+    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
     extra: list[Finding] = []
     if num_ranks < 1:
         extra.append(_usage("num_ranks", "must be positive", ">= 1", num_ranks, "pass --num-ranks 1 or more"))
@@ -291,7 +270,7 @@ def rerank(
             )
     warnings = _require(ckpt, extra)
     n, t, r, d = _dims(ckpt)
-    protected = _protected(ckpt)
+    protected = ckpt.source_paths
     check_output_dir(out, force=force, protected=protected)
     pe32 = np.ascontiguousarray(to_float32(ckpt.read("prompt_embeddings")))
     pe64 = pe32.astype(np.float64)
@@ -443,7 +422,7 @@ def convert(
     bitwise the source's values); for a cast the result reports the max cast error. A finite value
     out of the target dtype's range is refused, naming the tensor and the value.
     """
-    ckpt = _open(source, overrides, subfolder, hub_options)
+    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
     tag: str | None = None
     extra: list[Finding] = []
     if dtype is not None:
@@ -460,7 +439,7 @@ def convert(
         warnings.append(f"dropped {key!r}: not an MPT tensor")
     out_path = Path(out)
     as_file = out_path.suffix.lower() == ".safetensors" and not out_path.is_dir()
-    protected = _protected(ckpt)
+    protected = ckpt.source_paths
     if as_file:
         if out_path.exists() and not out_path.is_file():
             raise WriteError("exists and is not a file", str(out_path))
@@ -604,7 +583,7 @@ def export_prompt(
     forward feeds to the decoder. ``encoder_only`` exports just the encoder half (num_transformer_submodules
     1), which is exactly what ``generate()`` uses for MPT too, but not what MPT's forward (training loss) sees.
     """
-    ckpt = _open(source, overrides, subfolder, hub_options)
+    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
     extra: list[Finding] = []
     cols_shape = ckpt.shapes.get("prefix_task_cols")
     if cols_shape and len(cols_shape) == 3:
@@ -636,7 +615,7 @@ def export_prompt(
     warnings = _require(ckpt, extra)
     if nvt is None:
         raise ValidationError("num_virtual_tokens is unknown; give --num-virtual-tokens", ckpt.location)
-    protected = _protected(ckpt)
+    protected = ckpt.source_paths
     check_output_dir(out, force=force, protected=protected)
     prompt = task_prompt(ckpt, task)
     if encoder_only:

@@ -97,52 +97,45 @@ def _fsync_dir(folder: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+def staging_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """A new, empty, hidden folder on ``out_dir``'s filesystem to build an output in: inside
+    ``out_dir`` when it exists, else beside it (then renaming it to ``out_dir`` is one step)."""
+    out = Path(out_dir)
+    base = out if out.exists() else out.parent
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    os.mkdir(staging)  # mode 0o777 less the umask, like a plain mkdir
+    return staging
+
+
 def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload]) -> None:
     """Write ``files`` (name to content) into ``out_dir`` as close to one atomic step as POSIX allows.
 
-    A new folder is built complete under a temp name beside it and renamed into place, so it is
-    either absent or complete. In an existing folder every file is first written and fsynced under a
-    temp name, then all are renamed into place back to back: each file is always the old or the new
-    one, and the window in which they disagree is the few microseconds between two renames. On a
-    failure no temp file or folder is left behind and the existing files are untouched.
+    Every file is written and fsynced in a :func:`staging_folder` first, then
+    :func:`commit_staged` moves them into place: a new folder is either absent or complete, and in
+    an existing one each file is always the old or the new one (they can disagree only between two
+    back-to-back renames). On a failure nothing is left behind and existing files are untouched.
     """
     out = Path(out_dir)
     try:
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp_dir = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
-            os.mkdir(tmp_dir)  # mode 0o777 less the umask, like a plain mkdir
-            try:
-                for name, data in files.items():
-                    os.replace(synced_temp_file(tmp_dir, name, data), tmp_dir / name)
-                _fsync_dir(tmp_dir)
-                os.rename(tmp_dir, out)
-            except BaseException:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-                raise
-            _fsync_dir(out.parent)
-            return
-        temps: dict[str, str] = {}
+        staging = staging_folder(out)
         try:
             for name, data in files.items():
-                temps[name] = synced_temp_file(out, name, data)
-            for name in list(temps):
-                os.replace(temps[name], out / name)
-                del temps[name]
+                os.replace(synced_temp_file(staging, name, data), staging / name)
+            _fsync_dir(staging)
+            commit_staged(staging, out)
         finally:
-            for tmp in temps.values():
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-        _fsync_dir(out)
+            shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
 
 
 def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[str]:
-    """Move the files of a complete, fsynced ``staging`` folder (beside ``out_dir``) into place.
+    """Move the files of a complete, fsynced :func:`staging_folder` into ``out_dir``.
 
     A missing ``out_dir`` is the staging folder renamed (one atomic step); in an existing one the
-    files are renamed back to back, each always the old or the new one. Returns the new paths.
+    files are renamed back to back, each always the old or the new one (the emptied staging folder
+    is the caller's to remove). Returns the new paths.
     """
     src, out = Path(staging), Path(out_dir)
     names = sorted(p.name for p in src.iterdir())

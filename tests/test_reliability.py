@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -147,8 +148,11 @@ def test_sigkill_never_leaves_a_partial_file(tmp_path: Path, command: str) -> No
             outcomes.add((n, got == new[n]))
         for p in out.iterdir():  # temp files may remain after SIGKILL, but never under the real names
             assert p.name in names or p.name.endswith(".tmp"), p
-        for p in out.glob("*.tmp"):
-            p.unlink()
+        for p in out.glob("*.tmp"):  # a killed run's staging folder
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         fresh = tmp_path / f"fresh{i}"
         _kill_at_spread_moments([*new_argv, "--out", str(fresh)], full, i, steps)
         if fresh.exists():
