@@ -426,15 +426,10 @@ def init_adapter(
             where = f"task {target.task}" if target.task is not None else "the source"
             raise ValidationError(f"{name}: {where} holds NaN/Inf values; the target would be unusable", ckpt.location)
     config = target_config(ckpt.config, target.num_tasks, target.num_ranks)
-    src_info = ckpt.info("prompt_embeddings")
     meta = provenance(
         {
             "mode": PEFT_MODE_NAMES[mode],
-            "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
-            "source_file": os.path.basename(ckpt.weights_path),
-            "source_sha256": ckpt.sha256(),
-            "source_dtype": DTYPE_NAMES.get(src_info.dtype, src_info.dtype) if src_info else None,
-            "source_revision": ckpt.hub.get("commit") if ckpt.hub else None,
+            **ckpt.provenance(),
             "task": target.task,
             "tasks": target.tasks,
             "weights": target.weights,

@@ -14,6 +14,7 @@ from .config import CONFIG_NAME, MptConfig, bare_config, read_config
 from .errors import SourceError
 from .formats import (
     CANONICAL,
+    DTYPE_NAMES,
     PICKLE_SUFFIXES,
     Raw,
     TensorFile,
@@ -73,6 +74,18 @@ class Checkpoint:
         """The files this checkpoint was read from (weights, and config when there is one): what
         no command may write over or beside (see :func:`mpt_tools.writer.source_folders`)."""
         return [self.weights_path] + ([self.config.path] if self.config.path else [])
+
+    def provenance(self) -> dict[str, Any]:
+        """Where an output came from, for its ``mpt_tools.*`` metadata: the source (its Hub URL at
+        the resolved commit, or the location as given), weights file name, sha256, dtype, revision."""
+        info = self.info("prompt_embeddings")
+        return {
+            "source": self.hub["url"] if self.hub else self.location,
+            "source_file": os.path.basename(self.weights_path),
+            "source_sha256": self.sha256(),
+            "source_dtype": DTYPE_NAMES.get(info.dtype, info.dtype) if info else None,
+            "source_revision": self.hub.get("commit") if self.hub else None,
+        }
 
     def map(self, name: str) -> Raw:
         """A canonical tensor, memory-mapped (see :meth:`mpt_tools.formats.TensorFile.map`)."""

@@ -88,17 +88,6 @@ def _usage(field_name: str, message: str, expected: Any, found: Any, fix: str, c
     return Finding("error", code, field_name, message, expected, found, fix)
 
 
-def _source_fields(ckpt: Checkpoint) -> dict[str, Any]:
-    info = ckpt.info("prompt_embeddings")
-    return {
-        "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
-        "source_file": os.path.basename(ckpt.weights_path),
-        "source_sha256": ckpt.sha256(),
-        "source_dtype": DTYPE_NAMES.get(info.dtype, info.dtype) if info else None,
-        "source_revision": ckpt.hub.get("commit") if ckpt.hub else None,
-    }
-
-
 def _dims(ckpt: Checkpoint) -> tuple[int, int, int, int]:
     """(N, T, r, d) of a checked source."""
     n, t, r = ckpt.shapes["prefix_task_cols"]
@@ -183,7 +172,7 @@ def select_tasks(
     if repeated:
         notes.append(f"tasks listed more than once: {repeated}")
     config = target_config(ckpt.config, len(select), r)
-    meta = provenance({"operation": "tasks", **_source_fields(ckpt), "select": select})
+    meta = provenance({"operation": "tasks", **ckpt.provenance(), "select": select})
     written = write_adapter(out, tensors, config, meta, force=force, protected=protected)
     return _result(
         "tasks",
@@ -320,7 +309,7 @@ def rerank(
     meta = provenance(
         {
             "operation": "rerank",
-            **_source_fields(ckpt),
+            **ckpt.provenance(),
             "source_num_ranks": r,
             "num_ranks": num_ranks,
             "max_relative_error": f"{max(errs):.6g}" if errs else None,
@@ -466,7 +455,7 @@ def convert(
     meta = provenance(
         {
             "operation": "convert",
-            **_source_fields(ckpt),
+            **ckpt.provenance(),
             "source_format": ckpt.format,
             "dtype": DTYPE_NAMES[tag] if tag else None,
         }
@@ -629,7 +618,7 @@ def export_prompt(
     meta = provenance(
         {
             "operation": "export-prompt",
-            **_source_fields(ckpt),
+            **ckpt.provenance(),
             "task": task,
             "encoder_only": "true" if encoder_only else None,
         }
