@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -35,12 +36,12 @@ class Group(click.Group):
         except MptToolsError as exc:
             if _debug():
                 raise
-            click.echo(f"error: {_one_line(str(exc))}", err=True)
+            echo(f"error: {_one_line(str(exc))}", err=True)
             ctx.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            echo("error: interrupted", err=True)
             ctx.exit(130)
         except BrokenPipeError:  # `mpt-tools inspect x | head`: the reader left; say nothing more
             with contextlib.suppress(OSError, ValueError):
@@ -50,12 +51,34 @@ class Group(click.Group):
         except Exception as exc:  # a bug: still no traceback for users
             if _debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
-            click.echo(
+            echo(
                 f"error: internal error ({type(exc).__name__}: {_one_line(str(exc))}); "
                 "set MPT_TOOLS_DEBUG=1 for a traceback and please report it",
                 err=True,
             )
             ctx.exit(1)
+
+
+# C0/C1 control characters (newlines, terminal escape sequences, ...) and the Unicode line and
+# paragraph separators: tensor names, metadata and config values come from files that may be hostile.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return ascii(match.group())[1:-1]
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """Print one line (stdout, or stderr with ``err``). Control characters in it, which can only
+    come from file contents (a newline in a tensor name, a terminal escape sequence in metadata),
+    are shown escaped (``\\n``, ``\\x1b``), so they can neither split the line nor reach the terminal."""
+    click.echo(_CONTROL.sub(_escape, text), err=err)
+
+
+def echo_lines(text: str) -> None:
+    """Print text made of several lines of mpt-tools' own making, each through :func:`echo`."""
+    for line in text.split("\n"):
+        echo(line)
 
 
 def _one_line(text: str) -> str:
@@ -155,7 +178,7 @@ def _print_findings(findings: list[dict[str, Any]]) -> None:
     from .checks import Finding
 
     for f in findings:
-        click.echo("  " + Finding(**f).line())
+        echo("  " + Finding(**f).line())
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,7 +223,7 @@ def validate(source: str, against: str | None, mode: str | None, task: int | Non
         errs = [f for f in report["findings"] if f["level"] == "error"]
         warns = [f for f in report["findings"] if f["level"] == "warning"]
         state = "valid" if report["valid"] else "INVALID"
-        click.echo(f"{report['source']}: {state} ({len(errs)} error(s), {len(warns)} warning(s))")
+        echo(f"{report['source']}: {state} ({len(errs)} error(s), {len(warns)} warning(s))")
         _print_findings(report["findings"])
     _exit_if_invalid(report)
 
@@ -215,7 +238,7 @@ def _exit_if_invalid(report: dict[str, Any]) -> None:
     if first.get("expected") is not None or first.get("found") is not None:
         detail = f" (expected {first['expected']}, found {first['found']})"
     more = f" [and {len(errs) - 1} more]" if len(errs) > 1 else ""
-    click.echo(f"error: {report['source']}: {first['field']}: {first['message']}{detail}{more}", err=True)
+    echo(f"error: {report['source']}: {first['field']}: {first['message']}{detail}{more}", err=True)
     sys.exit(1)
 
 
@@ -245,16 +268,16 @@ def inspect(
         _echo_json(report)
         _exit_if_invalid(report)
         return
-    click.echo(f"source: {report['source']} ({report['format']})")
+    echo(f"source: {report['source']} ({report['format']})")
     for f in report["files"]:
-        click.echo(f"  {f['role']:<7} {f['path']}  {f['bytes']} bytes  sha256 {f['sha256']}")
-    click.echo("tensors:")
+        echo(f"  {f['role']:<7} {f['path']}  {f['bytes']} bytes  sha256 {f['sha256']}")
+    echo("tensors:")
     for t in report["tensors"]:
         label = t["key"] or "(ignored)"
         stored = f"  (stored as {t['stored_as']})" if t["stored_as"] != t["key"] else ""
-        click.echo(f"  {label:<18} {t['dtype']:<9} {t['shape']!s:<16} {t['parameters']:>10} params{stored}")
+        echo(f"  {label:<18} {t['dtype']:<9} {t['shape']!s:<16} {t['parameters']:>10} params{stored}")
     cfg = report["config"]
-    click.echo(f"config: {report['config_source']}")
+    echo(f"config: {report['config_source']}")
     for key in (
         "peft_type",
         "task_type",
@@ -266,28 +289,26 @@ def inspect(
         "prompt_tuning_init",
         "base_model_name_or_path",
     ):
-        click.echo(f"  {key:<27} {cfg.get(key)}")
+        echo(f"  {key:<27} {cfg.get(key)}")
     p = report["parameters"]
     if p:
-        click.echo("parameters: " + ", ".join(f"{k} {v}" for k, v in p.items()))
+        echo("parameters: " + ", ".join(f"{k} {v}" for k, v in p.items()))
     if report["findings"]:
-        click.echo("findings:")
+        echo("findings:")
         _print_findings(report["findings"])
     else:
-        click.echo("findings: none (valid)")
+        echo("findings: none (valid)")
     if report["tasks"]:
-        click.echo(f"{'task':>6} {'|U_k|':>10} {'|V_k|':>10} {'|P_k|':>10}")
+        echo(f"{'task':>6} {'|U_k|':>10} {'|V_k|':>10} {'|P_k|':>10}")
         for t in report["tasks"]:
-            click.echo(
-                f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}"
-            )
+            echo(f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}")
     if similarity and sim_matrix is not None:
         from .compare import format_similarity
 
-        click.echo("task similarity (cosine of the effective prompts):")
-        click.echo(format_similarity(sim_matrix))
+        echo("task similarity (cosine of the effective prompts):")
+        echo_lines(format_similarity(sim_matrix))
     if report.get("plot"):
-        click.echo(f"wrote {report['plot']}")
+        echo(f"wrote {report['plot']}")
     _exit_if_invalid(report)
 
 
@@ -410,37 +431,37 @@ def init(
         check_base_model=kw.pop("check_base_model", False),
     )
     for w in result["warnings"]:
-        click.echo(f"warning: {w}", err=True)
+        echo(f"warning: {w}", err=True)
     if kw.get("push_to"):
         result["push"] = _push_after_init(result["out"], kw, hub.get("token"))
     if as_json:
         _echo_json(result)
         return
     for note in result["notes"]:
-        click.echo(f"note: {note}", err=True)
+        echo(f"note: {note}", err=True)
     how = {
         "average": _average_how(result["metadata"]),
         "exact": f"source task {result['task']}",
         "shared": f"shared prompt only, fresh factors from seed {result['seed']}",
     }[result["mode"]]
-    click.echo(f"wrote {result['out']} ({result['peft_mode']}: {how})")
+    echo(f"wrote {result['out']} ({result['peft_mode']}: {how})")
     for path in result["files"]:
-        click.echo(f"  {path}  ({os.path.getsize(path)} bytes)")
+        echo(f"  {path}  ({os.path.getsize(path)} bytes)")
     for name, shape in result["shapes"].items():
-        click.echo(f"  {name:<18} float32 {shape}")
-    click.echo(
+        echo(f"  {name:<18} float32 {shape}")
+    echo(
         f"  num_tasks {result['num_tasks']}, num_ranks {result['num_ranks']}, "
         f"source sha256 {result['source_sha256'][:16]}..."
     )
     if "verify" in result:
         from .rebuild import summary_line
 
-        click.echo(summary_line(result["verify"]))
+        echo(summary_line(result["verify"]))
     if "push" in result:
         from .hub import push_summary
 
         for line in push_summary(result["push"]):
-            click.echo(line)
+            echo(line)
 
 
 # --- task surgery and comparison (issue #5) -------------------------------------------------
@@ -481,14 +502,14 @@ def _source_kw(kw: dict[str, Any], *, with_counts: bool = True) -> dict[str, Any
 
 def _report_written(result: dict[str, Any], what: str) -> None:
     for w in result.get("warnings", []):
-        click.echo(f"warning: {w}", err=True)
+        echo(f"warning: {w}", err=True)
     for note in result.get("notes", []):
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"wrote {result['out']} ({what})")
+        echo(f"note: {note}", err=True)
+    echo(f"wrote {result['out']} ({what})")
     for path in result["files"]:
-        click.echo(f"  {path}  ({os.path.getsize(path)} bytes)")
+        echo(f"  {path}  ({os.path.getsize(path)} bytes)")
     for name, shape in result.get("shapes", {}).items():
-        click.echo(f"  {name:<18} {shape}")
+        echo(f"  {name:<18} {shape}")
 
 
 _OUT = click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")
@@ -518,7 +539,7 @@ def tasks_cmd(source: str, select: str, out: str, force: bool, as_json: bool, **
         return
     _report_written(result, f"tasks {','.join(map(str, chosen))} of {result['source']}")
     if result["dropped"]:
-        click.echo(f"  dropped source tasks {result['dropped']}")
+        echo(f"  dropped source tasks {result['dropped']}")
 
 
 @cli.command()
@@ -543,9 +564,9 @@ def rerank(source: str, num_ranks: int, out: str, force: bool, as_json: bool, **
         return
     how = f"rank {result['source_num_ranks']} -> {result['num_ranks']}"
     _report_written(result, how + (", exact" if result["exact"] else ", truncated SVD"))
-    click.echo(f"{'task':>6} {'method':>9} {'rel. prompt error':>18}")
+    echo(f"{'task':>6} {'method':>9} {'rel. prompt error':>18}")
     for t in result["tasks"]:
-        click.echo(f"{t['task']:>6} {t['method']:>9} {_fmt(t['relative_error']):>18}")
+        echo(f"{t['task']:>6} {t['method']:>9} {_fmt(t['relative_error']):>18}")
 
 
 @cli.command()
@@ -577,8 +598,8 @@ def convert(source: str, out: str, dtype: str | None, force: bool, as_json: bool
     for name, before in result["dtypes_before"].items():
         cast = result["casts"].get(name)
         err = f"  max cast error {cast['max_abs_error']:.4g}" if cast else ""
-        click.echo(f"  {name:<18} {before} -> {result['dtypes_after'][name]}{err}")
-    click.echo(f"  verified: read back {result['verified']}")
+        echo(f"  {name:<18} {before} -> {result['dtypes_after'][name]}{err}")
+    echo(f"  verified: read back {result['verified']}")
 
 
 @cli.command("export-prompt")
@@ -623,43 +644,43 @@ def diff(a: str, b: str, as_json: bool, **kw: Any) -> None:
     else:
         _print_diff(report)
     if not report["identical"]:
-        click.echo(f"differ: {report['a']} vs {report['b']}: {report['summary']}", err=True)
+        echo(f"differ: {report['a']} vs {report['b']}: {report['summary']}", err=True)
         sys.exit(1)
 
 
 def _print_diff(report: dict[str, Any]) -> None:
-    click.echo(f"a: {report['a']}  sha256 {report['sha256']['a'][:16]}...")
-    click.echo(f"b: {report['b']}  sha256 {report['sha256']['b'][:16]}...")
+    echo(f"a: {report['a']}  sha256 {report['sha256']['a'][:16]}...")
+    echo(f"b: {report['b']}  sha256 {report['sha256']['b'][:16]}...")
     for side in ("only_a", "only_b"):
         for key in report["keys"][side]:
-            click.echo(f"key only in {side[-1].upper()}: {key}")
+            echo(f"key only in {side[-1].upper()}: {key}")
     for item in report["renamed"]:
-        click.echo(f"note: {item['key']} is stored as {item['a']!r} in A and {item['b']!r} in B")
+        echo(f"note: {item['key']} is stored as {item['a']!r} in A and {item['b']!r} in B")
     for item in report["shapes"]:
-        click.echo(f"shape {item['key']}: {item['a']} vs {item['b']}")
+        echo(f"shape {item['key']}: {item['a']} vs {item['b']}")
     for item in report["dtypes"]:
-        click.echo(f"dtype {item['key']}: {item['a']} vs {item['b']}")
+        echo(f"dtype {item['key']}: {item['a']} vs {item['b']}")
     files = report["config_files"]
     if (files["a"] is None) != (files["b"] is None):
-        click.echo(f"config: A {files['a'] or '(none: inferred)'} vs B {files['b'] or '(none: inferred)'}")
+        echo(f"config: A {files['a'] or '(none: inferred)'} vs B {files['b'] or '(none: inferred)'}")
     for item in report["config"]:
-        click.echo(f"config {item['field']}: {item['a']!r} vs {item['b']!r}")
+        echo(f"config {item['field']}: {item['a']!r} vs {item['b']!r}")
     if report["tensors"]:
-        click.echo("tensors:")
+        echo("tensors:")
         for name, t in report["tensors"].items():
             same = "bitwise equal" if t["bitwise_equal"] else f"max abs diff {t['max_abs_diff']:.4g}"
             extra = f", {t['nonfinite_mismatches']} NaN/Inf mismatches" if t["nonfinite_mismatches"] else ""
-            click.echo(f"  {name:<18} {same}{extra}")
+            echo(f"  {name:<18} {same}{extra}")
     prompts = report["prompts"]
     if prompts:
-        click.echo(f"{'task':>6} {'max |dP_k|':>12} {'rel. diff':>12}")
+        echo(f"{'task':>6} {'max |dP_k|':>12} {'rel. diff':>12}")
         for t in prompts["tasks"]:
-            click.echo(f"{t['task']:>6} {_fmt(t['max_abs_diff']):>12} {_fmt(t['relative_diff']):>12}")
+            echo(f"{t['task']:>6} {_fmt(t['max_abs_diff']):>12} {_fmt(t['relative_diff']):>12}")
     if report["metadata"]:
         keys = ", ".join(item["key"] for item in report["metadata"][:4])
         more = ", ..." if len(report["metadata"]) > 4 else ""
-        click.echo(f"metadata: {len(report['metadata'])} key(s) differ ({keys}{more}); not counted, see --json")
-    click.echo("identical" if report["identical"] else f"different: {report['summary']}")
+        echo(f"metadata: {len(report['metadata'])} key(s) differ ({keys}{more}); not counted, see --json")
+    echo("identical" if report["identical"] else f"different: {report['summary']}")
 
 
 # --- verify (issue #4) ----------------------------------------------------------------------
@@ -691,7 +712,7 @@ def verify_cmd(path: str, source: str | None, device: str, dtype: str, task_list
         if as_json:
             _echo_json(report)
         else:
-            click.echo("\n".join(report_lines(report)))
+            echo_lines("\n".join(report_lines(report)))
 
     try:
         report = run(path, source=source, device=device, dtype=dtype, tasks=_int_list(task_list))
@@ -747,7 +768,7 @@ def push(
         _echo_json(result)
         return
     for line in push_summary(result):
-        click.echo(line)
+        echo(line)
 
 
 def _push_after_init(out: str, kw: dict[str, Any], token: str | None) -> dict[str, Any]:

@@ -697,6 +697,15 @@ def _card_value(value: str) -> str:
     return value if re.fullmatch(r"[A-Za-z0-9][\w.\-/:]*", value) else json.dumps(value)
 
 
+def _plain(value: Any, limit: int = 200) -> str:
+    """A recorded (possibly hostile) value as one line of plain text for the card or a commit
+    message: whitespace collapsed, control characters, backticks and pipes replaced, at most
+    ``limit`` characters."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value))
+    text = " ".join(text.split()).replace("`", "'").replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _safe_source(value: str) -> str:
     """A source for the card: Hub URLs as they are, local paths reduced to their file name."""
     if value.startswith("hf://"):
@@ -743,8 +752,8 @@ def model_card(
     prov = {k[len("mpt_tools.") :]: v for k, v in metadata.items() if k.startswith("mpt_tools.")}
     if "mode" in prov:
         lines += [
-            f"Initialised with mpt-tools {prov.get('version', '')} "
-            f"(`mpt-tools init --mode {prov['mode']}`) from a source MPT adapter.",
+            f"Initialised with mpt-tools {_plain(prov.get('version', ''), 40)} "
+            f"(`mpt-tools init --mode {_plain(prov['mode'], 40)}`) from a source MPT adapter.",
             "",
             "| field | value |",
             "| --- | --- |",
@@ -762,7 +771,7 @@ def model_card(
             ("seed", prov.get("seed")),
             ("target tasks", prov.get("target_tasks")),
         ]
-        lines += [f"| {k} | `{v}` |" for k, v in rows if v is not None]
+        lines += [f"| {k} | `{_plain(v)}` |" for k, v in rows if v is not None]
     else:
         lines.append("Not recorded: the weights carry no mpt-tools provenance metadata.")
         lines += ["", "| field | value |", "| --- | --- |"]
@@ -875,7 +884,8 @@ def push_adapter(
     card_bytes = card.encode("utf-8")
     files.append({"path": CARD_NAME, "bytes": len(card_bytes), "sha256": hashlib.sha256(card_bytes).hexdigest()})
     mode = (ckpt.file.metadata or {}).get("mpt_tools.mode")
-    message = commit_message or f"Upload MPT adapter{f' ({mode})' if mode else ''} with mpt-tools {__version__}"
+    shown = f" ({_plain(mode, 40)})" if mode else ""
+    message = commit_message or f"Upload MPT adapter{shown} with mpt-tools {__version__}"
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
     result: dict[str, Any] = {
         "schema": "mpt-tools/push/1",

@@ -208,7 +208,7 @@ def inspect_source(
     }
 
 
-def _selection_findings(
+def selection_findings(
     mode: str, src_n: int | None, tasks: list[int] | None, weights: list[float] | None, target_tasks: int
 ) -> list[Finding]:
     """Problems with --tasks, --weights and --target-tasks."""
@@ -371,7 +371,7 @@ def init_adapter(
                 "give only one of them",
             )
         )
-    findings += _selection_findings(mode, src_n, tasks, weights, target_tasks)
+    findings += selection_findings(mode, src_n, tasks, weights, target_tasks)
     if not ckpt.config_from_file and ckpt.config.task_type is None:
         findings.append(
             Finding(

@@ -60,7 +60,7 @@ from .checks import MODES, check_source, errors, refusal, task_runs
 from .errors import MptToolsError, ValidationError, VerifyError
 from .factors import average_factors, random_factors
 from .formats import DTYPE_NAMES, Raw, to_float32, to_torch
-from .pipeline import init_adapter, json_float
+from .pipeline import init_adapter, json_float, selection_findings
 from .source import Checkpoint, load_source
 from .writer import check_output_dir, commit_staged, staging_folder
 
@@ -395,18 +395,43 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def _meta_ints(meta: dict[str, str], key: str) -> list[int] | None:
+class _BadRecord(Exception):
+    """A recorded ``mpt_tools.*`` value that cannot be what init wrote (hostile or hand-edited)."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(detail)
+        self.key, self.detail = key, detail
+
+
+def _shown(text: str) -> str:
+    """A recorded value for a message: repr'd, at most 40 characters."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+
+
+def _meta_list(meta: dict[str, str], key: str, kind: type) -> list[Any] | None:
+    """A recorded comma-separated list of ``kind`` (int or float); None when absent or empty."""
     text = meta.get(key)
     if text is None or text == "":
         return None
-    return [int(v) for v in text.split(",")]
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise _BadRecord(key, f"recorded {key} {_shown(text)} is not a list of {what}") from None
 
 
-def _meta_floats(meta: dict[str, str], key: str) -> list[float] | None:
+def _meta_int(meta: dict[str, str], key: str, default: int | None = None) -> int | None:
+    """A recorded non-negative integer (``default`` when absent)."""
     text = meta.get(key)
-    if text is None or text == "":
-        return None
-    return [float(v) for v in text.split(",")]
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise _BadRecord(key, f"recorded {key} {_shown(text)} is not an integer") from None
+    if value < 0:
+        raise _BadRecord(key, f"recorded {key} {value} is negative")
+    return value
 
 
 def _resolve_source(
@@ -423,14 +448,25 @@ def _resolve_source(
     recorded_path = meta.get("mpt_tools.source")
     if not recorded_path or "mpt_tools.mode" not in meta:
         return None
-    if not os.path.exists(recorded_path):
+    if recorded_path.startswith("hf://"):
+        # init recorded hf://org/name@commit[/subfolder]: use the Hub cache only (no download)
+        try:
+            ckpt = load_source(recorded_path, hub_options={"offline": True})
+        except MptToolsError:
+            notes.append(
+                f"recorded source {recorded_path} is not in the local Hub cache; "
+                f"pass --source {recorded_path} to download it and compare"
+            )
+            return None
+    elif not os.path.exists(recorded_path):
         notes.append(f"recorded source {recorded_path} not found here; pass --source to compare against it")
         return None
-    try:
-        ckpt = load_source(recorded_path)
-    except MptToolsError as exc:
-        notes.append(f"recorded source {recorded_path} cannot be read ({exc}); pass --source")
-        return None
+    else:
+        try:
+            ckpt = load_source(recorded_path)
+        except MptToolsError as exc:
+            notes.append(f"recorded source {recorded_path} cannot be read ({exc}); pass --source")
+            return None
     recorded = meta.get("mpt_tools.source_sha256")
     if recorded and recorded != ckpt.sha256():
         notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source to compare")
@@ -449,11 +485,12 @@ def _target_checks(
     import torch
 
     meta = target.file.metadata
-    mode = MODES.get(meta.get("mpt_tools.mode", "").lower())
+    recorded_mode = meta.get("mpt_tools.mode", "")
+    mode = MODES.get(recorded_mode.lower())
     result: dict[str, Any] = {
         "source": src.location,
         "source_sha256": src.sha256(),
-        "mode": mode,
+        "mode": mode or "unknown",
         "task": None,
         "checks": [],
         "similarity": None,
@@ -467,7 +504,15 @@ def _target_checks(
             failures.append({"task": None, "check": "target-mismatch", "message": f"{name}: {detail}"})
 
     if mode is None:
-        add("mode", False, "the target records no mpt_tools.mode; cannot tell what it should equal")
+        add("mode", False, f"recorded mpt_tools.mode {_shown(recorded_mode)} is not one of init's modes")
+        return result, failures
+    try:  # what init recorded about the selection: refuse values init cannot have written
+        k = _meta_int(meta, "mpt_tools.task", 0) if mode == "exact" else None
+        seed = _meta_int(meta, "mpt_tools.seed") if mode == "shared" else None
+        tasks = _meta_list(meta, "mpt_tools.tasks", int) if mode == "average" else None
+        weights = _meta_list(meta, "mpt_tools.weights", float) if mode == "average" else None
+    except _BadRecord as exc:
+        add(exc.key.removeprefix("mpt_tools."), False, exc.detail)
         return result, failures
     n_t, t_t, r_t, d_t = _check_layout(target)
     pe_t = to_float32(target.read("prompt_embeddings"))
@@ -480,9 +525,8 @@ def _target_checks(
     cols_t = to_float32(target.read("prefix_task_cols"))
     rows_t = to_float32(target.read("prefix_task_rows"))
     if mode == "shared":
-        seed = meta.get("mpt_tools.seed")
         if seed is not None:
-            cols_e, rows_e = random_factors(int(seed), n_t, t_t, r_t, d_t)
+            cols_e, rows_e = random_factors(seed, n_t, t_t, r_t, d_t)
             same = _same_bits(cols_t, cols_e) and _same_bits(rows_t, rows_e)
             add("factors", same, f"bitwise the N(0, 0.02) draws of seed {seed}")
         return result, failures
@@ -491,19 +535,19 @@ def _target_checks(
         add("factors", False, f"target (T, r, d) {(t_t, r_t, d_t)} vs source {(t_s, r_s, d_s)}")
         return result, failures
     if mode == "exact":
-        k = int(meta.get("mpt_tools.task", "0"))
+        assert k is not None
         result["task"] = k
-        if not 0 <= k < n_s:
+        if not k < n_s:
             add("task", False, f"recorded task {k} is not a task of the source (0..{n_s - 1})")
             return result, failures
         cols_e = to_float32(src.read_rows("prefix_task_cols", k, k + 1))
         rows_e = to_float32(src.read_rows("prefix_task_rows", k, k + 1))
         what = f"bitwise source task {k}"
     else:
-        tasks = _meta_ints(meta, "mpt_tools.tasks")
-        weights = _meta_floats(meta, "mpt_tools.weights")
-        if tasks is not None and any(not 0 <= j < n_s for j in tasks):
-            add("tasks", False, f"recorded tasks {tasks} are not all tasks of the source (0..{n_s - 1})")
+        bad = errors(selection_findings("average", n_s, tasks, weights, 1))
+        for f in bad:
+            add(f.field, False, f"recorded mpt_tools.{f.field}: {f.message} (expected {f.expected}, found {f.found})")
+        if bad:
             return result, failures
         cols_e, rows_e = average_factors(src, tasks, weights)
         which = f"source tasks {tasks}" if tasks else f"all {n_s} source tasks"
@@ -523,7 +567,7 @@ def _target_checks(
         add("prompt", bool(torch.equal(p_target, p_src)), f"{dtype_name} prompt bitwise equal to source task {k}'s")
         return result, failures
     # average: how close is the target prompt to each source task's prompt (float64)?
-    averaged = set(_meta_ints(meta, "mpt_tools.tasks") or range(n_s))
+    averaged = set(tasks or range(n_s))
     p_t64 = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), torch.float64)
     t_norm = torch.linalg.vector_norm(p_t64)
     pe64 = _dev(pe_s, dev).double()

@@ -300,3 +300,35 @@ def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "internal error" not in err and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_control_characters_from_files_are_shown_escaped(tmp_path: Path) -> None:
+    """A newline or a terminal escape sequence in a tensor name, metadata or a config value cannot
+    split an output line or reach the terminal: it is printed escaped."""
+    import numpy as np
+
+    from mpt_tools.formats import from_numpy, safetensors_bytes
+
+    evil = "evil\n\x1b]0;pwned\x07\x1b[2Jkey"
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {
+        "prompt_embeddings": np.zeros((4, 16), np.float32),
+        "prefix_task_cols": np.zeros((3, 4, 2), np.float32),
+        "prefix_task_rows": np.zeros((3, 2, 16), np.float32),
+        evil: np.zeros(1, np.float32),
+    }
+    blob = safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}, {"format": "pt", evil: evil})
+    (src / "adapter_model.safetensors").write_bytes(blob)
+    config = json.loads((FIXTURES / "causal" / "adapter_config.json").read_text())
+    config.update(num_tasks=3, num_ranks=2, num_virtual_tokens=4, token_dim=16, task_type="CAUSAL_LM\n\x1b[31m")
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    shown = "evil\\n\\x1b]0;pwned\\x07\\x1b[2Jkey"
+    for args in (["inspect", src], ["validate", src], ["diff", src, FIXTURES / "causal"]):
+        result = run_cli(*args)
+        assert result.exit_code == 1, (args, result.stdout, result.stderr)
+        text = result.stdout + result.stderr
+        assert shown in text, (args, text)
+        assert not any(c in text for c in "\x1b\x07\r"), (args, text)
+        assert all("evil" not in line or "key" in line for line in text.splitlines()), text
+        assert len(result.stderr.splitlines()) == 1, result.stderr

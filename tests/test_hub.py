@@ -477,6 +477,34 @@ def test_push_dry_run_sends_nothing(hub, adapter):
     assert hub.requests == [] and TOKEN not in result.stdout
 
 
+def test_hostile_provenance_cannot_reshape_the_card(hf_cache, adapter):
+    """mpt_tools.* metadata is copied into the card: newlines, pipes and backticks in it cannot add
+    lines, break the table or leave its code span; long values are cut."""
+    from mpt_tools.formats import safetensors_bytes
+    from mpt_tools.source import load_source
+
+    ckpt = load_source(adapter)
+    tensors = {k: ckpt.read(k) for k in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")}
+    evil = "x`\n\n# Injected\n[click](http://evil.example) | y\r\x1b[31m"
+    meta = {
+        **ckpt.file.metadata,
+        "mpt_tools.mode": "exact" + evil,
+        "mpt_tools.source": "hf://org/src@" + evil,
+        "mpt_tools.source_sha256": "a" * 5000,
+        "mpt_tools.version": evil,
+    }
+    (adapter / WEIGHTS).write_bytes(safetensors_bytes(tensors, meta))
+    result = run_cli("push", adapter, "alice/dry", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    card = data["card"]
+    assert "\n# Injected" not in card and "\x1b" not in card and "\r" not in card
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    assert rows and all(line.count("|") == 3 and line.count("`") in (0, 2) for line in rows), rows
+    assert max(len(line) for line in rows) < 260
+    assert "\n" not in data["commit_message"] and "`" not in data["commit_message"]
+
+
 def test_push_dry_run_without_any_server(hf_cache, adapter, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail
     result = run_cli("push", adapter, "alice/dry", "--dry-run")
@@ -544,6 +572,28 @@ def test_round_trip_init_push_init(hub, src, tmp_path):
         for name, data in hub.files(repo).items():
             assert TOKEN.encode() not in data, (repo, name)
     assert TOKEN not in result.stdout and TOKEN not in result.stderr
+
+
+def test_verify_finds_a_recorded_hub_source_in_the_cache_only(hub, src, tmp_path, hf_cache):
+    out = tmp_path / "t"
+    assert run_cli("init", src, "--mode", "exact", "--task", "1", "--out", out).exit_code == 0
+    hub.clear_requests()
+    result = run_cli("verify", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"]["source"].startswith(f"hf://{src}@")
+    assert report["target"]["task"] == 1 and all(c["ok"] for c in report["target"]["checks"])
+    assert hub.requests == []  # pinned commit from the cache: nothing asked of the Hub
+
+    shutil.rmtree(hf_cache)  # not cached any more: a note, still no request, no download
+    result = run_cli("verify", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"] is None and hub.requests == []
+    assert any("not in the local Hub cache" in n and "--source hf://" in n for n in report["notes"])
+    result = run_cli("verify", out, "--source", report["notes"][0].split("--source ")[1].split()[0], "--json")
+    assert result.exit_code == 0, result.stderr
+    assert all(c["ok"] for c in json.loads(result.stdout)["target"]["checks"])
 
 
 def test_init_push_json_and_pr(hub, adapter, tmp_path):

@@ -358,6 +358,44 @@ def test_source_given_for_an_adapter_without_provenance(tmp_path: Path) -> None:
         verify(FIXTURES / "causal", device="cpu", source=FIXTURES / "causal")
 
 
+def set_metadata(folder: Path, **changes: str) -> None:
+    """Rewrite a written adapter with some ``mpt_tools.*`` metadata values changed."""
+    ckpt = load_source(folder)
+    tensors = {k: ckpt.read(k) for k in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")}
+    meta = {**ckpt.file.metadata, **{f"mpt_tools.{k}": v for k, v in changes.items()}}
+    (folder / "adapter_model.safetensors").write_bytes(safetensors_bytes(tensors, meta))
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs", "changes", "needle"),
+    [
+        ("exact", {"task": 1}, {"task": "abc"}, "task: recorded mpt_tools.task 'abc' is not an integer"),
+        ("exact", {"task": 1}, {"task": "-1"}, "task: recorded mpt_tools.task -1 is negative"),
+        ("exact", {"task": 1}, {"task": "9" * 30}, "is not a task of the source (0..2)"),
+        ("exact", {"task": 1}, {"mode": "bogus"}, "mode: recorded mpt_tools.mode 'bogus' is not one of init's modes"),
+        ("average", {}, {"tasks": "1,x"}, "tasks: recorded mpt_tools.tasks '1,x' is not a list of integers"),
+        ("average", {}, {"tasks": "0,0"}, "a task is listed twice"),
+        ("average", {}, {"tasks": "0," + "9" * 30}, "the source has 3 tasks"),
+        ("average", {}, {"weights": "nan,1,1"}, "weights must be finite, non-negative, not all 0"),
+        ("average", {}, {"weights": "1,1"}, "need one weight per averaged task (expected 3, found 2)"),
+        ("average", {}, {"weights": "w"}, "recorded mpt_tools.weights 'w' is not a list of numbers"),
+        ("shared", {"seed": 3}, {"seed": "zz"}, "seed: recorded mpt_tools.seed 'zz' is not an integer"),
+        ("shared", {"seed": 3}, {"seed": "-5"}, "seed: recorded mpt_tools.seed -5 is negative"),
+        ("shared", {"seed": 3}, {"seed": "4"}, "factors: bitwise the N(0, 0.02) draws of seed 4"),
+    ],
+)
+def test_hostile_provenance_is_a_target_mismatch(
+    tmp_path: Path, mode: str, kwargs: dict[str, Any], changes: dict[str, str], needle: str
+) -> None:
+    """Hand-edited or hostile mpt_tools.* values: a named target-mismatch, never an internal error."""
+    out = tmp_path / "t"
+    init_adapter(FIXTURES / "causal", mode, out, **kwargs)
+    set_metadata(out, **changes)
+    result = run_cli("verify", str(out), "--source", str(FIXTURES / "causal"))
+    assert result.exit_code == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "target-mismatch" in result.stderr and needle in result.stderr
+
+
 # --- init --verify ---------------------------------------------------------------------------
 
 
