@@ -458,20 +458,57 @@ def _resolve_source(
                 f"pass --source {recorded_path} to download it and compare"
             )
             return None
-    elif not os.path.exists(recorded_path):
-        notes.append(f"recorded source {recorded_path} not found here; pass --source to compare against it")
-        return None
-    else:
-        try:
-            ckpt = load_source(recorded_path)
-        except MptToolsError as exc:
-            notes.append(f"recorded source {recorded_path} cannot be read ({exc}); pass --source")
+        recorded = meta.get("mpt_tools.source_sha256")
+        if recorded and recorded != ckpt.sha256():
+            notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source")
             return None
-    recorded = meta.get("mpt_tools.source_sha256")
-    if recorded and recorded != ckpt.sha256():
-        notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source to compare")
-        return None
-    return ckpt
+        return ckpt
+    return _find_local_source(target, recorded_path, meta.get("mpt_tools.source_sha256"), notes)
+
+
+def _find_local_source(
+    target: Checkpoint, recorded_path: str, sha256: str | None, notes: list[str]
+) -> Checkpoint | None:
+    """The recorded local source, as init's working directory saw it: the path from here first,
+    then (when relative, and init recorded a sha256 to recognise it by) from the target's folder
+    and up to 8 of its parents, so a target verified from another directory still finds it."""
+    candidates = [Path(recorded_path)]
+    if sha256 and not os.path.isabs(recorded_path):
+        folder = Path(os.path.abspath(target.weights_path)).parent
+        candidates += [base / recorded_path for base in [folder, *folder.parents][:9]]
+    seen: set[str] = set()
+    changed: str | None = None
+    unreadable: str | None = None
+    for cand in candidates:
+        if not os.path.exists(cand):
+            continue
+        key = os.path.realpath(cand)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            ckpt = load_source(cand)
+        except MptToolsError as exc:
+            unreadable = unreadable or f"recorded source {recorded_path} cannot be read ({exc}); pass --source"
+            continue
+        if sha256 and sha256 != ckpt.sha256():
+            changed = changed or str(cand)
+            continue
+        if str(cand) != recorded_path:
+            notes.append(f"recorded source {recorded_path} found as {cand} (same sha256)")
+        return ckpt
+    if changed == recorded_path:
+        notes.append(f"recorded source {changed} changed since init (sha256 differs); pass --source to compare")
+    elif changed:
+        notes.append(
+            f"recorded source {recorded_path} not found with its recorded sha256 ({changed} has another); "
+            "pass --source to compare"
+        )
+    elif unreadable:
+        notes.append(unreadable)
+    else:
+        notes.append(f"recorded source {recorded_path} not found here; pass --source to compare against it")
+    return None
 
 
 def _cmp(name: str, ok: bool, detail: str) -> dict[str, Any]:

@@ -353,6 +353,27 @@ def test_recorded_source_gone_or_changed(tmp_path: Path) -> None:
     assert report["ok"] and report["target"] is None and "not found" in report["notes"][0]
 
 
+def test_relative_recorded_source_found_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init recorded `sources` relative to its working directory; verify run from inside the target
+    folder still finds it (by walking up from the target, recognised by its sha256), skipping a
+    same-named folder with other contents on the way."""
+    random_source(tmp_path / "sources")
+    monkeypatch.chdir(tmp_path)
+    init_adapter("sources", "exact", "runs/t1", task=2)
+    random_source(tmp_path / "runs" / "sources", seed=5)  # a decoy nearer to the target
+    monkeypatch.chdir(tmp_path / "runs" / "t1")
+    report = verify(".", device="cpu")
+    assert report["ok"] and report["target"]["task"] == 2
+    assert all(c["ok"] for c in report["target"]["checks"]) and len(report["target"]["checks"]) == 4
+    assert Path(report["target"]["source"]).resolve() == (tmp_path / "sources").resolve()
+    assert any("found as" in n for n in report["notes"]), report["notes"]
+    shutil.rmtree(tmp_path / "sources")  # only the decoy is left: a note, no target check
+    report = verify(".", device="cpu")
+    assert report["target"] is None and "runs/sources has another" in report["notes"][0], report["notes"]
+
+
 def test_source_given_for_an_adapter_without_provenance(tmp_path: Path) -> None:
     with pytest.raises(VerifyError, match=r"records no mpt_tools\.mode"):
         verify(FIXTURES / "causal", device="cpu", source=FIXTURES / "causal")
