@@ -91,9 +91,10 @@ class Checkpoint:
         """A canonical tensor, memory-mapped (see :meth:`mpt_tools.formats.TensorFile.map`)."""
         return self.file.map(self.keymap[name])
 
-    def read_rows(self, name: str, start: int, stop: int) -> Raw:
-        """Read rows ``start:stop`` (tasks, for the factors) of a canonical tensor."""
-        return self.file.read_rows(self.keymap[name], start, stop)
+    def read_rows(self, name: str, start: int, stop: int, *, out: Any = None) -> Raw:
+        """Read rows ``start:stop`` (tasks, for the factors) of a canonical tensor (into ``out``,
+        a writable buffer, when given: see :meth:`mpt_tools.formats.TensorFile.read_rows`)."""
+        return self.file.read_rows(self.keymap[name], start, stop, out=out)
 
     def sha256(self) -> str:
         """SHA-256 of the weights file, streamed."""

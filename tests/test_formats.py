@@ -187,3 +187,56 @@ def test_map_is_the_read_without_a_copy_and_never_writes_the_file(tmp_path: Path
     path.write_bytes(before[: len(before) // 2])
     with pytest.raises(MptToolsError, match="truncated"):
         f.map("prefix_task_rows")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    size=st.integers(min_value=0, max_value=3000),
+    offset=st.integers(min_value=0, max_value=200),
+    extra=st.integers(min_value=0, max_value=300),
+    piece=st.sampled_from([1, 7, 64, 1 << 20]),
+    threads=st.sampled_from([1, 3, 8]),
+)
+def test_read_into_parallel_pieces_are_the_file_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, offset: int, extra: int, piece: int, threads: int
+) -> None:
+    """A read split over threads fills the buffer with exactly the file's bytes; past the end of
+    the file it stops and says how many bytes it read (a truncated file)."""
+    from mpt_tools import formats
+
+    monkeypatch.setattr(formats, "READ_PIECE", piece)
+    monkeypatch.setattr(formats, "READ_THREADS", threads)
+    data = np.random.default_rng(size).integers(0, 256, size=offset + size, dtype=np.uint8).tobytes()
+    path = tmp_path / f"f{size}-{offset}"
+    path.write_bytes(data)
+    buf = bytearray(b"\xaa" * (size + extra))
+    got = formats.read_into(path, buf, offset)
+    assert got == size
+    assert bytes(buf[:size]) == data[offset:]
+    assert bytes(buf[size:]) == b"\xaa" * extra  # nothing written past what the file holds
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_read_rows_into_a_buffer(tmp_path: Path, suffix: str) -> None:
+    """read_rows(out=) gives the same rows as read_rows(), as a view of the given buffer."""
+    from mpt_tools.source import load_source
+
+    src = write_random_source(tmp_path / "s.safetensors", n=5, t=3, r=2, d=8)
+    if suffix == ".bin":
+        tensors = {
+            k: torch.from_numpy(v.array.copy())
+            for k, v in (
+                (k, load_source(src).read(k)) for k in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
+            )
+        }
+        src = tmp_path / "s.bin"
+        torch.save(tensors, src)
+    ckpt = load_source(src)
+    buf = np.zeros(4 * 5 * 2 * 8, dtype=np.uint8)
+    raw = ckpt.read_rows("prefix_task_rows", 1, 4, out=buf)
+    expected = ckpt.read_rows("prefix_task_rows", 1, 4)
+    assert raw.shape == expected.shape == (3, 2, 8)
+    assert raw.array.tobytes() == expected.array.tobytes()
+    assert np.shares_memory(raw.array, buf)
+    with pytest.raises(ValueError, match="at least"):
+        ckpt.read_rows("prefix_task_rows", 0, 5, out=np.zeros(10, dtype=np.uint8))

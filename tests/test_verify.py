@@ -353,9 +353,7 @@ def test_recorded_source_gone_or_changed(tmp_path: Path) -> None:
     assert report["ok"] and report["target"] is None and "not found" in report["notes"][0]
 
 
-def test_relative_recorded_source_found_from_another_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_recorded_source_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """init recorded `sources` relative to its working directory; verify run from inside the target
     folder still finds it (by walking up from the target, recognised by its sha256), skipping a
     same-named folder with other contents on the way."""
@@ -534,6 +532,65 @@ def test_bad_dtype_and_chunk_bytes() -> None:
         verify(FIXTURES / "causal", device="cpu", dtype="float8")
     with pytest.raises(MptToolsError, match="chunk_bytes"):
         verify(FIXTURES / "causal", device="cpu", chunk_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reads_split_over_threads_and_reused_buffers_give_the_same_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Chunks are read into reused host buffers, large reads split over threads: per-task results
+    are identical to a one-chunk, one-thread run, and a task planted with NaN is still the one named."""
+    from mpt_tools import formats
+
+    g = torch.Generator().manual_seed(1)
+    cols = torch.randn(23, 6, 3, generator=g)
+    cols[17, 2, 1] = float("nan")
+    src = write_source(
+        tmp_path / "s",
+        torch.randn(6, 40, generator=g).to(dtype),
+        cols.to(dtype),
+        torch.randn(23, 3, 40, generator=g).to(dtype),
+    )
+    whole = verify(src, device="cpu", check=False)
+    monkeypatch.setattr(formats, "READ_PIECE", 100)
+    monkeypatch.setattr(formats, "READ_THREADS", 4)
+    log: list[int] = []
+    split = verify(src, device="cpu", check=False, chunk_bytes=3 * (6 * 40 * 20 + (6 * 3 + 3 * 40) * 20), chunk_log=log)
+    assert log == [3] * 7 + [2]
+    assert split["tasks"] == whole["tasks"]
+    assert [(f["task"], f["check"]) for f in split["failures"]] == [(17, "non-finite-input")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fused_and_unfused_reductions_agree_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """CUDA uses aminmax and a mixed-dtype subtraction, the CPU amin/amax and an upcast first:
+    run both on the CPU, with a NaN, an Inf and a float16 overflow planted, and compare."""
+    from mpt_tools import rebuild
+
+    g = torch.Generator().manual_seed(3)
+    cols = torch.randn(9, 4, 2, generator=g)
+    rows = torch.randn(9, 2, 8, generator=g)
+    cols[2, 1, 0] = float("nan")
+    rows[5, 0, 3] = float("inf")
+    cols[7], rows[7] = 300.0, 300.0  # U_7 @ V_7 = 180000: P_7 far above float16 max
+    sources = [
+        write_source(tmp_path / "planted", torch.randn(4, 8, generator=g), cols, rows),
+        overflow_source(tmp_path / "o"),
+    ]
+    named = []
+    for src in sources:
+        reports = []
+        for fused in (False, True):
+            monkeypatch.setattr(rebuild, "_fused_reductions", lambda dev, fused=fused: fused)
+            reports.append(verify(src, device="cpu", dtype=dtype, check=False))
+        assert reports[0]["tasks"] == reports[1]["tasks"]
+        assert reports[0]["failures"] == reports[1]["failures"]
+        named.append({(f["task"], f["check"]) for f in reports[0]["failures"]})
+    overflow = dtype == "float16"
+    assert named[0] == {(2, "non-finite-input"), (5, "non-finite-input")} | ({(7, "overflow")} if overflow else set())
+    assert named[1] == ({(1, "overflow")} if overflow else set())
 
 
 # --- bounded chunks ------------------------------------------------------------------------------
