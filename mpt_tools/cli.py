@@ -699,11 +699,15 @@ def _print_diff(report: dict[str, Any]) -> None:
 )
 @click.option("--tasks", "task_list", help="Only these tasks, e.g. 0,3,5.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (schema mpt-tools/verify/1).")
-def verify_cmd(path: str, source: str | None, device: str, dtype: str, task_list: str | None, as_json: bool) -> None:
+@source_options
+def verify_cmd(
+    path: str, source: str | None, device: str, dtype: str, task_list: str | None, as_json: bool, **kw: Any
+) -> None:
     """Rebuild every task prompt of PATH on the GPU (or CPU) and check it against float64.
 
-    Also checks a target written by `init` against its source. Prints the report; exit 1 with
-    one line on stderr naming the failing tasks when anything fails.
+    PATH is a local adapter or a Hub repo (the source flags apply to it; --token, --cache-dir and
+    --offline also to a Hub --source). Also checks a target written by `init` against its source.
+    Prints the report; exit 1 with one line on stderr naming the failing tasks when anything fails.
     """
     from .rebuild import VerificationFailed, report_lines
     from .rebuild import verify as run
@@ -715,7 +719,7 @@ def verify_cmd(path: str, source: str | None, device: str, dtype: str, task_list
             echo_lines("\n".join(report_lines(report)))
 
     try:
-        report = run(path, source=source, device=device, dtype=dtype, tasks=_int_list(task_list))
+        report = run(path, source=source, device=device, dtype=dtype, tasks=_int_list(task_list), **_source_kw(kw))
     except VerificationFailed as exc:
         show(exc.report)
         raise

@@ -510,12 +510,15 @@ def _meta_int(meta: dict[str, str], key: str, default: int | None = None) -> int
 
 
 def _resolve_source(
-    target: Checkpoint, source: str | os.PathLike[str] | Checkpoint | None, notes: list[str]
+    target: Checkpoint,
+    source: str | os.PathLike[str] | Checkpoint | None,
+    notes: list[str],
+    hub_options: dict[str, Any],
 ) -> Checkpoint | None:
     """The source to compare against: the given one, or the recorded one while it still matches."""
     meta = target.file.metadata
     if source is not None:
-        ckpt = load_source(source)
+        ckpt = load_source(source, hub_options=hub_options)
         recorded = meta.get("mpt_tools.source_sha256")
         if recorded and recorded != ckpt.sha256():
             notes.append("the given source's sha256 differs from the one recorded by init")
@@ -526,7 +529,7 @@ def _resolve_source(
     if recorded_path.startswith("hf://"):
         # init recorded hf://org/name@commit[/subfolder]: use the Hub cache only (no download)
         try:
-            ckpt = load_source(recorded_path, hub_options={"offline": True})
+            ckpt = load_source(recorded_path, hub_options={**hub_options, "offline": True})
         except MptToolsError:
             notes.append(
                 f"recorded source {recorded_path} is not in the local Hub cache; "
@@ -735,6 +738,9 @@ def verify(
     chunk_bytes: int | None = None,
     check: bool = True,
     chunk_log: list[int] | None = None,
+    subfolder: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    hub_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rebuild every task prompt of an adapter on ``device`` in ``dtype`` and verify it.
 
@@ -748,6 +754,10 @@ def verify(
     tasks, with the full report as ``.report``) unless ``check`` is False, in which case the
     report is returned with ``ok`` False. Unreadable inputs raise other MptToolsErrors;
     ``device="cuda"`` without CUDA raises :class:`DeviceError`.
+
+    ``subfolder``, ``overrides`` and ``hub_options`` are those of :func:`mpt_tools.source.load_source`
+    for the adapter (it may be a Hub repo); the token, cache folder and offline switch of
+    ``hub_options`` also serve ``source`` (whose revision and subfolder go in its ``hf://`` spec).
     """
     import torch
 
@@ -755,7 +765,7 @@ def verify(
     dtype_name = _dtype_name(dtype)
     _torch_dtype(dtype_name)  # validates
     dev = resolve_device(device)
-    ckpt = load_source(path_or_checkpoint)
+    ckpt = load_source(path_or_checkpoint, subfolder=subfolder, overrides=overrides, hub_options=hub_options)
     _refuse_broken(ckpt)
     n, t, r, d = _check_layout(ckpt)
     if tasks is None:
@@ -773,7 +783,7 @@ def verify(
     with _exact_fp32_matmul(dev), torch.no_grad():
         task_rows, failures, _ = _rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
         target_report: dict[str, Any] | None = None
-        src = _resolve_source(ckpt, source, notes)
+        src = _resolve_source(ckpt, source, notes, {**(hub_options or {}), "revision": None})
         if source is not None and "mpt_tools.mode" not in ckpt.file.metadata:
             failures.append(
                 {

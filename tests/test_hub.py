@@ -596,6 +596,27 @@ def test_verify_finds_a_recorded_hub_source_in_the_cache_only(hub, src, tmp_path
     assert all(c["ok"] for c in json.loads(result.stdout)["target"]["checks"])
 
 
+def test_verify_an_adapter_on_the_hub_against_a_hub_source(hub, src, tmp_path):
+    """verify PATH and --source may both be Hub repos: the Hub flags (--revision, --subfolder for
+    PATH; --token, --offline for both) work as for every other command."""
+    out = tmp_path / "t"
+    assert run_cli("init", src, "--mode", "average", "--out", out).exit_code == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    hub.add_repo("alice/private-target", {f"v1/{k}": v for k, v in files.items()}, private=True)
+    first = run_cli("verify", "alice/private-target", "--subfolder", "v1", "--source", src, "--token", TOKEN, "--json")
+    assert first.exit_code == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["target"]["mode"] == "average" and all(c["ok"] for c in report["target"]["checks"])
+    assert report["path"] == "alice/private-target" and TOKEN not in first.stdout
+    hub.clear_requests()
+    again = run_cli("verify", "hf://alice/private-target/v1", "--source", src, "--offline", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert hub.requests == [] and json.loads(again.stdout)["target"] == report["target"]
+    # no token, and a cache folder without it (a cached copy would be used, as huggingface_hub does)
+    denied = run_cli("verify", "alice/private-target", "--subfolder", "v1", "--cache-dir", tmp_path / "empty")
+    assert_one_error_line(denied, "hf://alice/private-target")
+
+
 def test_init_push_json_and_pr(hub, adapter, tmp_path):
     hub.add_repo("alice/target", {"a.txt": b"a"})
     out = tmp_path / "pr"

@@ -739,3 +739,11 @@ def test_gpu_chunks_bounded(tmp_path: Path) -> None:
     assert peak < 3 * 4 * per_task, peak
     cpu = verify(src, device="cpu")
     assert [t["max_abs"] for t in cpu["tasks"]] == pytest.approx([t["max_abs"] for t in report["tasks"]], rel=1e-12)
+
+
+def test_named_adapter_with_subfolder() -> None:
+    result = run_cli("verify", str(FIXTURES / "named"), "--subfolder", "sources", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["shape"]["num_tasks"] == 4
+    result = run_cli("verify", str(FIXTURES / "named"))
+    assert result.exit_code == 1 and "add --subfolder NAME" in result.stderr
