@@ -719,6 +719,44 @@ def _dev(array: np.ndarray, dev: Any) -> Any:
     return torch.from_numpy(np.array(array, dtype=np.float32, copy=True, order="C")).to(dev)
 
 
+def default_chunk_bytes(dev: Any) -> int:
+    """The default bound on one chunk's working set: 256 MiB on the CPU; on CUDA 2 GiB, or a
+    third of the device's free memory when that is less (never under 64 MiB; a chunk holds at
+    least one task whatever the bound)."""
+    if dev.type != "cuda":
+        return DEFAULT_CHUNK_BYTES["cpu"]
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(dev)
+    return cuda_chunk_bytes(int(free))
+
+
+def cuda_chunk_bytes(free: int) -> int:
+    """The CUDA chunk bound for ``free`` bytes of free device memory (see :func:`default_chunk_bytes`)."""
+    return int(max(64 << 20, min(DEFAULT_CHUNK_BYTES["cuda"], free // 3)))
+
+
+@contextlib.contextmanager
+def _out_of_memory_is_an_error(dev: Any, budget: int) -> Iterator[None]:
+    """Turn running out of device or host memory into a one-line DeviceError."""
+    import torch
+
+    try:
+        yield
+    except RuntimeError as exc:
+        cuda_oom = isinstance(exc, torch.OutOfMemoryError)
+        if not cuda_oom and "can't allocate memory" not in str(exc):
+            raise
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            hint = "free GPU memory (other processes?) or use --device cpu"
+        else:
+            hint = "free memory, or verify fewer --tasks at a time"
+        raise DeviceError(
+            f"{_describe_device(dev)} ran out of memory while verifying in chunks of up to {budget >> 20} MiB; {hint}"
+        ) from None
+
+
 def _describe_device(dev: Any) -> str:
     import torch
 
@@ -746,7 +784,7 @@ def verify(
 
     Returns the report (schema ``mpt-tools/verify/1``: device, dtype, tolerance, tasks, target,
     ok, failures, notes, timings). ``tasks`` restricts the rebuild to those tasks; ``chunk_bytes``
-    bounds one chunk's working set (default 256 MiB on CPU, 2 GiB on CUDA); ``chunk_log``, when
+    bounds one chunk's working set (default: :func:`default_chunk_bytes`); ``chunk_log``, when
     given, receives the number of tasks of each chunk. With ``source`` (or the recorded
     ``mpt_tools.source``), a target is also checked against what its mode promises.
 
@@ -775,14 +813,14 @@ def verify(
         if bad:
             raise ValidationError(f"--tasks {bad} out of range: the adapter has {n} tasks (0..{n - 1})", ckpt.location)
         selected = sorted(set(tasks))
-    budget = chunk_bytes if chunk_bytes is not None else DEFAULT_CHUNK_BYTES["cuda" if dev.type == "cuda" else "cpu"]
+    budget = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(dev)
     if budget <= 0:
         raise ValidationError(f"chunk_bytes must be positive, got {budget}")
     notes: list[str] = []
     timer = _Timer(dev)
-    with _exact_fp32_matmul(dev), torch.no_grad():
+    target_report: dict[str, Any] | None = None
+    with _exact_fp32_matmul(dev), torch.no_grad(), _out_of_memory_is_an_error(dev, budget):
         task_rows, failures, _ = _rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
-        target_report: dict[str, Any] | None = None
         src = _resolve_source(ckpt, source, notes, {**(hub_options or {}), "revision": None})
         if source is not None and "mpt_tools.mode" not in ckpt.file.metadata:
             failures.append(
@@ -956,6 +994,8 @@ __all__ = [
     "TOLERANCES",
     "DeviceError",
     "VerificationFailed",
+    "cuda_chunk_bytes",
+    "default_chunk_bytes",
     "failure_error",
     "init_and_verify",
     "per_task_bytes",

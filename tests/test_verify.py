@@ -747,3 +747,51 @@ def test_named_adapter_with_subfolder() -> None:
     assert json.loads(result.stdout)["shape"]["num_tasks"] == 4
     result = run_cli("verify", str(FIXTURES / "named"))
     assert result.exit_code == 1 and "add --subfolder NAME" in result.stderr
+
+
+def test_cuda_chunk_bound_follows_free_memory() -> None:
+    from mpt_tools.rebuild import DEFAULT_CHUNK_BYTES, cuda_chunk_bytes
+
+    assert cuda_chunk_bytes(80 << 30) == DEFAULT_CHUNK_BYTES["cuda"]
+    assert cuda_chunk_bytes(3 << 30) == 1 << 30
+    assert cuda_chunk_bytes(0) == 64 << 20
+
+
+@pytest.mark.parametrize(
+    ("exc", "needle"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "ran out of memory"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"), "fewer --tasks"),
+    ],
+)
+def test_out_of_memory_is_one_line(monkeypatch: pytest.MonkeyPatch, exc: Exception, needle: str) -> None:
+    from mpt_tools import rebuild
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr(rebuild, "_rebuild_checks", boom)
+    result = run_cli("verify", str(FIXTURES / "causal"), "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "cpu ran out of memory" in result.stderr and needle in result.stderr
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpt_tools import rebuild
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(rebuild, "_rebuild_checks", boom)
+    with pytest.raises(RuntimeError, match="something else"):
+        verify(FIXTURES / "causal", device="cpu")
+
+
+@gpu
+@needs_cuda
+def test_gpu_default_chunk_bound() -> None:
+    from mpt_tools.rebuild import default_chunk_bytes
+
+    free, _ = torch.cuda.mem_get_info()
+    bound = default_chunk_bytes(torch.device("cuda"))
+    assert 64 << 20 <= bound <= 2 << 30 and bound <= max(64 << 20, free // 3)
