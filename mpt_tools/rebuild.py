@@ -265,7 +265,11 @@ class _HostBuffers:
             info = ckpt.info(name)
             assert info is not None and info.shape
             row_bytes = info.nbytes // info.shape[0]
-            self.buffers[name] = torch.empty(row_bytes * tasks_per_chunk, dtype=torch.uint8, pin_memory=self.cuda)
+            size = row_bytes * tasks_per_chunk
+            try:
+                self.buffers[name] = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
+            except RuntimeError:  # pinned memory refused (locked-memory limits): pageable, still correct
+                self.buffers[name] = torch.empty(size, dtype=torch.uint8)
 
     def wait(self) -> None:
         """Block until the device has finished reading these buffers."""
