@@ -795,3 +795,14 @@ def test_gpu_default_chunk_bound() -> None:
     free, _ = torch.cuda.mem_get_info()
     bound = default_chunk_bytes(torch.device("cuda"))
     assert 64 << 20 <= bound <= 2 << 30 and bound <= max(64 << 20, free // 3)
+
+
+@gpu
+@needs_cuda
+def test_gpu_init_verify_uses_cuda_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    result = run_cli("init", str(FIXTURES / "causal"), "--mode", "exact", "--task", "1", "--out", str(out), "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "verify ok" in result.stdout and "on cuda:" in result.stdout
+    report = verify(out)  # auto: CUDA, and the recorded source is found and matches
+    assert report["device"].startswith("cuda:") and all(c["ok"] for c in report["target"]["checks"])
