@@ -240,3 +240,17 @@ def test_read_rows_into_a_buffer(tmp_path: Path, suffix: str) -> None:
     assert np.shares_memory(raw.array, buf)
     with pytest.raises(ValueError, match="at least"):
         ckpt.read_rows("prefix_task_rows", 0, 5, out=np.zeros(10, dtype=np.uint8))
+
+
+def test_read_into_without_preadv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Platforms without os.preadv read sequentially, with the same result."""
+    import os
+
+    from mpt_tools import formats
+
+    monkeypatch.delattr(os, "preadv", raising=False)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 40)
+    buf = bytearray(300)
+    assert formats.read_into(path, buf, 10_000) == 240 and bytes(buf[:240]) == (bytes(range(256)) * 40)[10_000:]
+    assert formats.read_into(path, buf, 5) == 300 and bytes(buf) == (bytes(range(256)) * 40)[5:305]
