@@ -99,13 +99,13 @@ def med(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def bench_verify(folder: Path, device: str, runs: int) -> dict[str, float]:
+def bench_verify(folder: Path, device: str, runs: int, chunk_bytes: int | None = None) -> dict[str, float]:
     """Median timings of verify (library call, report timings plus wall)."""
     from mpt_tools.rebuild import verify
 
     def once() -> dict[str, float]:
         t0 = time.perf_counter()
-        report = verify(folder, device=device)
+        report = verify(folder, device=device, chunk_bytes=chunk_bytes)
         wall = time.perf_counter() - t0
         assert report["ok"], report["failures"][:3]
         return {**report["timings"], "wall_s": wall}
@@ -259,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         bw = pinned_h2d_bandwidth(size, args.runs)
         plain = plain_rebuild_pass(folder, "cuda", args.runs)
         floor = size / bw + plain
+        # smaller chunks: more kernel launches, but each pass over a chunk may stay in L2
+        sweep = {
+            mib: bench_verify(folder, "cuda", args.runs, chunk_bytes=mib << 20)["wall_s"] for mib in (512, 128, 32)
+        }
         lines += [
             f"### GPU: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})",
             "",
@@ -272,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
             f"| plain-torch float32 rebuild pass (data on device) | {fmt_s(plain)} |",
             f"| floor = file bytes / pinned H2D + plain pass | {fmt_s(floor)} |",
             f"| verify / floor | {g['wall_s'] / floor:.1f}x |",
+            *(
+                f"| verify with chunks of {mib} MiB (wall; / floor) | {fmt_s(w)}; {w / floor:.1f}x |"
+                for mib, w in sweep.items()
+            ),
             "",
         ]
     else:
