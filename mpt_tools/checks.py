@@ -7,8 +7,9 @@ chunks of tasks so memory stays bounded whatever the number of tasks.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -428,6 +429,23 @@ def check_source(ckpt: Checkpoint, *, values: bool = True) -> list[Finding]:
     return out
 
 
+def target_config_findings(target: MptConfig) -> list[Finding]:
+    """Problems of a planned target config itself, labelled as the target's (``target <field>``,
+    naming the file) so they cannot be mistaken for the source's; the reload trap is left out
+    (a target config naming PEFT's init is what ``init`` replaces)."""
+    where = os.path.basename(os.fspath(target.path)) if target.path else "the target config"
+    out = []
+    for f in config_findings(target, True):
+        if f.code == "reload-trap":
+            continue
+        if f.code == "peft-type":
+            fix = f"set peft_type to {PEFT_TYPE} in {where}"
+        else:
+            fix = f"set {f.field} in {where}" if f.fix.startswith("give --") else f.fix
+        out.append(replace(f, field=f"target {f.field}", message=f"{f.message} (in {where})", fix=fix))
+    return out
+
+
 def check_target(
     ckpt: Checkpoint,
     mode: str,
@@ -453,7 +471,7 @@ def check_target(
     src_r = cols[2] if cols and len(cols) == 3 else None
     src_n = cols[0] if cols and len(cols) == 3 else None
     if target is not None:
-        out += [f for f in config_findings(target, True) if f.code not in ("reload-trap",)]
+        out += target_config_findings(target)
         tgt_t, tgt_d = target.total_virtual_tokens, target.size("token_dim")
         t_n, t_r = target.size("num_tasks"), target.size("num_ranks")
         num_tasks = num_tasks if num_tasks is not None else t_n

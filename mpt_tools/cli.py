@@ -223,7 +223,10 @@ def validate(source: str, against: str | None, mode: str | None, task: int | Non
         errs = [f for f in report["findings"] if f["level"] == "error"]
         warns = [f for f in report["findings"] if f["level"] == "warning"]
         state = "valid" if report["valid"] else "INVALID"
-        echo(f"{report['source']}: {state} ({len(errs)} error(s), {len(warns)} warning(s))")
+        plan = ""
+        if report["mode"]:
+            plan = f" with a planned {report['mode']} target" + (f" ({report['against']})" if report["against"] else "")
+        echo(f"{report['source']}{plan}: {state} ({len(errs)} error(s), {len(warns)} warning(s))")
         _print_findings(report["findings"])
     _exit_if_invalid(report)
 

@@ -221,6 +221,22 @@ def test_validate_against_reports_everything(tmp_path: Path) -> None:
     assert "num_ranks" not in errs and "token_dim" in errs
 
 
+def test_target_config_problems_are_labelled_as_the_targets(tmp_path: Path) -> None:
+    """A partial or broken target config: its own problems say `target <field>` and name the file,
+    so they cannot be read as the source's; the source's own findings stay clean."""
+    target = tmp_path / "plan.json"
+    target.write_text(json.dumps({"num_virtual_tokens": 4, "task_type": "NOPE"}))
+    result = run_cli("validate", FIXTURES / "causal", "--against", target, "--json")
+    assert result.exit_code == 1
+    findings = json.loads(result.stdout)["findings"]
+    own = [f for f in findings if f["field"].startswith("target ")]
+    assert {f["field"] for f in own} >= {"target peft_type", "target task_type", "target token_dim"}
+    assert all("plan.json" in f["message"] and "plan.json" in f["fix"] for f in own), own
+    assert not any(f["field"] in ("peft_type", "task_type", "token_dim") for f in findings)
+    text = run_cli("validate", FIXTURES / "causal", "--against", target)
+    assert text.stdout.startswith(f"{FIXTURES / 'causal'} with a planned average target ({target}): INVALID")
+
+
 def test_reload_trap_flagged(tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(FIXTURES / "causal", src)
