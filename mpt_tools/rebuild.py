@@ -911,6 +911,11 @@ def _g(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def _duration(seconds: float) -> str:
+    """A duration for people: ``3.2 ms`` below a second, ``12.3 s`` above."""
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The report as a readable table (what ``mpt-tools verify`` prints without ``--json``)."""
     tol = report["tolerance"]
@@ -944,8 +949,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"failure: {where}: {f['check']}: {f['message']}")
     tm = report["timings"]
     lines.append(
-        f"timings: read {tm['read_s']:.3g} s, transfer {tm['transfer_s']:.3g} s, "
-        f"rebuild {tm['rebuild_s']:.3g} s, total {tm['total_s']:.3g} s"
+        f"timings: read {_duration(tm['read_s'])}, transfer {_duration(tm['transfer_s'])}, "
+        f"rebuild {_duration(tm['rebuild_s'])}, total {_duration(tm['total_s'])}"
     )
     lines.append(summary_line(report))
     return lines
