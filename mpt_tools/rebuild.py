@@ -692,14 +692,17 @@ def _target_checks(
     pe64 = _dev(pe_s, dev).double()
     step = _plan(n_s, t_s, r_s, d_s, 8, chunk_bytes)
     sims: list[dict[str, Any]] = []
+    buf = torch.empty((min(step, n_s), t_s, d_s), dtype=torch.float64, device=dev)  # reused by every chunk
+    target_flat = p_t64.reshape(-1)
     for start in range(0, n_s, step):
         stop = min(n_s, start + step)
         cols = _to_device(src.read_rows("prefix_task_cols", start, stop), dev).double()
         rows = _to_device(src.read_rows("prefix_task_rows", start, stop), dev).double()
-        p = cols.bmm(rows).mul_(pe64)
-        dots = (p * p_t64).sum(dim=(1, 2))
-        norms = torch.linalg.vector_norm(p, dim=(1, 2))
-        dist = torch.linalg.vector_norm(p - p_t64, dim=(1, 2))
+        p = torch.bmm(cols, rows, out=buf[: stop - start]).mul_(pe64)
+        flat = p.view(stop - start, -1)
+        dots = flat @ target_flat  # no chunk-sized temporaries: a matrix-vector product,
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        dist = torch.linalg.vector_norm(flat.sub_(target_flat), dim=1)  # and the difference in place
         cos = (dots / (norms * t_norm)).cpu().numpy()
         rel = (dist / norms).cpu().numpy()
         for i in range(stop - start):
