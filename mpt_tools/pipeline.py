@@ -95,12 +95,15 @@ def task_norms(ckpt: Checkpoint, chunk_bytes: int = NORM_CHUNK_BYTES) -> list[di
     step = max(1, chunk_bytes // per_task)
     n = rows_info.shape[0]
     out: list[dict[str, Any]] = []
+    # one prompt buffer for every chunk: fresh chunk-sized arrays cost more in page faults than
+    # the matmul itself
+    buf = np.empty((min(step, n), t, d), dtype=np.float32)
     for start in range(0, n, step):
         stop = min(n, start + step)
         cols = to_float32(ckpt.read_rows("prefix_task_cols", start, stop))
         rows = to_float32(ckpt.read_rows("prefix_task_rows", start, stop))
         with np.errstate(all="ignore"):
-            prompts = np.matmul(cols, rows)
+            prompts = np.matmul(cols, rows, out=buf[: stop - start])
             prompts *= pe[None]
             pn = np.sqrt(np.einsum("ktd,ktd->k", prompts, prompts).astype(np.float64))
             cn = np.sqrt(np.square(cols, dtype=np.float64).sum(axis=(1, 2)))
