@@ -58,35 +58,55 @@ def _require_prompts(ckpt: Checkpoint) -> None:
         raise refusal(ckpt.location, problems)
 
 
+SIMILARITY_CHUNK_BYTES = 256 << 20
+
+
 def task_similarity(
     source: str | os.PathLike[str] | Checkpoint,
     *,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = SIMILARITY_CHUNK_BYTES,
     overrides: dict[str, Any] | None = None,
     subfolder: str | None = None,
     hub_options: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """The N x N cosine similarity of the tasks' effective prompts (flattened), float64.
 
-    Computed block by block: each block of tasks holds at most ``chunk_bytes`` of prompts, so memory
-    stays bounded (besides the N x N result) whatever N is. An entry is NaN where a prompt is all
-    zeros or not finite.
+    The Gram matrix of the float64 prompts is summed over blocks of prompt features (virtual
+    tokens, and token_dim columns when N is huge): each block holds every task's prompt values for
+    those features, at most ``chunk_bytes`` of them, and adds ``F @ F.T`` to the Gram matrix. Every
+    prompt value is computed once (blocks of tasks paired with blocks of tasks would recompute
+    them over and over: minutes instead of seconds at 1000 tasks), and memory stays bounded
+    besides the N x N result. An entry is NaN where a prompt is all zeros or not finite.
     """
     ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
     _require_prompts(ckpt)
-    n = ckpt.shapes["prefix_task_cols"][0]
-    half = max(1, chunk_bytes // 2)
-    gram = np.zeros((n, n), dtype=np.float64)
-    blocks = _task_ranges(ckpt, half)
+    n, t, r = ckpt.shapes["prefix_task_cols"]
+    d = ckpt.shapes["prompt_embeddings"][1]
     pe = to_float64(ckpt.read("prompt_embeddings"))
+    cols = to_float64(ckpt.read("prefix_task_cols"))  # N x T x r: small beside the rows
+    budget = max(1, chunk_bytes)
+    if n * d * 8 <= budget:  # whole token rows per block
+        tokens, columns = min(t, budget // (n * d * 8)), d
+    else:
+        tokens, columns = 1, max(1, min(d, budget // (n * 8)))
+    # factor rows are read and converted to float64 a chunk of tasks at a time (a quarter of the budget)
+    task_step = max(1, (budget // 4) // max(1, r * d * 8))
+    gram = np.zeros((n, n), dtype=np.float64)
+    block = np.empty(n * tokens * columns, dtype=np.float64)
     with np.errstate(all="ignore"):
-        for bi, (s1, e1) in enumerate(blocks):
-            a = _prompts(ckpt, pe, s1, e1).reshape(e1 - s1, -1)
-            for s2, e2 in blocks[bi:]:
-                b = a if s2 == s1 else _prompts(ckpt, pe, s2, e2).reshape(e2 - s2, -1)
-                g = a @ b.T
-                gram[s1:e1, s2:e2] = g
-                gram[s2:e2, s1:e1] = g.T
+        for t0 in range(0, t, tokens):
+            t1 = min(t, t0 + tokens)
+            for j0 in range(0, d, columns):
+                j1 = min(d, j0 + columns)
+                f = block[: n * (t1 - t0) * (j1 - j0)].reshape(n, t1 - t0, j1 - j0)
+                for c0 in range(0, n, task_step):
+                    c1 = min(n, c0 + task_step)
+                    rows = to_float64(ckpt.read_rows("prefix_task_rows", c0, c1))[:, :, j0:j1]
+                    np.matmul(cols[c0:c1, t0:t1], rows, out=f[c0:c1])
+                f *= pe[None, t0:t1, j0:j1]
+                flat = f.reshape(n, -1)
+                gram += flat @ flat.T
+        gram = np.triu(gram) + np.triu(gram, 1).T  # exactly symmetric, whatever the BLAS did
         norms = np.sqrt(np.diag(gram).copy())
         sim = gram / np.outer(norms, norms)
     sim[~np.isfinite(sim)] = np.nan

@@ -139,6 +139,21 @@ def test_similarity_zero_prompt_is_nan(tmp_path: Path) -> None:
     assert "n/a" in format_similarity(sim)
 
 
+@pytest.mark.parametrize("chunk", [1, 300, 1 << 20])
+def test_similarity_with_a_nan_task_leaves_the_others_alone(tmp_path: Path, chunk: int) -> None:
+    t = dict(load_file(str(NAMED / "adapter_model.safetensors")))
+    rows = t["prefix_task_rows"].clone()
+    rows[2, 0, 5] = float("nan")
+    t["prefix_task_rows"] = rows
+    path = tmp_path / "n.safetensors"
+    save_file(t, str(path))
+    sim = task_similarity(path, chunk_bytes=chunk)
+    clean = task_similarity(NAMED)
+    assert np.isnan(sim[2]).all() and np.isnan(sim[:, 2]).all()
+    keep = [0, 1, 3]
+    assert np.allclose(sim[np.ix_(keep, keep)], clean[np.ix_(keep, keep)], atol=1e-12)
+
+
 def test_inspect_similarity_text_and_json() -> None:
     res = run_cli("inspect", NAMED, "--similarity")
     assert res.exit_code == 0, res.output
