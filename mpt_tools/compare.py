@@ -36,12 +36,17 @@ def _task_ranges(ckpt: Checkpoint, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
-def _prompts(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """The float64 effective prompts P* * (U_k @ V_k) of tasks ``start:stop``, [k, T, d]."""
+def _prompts(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The float64 effective prompts P* * (U_k @ V_k) of tasks ``start:stop``, [k, T, d] (into
+    ``out``, a float64 buffer of at least that size, when given)."""
     cols = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
     rows = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
+    if out is not None:
+        out = out[: stop - start]
     with np.errstate(all="ignore"):
-        return pe[None] * np.matmul(cols, rows)
+        prompts = np.matmul(cols, rows, out=out)
+        prompts *= pe[None]
+    return prompts
 
 
 def iter_prompts(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -215,6 +220,15 @@ def _file_sets(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two arrays hold the same bytes (compared as bytes, without copies)."""
+    if x.nbytes != y.nbytes:
+        return False
+    bx = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    by = np.ascontiguousarray(y).reshape(-1).view(np.uint8)
+    return bool(np.array_equal(bx, by))
+
+
 def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> dict[str, Any]:
     """Max abs difference (float64) of one tensor with equal shapes, and whether the bytes agree."""
     ka = a.keymap.get(name, name)
@@ -230,8 +244,9 @@ def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> d
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         ra, rb = a.file.read_rows(ka, start, stop), b.file.read_rows(kb, start, stop)
-        if bitwise and ra.array.tobytes() != rb.array.tobytes():
-            bitwise = False
+        if ia.dtype == ib.dtype and _same_bytes(ra.array, rb.array):
+            continue  # equal bytes: no value difference, nothing non-finite that differs
+        bitwise = False
         if ia.dtype in FLOAT_DTYPES and ib.dtype in FLOAT_DTYPES:
             va, vb = to_float64(ra), to_float64(rb)
         else:
@@ -381,14 +396,22 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> dict[str, An
     if (na, ta) != (nb, tb) or a.shapes["prompt_embeddings"] != b.shapes["prompt_embeddings"]:
         return None
     per_task: list[dict[str, Any]] = []
-    half = max(1, chunk_bytes // 2)
-    for (start, stop, pa), (_, _, pb) in zip(iter_prompts(a, half), iter_prompts(b, half), strict=True):
+    ranges = _task_ranges(a, max(1, chunk_bytes // 2))
+    t, d = a.shapes["prompt_embeddings"]
+    # two float64 buffers reused by every chunk: no chunk-sized temporaries
+    buf_a, buf_b = (np.empty((ranges[0][1] - ranges[0][0], t, d)) for _ in range(2))
+    pe_a, pe_b = to_float64(a.read("prompt_embeddings")), to_float64(b.read("prompt_embeddings"))
+    for start, stop in ranges:
+        k = stop - start
+        pa = _prompts(a, pe_a, start, stop, out=buf_a).reshape(k, -1)
+        pb = _prompts(b, pe_b, start, stop, out=buf_b).reshape(k, -1)
         with np.errstate(all="ignore"):
-            delta = np.abs(pa - pb).reshape(stop - start, -1)
-            ref = np.sqrt((pa.reshape(stop - start, -1) ** 2).sum(1))
-            fro = np.sqrt((delta**2).sum(1))
-        for i in range(stop - start):
-            m = float(delta[i].max()) if delta.shape[1] else 0.0
+            ref = np.sqrt(np.einsum("ij,ij->i", pa, pa))
+            delta = np.subtract(pa, pb, out=pa)  # in place: pa is not needed any more
+            fro = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+            worst = np.maximum(delta.max(1), -delta.min(1)) if delta.shape[1] else np.zeros(k)  # NaN propagates
+        for i in range(k):
+            m = float(worst[i])
             rel = float(fro[i] / ref[i]) if ref[i] > 0 else (0.0 if fro[i] == 0 else None)
             per_task.append(
                 {
