@@ -19,7 +19,7 @@ import numpy as np
 
 from .checks import check_source, errors, refusal
 from .errors import MptToolsError, WriteError
-from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, to_float64
+from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, same_bytes, to_float64
 from .source import Checkpoint, load_source
 from .writer import source_folders
 
@@ -220,15 +220,6 @@ def _file_sets(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
-    """Whether two arrays hold the same bytes (compared as bytes, without copies)."""
-    if x.nbytes != y.nbytes:
-        return False
-    bx = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-    by = np.ascontiguousarray(y).reshape(-1).view(np.uint8)
-    return bool(np.array_equal(bx, by))
-
-
 def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> dict[str, Any]:
     """Max abs difference (float64) of one tensor with equal shapes, and whether the bytes agree."""
     ka = a.keymap.get(name, name)
@@ -244,7 +235,7 @@ def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> d
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         ra, rb = a.file.read_rows(ka, start, stop), b.file.read_rows(kb, start, stop)
-        if ia.dtype == ib.dtype and _same_bytes(ra.array, rb.array):
+        if ia.dtype == ib.dtype and same_bytes(ra.array, rb.array):
             continue  # equal bytes: no value difference, nothing non-finite that differs
         bitwise = False
         if ia.dtype in FLOAT_DTYPES and ib.dtype in FLOAT_DTYPES:

@@ -93,6 +93,15 @@ def to_float64(raw: Raw) -> np.ndarray:
     return to_float32(raw).astype(np.float64) if raw.dtype != "F64" else raw.array
 
 
+def same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two arrays hold the same bytes (compared in place, without serialised copies)."""
+    if x.nbytes != y.nbytes:
+        return False
+    bx = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    by = np.ascontiguousarray(y).reshape(-1).view(np.uint8)
+    return bool(np.array_equal(bx, by))
+
+
 def to_torch(raw: Raw) -> Any:
     """The tensor as a torch tensor of its own dtype (imports torch)."""
     import torch

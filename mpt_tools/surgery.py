@@ -37,6 +37,7 @@ from .formats import (
     from_torch,
     open_safetensors,
     safetensors_bytes,
+    same_bytes,
     to_float32,
     to_float64,
     to_torch,
@@ -344,49 +345,83 @@ def _torch_dtype(tag: str) -> Any:
     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[tag]
 
 
+CAST_CHUNK = 1 << 20  # elements per step of a cast: a few float64 temporaries of 8 MiB each
+
+
 def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, dict[str, Any]]:
     """Cast one tensor to the dtype ``tag`` (F32, BF16 or F16) with torch's round-to-nearest-even.
 
     Returns the cast tensor and its cast report (``max_abs_error``, ``max_relative_error``,
     ``flushed_to_zero``). Raises ValidationError naming the tensor and the value when a finite
-    value overflows the target dtype (float16's largest value is 65504).
+    value overflows the target dtype (float16's largest value is 65504). Works through the tensor
+    in steps of ``CAST_CHUNK`` elements, so the float64 error analysis needs a few small buffers
+    rather than several copies of the tensor.
     """
     import torch
 
     if raw.dtype == tag:
         return raw, {"max_abs_error": 0.0, "max_relative_error": 0.0, "flushed_to_zero": 0}
-    src = to_torch(raw)
-    cast = src.to(_torch_dtype(tag))
-    s64, c64 = src.double(), cast.double()
-    finite = torch.isfinite(s64)
-    overflow = finite & ~torch.isfinite(c64)
-    if bool(overflow.any()):
-        values = s64[overflow]
-        worst = float(values[values.abs().argmax()])
-        where = tuple(int(i) for i in torch.nonzero(overflow)[0])
+    src = to_torch(raw).reshape(-1)
+    cast = torch.empty(src.shape, dtype=_torch_dtype(tag))
+    max_abs = max_rel = 0.0
+    flushed = overflows = 0
+    first: int | None = None
+    worst = 0.0
+    for start in range(0, src.numel(), CAST_CHUNK):
+        s = src[start : start + CAST_CHUNK]
+        c = cast[start : start + CAST_CHUNK]
+        c.copy_(s)  # the cast itself: round to nearest even
+        s64, c64 = s.double(), c.double()
+        finite = torch.isfinite(s64)
+        overflow = finite & ~torch.isfinite(c64)
+        if bool(overflow.any()):
+            values = s64[overflow]
+            overflows += int(values.numel())
+            if first is None:
+                first = start + int(torch.nonzero(overflow)[0, 0])
+            big = float(values[values.abs().argmax()])
+            worst = big if abs(big) > abs(worst) else worst
+            continue
+        if overflows:
+            continue  # only the overflow report matters now
+        diff = c64.sub_(s64).abs_().masked_fill_(~finite, 0.0)
+        nonzero = finite & (s64 != 0)
+        flushed += int((nonzero & (c.double() == 0)).sum())
+        if diff.numel():
+            max_abs = max(max_abs, float(diff.max()))
+            rel = diff.div_(s64.abs_().clamp_min_(1e-300)).masked_fill_(~nonzero, 0.0)
+            max_rel = max(max_rel, float(rel.max()))
+    if overflows:
+        assert first is not None
+        where = [int(i) for i in np.unravel_index(first, raw.shape)] if raw.shape else []
         limit = " (largest float16 value 65504)" if tag == "F16" else ""
         raise ValidationError(
-            f"{name}: value {worst!r} at {list(where)} is out of the {DTYPE_NAMES[tag]} range{limit}; "
-            f"{int(overflow.sum())} value(s) would become inf; refusing to cast (keep float32 or use bfloat16)"
+            f"{name}: value {worst!r} at {where} is out of the {DTYPE_NAMES[tag]} range{limit}; "
+            f"{overflows} value(s) would become inf; refusing to cast (keep float32 or use bfloat16)"
         )
-    diff = (c64 - s64).abs()
-    diff = torch.where(finite, diff, torch.zeros_like(diff))
-    nonzero = finite & (s64 != 0)
-    rel = torch.where(nonzero, diff / s64.abs().clamp_min(1e-300), torch.zeros_like(diff))
-    flushed = int((nonzero & (c64 == 0)).sum())
-    report = {
-        "max_abs_error": float(diff.max()) if diff.numel() else 0.0,
-        "max_relative_error": float(rel.max()) if rel.numel() else 0.0,
-        "flushed_to_zero": flushed,
-    }
-    return from_torch(cast), report
+    report = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
+    out = cast.reshape(raw.shape)  # handed over without a copy (numpy keeps the tensor alive)
+    arr = out.view(torch.int16).numpy().view(np.uint16) if tag == "BF16" else out.numpy()
+    return Raw(tag, tuple(raw.shape), arr), report
 
 
 def _same_bytes(a: Raw, b: Raw) -> bool:
-    return (
-        a.dtype == b.dtype
-        and tuple(a.shape) == tuple(b.shape)
-        and np.ascontiguousarray(a.array).tobytes() == np.ascontiguousarray(b.array).tobytes()
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and same_bytes(a.array, b.array)
+
+
+def _read_back_equal(back: Any, name: str, meant: Raw, chunk_bytes: int = CHUNK_BYTES) -> bool:
+    """Whether tensor ``name`` of the written file ``back`` holds exactly ``meant``, read back in
+    chunks of rows (so the check does not hold a second copy of the tensor)."""
+    info = back.infos[name]
+    if info.dtype != meant.dtype or tuple(info.shape) != tuple(meant.shape):
+        return False
+    if not meant.shape:
+        return _same_bytes(back.read(name), meant)
+    rows = meant.shape[0]
+    step = max(1, chunk_bytes // max(1, info.nbytes // max(1, rows)))
+    return all(
+        same_bytes(back.read_rows(name, i, min(rows, i + step)).array, meant.array[i : i + step])
+        for i in range(0, rows, step)
     )
 
 
@@ -479,7 +514,7 @@ def convert(
         weights_file = out_path / WEIGHTS_NAME
     # Read back what was written and compare bitwise with what was meant.
     back = open_safetensors(weights_file)
-    bad = [k for k in tensors if k not in back.infos or not _same_bytes(back.read(k), tensors[k])]
+    bad = [k for k in tensors if k not in back.infos or not _read_back_equal(back, k, tensors[k])]
     if bad or set(back.infos) != set(tensors):
         for path in written:
             with contextlib.suppress(OSError):

@@ -504,3 +504,36 @@ def test_export_prompt_task_out_of_range(tmp_path: Path) -> None:
     res = run_cli("export-prompt", CAUSAL, "--task", "3", "--out", tmp_path / "o")
     assert res.exit_code == 1 and "the source has 3 tasks" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.lists(
+        st.one_of(
+            st.floats(width=32, allow_nan=True, allow_infinity=True),
+            st.sampled_from([7e4, -1e6, 1e-42, 0.0, 65504.0, 65520.0]),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    tag=st.sampled_from(["F16", "BF16"]),
+    chunk=st.integers(1, 70),
+)
+def test_cast_in_steps_is_the_same_as_in_one(data: list[float], tag: str, chunk: int) -> None:
+    """A cast worked through in steps gives the same values, report and overflow error as one step."""
+    from mpt_tools import surgery
+    from mpt_tools.errors import MptToolsError
+    from mpt_tools.formats import Raw
+
+    arr = np.array(data, dtype=np.float32).reshape(len(data), 1)
+
+    def run(step: int) -> object:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(surgery, "CAST_CHUNK", step)
+            try:
+                raw, report = surgery.cast_tensor("x", Raw("F32", arr.shape, arr.copy()), tag)
+            except MptToolsError as exc:
+                return str(exc)
+            return raw.dtype, raw.shape, raw.array.tobytes(), report
+
+    assert run(chunk) == run(1 << 20)
