@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data"
@@ -248,7 +251,6 @@ def write_results(results: dict, extra: dict, runs: int, args: argparse.Namespac
     except (OSError, StopIteration):
         model = cpu
     lines = [
-        "<!-- init:start -->",
         "## init, inspect, validate: mpt-tools against PEFT's route and a naive script",
         "",
         f"Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}, Python {platform.python_version()}, "
@@ -329,17 +331,9 @@ def write_results(results: dict, extra: dict, runs: int, args: argparse.Namespac
                     f"- {name}: {label} peak {m['rss']:.0f} MiB for a {e['source_bytes'] / 2**20:.0f} MiB "
                     f"source (streams in chunks of tasks)"
                 )
-    lines += ["### Goals of issue 6", "", *checks, "", "<!-- init:end -->"]
+    lines += ["### Goals of issue 6", "", *checks]
     section = "\n".join(lines)
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if "<!-- init:start -->" in text:
-        before, rest = text.split("<!-- init:start -->", 1)
-        after = rest.split("<!-- init:end -->", 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section("init", section)
     print(section)
 
 

@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, write_section
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
-RESULTS = HERE / "RESULTS.md"
-START, END = "<!-- verify:start -->", "<!-- verify:end -->"
 FULL = {"num_tasks": 1000, "num_virtual_tokens": 100, "nts": 2, "num_ranks": 16, "token_dim": 8192}
 QUICK = {"num_tasks": 64, "num_virtual_tokens": 50, "nts": 2, "num_ranks": 8, "token_dim": 1024}
 
@@ -199,22 +200,6 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section in RESULTS.md."""
-    section = f"{START}\n{text.rstrip()}\n{END}\n"
-    if RESULTS.exists():
-        current = RESULTS.read_text()
-    else:
-        current = "# Benchmark results\n\nEach benchmark writes its own section between its markers.\n\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        current = head + section + ("\n" + tail if tail else "")
-    else:
-        current = current.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(current)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write benchmarks/RESULTS.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("verify", text)
         print(f"wrote {RESULTS}")
 
 
