@@ -269,6 +269,8 @@ def rerank(
     per_task: list[dict[str, Any]] = []
     keep = min(r, num_ranks)
     step = max(1, chunk_bytes // max(1, (t * r + r * d) * 8 + t * d * 16))
+    # two float64 [T, d] buffers for the error of an SVD'd task, reused for every task
+    exact_buf = diff_buf = None
     for start in range(0, n, step):
         stop = min(n, start + step)
         cols = to_float32(ckpt.read_rows("prefix_task_cols", start, stop))
@@ -289,11 +291,16 @@ def rerank(
                 a, b, s = best_rank_factors(c64, w64, num_ranks)
                 new_cols[k] = a.astype(np.float32)
                 new_rows[k] = b.astype(np.float32)
-                with np.errstate(all="ignore"):
-                    exact = pe64 * (c64 @ w64)
-                    approx = pe64 * (new_cols[k].astype(np.float64) @ new_rows[k].astype(np.float64))
-                    ref = float(np.linalg.norm(exact))
-                    err = float(np.linalg.norm(approx - exact))
+                if exact_buf is None or diff_buf is None:
+                    exact_buf, diff_buf = np.empty((t, d)), np.empty((t, d))
+                with np.errstate(all="ignore"):  # P* * exact and P* * (approx - exact), in place
+                    exact = np.matmul(c64, w64, out=exact_buf)
+                    delta = np.matmul(new_cols[k].astype(np.float64), new_rows[k].astype(np.float64), out=diff_buf)
+                    delta -= exact
+                    exact *= pe64
+                    delta *= pe64
+                    ref = float(np.sqrt(np.einsum("ij,ij->", exact, exact)))
+                    err = float(np.sqrt(np.einsum("ij,ij->", delta, delta)))
                 entry["method"] = "svd"
                 entry["relative_error"] = err / ref if ref > 0 else (0.0 if err == 0 else None)
                 entry["singular_values"] = [float(x) for x in s]
