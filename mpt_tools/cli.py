@@ -20,6 +20,8 @@ from . import __version__
 from .errors import MptToolsError
 
 F = Callable[..., Any]
+# the dtypes adapters are trained in (mpt_tools.formats.DTYPE_CHOICES; not imported: numpy at start-up)
+TRAINING_DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def _debug() -> bool:
@@ -580,7 +582,7 @@ def rerank(source: str, num_ranks: int, out: str, force: bool, as_json: bool, **
     type=click.Path(),
     help="A file ending in .safetensors, or a folder (adapter_model.safetensors + adapter_config.json).",
 )
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Cast every tensor.")
+@click.option("--dtype", type=click.Choice(TRAINING_DTYPES), help="Cast every tensor.")
 @_FORCE
 @_JSON
 @source_options
@@ -695,7 +697,7 @@ def _print_diff(report: dict[str, Any]) -> None:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(TRAINING_DTYPES),
     default="float32",
     show_default=True,
     help="Dtype of the rebuild (compared against float64).",

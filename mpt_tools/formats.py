@@ -65,6 +65,16 @@ _NP_TO_TAG = {
     "complex128": "C128",
 }
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# what a user may write for the three dtypes adapters are trained in (also fp16, half, torch.bfloat16, ...)
+DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def canonical_dtype(text: str) -> str:
+    """``float32``, ``bfloat16`` or ``float16`` for a dtype name or alias (``fp16``, ``half``,
+    ``torch.bfloat16``, any case); other text comes back lower-cased, for the caller to refuse."""
+    key = text.strip().lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(key, key)
 
 
 @dataclass
@@ -113,21 +123,30 @@ def to_torch(raw: Raw) -> Any:
     return torch.from_numpy(arr).reshape(raw.shape)
 
 
-def from_torch(tensor: Any) -> Raw:
-    """Convert a CPU torch tensor into a :class:`Raw` (imports torch)."""
+def torch_dtype(tag: str) -> Any:
+    """The torch dtype of a float safetensors dtype tag (F64, F32, F16, BF16; imports torch)."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[tag]
+
+
+def from_torch(tensor: Any, *, copy: bool = True) -> Raw:
+    """Convert a CPU torch tensor into a :class:`Raw` (imports torch). With ``copy=False`` the
+    array shares the (contiguous) tensor's memory, which numpy keeps alive."""
     import torch
 
     t = tensor.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        return Raw("BF16", tuple(t.shape), t.view(torch.int16).numpy().view(np.uint16).copy())
-    names = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-    if t.dtype in names:
-        return Raw(names[t.dtype], tuple(t.shape), t.view(torch.uint8).numpy().copy())
-    try:
-        arr = t.numpy().copy()
-    except TypeError:
-        raise FormatError(f"unsupported tensor dtype {t.dtype}") from None
-    return Raw(_NP_TO_TAG.get(arr.dtype.name, arr.dtype.name), tuple(t.shape), arr)
+        tag, arr = "BF16", t.view(torch.int16).numpy().view(np.uint16)
+    elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tag, arr = ("F8_E4M3" if t.dtype == torch.float8_e4m3fn else "F8_E5M2"), t.view(torch.uint8).numpy()
+    else:
+        try:
+            arr = t.numpy()
+        except TypeError:
+            raise FormatError(f"unsupported tensor dtype {t.dtype}") from None
+        tag = _NP_TO_TAG.get(arr.dtype.name, arr.dtype.name)
+    return Raw(tag, tuple(t.shape), arr.copy() if copy else arr)
 
 
 def from_numpy(array: np.ndarray) -> Raw:

@@ -59,14 +59,12 @@ import numpy as np
 from .checks import MODES, check_source, errors, refusal, task_runs
 from .errors import MptToolsError, ValidationError, VerifyError
 from .factors import average_factors, random_factors
-from .formats import DTYPE_NAMES, Raw, to_float32, to_torch
+from .formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, to_float32, to_torch, torch_dtype
 from .pipeline import init_adapter, json_float, selection_findings
 from .source import Checkpoint, load_source
 from .writer import check_output_dir, commit_staged, staging_folder
 
 SCHEMA = "mpt-tools/verify/1"
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
 # Relative Frobenius tolerance per compute dtype (see the module docstring for the measurements).
 TOLERANCES: dict[str, float] = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 2e-2}
 # Absolute floor per element: 4x the smallest subnormal of the dtype (only matters for fp16).
@@ -114,17 +112,11 @@ def resolve_device(device: str = "auto") -> Any:
 
 
 def _torch_dtype(dtype: str) -> Any:
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
-    if key not in table:
+    """The torch compute dtype for a dtype name or alias; ValidationError for any other."""
+    name = canonical_dtype(dtype)
+    if name not in DTYPE_CHOICES:
         raise ValidationError(f"unknown dtype {dtype!r}: use {', '.join(DTYPE_CHOICES)}")
-    return table[key]
-
-
-def _dtype_name(dtype: str) -> str:
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    return torch_dtype(DTYPE_CHOICES[name])
 
 
 @contextlib.contextmanager
@@ -281,7 +273,7 @@ class _HostBuffers:
         """Rows ``start:stop`` of factor ``name``, read into this set's buffer, as a tensor view."""
         buf = self.buffers[name]
         raw = ckpt.read_rows(name, start, stop, out=buf.numpy())
-        return buf[: raw.nbytes].view(_stored_dtype(raw.dtype)).view(raw.shape)
+        return buf[: raw.nbytes].view(torch_dtype(raw.dtype)).view(raw.shape)
 
     def uploaded(self) -> None:
         """Mark the end of the copies out of these buffers (CUDA: an event on the current stream)."""
@@ -290,13 +282,6 @@ class _HostBuffers:
 
             self.event = torch.cuda.Event()
             self.event.record()
-
-
-def _stored_dtype(tag: str) -> Any:
-    """The torch dtype of a float safetensors dtype tag."""
-    import torch
-
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[tag]
 
 
 def _rebuild(pe: Any, cols: Any, rows: Any, dtype: Any, out: Any = None) -> Any:
@@ -807,7 +792,7 @@ def verify(
     import torch
 
     t_start = time.perf_counter()
-    dtype_name = _dtype_name(dtype)
+    dtype_name = canonical_dtype(dtype)
     _torch_dtype(dtype_name)  # validates
     dev = resolve_device(device)
     ckpt = load_source(path_or_checkpoint, subfolder=subfolder, overrides=overrides, hub_options=hub_options)

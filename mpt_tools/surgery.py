@@ -30,9 +30,11 @@ from .checks import Finding, check_source, errors, refusal, task_runs
 from .config import PEFT_DEFAULTS, target_config
 from .errors import ValidationError, VerifyError, WriteError
 from .formats import (
+    DTYPE_CHOICES,
     DTYPE_NAMES,
     Raw,
     atomic_write,
+    canonical_dtype,
     from_numpy,
     from_torch,
     open_safetensors,
@@ -41,6 +43,7 @@ from .formats import (
     to_float32,
     to_float64,
     to_torch,
+    torch_dtype,
 )
 from .source import Checkpoint, load_source
 from .writer import WEIGHTS_NAME, check_output_dir, provenance, source_folders, write_adapter, write_files
@@ -48,7 +51,6 @@ from .writer import WEIGHTS_NAME, check_output_dir, provenance, source_folders, 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
 MAX_ELEMENTS = 1 << 31
 CHUNK_BYTES = 64 << 20
-CAST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 FP16_MAX = 65504.0
 
 # The fields PEFT 0.21 writes for a PromptTuningConfig (save_pretrained), with its defaults: the
@@ -112,6 +114,26 @@ def _result(
     return res
 
 
+def _write_and_report(
+    operation: str,
+    ckpt: Checkpoint,
+    out: str | os.PathLike[str],
+    tensors: dict[str, Raw],
+    config: dict[str, Any],
+    recorded: dict[str, Any],
+    *,
+    force: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write an adapter folder (``mpt_tools.*`` provenance: the operation, the source and
+    ``recorded``) and return the command's result: :func:`_result` with ``extra``, the tensor
+    shapes and the metadata written."""
+    meta = provenance({"operation": operation, **ckpt.provenance(), **recorded})
+    written = write_adapter(out, tensors, config, meta, force=force, protected=ckpt.source_paths)
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    return _result(operation, ckpt, out, written, **extra, shapes=shapes, metadata=meta)
+
+
 def _check_tasks(field_name: str, tasks: Sequence[int], n: int) -> list[Finding]:
     out: list[Finding] = []
     if not tasks:
@@ -162,8 +184,7 @@ def select_tasks(
         extra += _check_tasks("select", select, cols_shape[0])
     warnings = _require(ckpt, extra)
     n, _t, r, _d = _dims(ckpt)
-    protected = ckpt.source_paths
-    check_output_dir(out, force=force, protected=protected)
+    check_output_dir(out, force=force, protected=ckpt.source_paths)
     tensors: dict[str, Raw] = {"prompt_embeddings": ckpt.read("prompt_embeddings")}
     for name in FACTOR_KEYS:
         tensors[name] = _gather(ckpt, name, select)
@@ -172,21 +193,19 @@ def select_tasks(
     notes = list(ckpt.notes)
     if repeated:
         notes.append(f"tasks listed more than once: {repeated}")
-    config = target_config(ckpt.config, len(select), r)
-    meta = provenance({"operation": "tasks", **ckpt.provenance(), "select": select})
-    written = write_adapter(out, tensors, config, meta, force=force, protected=protected)
-    return _result(
+    return _write_and_report(
         "tasks",
         ckpt,
         out,
-        written,
+        tensors,
+        target_config(ckpt.config, len(select), r),
+        {"select": select},
+        force=force,
         select=select,
         dropped=dropped,
         num_tasks=len(select),
         num_ranks=r,
         dtype=DTYPE_NAMES.get(tensors["prompt_embeddings"].dtype, tensors["prompt_embeddings"].dtype),
-        shapes={k: list(v.shape) for k, v in tensors.items()},
-        metadata=meta,
         warnings=warnings,
         notes=notes,
     )
@@ -260,8 +279,7 @@ def rerank(
             )
     warnings = _require(ckpt, extra)
     n, t, r, d = _dims(ckpt)
-    protected = ckpt.source_paths
-    check_output_dir(out, force=force, protected=protected)
+    check_output_dir(out, force=force, protected=ckpt.source_paths)
     pe32 = np.ascontiguousarray(to_float32(ckpt.read("prompt_embeddings")))
     pe64 = pe32.astype(np.float64)
     new_cols = np.zeros((n, t, num_ranks), dtype=np.float32)
@@ -312,31 +330,25 @@ def rerank(
         "prefix_task_cols": from_numpy(new_cols),
         "prefix_task_rows": from_numpy(new_rows),
     }
-    config = target_config(ckpt.config, n, num_ranks)
     errs = [e["relative_error"] for e in per_task if e["relative_error"] is not None]
-    meta = provenance(
-        {
-            "operation": "rerank",
-            **ckpt.provenance(),
-            "source_num_ranks": r,
-            "num_ranks": num_ranks,
-            "max_relative_error": f"{max(errs):.6g}" if errs else None,
-        }
-    )
-    written = write_adapter(out, tensors, config, meta, force=force, protected=protected)
-    return _result(
+    return _write_and_report(
         "rerank",
         ckpt,
         out,
-        written,
+        tensors,
+        target_config(ckpt.config, n, num_ranks),
+        {
+            "source_num_ranks": r,
+            "num_ranks": num_ranks,
+            "max_relative_error": f"{max(errs):.6g}" if errs else None,
+        },
+        force=force,
         source_num_ranks=r,
         num_ranks=num_ranks,
         num_tasks=n,
         exact=all(e["method"] != "svd" for e in per_task),
         max_relative_error=max(errs) if errs else None,
         tasks=per_task,
-        shapes={k: list(v.shape) for k, v in tensors.items()},
-        metadata=meta,
         warnings=warnings,
     )
 
@@ -344,12 +356,6 @@ def rerank(
 # ---------------------------------------------------------------------------------------------
 # convert
 # ---------------------------------------------------------------------------------------------
-
-
-def _torch_dtype(tag: str) -> Any:
-    import torch
-
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[tag]
 
 
 CAST_CHUNK = 1 << 20  # elements per step of a cast: a few float64 temporaries of 8 MiB each
@@ -369,7 +375,7 @@ def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, dict[str, Any]]:
     if raw.dtype == tag:
         return raw, {"max_abs_error": 0.0, "max_relative_error": 0.0, "flushed_to_zero": 0}
     src = to_torch(raw).reshape(-1)
-    cast = torch.empty(src.shape, dtype=_torch_dtype(tag))
+    cast = torch.empty(src.shape, dtype=torch_dtype(tag))
     max_abs = max_rel = 0.0
     flushed = overflows = 0
     first: int | None = None
@@ -407,13 +413,7 @@ def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, dict[str, Any]]:
             f"{overflows} value(s) would become inf; refusing to cast (keep float32 or use bfloat16)"
         )
     report = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
-    out = cast.reshape(raw.shape)  # handed over without a copy (numpy keeps the tensor alive)
-    arr = out.view(torch.int16).numpy().view(np.uint16) if tag == "BF16" else out.numpy()
-    return Raw(tag, tuple(raw.shape), arr), report
-
-
-def _same_bytes(a: Raw, b: Raw) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and same_bytes(a.array, b.array)
+    return from_torch(cast.reshape(raw.shape), copy=False), report
 
 
 def _read_back_equal(back: Any, name: str, meant: Raw, chunk_bytes: int = CHUNK_BYTES) -> bool:
@@ -423,7 +423,7 @@ def _read_back_equal(back: Any, name: str, meant: Raw, chunk_bytes: int = CHUNK_
     if info.dtype != meant.dtype or tuple(info.shape) != tuple(meant.shape):
         return False
     if not meant.shape:
-        return _same_bytes(back.read(name), meant)
+        return same_bytes(back.read(name).array, meant.array)
     rows = meant.shape[0]
     step = max(1, chunk_bytes // max(1, info.nbytes // max(1, rows)))
     return all(
@@ -457,14 +457,13 @@ def convert(
     tag: str | None = None
     extra: list[Finding] = []
     if dtype is not None:
-        key = dtype.strip().lower().replace("torch.", "")
-        key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
-        if key not in CAST_DTYPES:
+        key = canonical_dtype(dtype)
+        if key not in DTYPE_CHOICES:
             extra.append(
                 _usage("dtype", "unsupported dtype", "float32, bfloat16 or float16", dtype, "pick one of those")
             )
         else:
-            tag = CAST_DTYPES[key]
+            tag = DTYPE_CHOICES[key]
     warnings = _require(ckpt, extra)
     for key in ckpt.ignored:
         warnings.append(f"dropped {key!r}: not an MPT tensor")
@@ -646,8 +645,7 @@ def export_prompt(
     warnings = _require(ckpt, extra)
     if nvt is None:
         raise ValidationError("num_virtual_tokens is unknown; give --num-virtual-tokens", ckpt.location)
-    protected = ckpt.source_paths
-    check_output_dir(out, force=force, protected=protected)
+    check_output_dir(out, force=force, protected=ckpt.source_paths)
     prompt = task_prompt(ckpt, task)
     if encoder_only:
         prompt = prompt[:nvt].contiguous()
@@ -657,28 +655,20 @@ def export_prompt(
         raise ValidationError(f"task {task}'s prompt holds NaN/Inf values; nothing written", ckpt.location)
     tensors = {"prompt_embeddings": from_torch(prompt)}
     config = prompt_tuning_config(ckpt, nvt, 1 if encoder_only else nts)
-    meta = provenance(
-        {
-            "operation": "export-prompt",
-            **ckpt.provenance(),
-            "task": task,
-            "encoder_only": "true" if encoder_only else None,
-        }
-    )
-    written = write_adapter(out, tensors, config, meta, force=force, protected=protected)
-    return _result(
+    return _write_and_report(
         "export-prompt",
         ckpt,
         out,
-        written,
+        tensors,
+        config,
+        {"task": task, "encoder_only": "true" if encoder_only else None},
+        force=force,
         task=task,
         encoder_only=encoder_only,
         peft_type="PROMPT_TUNING",
         num_virtual_tokens=nvt,
         num_transformer_submodules=config["num_transformer_submodules"],
-        shapes={"prompt_embeddings": list(prompt.shape)},
         prompt_norm=float(np.linalg.norm(to_float64(tensors["prompt_embeddings"]))),
-        metadata=meta,
         warnings=warnings,
     )
 

@@ -90,3 +90,10 @@ def test_validate_and_inspect_stream_in_bounded_chunks(tmp_path: Path, monkeypat
     assert len(norms) == 40
     steps = [r[2] - r[1] for r in ckpt.file.reads if r[0] == "prefix_task_rows"]
     assert max(steps) * 6 * 32 * 8 <= limit or max(steps) == 1
+
+
+def test_cli_dtype_choices_match_the_library() -> None:
+    from mpt_tools.cli import TRAINING_DTYPES
+    from mpt_tools.formats import DTYPE_CHOICES
+
+    assert list(DTYPE_CHOICES) == TRAINING_DTYPES
