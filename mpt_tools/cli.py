@@ -442,18 +442,12 @@ def init(
     if as_json:
         _echo_json(result)
         return
-    for note in result["notes"]:
-        echo(f"note: {note}", err=True)
     how = {
         "average": _average_how(result["metadata"]),
         "exact": f"source task {result['task']}",
         "shared": f"shared prompt only, fresh factors from seed {result['seed']}",
     }[result["mode"]]
-    echo(f"wrote {result['out']} ({result['peft_mode']}: {how})")
-    for path in result["files"]:
-        echo(f"  {path}  ({os.path.getsize(path)} bytes)")
-    for name, shape in result["shapes"].items():
-        echo(f"  {name:<18} float32 {shape}")
+    _report_written(result, f"{result['peft_mode']}: {how}", warnings=False, dtype="float32")
     echo(
         f"  num_tasks {result['num_tasks']}, num_ranks {result['num_ranks']}, "
         f"source sha256 {result['source_sha256'][:16]}..."
@@ -505,8 +499,10 @@ def _source_kw(kw: dict[str, Any], *, with_counts: bool = True) -> dict[str, Any
     }
 
 
-def _report_written(result: dict[str, Any], what: str) -> None:
-    for w in result.get("warnings", []):
+def _report_written(result: dict[str, Any], what: str, *, warnings: bool = True, dtype: str = "") -> None:
+    """Warnings (unless already shown) and notes on stderr; then what was written, its files and
+    the tensor shapes (each preceded by ``dtype`` when given)."""
+    for w in result.get("warnings", []) if warnings else []:
         echo(f"warning: {w}", err=True)
     for note in result.get("notes", []):
         echo(f"note: {note}", err=True)
@@ -514,7 +510,7 @@ def _report_written(result: dict[str, Any], what: str) -> None:
     for path in result["files"]:
         echo(f"  {path}  ({os.path.getsize(path)} bytes)")
     for name, shape in result.get("shapes", {}).items():
-        echo(f"  {name:<18} {shape}")
+        echo(f"  {name:<18} {dtype + ' ' if dtype else ''}{shape}")
 
 
 _OUT = click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")

@@ -506,31 +506,30 @@ def _resolve_source(
 ) -> Checkpoint | None:
     """The source to compare against: the given one, or the recorded one while it still matches."""
     meta = target.file.metadata
+    sha256 = meta.get("mpt_tools.source_sha256")
     if source is not None:
         ckpt = load_source(source, hub_options=hub_options)
-        recorded = meta.get("mpt_tools.source_sha256")
-        if recorded and recorded != ckpt.sha256():
+        if sha256 and sha256 != ckpt.sha256():
             notes.append("the given source's sha256 differs from the one recorded by init")
         return ckpt
     recorded_path = meta.get("mpt_tools.source")
     if not recorded_path or "mpt_tools.mode" not in meta:
         return None
-    if recorded_path.startswith("hf://"):
-        # init recorded hf://org/name@commit[/subfolder]: use the Hub cache only (no download)
-        try:
-            ckpt = load_source(recorded_path, hub_options={**hub_options, "offline": True})
-        except MptToolsError:
-            notes.append(
-                f"recorded source {recorded_path} is not in the local Hub cache; "
-                f"pass --source {recorded_path} to download it and compare"
-            )
-            return None
-        recorded = meta.get("mpt_tools.source_sha256")
-        if recorded and recorded != ckpt.sha256():
-            notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source")
-            return None
-        return ckpt
-    return _find_local_source(target, recorded_path, meta.get("mpt_tools.source_sha256"), notes)
+    if not recorded_path.startswith("hf://"):
+        return _find_local_source(target, recorded_path, sha256, notes)
+    # init recorded hf://org/name@commit[/subfolder]: use the Hub cache only (no download)
+    try:
+        ckpt = load_source(recorded_path, hub_options={**hub_options, "offline": True})
+    except MptToolsError:
+        notes.append(
+            f"recorded source {recorded_path} is not in the local Hub cache; "
+            f"pass --source {recorded_path} to download it and compare"
+        )
+        return None
+    if sha256 and sha256 != ckpt.sha256():
+        notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source")
+        return None
+    return ckpt
 
 
 def _find_local_source(
