@@ -59,13 +59,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .checkpoint import Checkpoint, load_source
     from .compare import diff, plot_similarity, task_similarity
+    from .conversion import convert
     from .errors import MptToolsError
-    from .hub import download_source, push_adapter
-    from .pipeline import init_adapter, inspect_source, validate
-    from .rebuild import init_and_verify, verify
-    from .source import Checkpoint, load_source
-    from .surgery import convert, export_prompt, rerank, select_tasks
+    from .hub.download import download_source
+    from .hub.push import push_adapter
+    from .init import init_adapter, init_and_verify
+    from .inspection import inspect_source
+    from .surgery import export_prompt, rerank, select_tasks
+    from .validation import validate
+    from .verification import verify
 
 
 def __getattr__(name: str) -> Any:

@@ -6,85 +6,19 @@ chunks of tasks so memory stays bounded whatever the number of tasks.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from .checkpoint import Checkpoint
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
 from .errors import ValidationError
-from .formats import CANONICAL, DTYPES, FLOAT_DTYPES, Raw, to_float32
-from .source import Checkpoint
-
-CHUNK_BYTES = 32 << 20
-MODES = {
-    "average": "average",
-    "average_source_tasks": "average",
-    "exact": "exact",
-    "exact_source_task": "exact",
-    "shared": "shared",
-    "only_source_shared": "shared",
-}
-PEFT_MODE_NAMES = {"average": "AVERAGE_SOURCE_TASKS", "exact": "EXACT_SOURCE_TASK", "shared": "ONLY_SOURCE_SHARED"}
-
-
-def canonical_mode(mode: str) -> str:
-    """Map a mode name (ours or PEFT's, any case) to "average", "exact" or "shared"."""
-    from .errors import ConfigError
-
-    key = mode.strip().lower().replace("-", "_")
-    if key not in MODES:
-        raise ConfigError(
-            f"unknown mode {mode!r}: use average, exact or shared "
-            "(or AVERAGE_SOURCE_TASKS, EXACT_SOURCE_TASK, ONLY_SOURCE_SHARED)"
-        )
-    return MODES[key]
-
-
-@dataclass
-class Finding:
-    """One problem (or remark): its level, a stable code, the field, expected/found and the fix."""
-
-    level: str  # "error", "warning" or "info"
-    code: str
-    field: str
-    message: str
-    expected: Any = None
-    found: Any = None
-    fix: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The finding as a JSON-ready dict."""
-        return asdict(self)
-
-    def line(self) -> str:
-        """One human-readable line."""
-        parts = [f"{self.level}: {self.field}: {self.message}"]
-        if self.expected is not None or self.found is not None:
-            parts.append(f"(expected {self.expected}, found {self.found})")
-        text = " ".join(parts)
-        return f"{text}; fix: {self.fix}" if self.fix else text
-
-
-def errors(findings: list[Finding]) -> list[Finding]:
-    """Only the findings at level error."""
-    return [f for f in findings if f.level == "error"]
-
-
-def refusal(location: str, problems: list[Finding]) -> ValidationError:
-    """One error for a list of error findings: the first in full, then how many more there are."""
-    first = problems[0]
-    msg = f"{first.field}: {first.message}"
-    if first.expected is not None or first.found is not None:
-        msg += f" (expected {first.expected}, found {first.found})"
-    if first.fix:
-        msg += f"; fix: {first.fix}"
-    if len(problems) > 1:
-        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
-    return ValidationError(msg, location, problems)
+from .findings import Finding, errors, refusal
+from .formats import CANONICAL, FLOAT_DTYPES, to_float32
+from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
+from .prompts import CHUNK_BYTES, iter_task_chunks
 
 
 def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:
@@ -95,14 +29,13 @@ def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:
         peft_type = raw.get("peft_type")
         if peft_type != PEFT_TYPE:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "peft-type",
                     "peft_type",
                     "not a Multitask Prompt Tuning adapter",
-                    PEFT_TYPE,
-                    peft_type,
-                    "use an adapter trained with MultitaskPromptTuningConfig",
+                    expected=PEFT_TYPE,
+                    found=peft_type,
+                    fix="use an adapter trained with MultitaskPromptTuningConfig",
                 )
             )
     for name in SIZE_FIELDS:
@@ -110,132 +43,122 @@ def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:
         if value is None:
             if name in ("num_virtual_tokens", "token_dim") and from_file:
                 out.append(
-                    Finding(
-                        "warning",
+                    Finding.warning(
                         "missing-field",
                         name,
                         "not set in the config",
-                        "a positive integer",
-                        None,
-                        f"give --{name.replace('_', '-')}",
+                        expected="a positive integer",
+                        found=None,
+                        fix=f"give --{name.replace('_', '-')}",
                     )
                 )
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "bad-type",
                     name,
                     "must be an integer",
-                    "a positive integer",
-                    repr(value),
-                    f"write {name} as a JSON integer",
+                    expected="a positive integer",
+                    found=repr(value),
+                    fix=f"write {name} as a JSON integer",
                 )
             )
         elif value <= 0:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "bad-size",
                     name,
                     "must be positive",
-                    "> 0",
-                    value,
-                    f"set {name} to the value the adapter was trained with",
+                    expected="> 0",
+                    found=value,
+                    fix=f"set {name} to the value the adapter was trained with",
                 )
             )
         elif name == "num_transformer_submodules" and value not in (1, 2):
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "bad-size",
                     name,
                     "PEFT supports 1 or 2 submodules",
-                    "1 or 2",
-                    value,
-                    "use 1 (decoder-only) or 2 (encoder-decoder)",
+                    expected="1 or 2",
+                    found=value,
+                    fix="use 1 (decoder-only) or 2 (encoder-decoder)",
                 )
             )
     task_type = raw.get("task_type")
     if task_type is None:
         if from_file:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "task-type",
                     "task_type",
                     "is null: PEFT cannot tell seq2seq from causal",
-                    "one of " + ", ".join(TASK_TYPES),
-                    None,
-                    "give --task-type",
+                    expected="one of " + ", ".join(TASK_TYPES),
+                    found=None,
+                    fix="give --task-type",
                 )
             )
     elif task_type not in TASK_TYPES:
         out.append(
-            Finding(
-                "error",
+            Finding.error(
                 "task-type",
                 "task_type",
                 "unknown task type",
-                "one of " + ", ".join(TASK_TYPES),
-                task_type,
-                "give --task-type",
+                expected="one of " + ", ".join(TASK_TYPES),
+                found=task_type,
+                fix="give --task-type",
             )
         )
     init = raw.get("prompt_tuning_init", "RANDOM")
     if init not in INIT_MODES:
         out.append(
-            Finding(
-                "error",
+            Finding.error(
                 "init-mode",
                 "prompt_tuning_init",
                 "unknown value: PEFT silently treats it as RANDOM",
-                "one of " + ", ".join(INIT_MODES),
-                init,
-                "set it to RANDOM",
+                expected="one of " + ", ".join(INIT_MODES),
+                found=init,
+                fix="set it to RANDOM",
             )
         )
     elif init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
         out.append(
-            Finding(
-                "warning",
+            Finding.warning(
                 "reload-trap",
                 "prompt_tuning_init",
                 f"PEFT re-reads {raw.get('prompt_tuning_init_state_dict_path')!r} on every load, "
                 "so this adapter fails on other machines",
-                "RANDOM",
-                init,
-                "rewrite it with `mpt-tools init` or set RANDOM and a null path",
+                expected="RANDOM",
+                found=init,
+                fix="rewrite it with `mpt-tools init` or set RANDOM and a null path",
             )
         )
     task = raw.get("prompt_tuning_init_task", 0)
     if task is not None and (isinstance(task, bool) or not isinstance(task, int)):
         out.append(
-            Finding(
-                "error",
+            Finding.error(
                 "bad-type",
                 "prompt_tuning_init_task",
                 "must be an integer",
-                "an integer >= 0",
-                repr(task),
-                "write it as a JSON integer",
+                expected="an integer >= 0",
+                found=repr(task),
+                fix="write it as a JSON integer",
             )
         )
     elif isinstance(task, int) and task < 0:
         out.append(
-            Finding(
-                "error",
+            Finding.error(
                 "negative-task",
                 "prompt_tuning_init_task",
                 "negative task index: PEFT silently counts from the end",
-                ">= 0",
-                task,
-                "use the task's non-negative index",
+                expected=">= 0",
+                found=task,
+                fix="use the task's non-negative index",
             )
         )
     for name, why in cfg.assumed.items():
-        out.append(Finding("info", "assumed", name, f"assumed {why}"))
+        out.append(Finding.info("assumed", name, f"assumed {why}"))
     return out
 
 
@@ -244,9 +167,9 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
     out: list[Finding] = []
     for note in ckpt.notes:
         if note.startswith("renamed"):
-            out.append(Finding("info", "renamed-key", "keys", note))
+            out.append(Finding.info("renamed-key", "keys", note))
     for key in ckpt.ignored:
-        out.append(Finding("warning", "extra-key", key, "not an MPT tensor; ignored"))
+        out.append(Finding.warning("extra-key", key, "not an MPT tensor; ignored"))
     shapes = ckpt.shapes
     want_ndim = {"prompt_embeddings": 2, "prefix_task_cols": 3, "prefix_task_rows": 3}
     for name in CANONICAL:
@@ -258,52 +181,48 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
                 "prefix_task_rows": "PEFT would silently keep random task factors",
             }[name]
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "missing-tensor",
                     name,
                     f"tensor missing: {why}",
-                    "present",
-                    "absent",
-                    "use the full adapter state dict (all three tensors)",
+                    expected="present",
+                    found="absent",
+                    fix="use the full adapter state dict (all three tensors)",
                 )
             )
             continue
         if info.dtype not in FLOAT_DTYPES:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "dtype",
                     name,
                     "not a floating-point tensor",
-                    "float32, bfloat16, float16 or float64",
-                    info.dtype,
-                    "save the adapter's float parameters",
+                    expected="float32, bfloat16, float16 or float64",
+                    found=info.dtype,
+                    fix="save the adapter's float parameters",
                 )
             )
         if len(info.shape) != want_ndim[name]:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "ndim",
                     name,
                     f"must have {want_ndim[name]} dimensions",
-                    want_ndim[name],
-                    list(info.shape),
-                    "check that this is an MPT adapter",
+                    expected=want_ndim[name],
+                    found=list(info.shape),
+                    fix="check that this is an MPT adapter",
                 )
             )
             shapes.pop(name, None)
         elif 0 in info.shape:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "empty",
                     name,
                     "has an empty dimension",
-                    "all sizes > 0",
-                    list(info.shape),
-                    "check the adapter",
+                    expected="all sizes > 0",
+                    found=list(info.shape),
+                    fix="check the adapter",
                 )
             )
     pe, cols, rows = shapes.get("prompt_embeddings"), shapes.get("prefix_task_cols"), shapes.get("prefix_task_rows")
@@ -318,14 +237,13 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
     for fieldname, a, av, b, bv in pairs:
         if av != bv:
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "tensors-disagree",
                     fieldname,
                     f"{a} and {b} disagree on {fieldname}",
-                    f"{av} (from {a})",
-                    f"{bv} (from {b})",
-                    "the tensors come from different adapters or a corrupted save",
+                    expected=f"{av} (from {a})",
+                    found=f"{bv} (from {b})",
+                    fix="the tensors come from different adapters or a corrupted save",
                 )
             )
     cfg = ckpt.config
@@ -346,45 +264,18 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
                 continue
             reported.add(seen)
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "config-mismatch",
                     field_name,
                     f"config says {want} but {name} has {got}",
-                    want,
-                    got,
-                    f"fix the config or pass the right --{label.replace('_', '-')}"
+                    expected=want,
+                    found=got,
+                    fix=f"fix the config or pass the right --{label.replace('_', '-')}"
                     if label != "T"
                     else "pass the right --num-virtual-tokens / --num-transformer-submodules or --task-type",
                 )
             )
     return out
-
-
-def task_runs(tasks: list[int], step: int) -> list[tuple[int, int]]:
-    """Split task indices, in their order, into runs ``(start, stop)`` of consecutive tasks, each
-    at most ``step`` long, so that each run is read from the file in one piece."""
-    runs: list[tuple[int, int]] = []
-    for k in tasks:
-        if runs and runs[-1][1] == k and k - runs[-1][0] < step:
-            runs[-1] = (runs[-1][0], k + 1)
-        else:
-            runs.append((k, k + 1))
-    return runs
-
-
-def iter_task_chunks(ckpt: Checkpoint, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, Raw]]:
-    """Yield ``(start, stop, raw)`` over a factor tensor in chunks of whole tasks, each at most
-    ``max_bytes`` (at least one task)."""
-    info = ckpt.info(name)
-    if info is None or not info.shape:
-        return
-    n = info.shape[0]
-    per_task = max(1, math.prod(info.shape[1:]) * DTYPES[info.dtype][0])
-    step = max(1, max_bytes // per_task)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        yield start, stop, ckpt.read_rows(name, start, stop)
 
 
 def value_findings(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[Finding]:
@@ -406,14 +297,13 @@ def value_findings(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[Fin
         if bad:
             where = f"row {first}" if name == "prompt_embeddings" else f"task {first}"
             out.append(
-                Finding(
-                    "error",
+                Finding.error(
                     "non-finite",
                     name,
                     f"{bad} NaN/Inf values (first in {where})",
-                    "finite values",
-                    f"{bad} non-finite",
-                    "retrain or restore the adapter",
+                    expected="finite values",
+                    found=f"{bad} non-finite",
+                    fix="retrain or restore the adapter",
                 )
             )
     return out
@@ -448,34 +338,33 @@ def target_config_findings(target: MptConfig) -> list[Finding]:
 
 def check_target(
     ckpt: Checkpoint,
-    mode: str,
+    plan: TargetPlan | str,
     *,
     target: MptConfig | None = None,
-    task: int | None = None,
-    num_tasks: int | None = None,
-    num_ranks: int | None = None,
-    peft_init_path: bool = True,
+    warnings: list[str] | None = None,
 ) -> list[Finding]:
-    """Findings for building a target of ``mode`` from ``ckpt``.
+    """Findings for building the target ``plan`` (or a mode name) asks for from ``ckpt``.
 
-    average/exact need the same T, r and d (and, for PEFT's own init path, target num_tasks 1);
-    shared needs the same T and d. ``target`` is a planned target config; ``num_tasks`` and
-    ``num_ranks`` are the planned target's values when no config is given.
+    Every mode needs the source's T and d; a mode that copies factors also needs the factors, the
+    source's rank and (for PEFT's own init path, when no target size is asked for) one target
+    task. Then come the mode's own rules. ``target`` is a planned target config, whose sizes
+    count where the plan gives none. ``warnings`` receives the plan's warnings.
     """
-    mode = canonical_mode(mode)
+    if isinstance(plan, str):
+        plan = TargetPlan(plan)
+    mode = get_mode(plan.mode)
     out: list[Finding] = []
     shapes = ckpt.shapes
     pe, cols = shapes.get("prompt_embeddings"), shapes.get("prefix_task_cols")
     src_t = pe[0] if pe and len(pe) == 2 else None
     src_d = pe[1] if pe and len(pe) == 2 else None
     src_r = cols[2] if cols and len(cols) == 3 else None
-    src_n = cols[0] if cols and len(cols) == 3 else None
+    num_tasks, num_ranks = plan.num_tasks, plan.num_ranks
     if target is not None:
         out += target_config_findings(target)
         tgt_t, tgt_d = target.total_virtual_tokens, target.size("token_dim")
-        t_n, t_r = target.size("num_tasks"), target.size("num_ranks")
-        num_tasks = num_tasks if num_tasks is not None else t_n
-        num_ranks = num_ranks if num_ranks is not None else t_r
+        num_tasks = num_tasks if num_tasks is not None else target.size("num_tasks")
+        num_ranks = num_ranks if num_ranks is not None else target.size("num_ranks")
         for field_name, want, got, fix in (
             (
                 "num_virtual_tokens x num_transformer_submodules",
@@ -487,83 +376,103 @@ def check_target(
         ):
             if want is not None and got is not None and want != got:
                 out.append(
-                    Finding(
-                        "error",
+                    Finding.error(
                         "target-mismatch",
                         field_name,
-                        f"target config differs from the source ({mode} needs them equal)",
-                        want,
-                        got,
-                        fix,
+                        f"target config differs from the source ({mode.name} needs them equal)",
+                        expected=want,
+                        found=got,
+                        fix=fix,
                     )
                 )
-    if mode in ("average", "exact"):
-        if ckpt.info("prefix_task_cols") is None or ckpt.info("prefix_task_rows") is None:
-            out.append(
-                Finding(
-                    "error",
-                    "missing-tensor",
-                    "prefix_task_cols/rows",
-                    f"{mode} needs the source task factors",
-                    "present",
-                    "absent",
-                    "use --mode shared, or a source with its task factors",
-                )
+    if mode.copies_factors:
+        out += _copy_rules(ckpt, mode, src_r, num_ranks, num_tasks if plan.num_tasks is None else None)
+    out += mode.plan_rules(ckpt, plan, warnings if warnings is not None else [])
+    if (plan.tasks is not None or plan.weights is not None) and not mode.selects_tasks:
+        selecting = ", ".join(m.name for m in MODES.values() if m.selects_tasks)
+        out.append(
+            Finding.error(
+                "usage",
+                "tasks",
+                f"--tasks and --weights apply to --mode {selecting} only",
+                expected=selecting,
+                found=mode.name,
+                fix=f"drop --tasks/--weights or use --mode {selecting}",
             )
-        if num_ranks is not None and src_r is not None and num_ranks != src_r:
-            out.append(
-                Finding(
-                    "error",
-                    "target-mismatch",
-                    "num_ranks",
-                    f"{mode} copies factors, so the target rank must be the source's",
-                    src_r,
-                    num_ranks,
-                    f"set the target num_ranks to {src_r} (or use --mode shared)",
-                )
+        )
+    elif mode.copies_factors and plan.num_tasks is not None and not 1 <= plan.num_tasks <= MAX_TARGET_TASKS:
+        out.append(
+            Finding.error(
+                "usage",
+                "target_tasks",
+                "out of range",
+                expected=f"1..{MAX_TARGET_TASKS}",
+                found=plan.num_tasks,
+                fix="pass a positive --target-tasks",
             )
-        if peft_init_path and num_tasks is not None and num_tasks != 1:
-            out.append(
-                Finding(
-                    "error",
-                    "target-mismatch",
-                    "num_tasks",
-                    f"PEFT's {PEFT_MODE_NAMES[mode]} makes a 1-task target",
-                    1,
-                    num_tasks,
-                    "set the target num_tasks to 1",
-                )
-            )
-    if mode == "exact":
-        if task is None:
-            task = 0
-        if src_n is not None:
-            if task < 0:
-                resolved = src_n + task
-                out.append(
-                    Finding(
-                        "error",
-                        "negative-task",
-                        "task",
-                        "negative task index: PEFT would silently take "
-                        + (f"task {resolved} (counting from the end)" if resolved >= 0 else "nothing"),
-                        f"0..{src_n - 1}",
-                        task,
-                        f"pass --task {resolved} (or --allow-negative-task to count from the end)"
-                        if resolved >= 0
-                        else f"pass a task in 0..{src_n - 1}",
-                    )
-                )
-            elif task >= src_n:
-                out.append(
-                    Finding(
-                        "error",
-                        "task-range",
-                        "task",
-                        f"the source has {src_n} tasks",
-                        f"0..{src_n - 1}",
-                        task,
-                        f"pass a task in 0..{src_n - 1}",
-                    )
-                )
+        )
     return out
+
+
+def _copy_rules(
+    ckpt: Checkpoint, mode: Mode, src_r: int | None, num_ranks: int | None, config_tasks: int | None
+) -> list[Finding]:
+    """A mode that copies the source's factors needs them, keeps their rank, and (on PEFT's own
+    init path: ``config_tasks``, a planned config's num_tasks) makes a 1-task target."""
+    out: list[Finding] = []
+    if ckpt.info("prefix_task_cols") is None or ckpt.info("prefix_task_rows") is None:
+        out.append(
+            Finding.error(
+                "missing-tensor",
+                "prefix_task_cols/rows",
+                f"{mode.name} needs the source task factors",
+                expected="present",
+                found="absent",
+                fix="use --mode shared, or a source with its task factors",
+            )
+        )
+    if num_ranks is not None and src_r is not None and num_ranks != src_r:
+        out.append(
+            Finding.error(
+                "target-mismatch",
+                "num_ranks",
+                f"{mode.name} copies factors, so the target rank must be the source's",
+                expected=src_r,
+                found=num_ranks,
+                fix=f"set the target num_ranks to {src_r} (or use --mode shared)",
+            )
+        )
+    if config_tasks is not None and config_tasks != 1:
+        out.append(
+            Finding.error(
+                "target-mismatch",
+                "num_tasks",
+                f"PEFT's {mode.peft_name} makes a 1-task target",
+                expected=1,
+                found=config_tasks,
+                fix="set the target num_tasks to 1",
+            )
+        )
+    return out
+
+
+def require_valid(
+    ckpt: Checkpoint,
+    extra: list[Finding] | None = None,
+    *,
+    values: bool = True,
+    findings: list[Finding] | None = None,
+    refusing: str | None = None,
+) -> list[str]:
+    """The one refusal of an invalid source: raise ValidationError for the first error (and the
+    count of the rest) among ``findings`` (default: :func:`check_source` of ``ckpt``, with
+    ``values``) plus ``extra``; ``refusing`` names the refused operation in the message ("refusing
+    to push: ..."). Returns the warnings as lines."""
+    found = (check_source(ckpt, values=values) if findings is None else findings) + (extra or [])
+    problems = errors(found)
+    if problems:
+        err = refusal(ckpt.location, problems)
+        if refusing:
+            err = ValidationError(f"refusing to {refusing}: {err.message}", err.path, problems)
+        raise err
+    return [f.line() for f in found if f.level == "warning"]

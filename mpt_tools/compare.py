@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checks import check_source, errors, refusal
+from .checkpoint import Checkpoint, Source, load_source
+from .checks import require_valid
 from .errors import MptToolsError, WriteError
-from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, atomic_write, same_bytes, to_float64
-from .source import Checkpoint, load_source
-from .writer import source_folders
+from .files import atomic_write, source_folders
+from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
+from .prompts import CHUNK_BYTES, plan_chunks
 
-CHUNK_BYTES = 64 << 20
 # Config fields that say how or where a file was written, not what the adapter is.
 VOLATILE_CONFIG = ("peft_version",)
 
@@ -32,7 +31,7 @@ def _task_ranges(ckpt: Checkpoint, chunk_bytes: int) -> list[tuple[int, int]]:
     """Ranges of tasks whose float64 prompts take at most ``chunk_bytes`` (at least one task)."""
     t, d = ckpt.shapes["prompt_embeddings"]
     n = ckpt.shapes["prefix_task_cols"][0]
-    step = max(1, chunk_bytes // max(1, t * d * 8))
+    step = plan_chunks(t * d * 8, chunk_bytes)
     return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
@@ -49,30 +48,13 @@ def _prompts(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int, out: np.nd
     return prompts
 
 
-def iter_prompts(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(start, stop, prompts)``: the effective prompts of tasks ``start:stop`` as float64
-    [stop - start, T, d], in chunks of at most ``chunk_bytes`` of prompts (at least one task)."""
-    pe = to_float64(ckpt.read("prompt_embeddings"))
-    for start, stop in _task_ranges(ckpt, chunk_bytes):
-        yield start, stop, _prompts(ckpt, pe, start, stop)
-
-
-def _require_prompts(ckpt: Checkpoint) -> None:
-    problems = [f for f in errors(check_source(ckpt, values=False)) if f.code != "non-finite"]
-    if problems:
-        raise refusal(ckpt.location, problems)
-
-
 SIMILARITY_CHUNK_BYTES = 256 << 20
 
 
 def task_similarity(
-    source: str | os.PathLike[str] | Checkpoint,
+    source: Source,
     *,
     chunk_bytes: int = SIMILARITY_CHUNK_BYTES,
-    overrides: dict[str, Any] | None = None,
-    subfolder: str | None = None,
-    hub_options: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """The N x N cosine similarity of the tasks' effective prompts (flattened), float64.
 
@@ -83,8 +65,8 @@ def task_similarity(
     them over and over: minutes instead of seconds at 1000 tasks), and memory stays bounded
     besides the N x N result. An entry is NaN where a prompt is all zeros or not finite.
     """
-    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
-    _require_prompts(ckpt)
+    ckpt = load_source(source)
+    require_valid(ckpt, values=False)
     n, t, r = ckpt.shapes["prefix_task_cols"]
     d = ckpt.shapes["prompt_embeddings"][1]
     pe = to_float64(ckpt.read("prompt_embeddings"))
@@ -95,7 +77,7 @@ def task_similarity(
     else:
         tokens, columns = 1, max(1, min(d, budget // (n * 8)))
     # factor rows are read and converted to float64 a chunk of tasks at a time (a quarter of the budget)
-    task_step = max(1, (budget // 4) // max(1, r * d * 8))
+    task_step = plan_chunks(r * d * 8, budget // 4)
     gram = np.zeros((n, n), dtype=np.float64)
     block = np.empty(n * tokens * columns, dtype=np.float64)
     with np.errstate(all="ignore"):
@@ -122,18 +104,6 @@ def task_similarity(
 def similarity_json(matrix: np.ndarray) -> list[list[float | None]]:
     """The matrix as nested lists, NaN as None (JSON null)."""
     return [[None if not np.isfinite(v) else round(float(v), 12) for v in row] for row in matrix]
-
-
-def format_similarity(matrix: np.ndarray, digits: int = 3) -> str:
-    """The matrix as a text table with task numbers on both axes."""
-    n = matrix.shape[0]
-    width = max(digits + 4, len(str(n - 1)) + 1)
-    head = f"{'task':>6} " + " ".join(f"{k:>{width}}" for k in range(n))
-    lines = [head]
-    for i in range(n):
-        cells = " ".join(f"{'n/a':>{width}}" if not np.isfinite(v) else f"{v:>{width}.{digits}f}" for v in matrix[i])
-        lines.append(f"{i:>6} {cells}")
-    return "\n".join(lines)
 
 
 def require_matplotlib() -> None:
@@ -228,7 +198,7 @@ def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> d
     shape = ia.shape
     rows = shape[0] if shape else 1
     per_row = max(1, ia.nbytes // max(1, rows)) * 2
-    step = max(1, chunk_bytes // per_row)
+    step = plan_chunks(per_row, chunk_bytes)
     max_abs = 0.0
     bitwise = ia.dtype == ib.dtype
     nan_mismatch = 0
@@ -269,11 +239,10 @@ def _config_diff(a: Checkpoint, b: Checkpoint) -> list[dict[str, Any]]:
 
 
 def diff(
-    a: str | os.PathLike[str] | Checkpoint,
-    b: str | os.PathLike[str] | Checkpoint,
+    a: Source,
+    b: Source,
     *,
     chunk_bytes: int = CHUNK_BYTES,
-    hub_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compare two sources; ``identical`` is True when nothing below differs.
 
@@ -284,7 +253,7 @@ def diff(
     relative Frobenius difference of the effective prompts. Safetensors metadata differences are
     listed but do not make the adapters different.
     """
-    ca, cb = load_source(a, hub_options=hub_options), load_source(b, hub_options=hub_options)
+    ca, cb = load_source(a), load_source(b)
     fa, fb = _file_sets(ca), _file_sets(cb)
     only_a = sorted(set(fa) - set(fb))
     only_b = sorted(set(fb) - set(fa))
@@ -379,7 +348,7 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> dict[str, An
     """Per-task effective-prompt differences when both have N, T, d in common (else None)."""
     try:
         for ckpt in (a, b):
-            _require_prompts(ckpt)
+            require_valid(ckpt, values=False)
     except MptToolsError:
         return None
     na, ta, _ = a.shapes["prefix_task_cols"]
@@ -413,13 +382,3 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> dict[str, An
             )
     finite = [t["max_abs_diff"] for t in per_task if t["max_abs_diff"] is not None]
     return {"max_abs_diff": max(finite) if finite else None, "tasks": per_task}
-
-
-__all__ = [
-    "diff",
-    "format_similarity",
-    "iter_prompts",
-    "plot_similarity",
-    "similarity_json",
-    "task_similarity",
-]

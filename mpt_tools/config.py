@@ -17,6 +17,9 @@ from typing import Any
 from .errors import ConfigError
 
 CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"  # what mpt-tools writes
+WEIGHTS_NAMES = (WEIGHTS_NAME, "adapter_model.bin")  # what PEFT may have written, in the order looked for
+ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")  # the names that make a folder an adapter
 PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
 TASK_TYPES = (
     "SEQ_CLS",
@@ -229,3 +232,15 @@ def target_config(source: MptConfig, num_tasks: int, num_ranks: int) -> dict[str
     raw["prompt_tuning_init_task"] = 0
     raw["inference_mode"] = True
     return raw
+
+
+# The fields PEFT 0.21 writes for a PromptTuningConfig (save_pretrained), with its defaults: the
+# MultitaskPromptTuningConfig's fields less the four MPT ones.
+_MPT_ONLY = ("num_ranks", "num_tasks", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task")
+
+
+PROMPT_TUNING_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in PEFT_DEFAULTS.items() if k not in _MPT_ONLY},
+    "num_transformer_submodules": 1,
+    "peft_type": "PROMPT_TUNING",
+}

@@ -6,6 +6,8 @@ one line on stderr and exit status 1. Anything else escaping the library is a bu
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MptToolsError(Exception):
     """Base class: a problem with the user's input or a refused operation.
@@ -53,3 +55,15 @@ class HubError(MptToolsError):
 
 class VerifyError(MptToolsError):
     """A rebuilt prompt failed verification."""
+
+
+class DeviceError(MptToolsError):
+    """The requested device cannot be used (e.g. ``cuda`` without a CUDA device)."""
+
+
+class VerificationFailed(VerifyError):
+    """Verification ran and found failures; ``report`` is the full report (``ok`` is False)."""
+
+    def __init__(self, message: str, path: str | None, report: dict[str, Any]) -> None:
+        super().__init__(message, path)
+        self.report = report

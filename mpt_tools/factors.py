@@ -9,45 +9,14 @@ Targets are float32, the dtype PEFT's prompt encoder holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 
-from .checks import canonical_mode
+from .checkpoint import Checkpoint
 from .errors import ValidationError
-from .formats import Raw, from_numpy, to_float32
-from .source import Checkpoint
+from .formats import to_float32, to_torch
 
 INIT_STD = 0.02
 MAX_TARGET_ELEMENTS = 1 << 31
-
-
-@dataclass
-class Target:
-    """A target initialisation: the three float32 tensors, the mode and how they were made."""
-
-    tensors: dict[str, np.ndarray]
-    mode: str
-    task: int | None = None
-    seed: int | None = None
-    tasks: list[int] | None = None
-    weights: list[float] | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_tasks(self) -> int:
-        """Number of tasks of the target."""
-        return int(self.tensors["prefix_task_cols"].shape[0])
-
-    @property
-    def num_ranks(self) -> int:
-        """Rank of the target's factors."""
-        return int(self.tensors["prefix_task_cols"].shape[2])
-
-    def raw(self) -> dict[str, Raw]:
-        """The tensors as :class:`Raw` for writing."""
-        return {k: from_numpy(v) for k, v in self.tensors.items()}
 
 
 def average_factors(
@@ -62,7 +31,7 @@ def average_factors(
 
     out = []
     for name in ("prefix_task_cols", "prefix_task_rows"):
-        t = _torch_tensor(ckpt.map(name))
+        t = to_torch(ckpt.map(name))
         if tasks is not None:
             t = t.index_select(0, torch.tensor(tasks, dtype=torch.long))
         if weights is None:
@@ -73,12 +42,6 @@ def average_factors(
             mean = (t.double() * w.view(-1, 1, 1)).sum(0, keepdim=True)
         out.append(mean.float().numpy())
     return out[0], out[1]
-
-
-def _torch_tensor(raw: Raw) -> Any:
-    from .formats import to_torch
-
-    return to_torch(raw)
 
 
 def exact_factors(ckpt: Checkpoint, task: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,49 +62,3 @@ def random_factors(
     cols = rng.normal(0.0, INIT_STD, size=(num_tasks, total_tokens, num_ranks)).astype(np.float32)
     rows = rng.normal(0.0, INIT_STD, size=(num_tasks, num_ranks, token_dim)).astype(np.float32)
     return cols, rows
-
-
-def build_target(
-    ckpt: Checkpoint,
-    mode: str,
-    *,
-    task: int | None = None,
-    seed: int | None = None,
-    num_tasks: int | None = None,
-    num_ranks: int | None = None,
-    tasks: list[int] | None = None,
-    weights: list[float] | None = None,
-    target_tasks: int = 1,
-) -> Target:
-    """Compute the target tensors of ``mode`` from a checked source.
-
-    The caller has validated the source (see :func:`mpt_tools.checks.check_target`); negative
-    ``task`` values are resolved Python-style here, as PEFT does.
-    """
-    mode = canonical_mode(mode)
-    pe = to_float32(ckpt.read("prompt_embeddings"))
-    pe = np.ascontiguousarray(pe)
-    target = Target(tensors={}, mode=mode)
-    if mode == "average":
-        cols, rows = average_factors(ckpt, tasks, weights)
-        target.tasks, target.weights = tasks, weights
-    elif mode == "exact":
-        n = ckpt.shapes["prefix_task_cols"][0]
-        k = 0 if task is None else task
-        if k < 0:
-            k += n
-        cols, rows = exact_factors(ckpt, k)
-        target.task = k
-    else:
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (1 << 63))  # type: ignore[operator]
-        t, d = pe.shape
-        src_cols = ckpt.shapes.get("prefix_task_cols")
-        r = num_ranks or (src_cols[2] if src_cols else 1)
-        cols, rows = random_factors(seed, num_tasks or 1, t, r, d)
-        target.seed = seed
-    if mode != "shared" and target_tasks > 1:
-        cols = np.ascontiguousarray(np.repeat(cols, target_tasks, axis=0))
-        rows = np.ascontiguousarray(np.repeat(rows, target_tasks, axis=0))
-    target.tensors = {"prompt_embeddings": pe, "prefix_task_cols": cols, "prefix_task_rows": rows}
-    return target

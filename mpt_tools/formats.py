@@ -7,14 +7,12 @@ Arrays are numpy; bfloat16 data is carried as raw ``uint16`` words with the dtyp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError, WriteError
+from .errors import FormatError
 
 CANONICAL = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
 MAX_HEADER = 100_000_000  # the limit of safetensors' own parser
@@ -563,57 +561,3 @@ def safetensors_bytes(tensors: dict[str, Raw], metadata: dict[str, str] | None =
     Tensors are laid out by descending itemsize, then name, as safetensors does.
     """
     return b"".join(safetensors_parts(tensors, metadata))
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file (0o666 less the umask)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-Payload = bytes | str | list[bytes | memoryview]
-
-
-def synced_temp_file(folder: str | os.PathLike[str], name: str, data: Payload) -> str:
-    """Write ``data`` (bytes, text, or a list of buffers written in order) to a new temp file named
-    after ``name`` in ``folder``, fsynced, with the mode a normal write would give (not mkstemp's
-    0600). Returns its path; removes it on failure."""
-    parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as fh:
-            os.fchmod(fh.fileno(), file_mode())
-            for part in parts:
-                view = memoryview(part)
-                while view.nbytes:
-                    written = fh.write(view)
-                    if not written:
-                        raise OSError(5, "short write")
-                    view = view[written:]
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write(path: str | os.PathLike[str], data: Payload) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename.
-
-    On any failure the temp file is removed and ``path`` is left as it was.
-    """
-    target = Path(path)
-    tmp = ""
-    try:
-        tmp = synced_temp_file(target.parent, target.name, data)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise WriteError(f"cannot write: {exc.strerror or exc}", str(target)) from None
-        raise

@@ -17,50 +17,25 @@ the source's folder, with ``mpt_tools.*`` provenance metadata and a PEFT-style a
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .checks import Finding, check_source, errors, refusal, task_runs
-from .config import PEFT_DEFAULTS, target_config
-from .errors import ValidationError, VerifyError, WriteError
-from .formats import (
-    DTYPE_CHOICES,
-    DTYPE_NAMES,
-    Raw,
-    atomic_write,
-    canonical_dtype,
-    from_numpy,
-    from_torch,
-    open_safetensors,
-    safetensors_bytes,
-    same_bytes,
-    to_float32,
-    to_float64,
-    to_torch,
-    torch_dtype,
-)
-from .source import Checkpoint, load_source
-from .writer import WEIGHTS_NAME, check_output_dir, provenance, source_folders, write_adapter, write_files
+from .checkpoint import Checkpoint, Source, load_source
+from .checks import require_valid
+from .config import PROMPT_TUNING_DEFAULTS, target_config
+from .errors import ValidationError
+from .files import check_output_dir
+from .findings import Finding
+from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
+from .prompts import CHUNK_BYTES, plan_chunks, task_runs
+from .writer import _write_and_report
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
 MAX_ELEMENTS = 1 << 31
-CHUNK_BYTES = 64 << 20
-FP16_MAX = 65504.0
 
-# The fields PEFT 0.21 writes for a PromptTuningConfig (save_pretrained), with its defaults: the
-# MultitaskPromptTuningConfig's fields less the four MPT ones.
-_MPT_ONLY = ("num_ranks", "num_tasks", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task")
-PROMPT_TUNING_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in PEFT_DEFAULTS.items() if k not in _MPT_ONLY},
-    "num_transformer_submodules": 1,
-    "peft_type": "PROMPT_TUNING",
-}
 # Fields a PROMPT_TUNING config takes over from the MPT source config.
 _PT_FROM_SOURCE = (
     "base_model_name_or_path",
@@ -78,19 +53,6 @@ _PT_FROM_SOURCE = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _require(ckpt: Checkpoint, extra: list[Finding] | None = None, *, values: bool = True) -> list[str]:
-    """Raise ValidationError listing every error of the source (plus ``extra``); return the warnings."""
-    findings = check_source(ckpt, values=values) + (extra or [])
-    problems = errors(findings)
-    if problems:
-        raise refusal(ckpt.location, problems)
-    return [f.line() for f in findings if f.level == "warning"]
-
-
-def _usage(field_name: str, message: str, expected: Any, found: Any, fix: str, code: str = "usage") -> Finding:
-    return Finding("error", code, field_name, message, expected, found, fix)
-
-
 def _dims(ckpt: Checkpoint) -> tuple[int, int, int, int]:
     """(N, T, r, d) of a checked source."""
     n, t, r = ckpt.shapes["prefix_task_cols"]
@@ -98,51 +60,29 @@ def _dims(ckpt: Checkpoint) -> tuple[int, int, int, int]:
     return n, t, r, d
 
 
-def _result(
-    schema: str, ckpt: Checkpoint, out: str | os.PathLike[str], files: list[str], **extra: Any
-) -> dict[str, Any]:
-    res: dict[str, Any] = {
-        "schema": f"mpt-tools/{schema}/1",
-        "source": ckpt.location,
-        "source_sha256": ckpt.sha256(),
-        "out": str(out),
-        "files": files,
-    }
-    res.update(extra)
-    res.setdefault("notes", list(ckpt.notes))
-    res["version"] = __version__
-    return res
-
-
-def _write_and_report(
-    operation: str,
-    ckpt: Checkpoint,
-    out: str | os.PathLike[str],
-    tensors: dict[str, Raw],
-    config: dict[str, Any],
-    recorded: dict[str, Any],
-    *,
-    force: bool,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Write an adapter folder (``mpt_tools.*`` provenance: the operation, the source and
-    ``recorded``) and return the command's result: :func:`_result` with ``extra``, the tensor
-    shapes and the metadata written."""
-    meta = provenance({"operation": operation, **ckpt.provenance(), **recorded})
-    written = write_adapter(out, tensors, config, meta, force=force, protected=ckpt.source_paths)
-    shapes = {k: list(v.shape) for k, v in tensors.items()}
-    return _result(operation, ckpt, out, written, **extra, shapes=shapes, metadata=meta)
-
-
 def _check_tasks(field_name: str, tasks: Sequence[int], n: int) -> list[Finding]:
     out: list[Finding] = []
     if not tasks:
-        out.append(_usage(field_name, "no tasks given", "at least one task", "[]", "list tasks like 2,0"))
+        out.append(
+            Finding.error(
+                "usage",
+                field_name,
+                "no tasks given",
+                expected="at least one task",
+                found="[]",
+                fix="list tasks like 2,0",
+            )
+        )
     bad = [t for t in tasks if t < 0 or t >= n]
     if bad:
         out.append(
-            _usage(
-                field_name, f"the source has {n} tasks", f"0..{n - 1}", bad, f"pick tasks in 0..{n - 1}", "task-range"
+            Finding.error(
+                "task-range",
+                field_name,
+                f"the source has {n} tasks",
+                expected=f"0..{n - 1}",
+                found=bad,
+                fix=f"pick tasks in 0..{n - 1}",
             )
         )
     return out
@@ -161,14 +101,11 @@ def _gather(ckpt: Checkpoint, name: str, select: Sequence[int]) -> Raw:
 
 
 def select_tasks(
-    source: str | os.PathLike[str] | Checkpoint,
+    source: Source,
     select: Sequence[int],
     out: str | os.PathLike[str],
     *,
     force: bool = False,
-    overrides: dict[str, Any] | None = None,
-    subfolder: str | None = None,
-    hub_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write an adapter whose task ``i`` is source task ``select[i]``.
 
@@ -176,13 +113,13 @@ def select_tasks(
     it). ``prompt_embeddings`` and each selected task's factors are copied bitwise in the source
     dtype; only the selected tasks' bytes are read. ``num_tasks`` in the config follows.
     """
-    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
+    ckpt = load_source(source)
     select = [int(s) for s in select]
     extra: list[Finding] = []
     cols_shape = ckpt.shapes.get("prefix_task_cols")
     if cols_shape and len(cols_shape) == 3:
         extra += _check_tasks("select", select, cols_shape[0])
-    warnings = _require(ckpt, extra)
+    warnings = require_valid(ckpt, extra)
     n, _t, r, _d = _dims(ckpt)
     check_output_dir(out, force=force, protected=ckpt.source_paths)
     tensors: dict[str, Raw] = {"prompt_embeddings": ckpt.read("prompt_embeddings")}
@@ -243,14 +180,11 @@ def best_rank_factors(cols: np.ndarray, rows: np.ndarray, rank: int) -> tuple[np
 
 
 def rerank(
-    source: str | os.PathLike[str] | Checkpoint,
+    source: Source,
     num_ranks: int,
     out: str | os.PathLike[str],
     *,
     force: bool = False,
-    overrides: dict[str, Any] | None = None,
-    subfolder: str | None = None,
-    hub_options: dict[str, Any] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[str, Any]:
     """Write an adapter with rank ``num_ranks``; factors are float32 (PEFT's dtype).
@@ -261,10 +195,19 @@ def rerank(
     (truncated SVD). The result reports per task the relative error of the prompt it causes,
     ``|P* * (approx - exact)|_F / |P* * exact|_F`` (float64; 0 when exact).
     """
-    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
+    ckpt = load_source(source)
     extra: list[Finding] = []
     if num_ranks < 1:
-        extra.append(_usage("num_ranks", "must be positive", ">= 1", num_ranks, "pass --num-ranks 1 or more"))
+        extra.append(
+            Finding.error(
+                "usage",
+                "num_ranks",
+                "must be positive",
+                expected=">= 1",
+                found=num_ranks,
+                fix="pass --num-ranks 1 or more",
+            )
+        )
     shapes = ckpt.shapes
     pe_shape, cols_shape = shapes.get("prompt_embeddings"), shapes.get("prefix_task_cols")
     if pe_shape and cols_shape and len(pe_shape) == 2 and len(cols_shape) == 3:
@@ -273,11 +216,16 @@ def rerank(
         size = n0 * max(num_ranks, 0) * (t0 + d0)
         if size > MAX_ELEMENTS:
             extra.append(
-                _usage(
-                    "num_ranks", f"the factors would hold {size} values", f"<= {MAX_ELEMENTS}", num_ranks, "lower it"
+                Finding.error(
+                    "usage",
+                    "num_ranks",
+                    f"the factors would hold {size} values",
+                    expected=f"<= {MAX_ELEMENTS}",
+                    found=num_ranks,
+                    fix="lower it",
                 )
             )
-    warnings = _require(ckpt, extra)
+    warnings = require_valid(ckpt, extra)
     n, t, r, d = _dims(ckpt)
     check_output_dir(out, force=force, protected=ckpt.source_paths)
     pe32 = np.ascontiguousarray(to_float32(ckpt.read("prompt_embeddings")))
@@ -286,7 +234,7 @@ def rerank(
     new_rows = np.zeros((n, num_ranks, d), dtype=np.float32)
     per_task: list[dict[str, Any]] = []
     keep = min(r, num_ranks)
-    step = max(1, chunk_bytes // max(1, (t * r + r * d) * 8 + t * d * 16))
+    step = plan_chunks((t * r + r * d) * 8 + t * d * 16, chunk_bytes)
     # two float64 [T, d] buffers for the error of an SVD'd task, reused for every task
     exact_buf = diff_buf = None
     for start in range(0, n, step):
@@ -358,203 +306,6 @@ def rerank(
 # ---------------------------------------------------------------------------------------------
 
 
-CAST_CHUNK = 1 << 20  # elements per step of a cast: a few float64 temporaries of 8 MiB each
-
-
-def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, dict[str, Any]]:
-    """Cast one tensor to the dtype ``tag`` (F32, BF16 or F16) with torch's round-to-nearest-even.
-
-    Returns the cast tensor and its cast report (``max_abs_error``, ``max_relative_error``,
-    ``flushed_to_zero``). Raises ValidationError naming the tensor and the value when a finite
-    value overflows the target dtype (float16's largest value is 65504). Works through the tensor
-    in steps of ``CAST_CHUNK`` elements, so the float64 error analysis needs a few small buffers
-    rather than several copies of the tensor.
-    """
-    import torch
-
-    if raw.dtype == tag:
-        return raw, {"max_abs_error": 0.0, "max_relative_error": 0.0, "flushed_to_zero": 0}
-    src = to_torch(raw).reshape(-1)
-    cast = torch.empty(src.shape, dtype=torch_dtype(tag))
-    max_abs = max_rel = 0.0
-    flushed = overflows = 0
-    first: int | None = None
-    worst = 0.0
-    for start in range(0, src.numel(), CAST_CHUNK):
-        s = src[start : start + CAST_CHUNK]
-        c = cast[start : start + CAST_CHUNK]
-        c.copy_(s)  # the cast itself: round to nearest even
-        s64, c64 = s.double(), c.double()
-        finite = torch.isfinite(s64)
-        overflow = finite & ~torch.isfinite(c64)
-        if bool(overflow.any()):
-            values = s64[overflow]
-            overflows += int(values.numel())
-            if first is None:
-                first = start + int(torch.nonzero(overflow)[0, 0])
-            big = float(values[values.abs().argmax()])
-            worst = big if abs(big) > abs(worst) else worst
-            continue
-        if overflows:
-            continue  # only the overflow report matters now
-        diff = c64.sub_(s64).abs_().masked_fill_(~finite, 0.0)
-        nonzero = finite & (s64 != 0)
-        flushed += int((nonzero & (c.double() == 0)).sum())
-        if diff.numel():
-            max_abs = max(max_abs, float(diff.max()))
-            rel = diff.div_(s64.abs_().clamp_min_(1e-300)).masked_fill_(~nonzero, 0.0)
-            max_rel = max(max_rel, float(rel.max()))
-    if overflows:
-        assert first is not None
-        where = [int(i) for i in np.unravel_index(first, raw.shape)] if raw.shape else []
-        limit = " (largest float16 value 65504)" if tag == "F16" else ""
-        raise ValidationError(
-            f"{name}: value {worst!r} at {where} is out of the {DTYPE_NAMES[tag]} range{limit}; "
-            f"{overflows} value(s) would become inf; refusing to cast (keep float32 or use bfloat16)"
-        )
-    report = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
-    return from_torch(cast.reshape(raw.shape), copy=False), report
-
-
-def _read_back_equal(back: Any, name: str, meant: Raw, chunk_bytes: int = CHUNK_BYTES) -> bool:
-    """Whether tensor ``name`` of the written file ``back`` holds exactly ``meant``, read back in
-    chunks of rows (so the check does not hold a second copy of the tensor)."""
-    info = back.infos[name]
-    if info.dtype != meant.dtype or tuple(info.shape) != tuple(meant.shape):
-        return False
-    if not meant.shape:
-        return same_bytes(back.read(name).array, meant.array)
-    rows = meant.shape[0]
-    step = max(1, chunk_bytes // max(1, info.nbytes // max(1, rows)))
-    return all(
-        same_bytes(back.read_rows(name, i, min(rows, i + step)).array, meant.array[i : i + step])
-        for i in range(0, rows, step)
-    )
-
-
-def convert(
-    source: str | os.PathLike[str] | Checkpoint,
-    out: str | os.PathLike[str],
-    *,
-    dtype: str | None = None,
-    force: bool = False,
-    overrides: dict[str, Any] | None = None,
-    subfolder: str | None = None,
-    hub_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Convert SOURCE (.bin/.pt/.pth read weights-only, or .safetensors) to safetensors.
-
-    Keys are normalised to ``prompt_embeddings``, ``prefix_task_cols``, ``prefix_task_rows``
-    (other keys are dropped, with a warning); ``dtype`` (float32, bfloat16, float16) casts every
-    tensor. ``out`` ending in ``.safetensors`` is a file; anything else is a folder that receives
-    ``adapter_model.safetensors`` plus, when the source has one, its adapter_config.json refreshed
-    (prompt_tuning_init RANDOM, null path, PEFT's fields filled in). After writing, the file is read
-    back and compared bitwise with what was meant to be written (a plain conversion is therefore
-    bitwise the source's values); for a cast the result reports the max cast error. A finite value
-    out of the target dtype's range is refused, naming the tensor and the value.
-    """
-    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
-    tag: str | None = None
-    extra: list[Finding] = []
-    if dtype is not None:
-        key = canonical_dtype(dtype)
-        if key not in DTYPE_CHOICES:
-            extra.append(
-                _usage("dtype", "unsupported dtype", "float32, bfloat16 or float16", dtype, "pick one of those")
-            )
-        else:
-            tag = DTYPE_CHOICES[key]
-    warnings = _require(ckpt, extra)
-    for key in ckpt.ignored:
-        warnings.append(f"dropped {key!r}: not an MPT tensor")
-    out_path = Path(out)
-    as_file = out_path.suffix.lower() == ".safetensors" and not out_path.is_dir()
-    protected = ckpt.source_paths
-    if as_file:
-        if out_path.exists() and not out_path.is_file():
-            raise WriteError("exists and is not a file", str(out_path))
-        if out_path.resolve() in {Path(p).resolve() for p in protected}:
-            raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out_path))
-        if out_path.resolve().parent in source_folders(protected):
-            raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out_path))
-        if os.path.lexists(out_path) and not force:
-            raise WriteError("already exists; pass --force to overwrite it", str(out_path))
-    else:
-        check_output_dir(out_path, force=force, protected=protected)
-    tensors: dict[str, Raw] = {}
-    casts: dict[str, dict[str, Any]] = {}
-    dtypes_before: dict[str, str] = {}
-    for name in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
-        if ckpt.info(name) is None:
-            continue
-        raw = ckpt.read(name)
-        dtypes_before[name] = DTYPE_NAMES.get(raw.dtype, raw.dtype)
-        if tag is not None and raw.dtype in DTYPE_NAMES:
-            raw, report = cast_tensor(name, raw, tag)
-            casts[name] = report
-        tensors[name] = Raw(raw.dtype, raw.shape, np.ascontiguousarray(raw.array))
-    meta = provenance(
-        {
-            "operation": "convert",
-            **ckpt.provenance(),
-            "source_format": ckpt.format,
-            "dtype": DTYPE_NAMES[tag] if tag else None,
-        }
-    )
-    written: list[str]
-    config_written = False
-    if as_file:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_path, safetensors_bytes(tensors, meta))
-        written = [str(out_path)]
-        weights_file = out_path
-    elif ckpt.config_from_file:
-        cols = ckpt.shapes["prefix_task_cols"]
-        config = target_config(ckpt.config, cols[0], cols[2])
-        written = write_adapter(out_path, tensors, config, meta, force=force, protected=protected)
-        weights_file = out_path / WEIGHTS_NAME
-        config_written = True
-    else:
-        write_files(out_path, {WEIGHTS_NAME: safetensors_bytes(tensors, meta)})
-        written = [str(out_path / WEIGHTS_NAME)]
-        weights_file = out_path / WEIGHTS_NAME
-    # Read back what was written and compare bitwise with what was meant.
-    back = open_safetensors(weights_file)
-    bad = [k for k in tensors if k not in back.infos or not _read_back_equal(back, k, tensors[k])]
-    if bad or set(back.infos) != set(tensors):
-        for path in written:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise VerifyError(f"read-back differs from what was written for {bad or sorted(back.infos)}", str(out))
-    notes = list(ckpt.notes)
-    if not as_file and not config_written:
-        notes.append("the source has no adapter_config.json: wrote the weights only")
-    max_cast = max((c["max_abs_error"] for c in casts.values()), default=0.0)
-    flushed = sum(c["flushed_to_zero"] for c in casts.values())
-    if flushed:
-        warnings.append(f"{flushed} non-zero value(s) became 0 in {DTYPE_NAMES[tag or 'F32']}")
-    return _result(
-        "convert",
-        ckpt,
-        out,
-        written,
-        source_format=ckpt.format,
-        dtype=DTYPE_NAMES[tag] if tag else None,
-        dtypes_before=dtypes_before,
-        dtypes_after={k: DTYPE_NAMES.get(v.dtype, v.dtype) for k, v in tensors.items()},
-        keys={k: ckpt.keymap[k] for k in tensors},
-        dropped=list(ckpt.ignored),
-        verified="bitwise" if not casts or max_cast == 0.0 else "bitwise (after the cast)",
-        exact=max_cast == 0.0,
-        max_cast_error=max_cast,
-        casts=casts,
-        config_written=config_written,
-        metadata=meta,
-        warnings=warnings,
-        notes=notes,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # export-prompt
 # ---------------------------------------------------------------------------------------------
@@ -592,15 +343,12 @@ def prompt_tuning_config(ckpt: Checkpoint, num_virtual_tokens: int, num_transfor
 
 
 def export_prompt(
-    source: str | os.PathLike[str] | Checkpoint,
+    source: Source,
     task: int,
     out: str | os.PathLike[str],
     *,
     encoder_only: bool = False,
     force: bool = False,
-    overrides: dict[str, Any] | None = None,
-    subfolder: str | None = None,
-    hub_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write task ``task``'s effective prompt as a plain PEFT PROMPT_TUNING adapter.
 
@@ -613,7 +361,7 @@ def export_prompt(
     forward feeds to the decoder. ``encoder_only`` exports just the encoder half (num_transformer_submodules
     1), which is exactly what ``generate()`` uses for MPT too, but not what MPT's forward (training loss) sees.
     """
-    ckpt = load_source(source, overrides=overrides, subfolder=subfolder, hub_options=hub_options)
+    ckpt = load_source(source)
     extra: list[Finding] = []
     cols_shape = ckpt.shapes.get("prefix_task_cols")
     if cols_shape and len(cols_shape) == 3:
@@ -622,27 +370,28 @@ def export_prompt(
     nvt = ckpt.config.size("num_virtual_tokens")
     if nts == 2 and not encoder_only:
         extra.append(
-            _usage(
+            Finding.error(
+                "seq2seq-decoder",
                 "num_transformer_submodules",
                 "PEFT's plain prompt tuning uses only the encoder half of a seq2seq prompt "
                 "(PeftModelForSeq2SeqLM.forward drops the decoder half that MPT feeds to the decoder)",
-                1,
-                2,
-                "pass --encoder-only to export the encoder half (what generate() uses)",
-                "seq2seq-decoder",
+                expected=1,
+                found=2,
+                fix="pass --encoder-only to export the encoder half (what generate() uses)",
             )
         )
     if encoder_only and nts != 2:
         extra.append(
-            _usage(
+            Finding.error(
+                "usage",
                 "encoder_only",
                 "applies to seq2seq adapters with 2 transformer submodules",
-                2,
-                nts,
-                "drop --encoder-only",
+                expected=2,
+                found=nts,
+                fix="drop --encoder-only",
             )
         )
-    warnings = _require(ckpt, extra)
+    warnings = require_valid(ckpt, extra)
     if nvt is None:
         raise ValidationError("num_virtual_tokens is unknown; give --num-virtual-tokens", ckpt.location)
     check_output_dir(out, force=force, protected=ckpt.source_paths)
@@ -671,15 +420,3 @@ def export_prompt(
         prompt_norm=float(np.linalg.norm(to_float64(tensors["prompt_embeddings"]))),
         warnings=warnings,
     )
-
-
-__all__ = [
-    "best_rank_factors",
-    "cast_tensor",
-    "convert",
-    "export_prompt",
-    "prompt_tuning_config",
-    "rerank",
-    "select_tasks",
-    "task_prompt",
-]

@@ -3,28 +3,16 @@ its config plus lazy access to the three canonical tensors."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-from .config import CONFIG_NAME, MptConfig, bare_config, read_config
+from .config import CONFIG_NAME, WEIGHTS_NAMES, MptConfig, bare_config, read_config
 from .errors import SourceError
-from .formats import (
-    CANONICAL,
-    DTYPE_NAMES,
-    PICKLE_SUFFIXES,
-    Raw,
-    TensorFile,
-    TensorInfo,
-    atomic_write,
-    normalise_keys,
-    open_tensor_file,
-)
-
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+from .files import file_sha256
+from .formats import DTYPE_NAMES, PICKLE_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
+from .options import HubOptions, SourceSpec
 
 
 @dataclass
@@ -32,7 +20,9 @@ class Checkpoint:
     """An MPT source: where it is, its config and its tensors under canonical names.
 
     Tensors are read lazily from ``file``: ``read`` reads a whole tensor, ``read_rows`` a range
-    of tasks. ``notes`` says what mpt-tools normalised or assumed on the way.
+    of tasks. ``notes`` says what mpt-tools normalised or assumed on the way. ``hub`` describes the
+    Hub download it came from; ``hub_options`` are the Hub options it was loaded with, which serve
+    whatever else the same operation fetches (a base model's config, a recorded source).
     """
 
     location: str
@@ -43,6 +33,7 @@ class Checkpoint:
     ignored: list[str] = field(default_factory=list)
     config_from_file: bool = False
     hub: dict[str, Any] | None = None
+    hub_options: HubOptions = field(default_factory=HubOptions)
     _sha256: str | None = field(default=None, repr=False)
 
     @property
@@ -103,53 +94,6 @@ class Checkpoint:
         return self._sha256
 
 
-def _hash_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mpt-tools" / "sha256-v1.json"
-
-
-def hash_file(path: str | os.PathLike[str], digest: Any) -> str:
-    """Feed a file to a hashlib ``digest`` in 1 MiB blocks; its hex digest."""
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return str(digest.hexdigest())
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, streamed, remembered per (path, size, mtime, ctime, inode).
-
-    Hashing a large source on every run would read the whole file even when a command needs one
-    task's bytes, so digests are cached in ``$XDG_CACHE_HOME/mpt-tools`` (``~/.cache``);
-    ``MPT_TOOLS_NO_HASH_CACHE=1`` turns the cache off. Any change to the file changes its key.
-    """
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
-    use_cache = not os.environ.get("MPT_TOOLS_NO_HASH_CACHE") and st.st_size >= (1 << 20)
-    cache_file = _hash_cache_path()
-    cache: dict[str, str] = {}
-    if use_cache:
-        try:
-            loaded = json.loads(cache_file.read_text())
-            if isinstance(loaded, dict):
-                cache = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)}
-        except (OSError, ValueError):
-            cache = {}
-        if key in cache:
-            return cache[key]
-    value = hash_file(real, hashlib.sha256())
-    if use_cache:
-        cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
-        cache[key] = value
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache_file, json.dumps(dict(list(cache.items())[-256:])))
-        except Exception:  # a cache that cannot be written is only slower
-            pass
-    return value
-
-
 def _looks_like_repo_id(text: str) -> bool:
     if text.startswith("hf://"):
         return True
@@ -172,32 +116,32 @@ def _weights_in_dir(folder: Path) -> Path:
     raise SourceError(f"no adapter_model.safetensors or adapter_model.bin in this directory{hint}", str(folder))
 
 
-def load_source(
-    source: str | os.PathLike[str] | Checkpoint,
-    *,
-    subfolder: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    hub_options: dict[str, Any] | None = None,
-) -> Checkpoint:
-    """Resolve SOURCE into a :class:`Checkpoint` without reading tensor data.
+Source = Union["Checkpoint", SourceSpec, str, os.PathLike[str]]
+"""What every library function that reads a source takes: a loaded checkpoint, a spec or a path."""
 
-    SOURCE is a ``.safetensors`` file, a ``.bin``/``.pt``/``.pth`` file (weights-only loading), a
-    PEFT adapter directory (``--subfolder`` for a named adapter), or a Hub repo id / ``hf://`` URL.
-    ``overrides`` give or replace config fields (None values are ignored). An existing local path
+
+def load_source(source: Source) -> Checkpoint:
+    """Resolve a source into a :class:`Checkpoint` without reading tensor data.
+
+    ``source`` is a :class:`~mpt_tools.options.SourceSpec` or its location alone: a
+    ``.safetensors`` file, a ``.bin``/``.pt``/``.pth`` file (weights-only loading), a
+    PEFT adapter directory (``subfolder`` for a named adapter), or a Hub repo id / ``hf://`` URL.
+    The spec's ``overrides`` give or replace config fields. An existing local path
     wins over a repo id spelled the same way. A :class:`Checkpoint` is returned as it is, so every
     library function takes either.
     """
     if isinstance(source, Checkpoint):
         return source
-    text = os.fspath(source)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    spec = SourceSpec.of(source)
+    text, subfolder = spec.location, spec.subfolder
+    overrides = spec.overrides.as_dict()
     path = Path(text)
     hub_info: dict[str, Any] | None = None
     if not os.path.lexists(path):
         if _looks_like_repo_id(text):
-            from .hub import download_source
+            from .hub.download import download_source
 
-            path, hub_info = download_source(text, subfolder=subfolder, **(hub_options or {}))
+            path, hub_info = download_source(text, subfolder=subfolder, hub=spec.hub)
             subfolder = None
         else:
             raise SourceError("no such file or directory", text)
@@ -243,10 +187,8 @@ def load_source(
         ignored=ignored,
         config_from_file=from_file,
         hub=hub_info,
+        hub_options=spec.hub,
     )
     if len(keymap) == 0 and len(tfile.infos) > 0:
         ckpt.notes.append("none of the keys is an MPT tensor: " + ", ".join(list(tfile.infos)[:5]))
     return ckpt
-
-
-__all__ = ["CANONICAL", "Checkpoint", "load_source"]

@@ -1,0 +1,449 @@
+"""The ``mpt-tools`` command line: parse options, call the library, print results.
+
+Errors from the library (MptToolsError) become one line on stderr and exit 1; usage errors
+exit 2 (Click's own); no traceback reaches the user unless MPT_TOOLS_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import MptToolsError
+from ..options import HubOptions, SourceSpec
+from . import render
+from .options import (
+    FORCE,
+    JSON,
+    OUT,
+    TRAINING_DTYPES,
+    Command,
+    FloatList,
+    IntList,
+    ModeChoice,
+    base_model_options,
+    hub_options,
+    option,
+    source_options,
+)
+from .render import echo
+
+
+def _debug() -> bool:
+    return os.environ.get("MPT_TOOLS_DEBUG", "") not in ("", "0")
+
+
+class Group(click.Group):
+    """A Click group that turns library errors into one line and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; map MptToolsError (and anything unexpected) to exit 1."""
+        try:
+            return super().invoke(ctx)
+        except MptToolsError as exc:
+            if _debug():
+                raise
+            echo(f"error: {render.one_line(str(exc))}", err=True)
+            ctx.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:  # `mpt-tools inspect x | head`: the reader left; say nothing more
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(1)
+        except Exception as exc:  # a bug: still no traceback for users
+            if _debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
+                raise
+            echo(
+                f"error: internal error ({type(exc).__name__}: {render.one_line(str(exc))}); "
+                "set MPT_TOOLS_DEBUG=1 for a traceback and please report it",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpt-tools")
+def cli() -> None:
+    """Checkpoint conversion and surgery for Multitask Prompt Tuning (MPT) adapters.
+
+    SOURCE is a .safetensors file, a .bin/.pt/.pth file (weights-only), a PEFT adapter
+    directory, or a Hub repo id (org/name or hf://org/name[@revision][/subfolder]).
+
+    \b
+    Examples:
+      mpt-tools inspect sources
+      mpt-tools init sources --mode average --out target --verify
+      mpt-tools push target me/mpt-target --dry-run
+    """
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools validate sources",
+        "mpt-tools validate sources --against target_config.json --mode average",
+        "mpt-tools validate org/mpt-source --json",
+    ],
+)
+@click.argument("source")
+@option("--against", section="Target", type=click.Path(), help="Planned target adapter_config.json (file or folder).")
+@option("--mode", section="Target", type=ModeChoice(), help="Planned target mode (PEFT's names work too).")
+@option("--task", section="Target", type=int, help="Source task for --mode exact.")
+@JSON
+@source_options()
+@base_model_options
+def validate(
+    source: SourceSpec, against: str | None, mode: str | None, task: int | None, as_json: bool, base_model: Any
+) -> None:
+    """Check SOURCE (and a planned target) and report every problem at once.
+
+    Exit 0 when valid, 1 when not.
+    """
+    from ..validation import validate as run
+
+    report = run(source, against=against, mode=mode, task=task, base_model=base_model)
+    render.show_json(report) if as_json else render.validate_view(report)
+    render.exit_if_invalid(report)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools inspect sources",
+        "mpt-tools inspect sources --similarity --plot similarity.png",
+        "mpt-tools inspect hf://org/multi@v2/task-adapters --no-norms --json",
+    ],
+)
+@click.argument("source")
+@JSON
+@option("--no-norms", is_flag=True, help="Skip the per-task norms (reads only the header).")
+@option("--similarity", is_flag=True, help="Print the task-by-task cosine similarity of the prompts.")
+@option(
+    "--plot", section="Output", type=click.Path(dir_okay=False), help="Draw the similarity matrix as a heatmap PNG."
+)
+@option("--force", section="Output", is_flag=True, help="Overwrite an existing --plot file.")
+@source_options()
+def inspect(source: SourceSpec, as_json: bool, no_norms: bool, similarity: bool, plot: str | None, force: bool) -> None:
+    """Describe SOURCE: files, sha256, tensors, config, parameters, findings, per-task norms."""
+    from ..inspection import inspect_source
+
+    report = inspect_source(source, norms=not no_norms, similarity=similarity, plot=plot, force=force)
+    render.show_json(report) if as_json else render.inspect_view(report, similarity=similarity)
+    render.exit_if_invalid(report)
+
+
+def _target_size(given: dict[str, Any], new: str, old: str) -> int | None:
+    """A target size given by its own flag or by the deprecated spelling (both: they must agree)."""
+    value, legacy = given[new], given[old]
+    if value is not None and legacy is not None and value != legacy:
+        raise click.UsageError(f"--{new.replace('_', '-')} {value} and --{old.replace('_', '-')} {legacy} disagree")
+    return value if value is not None else legacy
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools init sources --mode average --out target",
+        "mpt-tools init sources --mode average --tasks 0,2 --weights 1,3 --out target --verify",
+        "mpt-tools init sources --mode exact --task 2 --target-tasks 4 --out target",
+        "mpt-tools init org/mpt-source --revision v2 --mode shared --seed 0 --out target --push me/target",
+    ],
+)
+@click.argument("source")
+@option(
+    "--mode", section="Target", required=True, type=ModeChoice(), help="How the target starts (PEFT's names work too)."
+)
+@option("--task", section="Target", type=int, help="Source task for --mode exact (default 0).")
+@option(
+    "--allow-negative-task",
+    section="Target",
+    is_flag=True,
+    help="Accept a negative --task, counted from the end as PEFT does (with a warning).",
+)
+@option("--tasks", "task_list", section="Target", type=IntList(), help="average: only these source tasks, e.g. 0,3,5.")
+@option("--weights", section="Target", type=FloatList(), help="average: one non-negative weight per task (normalised).")
+@option("--seed", section="Target", type=int, help="Seed for the fresh factors of --mode shared (recorded).")
+@option(
+    "--target-tasks",
+    section="Target",
+    type=int,
+    help="The target's num_tasks [default: 1]; average/exact: every task starts from the chosen factors.",
+)
+@option("--target-ranks", section="Target", type=int, help="The target's num_ranks (shared; default the source's).")
+@option("--num-tasks", "num_tasks", section="Target", type=int, help="Deprecated spelling of --target-tasks.")
+@option("--num-ranks", "num_ranks", section="Target", type=int, help="Deprecated spelling of --target-ranks.")
+@OUT
+@option("--force", section="Output", is_flag=True, help="Overwrite an existing adapter in --out.")
+@JSON
+@option("--push", "push_to", section="Output", metavar="REPO_ID", help="Then push --out to this Hub repo (see `push`).")
+@option("--private", section="Output", is_flag=True, help="With --push: create the repo private.")
+@option("--create-pr", section="Output", is_flag=True, help="With --push: open a pull request instead of committing.")
+@option(
+    "--verify",
+    "verify_after",
+    section="Checks",
+    is_flag=True,
+    help="Verify the adapter against SOURCE before it goes into --out; on failure --out is left as it was.",
+)
+@source_options(sizes=False)
+@base_model_options
+def init(source: SourceSpec, out: str, force: bool, as_json: bool, **target: Any) -> None:
+    """Write a ready-to-train target adapter initialised from SOURCE into --out.
+
+    average and exact are bitwise what PEFT's own init computes; shared copies the shared prompt
+    and draws fresh N(0, 0.02) factors from --seed. The adapter_config.json says
+    prompt_tuning_init RANDOM with a null path, so PEFT loads the folder anywhere.
+    """
+    from ..init import PushRequest, init_adapter
+    from ..modes import TargetPlan
+
+    plan = TargetPlan(
+        target["mode"],
+        task=target["task"],
+        seed=target["seed"],
+        num_tasks=_target_size(target, "target_tasks", "num_tasks"),
+        num_ranks=_target_size(target, "target_ranks", "num_ranks"),
+        tasks=target["task_list"],
+        weights=target["weights"],
+        allow_negative_task=target["allow_negative_task"],
+    )
+    push = PushRequest(target["push_to"], target["private"], target["create_pr"]) if target["push_to"] else None
+    verify = "auto" if target["verify_after"] else None
+    result = init_adapter(source, plan, out, force=force, base_model=target["base_model"], verify=verify, push=push)
+    for w in result["warnings"]:
+        echo(f"warning: {w}", err=True)
+    render.show_json(result) if as_json else render.init_view(result)
+
+
+@cli.command(
+    "tasks",
+    cls=Command,
+    examples=[
+        "mpt-tools tasks sources --select 2,0 --out two-tasks      # drops task 1, swaps 0 and 2",
+        "mpt-tools tasks sources --select 0,0,1 --out three-tasks  # a new task 1 starts as a copy of task 0",
+    ],
+)
+@click.argument("source")
+@option(
+    "--select", required=True, type=IntList(), help="Source tasks for the new tasks 0, 1, ..., e.g. 2,0 (drops task 1)."
+)
+@OUT
+@FORCE
+@JSON
+@source_options()
+def tasks_cmd(source: SourceSpec, select: list[int], out: str, force: bool, as_json: bool) -> None:
+    """Select, reorder or drop the tasks of SOURCE into a new adapter in --out.
+
+    New task i is source task SELECT[i]; values are copied bitwise in the source dtype and
+    num_tasks in adapter_config.json follows.
+    """
+    from ..surgery import select_tasks
+
+    result = select_tasks(source, select, out, force=force)
+    render.show_json(result) if as_json else render.tasks_view(result)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools rerank sources --num-ranks 1 --out rank1      # lossy: prints each task's error",
+        "mpt-tools rerank sources --num-ranks 8 --out rank8      # exact",
+    ],
+)
+@click.argument("source")
+@option("--num-ranks", "num_ranks", required=True, type=int, help="The new rank R.")
+@OUT
+@FORCE
+@JSON
+@source_options(sizes=False)
+def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: bool) -> None:
+    """Change the rank of SOURCE's task factors, into a new adapter in --out.
+
+    Higher rank: zero padding, every prompt exactly the source's. Lower rank: per task the best
+    rank-R approximation of cols[k] @ rows[k] (truncated SVD); the relative error of each task's
+    prompt is reported.
+    """
+    from ..surgery import rerank as run
+
+    result = run(source, num_ranks, out, force=force)
+    render.show_json(result) if as_json else render.rerank_view(result)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools convert old/adapter_model.bin --out new/                  # folder: weights + config",
+        "mpt-tools convert old/adapter_model.bin --out new.safetensors       # one file",
+        "mpt-tools convert sources --out sources-bf16 --dtype bfloat16       # prints the max cast error",
+    ],
+)
+@click.argument("source")
+@option(
+    "--out",
+    section="Output",
+    required=True,
+    type=click.Path(),
+    help="A file ending in .safetensors, or a folder (adapter_model.safetensors + adapter_config.json).",
+)
+@option("--dtype", type=click.Choice(TRAINING_DTYPES), help="Cast every tensor.")
+@FORCE
+@JSON
+@source_options()
+def convert(source: SourceSpec, out: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Convert SOURCE (.bin/.pt/.pth loaded weights-only, or .safetensors) to safetensors.
+
+    Keys are normalised to the canonical names; the written file is read back and compared
+    (bitwise for a plain conversion; the max cast error is reported for --dtype). Values out of
+    float16's range are refused.
+    """
+    from ..conversion import convert as run
+
+    result = run(source, out, dtype=dtype, force=force)
+    render.show_json(result) if as_json else render.convert_view(result)
+
+
+@cli.command(
+    "export-prompt",
+    cls=Command,
+    examples=[
+        "mpt-tools export-prompt sources --task 2 --out task2-prompt",
+        "mpt-tools export-prompt t5-sources --task 0 --out t0 --encoder-only",
+    ],
+)
+@click.argument("source")
+@option("--task", required=True, type=int, help="The source task to export.")
+@OUT
+@option(
+    "--encoder-only",
+    is_flag=True,
+    help="Seq2seq with 2 submodules: export only the encoder half (what generate() uses).",
+)
+@FORCE
+@JSON
+@source_options()
+def export_prompt(source: SourceSpec, task: int, out: str, encoder_only: bool, force: bool, as_json: bool) -> None:
+    """Write task --task's prompt P* * (cols[k] @ rows[k]) as a plain PEFT PROMPT_TUNING adapter."""
+    from ..surgery import export_prompt as run
+
+    result = run(source, task, out, encoder_only=encoder_only, force=force)
+    render.show_json(result) if as_json else render.export_view(result)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools diff sources/ converted/ && echo same",
+        "mpt-tools diff target/ org/mpt-target --json",
+    ],
+)
+@click.argument("a")
+@click.argument("b")
+@JSON
+@hub_options
+def diff(a: str, b: str, as_json: bool, hub: HubOptions) -> None:
+    """Compare adapters A and B: keys, shapes, dtypes, config, values, per-task prompts.
+
+    Exit 0 when identical, 1 when they differ (the report still goes to stdout, a one-line
+    summary to stderr) or when one cannot be read.
+    """
+    from ..compare import diff as run
+
+    report = run(SourceSpec(a, hub=hub), SourceSpec(b, hub=hub))
+    render.show_json(report) if as_json else render.diff_view(report)
+    if not report["identical"]:
+        echo(f"differ: {report['a']} vs {report['b']}: {report['summary']}", err=True)
+        sys.exit(1)
+
+
+@cli.command(
+    "verify",
+    cls=Command,
+    examples=[
+        "mpt-tools verify target --dtype bfloat16",
+        "mpt-tools verify target --source sources --device cpu --json",
+        "mpt-tools verify sources --tasks 0,3,5",
+    ],
+)
+@click.argument("path")
+@option("--source", help="Check the target against this source (default: the one init recorded, if present).")
+@option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@option(
+    "--dtype",
+    type=click.Choice(TRAINING_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Dtype of the rebuild (compared against float64).",
+)
+@option("--tasks", "task_list", type=IntList(), help="Only these tasks, e.g. 0,3,5.")
+@option(
+    "--json", "as_json", section="Output", is_flag=True, help="Machine-readable report (schema mpt-tools/verify/1)."
+)
+@source_options("path")
+def verify_cmd(
+    path: SourceSpec, source: str | None, device: str, dtype: str, task_list: list[int] | None, as_json: bool
+) -> None:
+    """Rebuild every task prompt of PATH on the GPU (or CPU) and check it against float64.
+
+    PATH is a local adapter or a Hub repo (the source flags apply to it; --token, --cache-dir and
+    --offline also to a Hub --source). Also checks a target written by `init` against its source.
+    Prints the report; exit 1 with one line on stderr naming the failing tasks when anything fails.
+    """
+    from ..errors import VerificationFailed
+    from ..verification import verify as run
+
+    show = render.show_json if as_json else render.verify_view
+    try:
+        report = run(path, source=source, device=device, dtype=dtype, tasks=task_list)
+    except VerificationFailed as exc:
+        show(exc.report)
+        raise
+    show(report)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools push target/ me/mpt-target --dry-run          # what would be sent; sends nothing",
+        "mpt-tools push target/ me/mpt-target --private          # creates the repo if needed",
+        "mpt-tools push target/ org/shared --create-pr           # a pull request instead of a commit",
+    ],
+)
+@click.argument("folder", metavar="DIR", type=click.Path())
+@click.argument("repo_id")
+@option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@option("--revision", metavar="BRANCH", help="Push to this branch (created from main when missing).")
+@option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@option("--commit-message", metavar="M", help="Commit title (default names the mode and version).")
+@option("--token", metavar="TOKEN", help="Hub write token (else HF_TOKEN or the stored login).")
+@option("--dry-run", is_flag=True, help="Print what would be uploaded (files, sha256, card); send nothing.")
+@JSON
+def push(folder: str, repo_id: str, as_json: bool, **how: Any) -> None:
+    """Push the adapter in DIR to the Hub repo REPO_ID in one commit.
+
+    DIR is validated first. Uploads adapter_model.safetensors, adapter_config.json and a generated
+    model card (README.md: base model, tags, how the adapter was made and how to load it); creates
+    the repo and branch when missing. Prints the commit URL (or the pull request URL).
+    """
+    from ..hub.push import push_adapter
+
+    result = push_adapter(folder, repo_id, **how)
+    render.show_json(result) if as_json else render.push_view(result)
+
+
+def main() -> None:
+    """Entry point of the ``mpt-tools`` console script."""
+    cli(prog_name="mpt-tools")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The options commands share, built in one place, and the pieces that make ``--help`` teach.
+
+- :func:`source_options` adds the source flags (subfolder, config fields, Hub) and hands the command
+  one frozen :class:`~mpt_tools.options.SourceSpec` instead of the location string;
+  :func:`hub_options` does the same for commands that read two sources (one
+  :class:`~mpt_tools.options.HubOptions`).
+- :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`IntList`,
+  :class:`FloatList` and :class:`ModeChoice` are parameter types with clear errors.
+- :class:`Command` prints options in titled sections (:class:`Option`'s ``section``) and ends every
+  ``--help`` with its examples.
+
+Nothing here imports numpy, torch or huggingface_hub: ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from ..options import ConfigOverrides, HubOptions, SourceSpec
+
+F = Callable[..., Any]
+# the dtypes adapters are trained in (mpt_tools.formats.DTYPE_CHOICES; not imported: numpy at start-up)
+TRAINING_DTYPES = ["float32", "bfloat16", "float16"]
+
+
+SECTIONS = ("Options", "Source", "Target", "Output", "Hub", "Checks")  # the order of --help's sections
+
+
+class Option(click.Option):
+    """A Click option that belongs to a titled section of ``--help`` (default: Options)."""
+
+    def __init__(self, *args: Any, section: str = "Options", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.section = section
+
+
+def option(*decls: str, section: str = "Options", **kwargs: Any) -> Callable[[F], F]:
+    """``click.option`` in a ``section`` of the help (one of :data:`SECTIONS`)."""
+    return click.option(*decls, cls=Option, section=section, **kwargs)
+
+
+class Command(click.Command):
+    """A command whose ``--help`` groups options by section and ends with an Examples section."""
+
+    def __init__(self, *args: Any, examples: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.examples = list(examples)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Write the options, one section per title, in the order they first appear."""
+        sections: dict[str, list[tuple[str, str]]] = {title: [] for title in SECTIONS}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is not None:
+                sections.setdefault(getattr(param, "section", "Options"), []).append(record)
+        for title, rows in sections.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Write the examples (and any epilog)."""
+        super().format_epilog(ctx, formatter)
+        if self.examples:
+            with formatter.section("Examples"):
+                for example in self.examples:  # as written: a command line must not be rewrapped
+                    formatter.write(f"{'':>{formatter.current_indent}}{example}\n")
+
+
+class IntList(click.ParamType):
+    """A comma-separated list of integers (``0,3,5``); empty items are skipped."""
+
+    name = "LIST"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+        """The list, or a usage error naming the value."""
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(v) for v in str(value).split(",") if v.strip() != ""]
+        except ValueError:
+            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
+
+
+class FloatList(click.ParamType):
+    """A comma-separated list of numbers (``1,0.5,2``); empty items are skipped."""
+
+    name = "LIST"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
+        """The list, or a usage error naming the value."""
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip() != ""]
+        except ValueError:
+            self.fail(f"expected comma-separated numbers, got {value!r}", param, ctx)
+
+
+class ModeChoice(click.ParamType):
+    """A target mode from :mod:`mpt_tools.modes` (ours, PEFT's or an alias, any case); converts to
+    our name. The choices shown are the table's, so a registered mode is a choice too."""
+
+    name = "MODE"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        """``[average|exact|shared]``: the modes of the table."""
+        from ..modes import mode_names
+
+        return "[" + "|".join(mode_names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """Our name of the mode, or a usage error listing every mode."""
+        from ..errors import ConfigError
+        from ..modes import canonical_mode
+
+        try:
+            return canonical_mode(str(value))
+        except ConfigError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+OUT = option("--out", required=True, type=click.Path(), section="Output", help="Output adapter folder.")
+FORCE = option("--force", is_flag=True, section="Output", help="Overwrite an existing output.")
+JSON = option("--json", "as_json", is_flag=True, section="Output", help="Machine-readable output.")
+
+
+def with_options(options: Sequence[Callable[[F], F]]) -> Callable[[F], F]:
+    """A decorator applying ``options`` in order (the first one listed first in --help)."""
+
+    def decorate(func: F) -> F:
+        for item in reversed(options):
+            func = item(func)
+        return func
+
+    return decorate
+
+
+_HUB_OPTIONS = (
+    option("--revision", section="Hub", help="Hub source: branch, tag or commit."),
+    option("--token", section="Hub", metavar="TOKEN", help="Hub token (else HF_TOKEN or the stored login)."),
+    option("--cache-dir", section="Hub", type=click.Path(file_okay=False), help="Hub cache folder."),
+    option("--offline", section="Hub", is_flag=True, help="Hub source: use the local cache only."),
+)
+_SIZE_OPTIONS = (
+    option("--num-tasks", "src_num_tasks", section="Source", type=int, help="Override the source's num_tasks."),
+    option("--num-ranks", "src_num_ranks", section="Source", type=int, help="Override the source's num_ranks."),
+)
+_CONFIG_OPTIONS = (
+    option("--num-virtual-tokens", section="Source", type=int, help="Give or override num_virtual_tokens."),
+    option("--token-dim", section="Source", type=int, help="Give or override token_dim."),
+    option("--num-transformer-submodules", section="Source", type=int, help="Give or override nts (1 or 2)."),
+    option("--task-type", section="Source", help="Give or override task_type (e.g. CAUSAL_LM, SEQ_2_SEQ_LM)."),
+)
+
+
+def _hub_from(kw: dict[str, Any]) -> HubOptions:
+    return HubOptions(
+        revision=kw.pop("revision"), token=kw.pop("token"), cache_dir=kw.pop("cache_dir"), offline=kw.pop("offline")
+    )
+
+
+def hub_options(func: F) -> F:
+    """Add the Hub flags; the command receives them as one ``hub: HubOptions``."""
+
+    @functools.wraps(func)
+    def command(**kw: Any) -> Any:
+        return func(hub=_hub_from(kw), **kw)
+
+    return with_options(_HUB_OPTIONS)(command)
+
+
+def source_options(argument: str = "source", *, sizes: bool = True) -> Callable[[F], F]:
+    """Add the flags that say how to read the source named by ``argument`` (subfolder, config
+    fields, with ``sizes`` the source's num_tasks/num_ranks, Hub); the command receives ``argument``
+    as one frozen :class:`~mpt_tools.options.SourceSpec`."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def command(**kw: Any) -> Any:
+            overrides = ConfigOverrides(
+                num_virtual_tokens=kw.pop("num_virtual_tokens"),
+                token_dim=kw.pop("token_dim"),
+                num_transformer_submodules=kw.pop("num_transformer_submodules"),
+                task_type=kw.pop("task_type"),
+                num_tasks=kw.pop("src_num_tasks") if sizes else None,
+                num_ranks=kw.pop("src_num_ranks") if sizes else None,
+            )
+            spec = SourceSpec(kw.pop(argument), subfolder=kw.pop("subfolder"), overrides=overrides, hub=_hub_from(kw))
+            return func(**{argument: spec}, **kw)
+
+        subfolder = option(
+            "--subfolder", section="Source", help="Named adapter saved under a subfolder of the directory or repo."
+        )
+        return with_options([subfolder, *(_SIZE_OPTIONS if sizes else ()), *_CONFIG_OPTIONS, *_HUB_OPTIONS])(command)
+
+    return decorate
+
+
+def base_model_options(func: F) -> F:
+    """The base-model check flags; the command receives ``base_model``: None (no check, the
+    default: a local validate never touches the network), True (the config's base model) or a
+    Hub id / local folder."""
+
+    @functools.wraps(func)
+    def command(**kw: Any) -> Any:
+        named, from_config = kw.pop("base_model"), kw.pop("check_base_model")
+        return func(base_model=named if named is not None else (True if from_config else None), **kw)
+
+    return with_options(
+        [
+            option(
+                "--base-model",
+                section="Checks",
+                metavar="ID_OR_DIR",
+                help="Check token_dim against this base model's config.json (Hub id or local folder).",
+            ),
+            option(
+                "--check-base-model",
+                section="Checks",
+                is_flag=True,
+                help="Check token_dim against the config's base_model_name_or_path (fetches its config.json).",
+            ),
+        ]
+    )(command)

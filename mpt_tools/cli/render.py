@@ -1,0 +1,349 @@
+"""Every human view of a result: what mpt-tools prints without ``--json``, in one place.
+
+Each command's view is a function of the result the library returned (its ``--json`` is that
+result as it is). Every line goes through :func:`echo`, which escapes control characters that a
+hostile file could carry into a name, a config value or metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import click
+
+from ..findings import Finding
+
+# C0/C1 control characters (newlines, terminal escape sequences, ...) and the Unicode line and
+# paragraph separators: tensor names, metadata and config values come from files that may be hostile.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return ascii(match.group())[1:-1]
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """Print one line (stdout, or stderr with ``err``). Control characters in it, which can only
+    come from file contents (a newline in a tensor name, a terminal escape sequence in metadata),
+    are shown escaped (``\\n``, ``\\x1b``), so they can neither split the line nor reach the terminal."""
+    click.echo(_CONTROL.sub(_escape, text), err=err)
+
+
+def echo_lines(text: str) -> None:
+    """Print text made of several lines of mpt-tools' own making, each through :func:`echo`."""
+    for line in text.split("\n"):
+        echo(line)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    """A duration for people: ``3.2 ms`` below a second, ``12.3 s`` above."""
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: ok/FAILED, tasks, device, dtype, worst relative error, largest |P_k| against the
+    dtype's largest value, target checks."""
+    rels = [t["rel_err"] for t in report["tasks"] if t["rel_err"] is not None]
+    peaks = [t["max_abs"] for t in report["tasks"] if t["max_abs"] is not None]
+    worst = f"{max(rels):.2g}" if rels else "n/a"
+    peak = f"{max(peaks):.3g}" if peaks else "n/a"
+    state = "ok" if report["ok"] else "FAILED"
+    line = (
+        f"verify {state}: {len(report['tasks'])} task(s) on {report['device']} in {report['dtype']}, "
+        f"worst rel err {worst} (tol {report['tolerance']['rel_frobenius']:g}), "
+        f"max |P_k| {peak} (dtype max {report['tolerance']['dtype_max']:.4g})"
+    )
+    target = report.get("target")
+    if target:
+        passed = sum(c["ok"] for c in target["checks"])
+        line += f"; {target['mode']} target vs source: {passed}/{len(target['checks'])} checks"
+    return line
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The report as a readable table (what ``mpt-tools verify`` prints without ``--json``)."""
+    tol = report["tolerance"]
+    lines = [
+        f"verify {report['path']} on {report['device']} in {report['dtype']} "
+        f"(stored {report['stored_dtype']}; rel tol {tol['rel_frobenius']:g}, dtype max {tol['dtype_max']:.6g})",
+        f"{'task':>6} {'max|err|':>10} {'rel err':>10} {'max|P_k|':>10} {'headroom':>10} {'finite':>7}  status",
+    ]
+    for t in report["tasks"]:
+        status = "ok" if t["ok"] else "FAIL"
+        finite = "yes" if t["finite"] and t["inputs_finite"] else "NO"
+        lines.append(
+            f"{t['task']:>6} {_g(t['max_abs_err']):>10} {_g(t['rel_err']):>10} {_g(t['max_abs']):>10} "
+            f"{_g(t['headroom']):>10} {finite:>7}  {status}"
+        )
+    target = report.get("target")
+    if target:
+        task = f" task {target['task']}" if target.get("task") is not None else ""
+        lines.append(f"target vs source {target['source']} ({target['mode']}{task}):")
+        for c in target["checks"]:
+            lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']:<18} {c['detail']}")
+        if target.get("similarity"):
+            lines.append(f"  {'source task':>11} {'cosine':>9} {'rel dist':>9}  averaged")
+            for s in target["similarity"]:
+                avg = "yes" if s["averaged"] else "no"
+                lines.append(f"  {s['task']:>11} {_g(s['cosine']):>9} {_g(s['rel_distance']):>9}  {avg}")
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    for f in report["failures"]:
+        where = f"task {f['task']}" if f["task"] is not None else "adapter"
+        lines.append(f"failure: {where}: {f['check']}: {f['message']}")
+    tm = report["timings"]
+    lines.append(
+        f"timings: read {_duration(tm['read_s'])}, transfer {_duration(tm['transfer_s'])}, "
+        f"rebuild {_duration(tm['rebuild_s'])}, total {_duration(tm['total_s'])}"
+    )
+    lines.append(summary_line(report))
+    return lines
+
+
+def push_summary(result: dict[str, Any]) -> list[str]:
+    """Human-readable lines for a push result (the CLI prints them)."""
+    where = result["repo_id"] + (f"@{result['revision']}" if result.get("revision") else "")
+    lines: list[str] = []
+    if result["dry_run"]:
+        what = "open a pull request on" if result["create_pr"] else "push to"
+        lines.append(f"dry run: would {what} {where} in one commit ({result['commit_message']!r}); nothing was sent")
+        for f in result["files"]:
+            lines.append(f"  {f['path']:<26} {f['bytes']:>10} bytes  sha256 {f['sha256']}")
+        lines.append("model card (README.md):")
+        lines += ["  " + line if line else "" for line in result["card"].splitlines()]
+        return lines
+    unchanged = set(result.get("unchanged") or [])
+    if result.get("no_op"):
+        lines.append(f"nothing to push: {where} already holds these exact files (no commit made)")
+        lines.append(f"commit: {result['commit_url']}")
+        return lines
+    changed = len(result["files"]) - len(unchanged)
+    same = f" ({len(unchanged)} unchanged)" if unchanged else ""
+    lines.append(f"pushed {changed} file(s) to {where} in one commit{same}")
+    for f in result["files"]:
+        tag = "  (unchanged)" if f["path"] in unchanged else ""
+        lines.append(f"  {f['path']:<26} {f['bytes']:>10} bytes  sha256 {f['sha256'][:16]}...{tag}")
+    if result.get("pr_url"):
+        lines.append(f"pull request: {result['pr_url']}")
+    else:
+        lines.append(f"commit: {result['commit_url']}")
+    return lines
+
+
+def diff_view(report: dict[str, Any]) -> None:
+    """Print a diff report."""
+    echo(f"a: {report['a']}  sha256 {report['sha256']['a'][:16]}...")
+    echo(f"b: {report['b']}  sha256 {report['sha256']['b'][:16]}...")
+    for side in ("only_a", "only_b"):
+        for key in report["keys"][side]:
+            echo(f"key only in {side[-1].upper()}: {key}")
+    for item in report["renamed"]:
+        echo(f"note: {item['key']} is stored as {item['a']!r} in A and {item['b']!r} in B")
+    for item in report["shapes"]:
+        echo(f"shape {item['key']}: {item['a']} vs {item['b']}")
+    for item in report["dtypes"]:
+        echo(f"dtype {item['key']}: {item['a']} vs {item['b']}")
+    files = report["config_files"]
+    if (files["a"] is None) != (files["b"] is None):
+        echo(f"config: A {files['a'] or '(none: inferred)'} vs B {files['b'] or '(none: inferred)'}")
+    for item in report["config"]:
+        echo(f"config {item['field']}: {item['a']!r} vs {item['b']!r}")
+    if report["tensors"]:
+        echo("tensors:")
+        for name, t in report["tensors"].items():
+            same = "bitwise equal" if t["bitwise_equal"] else f"max abs diff {t['max_abs_diff']:.4g}"
+            extra = f", {t['nonfinite_mismatches']} NaN/Inf mismatches" if t["nonfinite_mismatches"] else ""
+            echo(f"  {name:<18} {same}{extra}")
+    prompts = report["prompts"]
+    if prompts:
+        echo(f"{'task':>6} {'max |dP_k|':>12} {'rel. diff':>12}")
+        for t in prompts["tasks"]:
+            echo(f"{t['task']:>6} {_fmt(t['max_abs_diff']):>12} {_fmt(t['relative_diff']):>12}")
+    if report["metadata"]:
+        keys = ", ".join(item["key"] for item in report["metadata"][:4])
+        more = ", ..." if len(report["metadata"]) > 4 else ""
+        echo(f"metadata: {len(report['metadata'])} key(s) differ ({keys}{more}); not counted, see --json")
+    echo("identical" if report["identical"] else f"different: {report['summary']}")
+
+
+def show_json(data: Any) -> None:
+    """The result as JSON on stdout (what ``--json`` prints)."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def findings(items: list[dict[str, Any]]) -> None:
+    """One indented line per finding."""
+    for f in items:
+        echo("  " + Finding(**f).line())
+
+
+def exit_if_invalid(report: dict[str, Any]) -> None:
+    """After a report was printed: one line on stderr and exit 1 when it holds errors."""
+    if report.get("valid", True):
+        return
+    errs = [f for f in report["findings"] if f["level"] == "error"]
+    more = f" [and {len(errs) - 1} more]" if len(errs) > 1 else ""
+    echo(f"error: {report['source']}: {Finding(**errs[0]).brief()}{more}", err=True)
+    sys.exit(1)
+
+
+def written(result: dict[str, Any], what: str, *, warnings: bool = True, dtype: str = "") -> None:
+    """Warnings (unless already shown) and notes on stderr; then what was written, its files and
+    the tensor shapes (each preceded by ``dtype`` when given)."""
+    for w in result.get("warnings", []) if warnings else []:
+        echo(f"warning: {w}", err=True)
+    for note in result.get("notes", []):
+        echo(f"note: {note}", err=True)
+    echo(f"wrote {result['out']} ({what})")
+    for path in result["files"]:
+        echo(f"  {path}  ({os.path.getsize(path)} bytes)")
+    for name, shape in result.get("shapes", {}).items():
+        echo(f"  {name:<18} {dtype + ' ' if dtype else ''}{shape}")
+
+
+def similarity_table(matrix: list[list[float | None]], digits: int = 3) -> str:
+    """A similarity matrix (as in ``--json``: None where not finite) as a text table with task
+    numbers on both axes."""
+    n = len(matrix)
+    width = max(digits + 4, len(str(n - 1)) + 1)
+    head = f"{'task':>6} " + " ".join(f"{k:>{width}}" for k in range(n))
+    lines = [head]
+    for i in range(n):
+        cells = " ".join(f"{'n/a':>{width}}" if v is None else f"{v:>{width}.{digits}f}" for v in matrix[i])
+        lines.append(f"{i:>6} {cells}")
+    return "\n".join(lines)
+
+
+def validate_view(report: dict[str, Any]) -> None:
+    """``validate``: the verdict, then every finding."""
+    errs = [f for f in report["findings"] if f["level"] == "error"]
+    warns = [f for f in report["findings"] if f["level"] == "warning"]
+    state = "valid" if report["valid"] else "INVALID"
+    plan = ""
+    if report["mode"]:
+        plan = f" with a planned {report['mode']} target" + (f" ({report['against']})" if report["against"] else "")
+    echo(f"{report['source']}{plan}: {state} ({len(errs)} error(s), {len(warns)} warning(s))")
+    findings(report["findings"])
+
+
+_CONFIG_SHOWN = (
+    "peft_type",
+    "task_type",
+    "num_virtual_tokens",
+    "num_transformer_submodules",
+    "token_dim",
+    "num_tasks",
+    "num_ranks",
+    "prompt_tuning_init",
+    "base_model_name_or_path",
+)
+
+
+def inspect_view(report: dict[str, Any], *, similarity: bool) -> None:
+    """``inspect``: files, tensors, config, parameters, findings, per-task norms (and with
+    ``similarity`` the similarity table)."""
+    echo(f"source: {report['source']} ({report['format']})")
+    for f in report["files"]:
+        echo(f"  {f['role']:<7} {f['path']}  {f['bytes']} bytes  sha256 {f['sha256']}")
+    echo("tensors:")
+    for t in report["tensors"]:
+        label = t["key"] or "(ignored)"
+        stored = f"  (stored as {t['stored_as']})" if t["stored_as"] != t["key"] else ""
+        echo(f"  {label:<18} {t['dtype']:<9} {t['shape']!s:<16} {t['parameters']:>10} params{stored}")
+    cfg = report["config"]
+    echo(f"config: {report['config_source']}")
+    for key in _CONFIG_SHOWN:
+        echo(f"  {key:<27} {cfg.get(key)}")
+    p = report["parameters"]
+    if p:
+        echo("parameters: " + ", ".join(f"{k} {v}" for k, v in p.items()))
+    if report["findings"]:
+        echo("findings:")
+        findings(report["findings"])
+    else:
+        echo("findings: none (valid)")
+    if report["tasks"]:
+        echo(f"{'task':>6} {'|U_k|':>10} {'|V_k|':>10} {'|P_k|':>10}")
+        for t in report["tasks"]:
+            echo(f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}")
+    if similarity and report.get("similarity") is not None:
+        echo("task similarity (cosine of the effective prompts):")
+        echo_lines(similarity_table(report["similarity"]))
+    if report.get("plot"):
+        echo(f"wrote {report['plot']}")
+
+
+def init_view(result: dict[str, Any]) -> None:
+    """``init``: what was written and how (the mode's own account), then verify and push."""
+    from ..modes import get_mode
+
+    how = get_mode(result["mode"]).describe(result)
+    written(result, f"{result['peft_mode']}: {how}", warnings=False, dtype="float32")
+    echo(
+        f"  num_tasks {result['num_tasks']}, num_ranks {result['num_ranks']}, "
+        f"source sha256 {result['source_sha256'][:16]}..."
+    )
+    if "verify" in result:
+        echo(summary_line(result["verify"]))
+    if "push" in result:
+        for line in push_summary(result["push"]):
+            echo(line)
+
+
+def tasks_view(result: dict[str, Any]) -> None:
+    """``tasks``: what was written and which source tasks were dropped."""
+    written(result, f"tasks {','.join(map(str, result['select']))} of {result['source']}")
+    if result["dropped"]:
+        echo(f"  dropped source tasks {result['dropped']}")
+
+
+def rerank_view(result: dict[str, Any]) -> None:
+    """``rerank``: what was written and each task's prompt error."""
+    how = f"rank {result['source_num_ranks']} -> {result['num_ranks']}"
+    written(result, how + (", exact" if result["exact"] else ", truncated SVD"))
+    echo(f"{'task':>6} {'method':>9} {'rel. prompt error':>18}")
+    for t in result["tasks"]:
+        echo(f"{t['task']:>6} {t['method']:>9} {_fmt(t['relative_error']):>18}")
+
+
+def convert_view(result: dict[str, Any]) -> None:
+    """``convert``: what was written, each tensor's dtype change and the read-back check."""
+    dtype = result["dtype"]
+    written(result, f"{result['source_format']} -> safetensors" + (f", cast to {dtype}" if dtype else ""))
+    for name, before in result["dtypes_before"].items():
+        cast = result["casts"].get(name)
+        err = f"  max cast error {cast['max_abs_error']:.4g}" if cast else ""
+        echo(f"  {name:<18} {before} -> {result['dtypes_after'][name]}{err}")
+    echo(f"  verified: read back {result['verified']}")
+
+
+def export_view(result: dict[str, Any]) -> None:
+    """``export-prompt``: what was written."""
+    written(result, f"PROMPT_TUNING, task {result['task']}" + (", encoder half" if result["encoder_only"] else ""))
+
+
+def verify_view(report: dict[str, Any]) -> None:
+    """``verify``: the report as a table."""
+    echo_lines("\n".join(report_lines(report)))
+
+
+def push_view(result: dict[str, Any]) -> None:
+    """``push``: what was (or would be) sent."""
+    for line in push_summary(result):
+        echo(line)

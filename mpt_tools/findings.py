@@ -1,0 +1,82 @@
+"""Findings: one problem (or remark) about a source or a plan, with its level, a stable code, the
+field, what was expected and found, and the fix; and the one way to refuse on error findings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ValidationError
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem (or remark): its level, a stable code, the field, expected/found and the fix.
+
+    Build one with :meth:`error`, :meth:`warning` or :meth:`info`, whose ``expected``, ``found``
+    and ``fix`` are keywords, so a rule reads as what it checks::
+
+        Finding.error("task-range", "task", "the source has 3 tasks", expected="0..2", found=5, fix="pass 0..2")
+    """
+
+    level: str  # "error", "warning" or "info"
+    code: str
+    field: str
+    message: str
+    expected: Any = dataclasses.field(default=None, kw_only=True)
+    found: Any = dataclasses.field(default=None, kw_only=True)
+    fix: str = dataclasses.field(default="", kw_only=True)
+
+    @classmethod
+    def error(
+        cls, code: str, field: str, message: str, *, expected: Any = None, found: Any = None, fix: str = ""
+    ) -> Finding:
+        """A problem that makes the source (or plan) invalid."""
+        return cls("error", code, field, message, expected=expected, found=found, fix=fix)
+
+    @classmethod
+    def warning(
+        cls, code: str, field: str, message: str, *, expected: Any = None, found: Any = None, fix: str = ""
+    ) -> Finding:
+        """A problem that does not stop an operation but deserves attention."""
+        return cls("warning", code, field, message, expected=expected, found=found, fix=fix)
+
+    @classmethod
+    def info(
+        cls, code: str, field: str, message: str, *, expected: Any = None, found: Any = None, fix: str = ""
+    ) -> Finding:
+        """A remark: something mpt-tools assumed, normalised or confirmed."""
+        return cls("info", code, field, message, expected=expected, found=found, fix=fix)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The finding as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def brief(self) -> str:
+        """``field: message (expected X, found Y)``: the finding without its level and fix."""
+        text = f"{self.field}: {self.message}"
+        if self.expected is not None or self.found is not None:
+            text += f" (expected {self.expected}, found {self.found})"
+        return text
+
+    def line(self) -> str:
+        """One human-readable line."""
+        text = f"{self.level}: {self.brief()}"
+        return f"{text}; fix: {self.fix}" if self.fix else text
+
+
+def errors(findings: list[Finding]) -> list[Finding]:
+    """Only the findings at level error."""
+    return [f for f in findings if f.level == "error"]
+
+
+def refusal(location: str, problems: list[Finding]) -> ValidationError:
+    """One error for a list of error findings: the first in full, then how many more there are."""
+    first = problems[0]
+    msg = first.brief()
+    if first.fix:
+        msg += f"; fix: {first.fix}"
+    if len(problems) > 1:
+        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
+    return ValidationError(msg, location, problems)

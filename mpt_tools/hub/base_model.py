@@ -1,0 +1,183 @@
+"""A Hub base model's config.json against an adapter's token_dim."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..findings import Finding
+from ..options import HubOptions
+from .download import _HUB_ID_RE, HubSpec, _Fetch, _is_hub_exception, _map_error, is_offline
+
+HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "n_embd")
+
+
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def _hidden_size(config: dict[str, Any]) -> tuple[str, int] | None:
+    for holder in (config, config.get("text_config") or {}):
+        if not isinstance(holder, dict):
+            continue
+        for key in HIDDEN_SIZE_KEYS:
+            value = holder.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return key, value
+    return None
+
+
+def _base_config(
+    name: str, *, revision: str | None, token: str | None, cache_dir: str | None, offline: bool
+) -> tuple[dict[str, Any] | None, str]:
+    """(config.json of the base model or None, the problem when None)."""
+    local = Path(name).expanduser()
+    if local.is_dir() or local.is_file():
+        cfg_path = local / "config.json" if local.is_dir() else local
+        if not cfg_path.is_file():
+            return None, f"{local} has no config.json"
+    elif name.startswith(("/", ".", "~")) or os.sep in name.replace("/", "") or not _HUB_ID_RE.fullmatch(name):
+        return None, f"{name} is neither a local folder nor a Hub repo id"
+    else:
+        fetch = _Fetch(HubSpec(name, revision), token, cache_dir, is_offline(offline))
+        try:
+            cfg_path = Path(fetch.download("config.json", revision or "main"))
+        except Exception as exc:
+            if not _is_hub_exception(exc) and not isinstance(exc, OSError):
+                raise
+            err = _map_error(
+                exc,
+                where=HubSpec(name, revision).url(filename="config.json"),
+                what="config.json",
+                token=token,
+                offline=fetch.offline,
+            )
+            return None, str(err)
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return None, f"{cfg_path}: unreadable config.json ({type(exc).__name__})"
+    if not isinstance(data, dict):
+        return None, f"{cfg_path}: config.json is not a JSON object"
+    return data, ""
+
+
+def check_base_model(
+    token_dim: int | None,
+    base_model: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    offline: bool = False,
+) -> list[Any]:
+    """Compare ``token_dim`` with the hidden size of ``base_model`` (a Hub id or a local folder).
+
+    Only the base model's ``config.json`` is read (``hidden_size``, ``d_model`` or ``n_embd``, also
+    under ``text_config``). Returns findings (code ``base-model``): an error on mismatch, a warning
+    when the config cannot be had (offline and not cached, not found, no hidden size), an info
+    line when it matches.
+    """
+    from ..findings import Finding
+
+    fix_unknown = "check the base model by hand, or run online without --offline"
+    config, problem = _base_config(
+        base_model,
+        revision=revision,
+        token=token or None,
+        cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+        offline=offline,
+    )
+    if config is None:
+        return [Finding.warning("base-model", "base_model", f"cannot check the base model: {problem}", fix=fix_unknown)]
+    hidden = _hidden_size(config)
+    if hidden is None:
+        return [
+            Finding.warning(
+                "base-model",
+                "base_model",
+                f"config.json of {base_model} names no hidden_size, d_model or n_embd",
+                fix=fix_unknown,
+            )
+        ]
+    key, size = hidden
+    if token_dim is None:
+        return [
+            Finding.warning(
+                "base-model",
+                "token_dim",
+                f"unknown token_dim; base model {base_model} has {key} {size}",
+                expected=size,
+                found=None,
+                fix="give --token-dim",
+            )
+        ]
+    if token_dim != size:
+        return [
+            Finding.error(
+                "base-model",
+                "token_dim",
+                f"does not match the base model {base_model} ({key})",
+                expected=size,
+                found=token_dim,
+                fix="use an adapter made for this base model, or name the right one with --base-model",
+            )
+        ]
+    return [
+        Finding.info(
+            "base-model", "token_dim", f"matches {key} of the base model {base_model}", expected=size, found=token_dim
+        )
+    ]
+
+
+def base_model_findings(
+    ckpt: Any,
+    base_model: str | None = None,
+    *,
+    hub: HubOptions | None = None,
+) -> list[Finding]:
+    """The base-model check for a loaded Checkpoint.
+
+    ``base_model`` (``--base-model``) wins over the config's ``base_model_name_or_path`` (whose
+    ``revision`` field is then used). The token, cache folder and offline switch come from ``hub``
+    (default: those the checkpoint was loaded with); its ``revision`` is the source's and is not used.
+    """
+    from ..findings import Finding
+
+    hub = hub or ckpt.hub_options
+    name = base_model
+    revision = None
+    if not name:
+        raw = getattr(ckpt.config, "raw", {}) or {}
+        name = raw.get("base_model_name_or_path")
+        rev = raw.get("revision")
+        revision = rev if isinstance(rev, str) and rev else None
+    if not isinstance(name, str) or not name.strip():
+        return [
+            Finding.warning(
+                "base-model",
+                "base_model_name_or_path",
+                "the config names no base model: nothing to check",
+                fix="pass --base-model ID_OR_DIR",
+            )
+        ]
+    token_dim = ckpt.config.size("token_dim")
+    if token_dim is None:
+        pe = ckpt.shapes.get("prompt_embeddings")
+        token_dim = pe[1] if pe and len(pe) == 2 else None
+    return check_base_model(
+        token_dim,
+        name.strip(),
+        revision=revision,
+        token=hub.token,
+        cache_dir=hub.cache_dir,
+        offline=hub.offline,
+    )

@@ -1,0 +1,183 @@
+"""``push``: an adapter folder and its model card to the Hub in one commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..checkpoint import load_source
+from ..checks import require_valid
+from ..config import CONFIG_NAME
+from ..errors import HubError, MptToolsError
+from .card import CARD_NAME, _plain, model_card
+from .download import (
+    _HUB_ID_RE,
+    _chain,
+    _endpoint,
+    _is_hub_exception,
+    _known_tokens,
+    _network_message,
+    _quiet,
+    _status,
+    is_offline,
+    scrub,
+)
+
+PUSH_WEIGHTS = "adapter_model.safetensors"
+
+
+def _validate_repo_id(repo_id: str) -> None:
+    if not _HUB_ID_RE.fullmatch(repo_id) or "/" not in repo_id or ".." in repo_id or "--" in repo_id:
+        raise HubError("not a valid repo id to push to: expected org/name", repo_id)
+
+
+def _push_error(exc: BaseException, *, where: str, token: str | None, revision: str | None) -> HubError:
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    tokens = _known_tokens(token)
+    status = next((s for s in (_status(e) for e in _chain(exc)) if s is not None), None)
+    if isinstance(exc, RevisionNotFoundError):
+        msg = f"branch {revision} not found: push without --create-pr to create it"
+    elif status == 401 and not tokens:
+        msg = "pushing needs a write token: pass --token, set HF_TOKEN or run `hf auth login`"
+    elif status == 401:
+        msg = "the Hub rejected the token (HTTP 401): check --token / HF_TOKEN / `hf auth login`"
+    elif status == 403:
+        msg = "your token cannot write to this repo (HTTP 403): use a write token for it, or --create-pr"
+    elif isinstance(exc, RepositoryNotFoundError):
+        msg = "repository not found or not visible to your token"
+    else:
+        net = _network_message(exc, token_given=bool(tokens), writing=True)
+        msg = net or f"push failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return HubError(scrub(msg, tokens), where)
+
+
+def push_adapter(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Push an adapter folder to the Hub: weights, config and a generated model card in one commit.
+
+    The folder is validated first (refused when invalid). The repo is created when missing
+    (``private`` applies then) and the branch ``revision`` too (from the default branch);
+    ``create_pr`` opens a pull request instead of committing to the branch. ``dry_run`` makes no
+    request at all and returns what would be uploaded, with the card. ``token`` defaults to
+    HF_TOKEN / the stored login. Returns ``{"schema": "mpt-tools/push/1", "repo_id", "revision",
+    "files": [{"path", "bytes", "sha256"}], "card", "dry_run", "commit", "commit_url", "pr_url",
+    "url"}``.
+    """
+    src = Path(folder)
+    _validate_repo_id(repo_id)
+    if not src.is_dir():
+        raise HubError("not an adapter folder (push takes the folder written by `mpt-tools init`)", str(src))
+    weights = src / PUSH_WEIGHTS
+    config_file = src / CONFIG_NAME
+    if not weights.is_file():
+        hint = (
+            ": convert it first with `mpt-tools convert DIR --out NEW_DIR`"
+            if (src / "adapter_model.bin").exists()
+            else ""
+        )
+        raise HubError(f"no {PUSH_WEIGHTS} here{hint}", str(src))
+    if not config_file.is_file():
+        raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
+    ckpt = load_source(src)
+    require_valid(ckpt, refusing="push")
+    config_bytes = config_file.read_bytes()
+    try:
+        config = json.loads(config_bytes)
+    except ValueError:
+        raise HubError(f"unreadable {CONFIG_NAME}", str(config_file)) from None
+    weight_bytes = weights.read_bytes()
+    files: list[dict[str, Any]] = [
+        {"path": PUSH_WEIGHTS, "bytes": len(weight_bytes), "sha256": hashlib.sha256(weight_bytes).hexdigest()},
+        {"path": CONFIG_NAME, "bytes": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()},
+    ]
+    tokens = _known_tokens(token) if not dry_run else ([token] if token else [])
+    card = scrub(model_card(repo_id, config, dict(ckpt.file.metadata or {}), files, revision=revision), tokens)
+    card_bytes = card.encode("utf-8")
+    files.append({"path": CARD_NAME, "bytes": len(card_bytes), "sha256": hashlib.sha256(card_bytes).hexdigest()})
+    mode = (ckpt.file.metadata or {}).get("mpt_tools.mode")
+    shown = f" ({_plain(mode, 40)})" if mode else ""
+    message = commit_message or f"Upload MPT adapter{shown} with mpt-tools {__version__}"
+    where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    result: dict[str, Any] = {
+        "schema": "mpt-tools/push/1",
+        "folder": str(src),
+        "repo_id": repo_id,
+        "revision": revision,
+        "create_pr": create_pr,
+        "private": private,
+        "commit_message": message,
+        "files": files,
+        "card": card,
+        "dry_run": dry_run,
+        "unchanged": [],
+        "no_op": False,
+        "commit": None,
+        "commit_url": None,
+        "pr_url": None,
+        "url": None,
+    }
+    if dry_run:
+        return result
+    if is_offline(False):
+        raise HubError("cannot push in offline mode: unset HF_HUB_OFFLINE", where)
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=_endpoint(), token=token or None, library_name="mpt-tools", library_version=__version__)
+    operations = [
+        CommitOperationAdd(path_in_repo=PUSH_WEIGHTS, path_or_fileobj=weight_bytes),
+        CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=config_bytes),
+        CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes),
+    ]
+    try:
+        with _quiet():
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main" and not create_pr and not revision.startswith("refs/pr/"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.create_commit(
+                repo_id,
+                operations,
+                commit_message=message,
+                commit_description=f"Pushed with mpt-tools {__version__}.",
+                revision=revision,
+                create_pr=create_pr or None,
+            )
+    except MptToolsError:
+        raise
+    except Exception as exc:
+        if not _is_hub_exception(exc) and not isinstance(exc, (OSError, ValueError)):
+            raise
+        raise _push_error(exc, where=where, token=token, revision=revision) from None
+    commit_info: Any = info
+    # huggingface_hub leaves out files whose content the branch already has (comparing the hashes
+    # it fetched); with none left it makes no commit and returns the branch head.
+    unchanged = [
+        op.path_in_repo
+        for op in operations
+        if getattr(op, "_remote_oid", None) is not None
+        and getattr(op, "_remote_oid", None) == getattr(op, "_local_oid", None)
+    ]
+    result["unchanged"] = unchanged
+    result["no_op"] = len(unchanged) == len(operations)
+    result.update(
+        {
+            "commit": getattr(commit_info, "oid", None),
+            "commit_url": getattr(commit_info, "commit_url", None),
+            "pr_url": getattr(commit_info, "pr_url", None),
+            "url": str(getattr(repo_url, "url", repo_url)),
+        }
+    )
+    return result

@@ -1,0 +1,63 @@
+"""Where a source is and how to read it, as frozen, typed objects.
+
+A command line builds these once (``mpt_tools.cli.options.source_options``); the library takes a
+:class:`SourceSpec`, a loaded :class:`~mpt_tools.checkpoint.Checkpoint` or a plain path wherever
+it reads a source, and hands the spec unchanged to
+:func:`~mpt_tools.checkpoint.load_source`, the only reader of its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How to reach a Hub source: ``revision`` (branch, tag or commit), ``token`` (else HF_TOKEN or
+    the stored login), ``cache_dir`` (else the Hugging Face cache) and ``offline`` (cache only)."""
+
+    revision: str | None = None
+    token: str | None = None
+    cache_dir: str | None = None
+    offline: bool = False
+
+    def replace(self, **changes: Any) -> HubOptions:
+        """A copy with ``changes`` (e.g. ``offline=True``)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ConfigOverrides:
+    """Config fields to give or replace (None leaves a field as the source has it)."""
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    task_type: str | None = None
+    num_tasks: int | None = None
+    num_ranks: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The given fields only, by config name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source to load: ``location`` (a tensor file, an adapter folder, or a Hub repo id /
+    ``hf://`` URL), an optional named-adapter ``subfolder``, config ``overrides`` and ``hub`` options."""
+
+    location: str
+    subfolder: str | None = None
+    overrides: ConfigOverrides = field(default_factory=ConfigOverrides)
+    hub: HubOptions = field(default_factory=HubOptions)
+
+    @classmethod
+    def of(cls, source: str | os.PathLike[str] | SourceSpec, hub: HubOptions | None = None) -> SourceSpec:
+        """``source`` as a spec; a plain path or repo id gets ``hub`` (default: no Hub options)."""
+        if isinstance(source, SourceSpec):
+            return source
+        return cls(os.fspath(source), hub=hub or HubOptions())

@@ -1,0 +1,53 @@
+"""``validate``: every problem of a source, and of a planned target, at once."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .checkpoint import Source, load_source
+from .checks import check_source, check_target
+from .config import MptConfig, read_config
+from .findings import errors
+from .modes import MODES, TargetPlan, canonical_mode
+
+
+def validate(
+    source: Source,
+    *,
+    against: str | os.PathLike[str] | None = None,
+    mode: str | None = None,
+    task: int | None = None,
+    base_model: str | bool | None = None,
+) -> dict[str, Any]:
+    """Check a source (and, with ``against``/``mode``, a planned target) and report every problem.
+
+    Returns ``{"source", "valid", "mode", "against", "findings": [...]}``; ``valid`` is False when
+    any finding is an error. Raises MptToolsError only when the source cannot be read at all.
+    ``base_model`` (a Hub id or local folder, or True for the config's
+    base_model_name_or_path) compares token_dim with the base model's hidden size, reading only
+    its config.json (code ``base-model``; off by default, so no network is touched).
+    """
+    ckpt = load_source(source)
+    findings = check_source(ckpt)
+    target: MptConfig | None = None
+    if against is not None:
+        target = read_config(against)
+        if mode is None:
+            init = target.raw.get("prompt_tuning_init")
+            mode = next((m.name for m in MODES.values() if m.peft_name == init), "average")
+    if mode is not None:
+        findings += check_target(ckpt, TargetPlan(mode, task=task), target=target)
+    if base_model is not None and base_model is not False:
+        from .hub.base_model import base_model_findings
+
+        findings += base_model_findings(ckpt, None if base_model is True else base_model)
+    return {
+        "schema": "mpt-tools/validate/1",
+        "source": ckpt.location,
+        "weights": ckpt.weights_path,
+        "valid": not errors(findings),
+        "mode": canonical_mode(mode) if mode else None,
+        "against": target.path if target else None,
+        "findings": [f.to_dict() for f in findings],
+    }

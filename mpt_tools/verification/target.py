@@ -1,0 +1,232 @@
+"""What a target written by ``init`` promises against its source: finding that source (given, or
+recorded and recognised by sha256) and checking the target against its mode's promise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint, Source, load_source
+from ..errors import MptToolsError
+from ..formats import to_float32
+from ..modes import RecordError, find_mode
+from ..options import SourceSpec
+from ..results import json_float
+from .engine import _check_layout, _plan, _rebuild, _to_device, _torch_dtype
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _shown(text: str) -> str:
+    """A recorded value for a message: repr'd, at most 40 characters."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+
+
+def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str]) -> Checkpoint | None:
+    """The source to compare against: the given one, or the recorded one while it still matches.
+
+    A source given as a path or Hub id, and a recorded Hub source, are read with the target's Hub
+    token, cache folder and offline switch (not its revision: a Hub source names its own)."""
+    meta = target.file.metadata
+    sha256 = meta.get("mpt_tools.source_sha256")
+    hub = target.hub_options.replace(revision=None)
+    if source is not None:
+        ckpt = load_source(source if isinstance(source, (Checkpoint, SourceSpec)) else SourceSpec.of(source, hub))
+        if sha256 and sha256 != ckpt.sha256():
+            notes.append("the given source's sha256 differs from the one recorded by init")
+        return ckpt
+    recorded_path = meta.get("mpt_tools.source")
+    if not recorded_path or "mpt_tools.mode" not in meta:
+        return None
+    if not recorded_path.startswith("hf://"):
+        return _find_local_source(target, recorded_path, sha256, notes)
+    # init recorded hf://org/name@commit[/subfolder]: use the Hub cache only (no download)
+    try:
+        ckpt = load_source(SourceSpec(recorded_path, hub=hub.replace(offline=True)))
+    except MptToolsError:
+        notes.append(
+            f"recorded source {recorded_path} is not in the local Hub cache; "
+            f"pass --source {recorded_path} to download it and compare"
+        )
+        return None
+    if sha256 and sha256 != ckpt.sha256():
+        notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source")
+        return None
+    return ckpt
+
+
+def _find_local_source(
+    target: Checkpoint, recorded_path: str, sha256: str | None, notes: list[str]
+) -> Checkpoint | None:
+    """The recorded local source, as init's working directory saw it: the path from here first,
+    then (when relative, and init recorded a sha256 to recognise it by) from the target's folder
+    and up to 8 of its parents, so a target verified from another directory still finds it."""
+    candidates = [Path(recorded_path)]
+    if sha256 and not os.path.isabs(recorded_path):
+        folder = Path(os.path.abspath(target.weights_path)).parent
+        candidates += [base / recorded_path for base in [folder, *folder.parents][:9]]
+    seen: set[str] = set()
+    changed: str | None = None
+    unreadable: str | None = None
+    for cand in candidates:
+        if not os.path.exists(cand):
+            continue
+        key = os.path.realpath(cand)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            ckpt = load_source(cand)
+        except MptToolsError as exc:
+            unreadable = unreadable or f"recorded source {recorded_path} cannot be read ({exc}); pass --source"
+            continue
+        if sha256 and sha256 != ckpt.sha256():
+            changed = changed or str(cand)
+            continue
+        if str(cand) != recorded_path:
+            notes.append(f"recorded source {recorded_path} found as {cand} (same sha256)")
+        return ckpt
+    if changed == recorded_path:
+        notes.append(f"recorded source {changed} changed since init (sha256 differs); pass --source to compare")
+    elif changed:
+        notes.append(
+            f"recorded source {recorded_path} not found with its recorded sha256 ({changed} has another); "
+            "pass --source to compare"
+        )
+    elif unreadable:
+        notes.append(unreadable)
+    else:
+        notes.append(f"recorded source {recorded_path} not found here; pass --source to compare against it")
+    return None
+
+
+def _cmp(name: str, ok: bool, detail: str) -> dict[str, Any]:
+    return {"check": name, "ok": ok, "detail": detail}
+
+
+def _target_checks(
+    target: Checkpoint, src: Checkpoint, dev: Any, dtype_name: str, chunk_bytes: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check that ``target`` is what its recorded mode promises (:meth:`Mode.expect`) against ``src``."""
+    import torch
+
+    meta = target.file.metadata
+    recorded_mode = meta.get("mpt_tools.mode", "")
+    mode = find_mode(recorded_mode)
+    result: dict[str, Any] = {
+        "source": src.location,
+        "source_sha256": src.sha256(),
+        "mode": mode.name if mode else "unknown",
+        "task": None,
+        "checks": [],
+        "similarity": None,
+    }
+    failures: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = result["checks"]
+
+    def add(name: str, ok: bool, detail: str) -> None:
+        checks.append(_cmp(name, ok, detail))
+        if not ok:
+            failures.append({"task": None, "check": "target-mismatch", "message": f"{name}: {detail}"})
+
+    if mode is None:
+        add("mode", False, f"recorded mpt_tools.mode {_shown(recorded_mode)} is not one of init's modes")
+        return result, failures
+    try:  # what init recorded about the target: refuse values init cannot have written
+        record = mode.read_record(meta)
+    except RecordError as exc:
+        add(exc.key.removeprefix("mpt_tools."), False, exc.detail)
+        return result, failures
+    layout_t = _check_layout(target)
+    n_t, t_t, _, d_t = layout_t
+    pe_t = to_float32(target.read("prompt_embeddings"))
+    src_pe_shape = src.shapes.get("prompt_embeddings")
+    if src_pe_shape != (t_t, d_t):
+        add("prompt_embeddings", False, f"shape {list(pe_t.shape)} vs the source's {src_pe_shape}")
+        return result, failures
+    pe_s = to_float32(src.read("prompt_embeddings"))
+    add("prompt_embeddings", _same_bits(pe_t, pe_s), "bitwise equal to the source's P*")
+    cols_t = to_float32(target.read("prefix_task_cols"))
+    rows_t = to_float32(target.read("prefix_task_rows"))
+    layout_s = layout_t
+    if mode.copies_factors:
+        layout_s = _check_layout(src)
+        if layout_s[1:] != layout_t[1:]:
+            add("factors", False, f"target (T, r, d) {layout_t[1:]} vs source {layout_s[1:]}")
+            return result, failures
+    expected = mode.expect(src, record, layout_t if not mode.copies_factors else layout_s)
+    if expected.task is not None:
+        result["task"] = expected.task
+    for name, detail in expected.failures:
+        add(name, False, detail)
+    if expected.failures or expected.cols is None or expected.rows is None:
+        return result, failures
+    if not expected.per_task:
+        same = _same_bits(cols_t, expected.cols) and _same_bits(rows_t, expected.rows)
+        add("factors", same, expected.what)
+        return result, failures
+    same_cols = all(_same_bits(cols_t[i : i + 1], expected.cols) for i in range(n_t))
+    same_rows = all(_same_bits(rows_t[i : i + 1], expected.rows) for i in range(n_t))
+    add("prefix_task_cols", same_cols, expected.what)
+    add("prefix_task_rows", same_rows, expected.what)
+    dtype = _torch_dtype(dtype_name)
+    pe_dev = _dev(pe_t, dev)
+    p_target = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), dtype)
+    if expected.prompt_equal:
+        p_src = _rebuild(_dev(pe_s, dev), _dev(expected.cols, dev), _dev(expected.rows, dev), dtype)
+        detail = f"{dtype_name} prompt bitwise equal to source task {expected.task}'s"
+        add("prompt", bool(torch.equal(p_target, p_src)), detail)
+    if expected.similarity_over is not None:
+        p_t64 = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), torch.float64)
+        result["similarity"] = _similarity(src, pe_s, p_t64, expected.similarity_over, dev, chunk_bytes)
+    return result, failures
+
+
+def _similarity(
+    src: Checkpoint, pe_s: np.ndarray, p_t64: Any, marked: set[int], dev: Any, chunk_bytes: int
+) -> list[dict[str, Any]]:
+    """Per source task: the cosine similarity and relative distance (float64) of the target prompt
+    ``p_t64`` to that task's prompt, and whether the task is among ``marked`` (the averaged ones)."""
+    import torch
+
+    n_s, t_s, r_s, d_s = _check_layout(src)
+    t_norm = torch.linalg.vector_norm(p_t64)
+    pe64 = _dev(pe_s, dev).double()
+    step = _plan(n_s, t_s, r_s, d_s, 8, chunk_bytes)
+    sims: list[dict[str, Any]] = []
+    buf = torch.empty((min(step, n_s), t_s, d_s), dtype=torch.float64, device=dev)  # reused by every chunk
+    target_flat = p_t64.reshape(-1)
+    for start in range(0, n_s, step):
+        stop = min(n_s, start + step)
+        cols = _to_device(src.read_rows("prefix_task_cols", start, stop), dev).double()
+        rows = _to_device(src.read_rows("prefix_task_rows", start, stop), dev).double()
+        p = torch.bmm(cols, rows, out=buf[: stop - start]).mul_(pe64)
+        flat = p.view(stop - start, -1)
+        dots = flat @ target_flat  # no chunk-sized temporaries: a matrix-vector product,
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        dist = torch.linalg.vector_norm(flat.sub_(target_flat), dim=1)  # and the difference in place
+        cos = (dots / (norms * t_norm)).cpu().numpy()
+        rel = (dist / norms).cpu().numpy()
+        for i in range(stop - start):
+            j = start + i
+            sims.append(
+                {
+                    "task": j,
+                    "cosine": json_float(float(cos[i])),
+                    "rel_distance": json_float(float(rel[i])),
+                    "averaged": j in marked,
+                }
+            )
+    return sims
+
+
+def _dev(array: np.ndarray, dev: Any) -> Any:
+    """A float32 host array as a device tensor (a private copy)."""
+    import torch
+
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True, order="C")).to(dev)
