@@ -201,11 +201,12 @@ def main() -> None:
             jobs += [(name, label, argv) for label, argv in cmds.items()]
             # bytes read by init exact, counted by the reader itself
             sys.path.insert(0, str(ROOT))
-            from mpt_tools.pipeline import init_adapter
-            from mpt_tools.source import load_source
+            from mpt_tools.checkpoint import load_source
+            from mpt_tools.init import init_adapter
+            from mpt_tools.modes import TargetPlan
 
             ckpt = load_source(src)
-            init_adapter(ckpt, "exact", tmp / f"{name}-exact", task=3, force=True)
+            init_adapter(ckpt, TargetPlan("exact", task=3), tmp / f"{name}-exact", force=True)
             read = sum(r_[3] for r_ in ckpt.file.reads)
             size = (tmp / f"{name}-exact" / "adapter_model.safetensors").stat().st_size
             extra[name] = {

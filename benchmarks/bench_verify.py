@@ -102,7 +102,7 @@ def med(values: list[float]) -> float:
 
 def bench_verify(folder: Path, device: str, runs: int, chunk_bytes: int | None = None) -> dict[str, float]:
     """Median timings of verify (library call, report timings plus wall)."""
-    from mpt_tools.rebuild import verify
+    from mpt_tools.verification import verify
 
     def once() -> dict[str, float]:
         t0 = time.perf_counter()
@@ -120,8 +120,8 @@ def plain_rebuild_pass(folder: Path, device: str, runs: int, chunk: int = 64) ->
     ``device`` (the compute floor)."""
     import torch
 
+    from mpt_tools.checkpoint import load_source
     from mpt_tools.formats import to_torch
-    from mpt_tools.source import load_source
 
     ckpt = load_source(folder)
     dev = torch.device(device)
@@ -166,7 +166,7 @@ RSS_PROBE = r"""
 import resource, sys
 import torch
 if sys.argv[1] == "verify":
-    from mpt_tools.rebuild import verify
+    from mpt_tools.verification import verify
     assert verify(sys.argv[2], device="cpu")["ok"]
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

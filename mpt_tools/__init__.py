@@ -5,6 +5,7 @@ The library API (every CLI command is one of these functions)::
     from mpt_tools import load_source, validate, inspect_source, init_adapter, verify
     from mpt_tools import select_tasks, rerank, convert, export_prompt, diff, task_similarity
     from mpt_tools import push_adapter, download_source
+    from mpt_tools import SourceSpec, HubOptions, ConfigOverrides, TargetPlan   # typed options
 
 Names are imported on first use, so ``import mpt_tools`` stays cheap, and none of the functions
 imports torch or huggingface_hub until a code path needs it.
@@ -15,31 +16,39 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _WHERE = {
-    "Checkpoint": "source",
+    "Checkpoint": "checkpoint",
+    "ConfigOverrides": "options",
+    "HubOptions": "options",
     "MptToolsError": "errors",
-    "convert": "surgery",
+    "SourceSpec": "options",
+    "TargetPlan": "modes",
+    "convert": "conversion",
     "diff": "compare",
-    "download_source": "hub",
+    "download_source": "hub.download",
     "export_prompt": "surgery",
-    "init_adapter": "pipeline",
-    "init_and_verify": "rebuild",
-    "inspect_source": "pipeline",
-    "load_source": "source",
+    "init_adapter": "init",
+    "init_and_verify": "init",
+    "inspect_source": "inspection",
+    "load_source": "checkpoint",
     "plot_similarity": "compare",
-    "push_adapter": "hub",
+    "push_adapter": "hub.push",
     "rerank": "surgery",
     "select_tasks": "surgery",
     "task_similarity": "compare",
-    "validate": "pipeline",
-    "verify": "rebuild",
+    "validate": "validation",
+    "verify": "verification",
 }
 
 __all__ = [
     "Checkpoint",
+    "ConfigOverrides",
+    "HubOptions",
     "MptToolsError",
+    "SourceSpec",
+    "TargetPlan",
     "__version__",
     "convert",
     "diff",
@@ -67,6 +76,8 @@ if TYPE_CHECKING:
     from .hub.push import push_adapter
     from .init import init_adapter, init_and_verify
     from .inspection import inspect_source
+    from .modes import TargetPlan
+    from .options import ConfigOverrides, HubOptions, SourceSpec
     from .surgery import export_prompt, rerank, select_tasks
     from .validation import validate
     from .verification import verify

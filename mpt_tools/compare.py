@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
 from .errors import MptToolsError, WriteError
-from .files import atomic_write, source_folders
+from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
 from .prompts import CHUNK_BYTES, plan_chunks
 
@@ -135,7 +135,9 @@ def plot_similarity(
     import matplotlib.pyplot as plt
 
     out = Path(path)
-    _check_plot_path(out, force=force, protected=protected or [])
+    if out.suffix.lower() != ".png":
+        raise WriteError("the plot file name must end in .png", str(out))
+    guard_output(out, force=force, protected=protected or [], kind="file")
     n = matrix.shape[0]
     size = min(14.0, 3.0 + 0.45 * n)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
@@ -165,17 +167,6 @@ def plot_similarity(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, buf.getvalue())
     return str(out)
-
-
-def _check_plot_path(out: Path, *, force: bool, protected: list[str]) -> None:
-    if out.suffix.lower() != ".png":
-        raise WriteError("the plot file name must end in .png", str(out))
-    if out.exists() and not out.is_file():
-        raise WriteError("exists and is not a file", str(out))
-    if out.resolve().parent in source_folders(protected):
-        raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
-    if os.path.lexists(out) and not force:
-        raise WriteError("already exists; pass --force to overwrite it", str(out))
 
 
 def _file_sets(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:

@@ -27,8 +27,8 @@ import numpy as np
 from .checkpoint import Source, load_source
 from .checks import require_valid
 from .config import WEIGHTS_NAME, target_config
-from .errors import ValidationError, VerifyError, WriteError
-from .files import atomic_write, check_output_dir, source_folders, write_files
+from .errors import ValidationError, VerifyError
+from .files import atomic_write, guard_output, write_files
 from .findings import Finding
 from .formats import (
     DTYPE_CHOICES,
@@ -181,17 +181,7 @@ def convert(
     out_path = Path(out)
     as_file = out_path.suffix.lower() == ".safetensors" and not out_path.is_dir()
     protected = ckpt.source_paths
-    if as_file:
-        if out_path.exists() and not out_path.is_file():
-            raise WriteError("exists and is not a file", str(out_path))
-        if out_path.resolve() in {Path(p).resolve() for p in protected}:
-            raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out_path))
-        if out_path.resolve().parent in source_folders(protected):
-            raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out_path))
-        if os.path.lexists(out_path) and not force:
-            raise WriteError("already exists; pass --force to overwrite it", str(out_path))
-    else:
-        check_output_dir(out_path, force=force, protected=protected)
+    guard_output(out_path, force=force, protected=protected, kind="file" if as_file else "dir")
     tensors: dict[str, Raw] = {}
     casts: dict[str, dict[str, Any]] = {}
     dtypes_before: dict[str, str] = {}

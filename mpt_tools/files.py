@@ -11,7 +11,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME
 from .errors import WriteError
@@ -135,13 +135,28 @@ def source_folders(protected: list[str]) -> set[Path]:
     return folders
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], *, force: bool, protected: list[str]) -> Path:
-    """Refuse an output folder that would clobber files without ``force`` or touch a source.
+def guard_output(
+    path: str | os.PathLike[str], *, force: bool, protected: list[str], kind: Literal["dir", "file"] = "dir"
+) -> Path:
+    """The one output guard: refuse an output that would clobber files without ``force`` or touch
+    a source, before any work is done. Nothing is created here.
 
-    ``protected`` are source paths (files or folders) that must never be written.
-    Nothing is created here.
+    ``kind="dir"``: an adapter folder (refused when it is a file, a source's folder, or already
+    holds adapter files without ``force``). ``kind="file"``: one file (refused when it is not a
+    file, is a source file, lies in a source's folder, or exists without ``force``). ``protected``
+    are source paths (files or folders) that must never be written.
     """
-    out = Path(out_dir)
+    out = Path(path)
+    if kind == "file":
+        if out.exists() and not out.is_file():
+            raise WriteError("exists and is not a file", str(out))
+        if out.resolve() in {Path(p).resolve() for p in protected}:
+            raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out))
+        if out.resolve().parent in source_folders(protected):
+            raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
+        if os.path.lexists(out) and not force:
+            raise WriteError("already exists; pass --force to overwrite it", str(out))
+        return out
     if out.exists() and not out.is_dir():
         raise WriteError("exists and is not a directory", str(out))
     if out.resolve() in source_folders(protected):

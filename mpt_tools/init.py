@@ -11,15 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import check_source, check_target, require_valid, value_findings
 from .config import target_config
 from .errors import HubError, ValidationError, VerificationFailed
-from .files import check_output_dir, commit_staged, staging_folder
+from .files import commit_staged, guard_output, staging_folder
 from .findings import Finding, errors
 from .formats import Raw, from_numpy, to_float32
 from .modes import Mode, TargetPlan, get_mode
+from .version import __version__
 from .writer import provenance, write_adapter
 
 
@@ -146,7 +146,7 @@ def _init(
         findings += base_model_findings(ckpt, None if base_model is True else base_model)
     warnings += require_valid(ckpt, findings=findings)
     protected = ckpt.source_paths
-    check_output_dir(out, force=force, protected=protected)
+    guard_output(out, force=force, protected=protected)
     assert num_ranks is not None  # a mode that copies factors has them (checked above)
     target = build_target(ckpt, mode, plan, num_tasks, num_ranks)
     for name, arr in target.tensors.items():
@@ -224,7 +224,7 @@ def init_and_verify(
     resolve_device(device)  # fail before writing anything
     ckpt = load_source(source)
     folder = Path(out)
-    check_output_dir(folder, force=force, protected=ckpt.source_paths)
+    guard_output(folder, force=force, protected=ckpt.source_paths)
     staging = staging_folder(folder)
     try:
         result = _init(ckpt, TargetPlan(plan) if isinstance(plan, str) else plan, staging, force, base_model)

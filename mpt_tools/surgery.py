@@ -27,14 +27,14 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
 from .config import PROMPT_TUNING_DEFAULTS, target_config
 from .errors import ValidationError
-from .files import check_output_dir
+from .factors import MAX_TARGET_ELEMENTS
+from .files import guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .writer import _write_and_report
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
-MAX_ELEMENTS = 1 << 31
 
 # Fields a PROMPT_TUNING config takes over from the MPT source config.
 _PT_FROM_SOURCE = (
@@ -121,7 +121,7 @@ def select_tasks(
         extra += _check_tasks("select", select, cols_shape[0])
     warnings = require_valid(ckpt, extra)
     n, _t, r, _d = _dims(ckpt)
-    check_output_dir(out, force=force, protected=ckpt.source_paths)
+    guard_output(out, force=force, protected=ckpt.source_paths)
     tensors: dict[str, Raw] = {"prompt_embeddings": ckpt.read("prompt_embeddings")}
     for name in FACTOR_KEYS:
         tensors[name] = _gather(ckpt, name, select)
@@ -214,20 +214,20 @@ def rerank(
         n0, t0, _ = cols_shape
         d0 = pe_shape[-1]
         size = n0 * max(num_ranks, 0) * (t0 + d0)
-        if size > MAX_ELEMENTS:
+        if size > MAX_TARGET_ELEMENTS:
             extra.append(
                 Finding.error(
                     "usage",
                     "num_ranks",
                     f"the factors would hold {size} values",
-                    expected=f"<= {MAX_ELEMENTS}",
+                    expected=f"<= {MAX_TARGET_ELEMENTS}",
                     found=num_ranks,
                     fix="lower it",
                 )
             )
     warnings = require_valid(ckpt, extra)
     n, t, r, d = _dims(ckpt)
-    check_output_dir(out, force=force, protected=ckpt.source_paths)
+    guard_output(out, force=force, protected=ckpt.source_paths)
     pe32 = np.ascontiguousarray(to_float32(ckpt.read("prompt_embeddings")))
     pe64 = pe32.astype(np.float64)
     new_cols = np.zeros((n, t, num_ranks), dtype=np.float32)
@@ -394,7 +394,7 @@ def export_prompt(
     warnings = require_valid(ckpt, extra)
     if nvt is None:
         raise ValidationError("num_virtual_tokens is unknown; give --num-virtual-tokens", ckpt.location)
-    check_output_dir(out, force=force, protected=ckpt.source_paths)
+    guard_output(out, force=force, protected=ckpt.source_paths)
     prompt = task_prompt(ckpt, task)
     if encoder_only:
         prompt = prompt[:nvt].contiguous()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import __version__
 from .checkpoint import Checkpoint
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
-from .files import check_output_dir, write_files
+from .files import guard_output, write_files
 from .formats import Raw, safetensors_parts
+from .version import __version__
 
 
 def provenance(fields: dict[str, Any]) -> dict[str, str]:
@@ -38,7 +38,7 @@ def write_adapter(
     Written through :func:`write_files` (a new folder appears complete or not at all; in an existing
     one each file is replaced atomically). Returns the written paths.
     """
-    out = check_output_dir(out_dir, force=force, protected=protected or [])
+    out = guard_output(out_dir, force=force, protected=protected or [])
     blob = safetensors_parts(tensors, metadata)
     text = config_to_json(config)
     write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text})

@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from mpt_tools.compare import diff, format_similarity, task_similarity  # noqa: E402
+from mpt_tools.cli.render import similarity_table  # noqa: E402
+from mpt_tools.compare import diff, similarity_json, task_similarity  # noqa: E402
 
 CAUSAL = FIXTURES / "causal"
 NAMED = FIXTURES / "named" / "sources"
@@ -136,7 +137,7 @@ def test_similarity_zero_prompt_is_nan(tmp_path: Path) -> None:
     save_file(t, str(path))
     sim = task_similarity(path)
     assert np.isnan(sim[1]).all() and np.isnan(sim[:, 1]).all() and sim[0, 0] == 1.0
-    assert "n/a" in format_similarity(sim)
+    assert "n/a" in similarity_table(similarity_json(sim))
 
 
 @pytest.mark.parametrize("chunk", [1, 300, 1 << 20])

@@ -219,7 +219,7 @@ def test_read_into_parallel_pieces_are_the_file_bytes(
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_read_rows_into_a_buffer(tmp_path: Path, suffix: str) -> None:
     """read_rows(out=) gives the same rows as read_rows(), as a view of the given buffer."""
-    from mpt_tools.source import load_source
+    from mpt_tools.checkpoint import load_source
 
     src = write_random_source(tmp_path / "s.safetensors", n=5, t=3, r=2, d=8)
     if suffix == ".bin":

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hubserver import FakeHub, isolate_hf_environment, sha256_hex
 
 from mpt_tools.errors import HubError
-from mpt_tools.hub import download_source, parse_spec, push_adapter
+from mpt_tools.hub.download import download_source, parse_spec
+from mpt_tools.hub.push import push_adapter
+from mpt_tools.options import HubOptions
 
 TOKEN = "hf_goodtoken"  # FakeHub default: user "alice"
 BAD_TOKEN = "hf_wrongtoken123"
@@ -221,7 +223,7 @@ def test_offline_from_cache(hub, src, monkeypatch):
 
 def test_library_download_source(hub, src, tmp_path):
     cache = tmp_path / "own_cache"
-    folder, info = download_source(f"hf://{src}", cache_dir=cache)
+    folder, info = download_source(f"hf://{src}", hub=HubOptions(cache_dir=str(cache)))
     assert folder.is_relative_to(cache)
     assert (folder / WEIGHTS).read_bytes() == adapter_files()[WEIGHTS]
     assert info == {
@@ -480,8 +482,8 @@ def test_push_dry_run_sends_nothing(hub, adapter):
 def test_hostile_provenance_cannot_reshape_the_card(hf_cache, adapter):
     """mpt_tools.* metadata is copied into the card: newlines, pipes and backticks in it cannot add
     lines, break the table or leave its code span; long values are cut."""
+    from mpt_tools.checkpoint import load_source
     from mpt_tools.formats import safetensors_bytes
-    from mpt_tools.source import load_source
 
     ckpt = load_source(adapter)
     tensors = {k: ckpt.read(k) for k in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")}

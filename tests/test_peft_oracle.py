@@ -16,6 +16,8 @@ from peft_oracle import peft_init, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mpt_tools import init_adapter  # noqa: E402
+from mpt_tools.modes import TargetPlan  # noqa: E402
+from mpt_tools.options import ConfigOverrides, SourceSpec  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_NAMES = {"average": "AVERAGE_SOURCE_TASKS", "exact": "EXACT_SOURCE_TASK", "shared": "ONLY_SOURCE_SHARED"}
@@ -44,7 +46,8 @@ def test_init_matches_peft_bitwise(tmp_path: Path, mode: str, n: int, r: int, nt
     src = make_source(tmp_path, n, nvt * nts, r, d, DTYPES[dtype], seed=n * 10 + r)
     task = n - 1
     out = tmp_path / "target"
-    init_adapter(src, mode, out, task=task, seed=7, overrides={"task_type": task_type, "num_virtual_tokens": nvt})
+    spec = SourceSpec(str(src), overrides=ConfigOverrides(task_type=task_type, num_virtual_tokens=nvt))
+    init_adapter(spec, TargetPlan(mode, task=task, seed=7), out)
     ours = load_file(str(out / "adapter_model.safetensors"))
     theirs = peft_init(str(src), PEFT_NAMES[mode], task_type=task_type, nvt=nvt, r=r, d=d, task=task)
     assert set(ours) == {"prompt_embeddings", "prefix_task_cols", "prefix_task_rows"}
@@ -70,7 +73,7 @@ def test_init_matches_peft_bitwise(tmp_path: Path, mode: str, n: int, r: int, nt
 def test_average_bf16_is_averaged_in_bf16(tmp_path: Path) -> None:
     """The trap: averaging upcast values differs; PEFT averages in the source dtype."""
     src = make_source(tmp_path, 64, 4, 2, 16, torch.bfloat16)
-    init_adapter(src, "average", tmp_path / "t", overrides={"task_type": "CAUSAL_LM"})
+    init_adapter(SourceSpec(str(src), overrides=ConfigOverrides(task_type="CAUSAL_LM")), "average", tmp_path / "t")
     ours = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))
     raw = load_file(str(src))
     assert torch.equal(ours["prefix_task_rows"], raw["prefix_task_rows"].mean(0, keepdim=True).float())
@@ -103,7 +106,7 @@ def test_fixture_targets_match_peft_and_load_anywhere(
     weights = folder / ("adapter_model.bin" if fixture == "causal_bin" else "adapter_model.safetensors")
     cfg = json.loads((folder / "adapter_config.json").read_text())
     out = tmp_path / "target"
-    init_adapter(src_dir, mode, out, task=1, subfolder=subfolder)
+    init_adapter(SourceSpec(str(src_dir), subfolder=subfolder), TargetPlan(mode, task=1), out)
     theirs = peft_init(
         str(weights),
         PEFT_NAMES[mode],

@@ -53,11 +53,13 @@ def make_big(tmp: Path, n: int = 40, t: int = 6, r: int = 3, d: int = 32) -> Pat
 
 
 def test_exact_reads_only_task_k(tmp_path: Path) -> None:
-    from mpt_tools.pipeline import init_adapter
-    from mpt_tools.source import load_source
+    from mpt_tools.checkpoint import load_source
+    from mpt_tools.init import init_adapter
+    from mpt_tools.modes import TargetPlan
+    from mpt_tools.options import ConfigOverrides, SourceSpec
 
-    ckpt = load_source(make_big(tmp_path), overrides={"task_type": "CAUSAL_LM"})
-    init_adapter(ckpt, "exact", tmp_path / "out", task=7)
+    ckpt = load_source(SourceSpec(str(make_big(tmp_path)), overrides=ConfigOverrides(task_type="CAUSAL_LM")))
+    init_adapter(ckpt, TargetPlan("exact", task=7), tmp_path / "out")
     reads = sorted(ckpt.file.reads)
     assert reads == sorted(
         [
@@ -71,12 +73,11 @@ def test_exact_reads_only_task_k(tmp_path: Path) -> None:
 
 
 def test_validate_and_inspect_stream_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpt_tools import checks, pipeline
-    from mpt_tools.source import load_source
+    from mpt_tools import checks, inspection, prompts
+    from mpt_tools.checkpoint import load_source
 
     limit = 1000  # bytes: a few tasks at a time
-    monkeypatch.setattr(checks, "CHUNK_BYTES", limit)
-    monkeypatch.setattr(pipeline, "NORM_CHUNK_BYTES", limit)
+    monkeypatch.setattr(prompts, "CHUNK_BYTES", limit)
     ckpt = load_source(make_big(tmp_path))
     findings = checks.value_findings(ckpt, chunk_bytes=limit)
     assert not findings
@@ -86,14 +87,14 @@ def test_validate_and_inspect_stream_in_bounded_chunks(tmp_path: Path, monkeypat
     covered = {(r[0], t) for r in factor_reads for t in range(r[1], r[2])}
     assert len(covered) == 2 * 40  # every task of both factors, once
     ckpt.file.reads.clear()
-    norms = pipeline.task_norms(ckpt, chunk_bytes=limit)
+    norms = inspection.task_norms(ckpt, chunk_bytes=limit)
     assert len(norms) == 40
     steps = [r[2] - r[1] for r in ckpt.file.reads if r[0] == "prefix_task_rows"]
     assert max(steps) * 6 * 32 * 8 <= limit or max(steps) == 1
 
 
 def test_cli_dtype_choices_match_the_library() -> None:
-    from mpt_tools.cli import TRAINING_DTYPES
+    from mpt_tools.cli.options import TRAINING_DTYPES
     from mpt_tools.formats import DTYPE_CHOICES
 
     assert list(DTYPE_CHOICES) == TRAINING_DTYPES

@@ -28,7 +28,9 @@ from peft_oracle import peft_init, tiny_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from mpt_tools.surgery import best_rank_factors, convert, rerank, select_tasks  # noqa: E402
+from mpt_tools.conversion import convert  # noqa: E402
+from mpt_tools.options import ConfigOverrides, SourceSpec  # noqa: E402
+from mpt_tools.surgery import best_rank_factors, rerank, select_tasks  # noqa: E402
 
 CAUSAL = FIXTURES / "causal"
 SEQ2SEQ = FIXTURES / "seq2seq"
@@ -317,7 +319,7 @@ def test_rerank_up_then_down_is_exact(n: int, t: int, r: int, d: int, extra: int
     with tempfile.TemporaryDirectory() as tmp:
         src = write_bare(Path(tmp) / "src.safetensors", tensors)
         up, down = Path(tmp) / "up", Path(tmp) / "down"
-        rerank(src, r + extra, up, overrides={"task_type": "CAUSAL_LM"})
+        rerank(SourceSpec(str(src), overrides=ConfigOverrides(task_type="CAUSAL_LM")), r + extra, up)
         result = rerank(up, r, down)
         assert result["exact"]
         got = st_tensors(down)
@@ -521,7 +523,7 @@ def test_export_prompt_task_out_of_range(tmp_path: Path) -> None:
 )
 def test_cast_in_steps_is_the_same_as_in_one(data: list[float], tag: str, chunk: int) -> None:
     """A cast worked through in steps gives the same values, report and overflow error as one step."""
-    from mpt_tools import surgery
+    from mpt_tools import conversion
     from mpt_tools.errors import MptToolsError
     from mpt_tools.formats import Raw
 
@@ -529,9 +531,9 @@ def test_cast_in_steps_is_the_same_as_in_one(data: list[float], tag: str, chunk:
 
     def run(step: int) -> object:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(surgery, "CAST_CHUNK", step)
+            mp.setattr(conversion, "CAST_CHUNK", step)
             try:
-                raw, report = surgery.cast_tensor("x", Raw("F32", arr.shape, arr.copy()), tag)
+                raw, report = conversion.cast_tensor("x", Raw("F32", arr.shape, arr.copy()), tag)
             except MptToolsError as exc:
                 return str(exc)
             return raw.dtype, raw.shape, raw.array.tobytes(), report

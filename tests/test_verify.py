@@ -17,18 +17,13 @@ from conftest import FIXTURES, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpt_tools.errors import MptToolsError, VerifyError
+from mpt_tools.checkpoint import load_source
+from mpt_tools.errors import DeviceError, MptToolsError, VerificationFailed, VerifyError
 from mpt_tools.formats import from_torch, safetensors_bytes
-from mpt_tools.pipeline import init_adapter
-from mpt_tools.rebuild import (
-    SCHEMA,
-    TOLERANCES,
-    DeviceError,
-    VerificationFailed,
-    init_and_verify,
-    verify,
-)
-from mpt_tools.source import load_source
+from mpt_tools.init import init_adapter, init_and_verify
+from mpt_tools.modes import TargetPlan
+from mpt_tools.verification import verify
+from mpt_tools.verification.engine import SCHEMA, TOLERANCES
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -236,7 +231,7 @@ def test_intermediate_overflow_is_caught(tmp_path: Path) -> None:
 def test_wrong_values_exceed_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild that differs from float64 beyond the dtype's tolerance is a failure (checked by
     holding bf16-rounded arithmetic to the fp32 tolerance)."""
-    import mpt_tools.rebuild as rb
+    import mpt_tools.verification.engine as rb
 
     src = random_source(tmp_path / "w")
     original = rb._rebuild
@@ -260,13 +255,13 @@ def test_wrong_values_exceed_tolerance(tmp_path: Path, monkeypatch: pytest.Monke
         ("average", {}),
         ("average", {"tasks": [0, 1], "weights": [1.0, 3.0]}),
         ("exact", {"task": 1}),
-        ("exact", {"task": 0, "target_tasks": 3}),
+        ("exact", {"task": 0, "num_tasks": 3}),
         ("shared", {"seed": 5, "num_tasks": 2}),
     ],
 )
 def test_every_mode_matches_its_source(tmp_path: Path, name: str, mode: str, kwargs: dict[str, Any]) -> None:
     out = tmp_path / "t"
-    init_adapter(FIXTURES / name, mode, out, **kwargs)
+    init_adapter(FIXTURES / name, TargetPlan(mode, **kwargs), out)
     for source in (None, FIXTURES / name):  # recorded provenance, then explicit
         report = verify(out, device="cpu", source=source)
         target = report["target"]
@@ -289,7 +284,7 @@ def test_every_mode_matches_its_source(tmp_path: Path, name: str, mode: str, kwa
 
 def test_exact_target_is_its_source_task(tmp_path: Path) -> None:
     out = tmp_path / "e"
-    init_adapter(FIXTURES / "causal", "exact", out, task=2)
+    init_adapter(FIXTURES / "causal", TargetPlan("exact", task=2), out)
     report = verify(out, device="cpu", source=FIXTURES / "causal")
     src = verify(FIXTURES / "causal", device="cpu")
     assert report["tasks"][0]["max_abs"] == src["tasks"][2]["max_abs"]
@@ -297,7 +292,7 @@ def test_exact_target_is_its_source_task(tmp_path: Path) -> None:
 
 def test_average_similarity_of_a_one_task_mean_is_one(tmp_path: Path) -> None:
     out = tmp_path / "a"
-    init_adapter(FIXTURES / "causal", "average", out, tasks=[1])
+    init_adapter(FIXTURES / "causal", TargetPlan("average", tasks=[1]), out)
     sims = verify(out, device="cpu")["target"]["similarity"]
     assert sims[1]["cosine"] == pytest.approx(1.0) and sims[1]["rel_distance"] == pytest.approx(0.0, abs=1e-12)
     assert sims[0]["cosine"] < 0.999
@@ -317,7 +312,7 @@ def test_tampered_target_is_caught(
     tmp_path: Path, mode: str, kwargs: dict[str, Any], name: str, index: tuple[int, ...]
 ) -> None:
     out = tmp_path / "t"
-    init_adapter(FIXTURES / "causal", mode, out, **kwargs)
+    init_adapter(FIXTURES / "causal", TargetPlan(mode, **kwargs), out)
     ckpt = load_source(out)
     old = float(ckpt.read(name).array[index])
     tamper(out, name, index, np.nextafter(np.float32(old), np.float32(np.inf)))  # one ulp
@@ -333,7 +328,7 @@ def test_tampered_target_is_caught(
 
 def test_target_against_another_source_is_caught(tmp_path: Path) -> None:
     out = tmp_path / "t"
-    init_adapter(FIXTURES / "causal", "exact", out, task=0)
+    init_adapter(FIXTURES / "causal", TargetPlan("exact", task=0), out)
     other = random_source(tmp_path / "other", n=3, t=4, r=2, d=16)
     with pytest.raises(VerificationFailed) as info:
         verify(out, device="cpu", source=other)
@@ -359,7 +354,7 @@ def test_relative_recorded_source_found_from_another_directory(tmp_path: Path, m
     same-named folder with other contents on the way."""
     random_source(tmp_path / "sources")
     monkeypatch.chdir(tmp_path)
-    init_adapter("sources", "exact", "runs/t1", task=2)
+    init_adapter("sources", TargetPlan("exact", task=2), "runs/t1")
     random_source(tmp_path / "runs" / "sources", seed=5)  # a decoy nearer to the target
     monkeypatch.chdir(tmp_path / "runs" / "t1")
     report = verify(".", device="cpu")
@@ -408,7 +403,7 @@ def test_hostile_provenance_is_a_target_mismatch(
 ) -> None:
     """Hand-edited or hostile mpt_tools.* values: a named target-mismatch, never an internal error."""
     out = tmp_path / "t"
-    init_adapter(FIXTURES / "causal", mode, out, **kwargs)
+    init_adapter(FIXTURES / "causal", TargetPlan(mode, **kwargs), out)
     set_metadata(out, **changes)
     result = run_cli("verify", str(out), "--source", str(FIXTURES / "causal"))
     assert result.exit_code == 1, result.stderr
@@ -430,16 +425,16 @@ def test_init_verify_prints_summary(tmp_path: Path) -> None:
 
 def break_average(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make init write a wrong average (one value off) so that --verify must fail."""
-    import mpt_tools.pipeline as pipeline
+    import mpt_tools.init as init
 
-    real = pipeline.build_target
+    real = init.build_target
 
     def wrong(*args: Any, **kwargs: Any) -> Any:
         target = real(*args, **kwargs)
         target.tensors["prefix_task_cols"] = target.tensors["prefix_task_cols"] * np.float32(1.001)
         return target
 
-    monkeypatch.setattr(pipeline, "build_target", wrong)
+    monkeypatch.setattr(init, "build_target", wrong)
 
 
 def test_init_verify_failure_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -461,7 +456,7 @@ def test_init_verify_failure_leaves_an_existing_adapter_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "old"
-    init_adapter(FIXTURES / "causal", "exact", out, task=2)
+    init_adapter(FIXTURES / "causal", TargetPlan("exact", task=2), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     break_average(monkeypatch)
     res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify", "--force")
@@ -473,7 +468,7 @@ def test_init_verify_failure_leaves_an_existing_adapter_as_it_was(
 
 def test_init_verify_success_replaces_an_existing_adapter(tmp_path: Path) -> None:
     out = tmp_path / "old"
-    init_adapter(FIXTURES / "causal", "exact", out, task=2)
+    init_adapter(FIXTURES / "causal", TargetPlan("exact", task=2), out)
     (out / "notes.txt").write_text("mine")
     res = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out, "--verify", "--force", "--json")
     assert res.exit_code == 0, res.stderr
@@ -567,7 +562,7 @@ def test_fused_and_unfused_reductions_agree_bitwise(
 ) -> None:
     """CUDA uses aminmax and a mixed-dtype subtraction, the CPU amin/amax and an upcast first:
     run both on the CPU, with a NaN, an Inf and a float16 overflow planted, and compare."""
-    from mpt_tools import rebuild
+    from mpt_tools.verification import engine as rebuild
 
     g = torch.Generator().manual_seed(3)
     cols = torch.randn(9, 4, 2, generator=g)
@@ -663,7 +658,7 @@ def test_init_then_verify_always_passes(
             if data.draw(st.booleans()):
                 kwargs["weights"] = data.draw(st.lists(st.floats(0.1, 10), min_size=len(subset), max_size=len(subset)))
     out = tmp / "out"
-    init_adapter(src, mode, out, **kwargs)
+    init_adapter(src, TargetPlan(mode, **kwargs), out)
     report = verify(out, device="cpu", dtype=compute)
     assert report["ok"] and report["target"] is not None
     assert all(c["ok"] for c in report["target"]["checks"])
@@ -750,7 +745,7 @@ def test_named_adapter_with_subfolder() -> None:
 
 
 def test_cuda_chunk_bound_follows_free_memory() -> None:
-    from mpt_tools.rebuild import DEFAULT_CHUNK_BYTES, cuda_chunk_bytes
+    from mpt_tools.verification.engine import DEFAULT_CHUNK_BYTES, cuda_chunk_bytes
 
     assert cuda_chunk_bytes(80 << 30) == DEFAULT_CHUNK_BYTES["cuda"]
     assert cuda_chunk_bytes(3 << 30) == 1 << 30
@@ -765,7 +760,7 @@ def test_cuda_chunk_bound_follows_free_memory() -> None:
     ],
 )
 def test_out_of_memory_is_one_line(monkeypatch: pytest.MonkeyPatch, exc: Exception, needle: str) -> None:
-    from mpt_tools import rebuild
+    from mpt_tools.verification import engine as rebuild
 
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise exc
@@ -777,7 +772,7 @@ def test_out_of_memory_is_one_line(monkeypatch: pytest.MonkeyPatch, exc: Excepti
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mpt_tools import rebuild
+    from mpt_tools.verification import engine as rebuild
 
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("something else")
@@ -790,7 +785,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory(monkeypatch: pytest.M
 @gpu
 @needs_cuda
 def test_gpu_default_chunk_bound() -> None:
-    from mpt_tools.rebuild import default_chunk_bytes
+    from mpt_tools.verification.engine import default_chunk_bytes
 
     free, _ = torch.cuda.mem_get_info()
     bound = default_chunk_bytes(torch.device("cuda"))

@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
-from .. import __version__
 from ..errors import MptToolsError
 from ..options import HubOptions, SourceSpec
+from ..version import __version__
 from . import render
 from .options import (
     FORCE,

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from .. import __version__
 from ..config import CONFIG_NAME, WEIGHTS_NAMES
 from ..errors import HubError
 from ..files import file_sha256, hash_file
 from ..options import HubOptions
+from ..version import __version__
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")

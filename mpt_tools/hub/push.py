@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..checkpoint import load_source
 from ..checks import require_valid
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import HubError, MptToolsError
+from ..version import __version__
 from .card import CARD_NAME, _plain, model_card
 from .download import (
     _HUB_ID_RE,
@@ -26,8 +26,6 @@ from .download import (
     is_offline,
     scrub,
 )
-
-PUSH_WEIGHTS = "adapter_model.safetensors"
 
 
 def _validate_repo_id(repo_id: str) -> None:
@@ -81,7 +79,7 @@ def push_adapter(
     _validate_repo_id(repo_id)
     if not src.is_dir():
         raise HubError("not an adapter folder (push takes the folder written by `mpt-tools init`)", str(src))
-    weights = src / PUSH_WEIGHTS
+    weights = src / WEIGHTS_NAME
     config_file = src / CONFIG_NAME
     if not weights.is_file():
         hint = (
@@ -89,7 +87,7 @@ def push_adapter(
             if (src / "adapter_model.bin").exists()
             else ""
         )
-        raise HubError(f"no {PUSH_WEIGHTS} here{hint}", str(src))
+        raise HubError(f"no {WEIGHTS_NAME} here{hint}", str(src))
     if not config_file.is_file():
         raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
     ckpt = load_source(src)
@@ -101,7 +99,7 @@ def push_adapter(
         raise HubError(f"unreadable {CONFIG_NAME}", str(config_file)) from None
     weight_bytes = weights.read_bytes()
     files: list[dict[str, Any]] = [
-        {"path": PUSH_WEIGHTS, "bytes": len(weight_bytes), "sha256": hashlib.sha256(weight_bytes).hexdigest()},
+        {"path": WEIGHTS_NAME, "bytes": len(weight_bytes), "sha256": hashlib.sha256(weight_bytes).hexdigest()},
         {"path": CONFIG_NAME, "bytes": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()},
     ]
     tokens = _known_tokens(token) if not dry_run else ([token] if token else [])
@@ -138,7 +136,7 @@ def push_adapter(
 
     api = HfApi(endpoint=_endpoint(), token=token or None, library_name="mpt-tools", library_version=__version__)
     operations = [
-        CommitOperationAdd(path_in_repo=PUSH_WEIGHTS, path_or_fileobj=weight_bytes),
+        CommitOperationAdd(path_in_repo=WEIGHTS_NAME, path_or_fileobj=weight_bytes),
         CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=config_bytes),
         CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes),
     ]

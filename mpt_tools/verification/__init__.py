@@ -10,6 +10,7 @@ from ..checkpoint import Source, load_source
 from ..checks import require_valid
 from ..errors import ValidationError, VerificationFailed
 from ..formats import DTYPE_NAMES, canonical_dtype
+from . import engine
 from .engine import (
     ATOLS,
     DTYPE_MAX,
@@ -19,7 +20,6 @@ from .engine import (
     _describe_device,
     _exact_fp32_matmul,
     _out_of_memory_is_an_error,
-    _rebuild_checks,
     _Timer,
     _torch_dtype,
     default_chunk_bytes,
@@ -79,7 +79,7 @@ def verify(
     timer = _Timer(dev)
     target_report: dict[str, Any] | None = None
     with _exact_fp32_matmul(dev), torch.no_grad(), _out_of_memory_is_an_error(dev, budget):
-        task_rows, failures, _ = _rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
+        task_rows, failures, _ = engine._rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
         src = _resolve_source(ckpt, source, notes)
         if source is not None and "mpt_tools.mode" not in ckpt.file.metadata:
             failures.append(

@@ -12,7 +12,7 @@ import numpy as np
 from ..checkpoint import Checkpoint, Source, load_source
 from ..errors import MptToolsError
 from ..formats import to_float32
-from ..modes import RecordError, find_mode
+from ..modes import RecordError, _shown, find_mode
 from ..options import SourceSpec
 from ..results import json_float
 from .engine import _check_layout, _plan, _rebuild, _to_device, _torch_dtype
@@ -22,9 +22,6 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def _shown(text: str) -> str:
-    """A recorded value for a message: repr'd, at most 40 characters."""
-    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
 
 
 def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str]) -> Checkpoint | None:
