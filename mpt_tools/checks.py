@@ -7,6 +7,7 @@ chunks of tasks so memory stays bounded whatever the number of tasks.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -20,211 +21,195 @@ from .formats import CANONICAL, FLOAT_DTYPES, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
 from .prompts import CHUNK_BYTES, iter_task_chunks
 
+# --- the config's own fields ---------------------------------------------------------------------
 
-def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:
-    """Problems in the config fields themselves (types, ranges, enums, the reload trap)."""
-    out: list[Finding] = []
-    raw = cfg.raw
-    if from_file:
-        peft_type = raw.get("peft_type")
-        if peft_type != PEFT_TYPE:
-            out.append(
-                Finding.error(
-                    "peft-type",
-                    "peft_type",
-                    "not a Multitask Prompt Tuning adapter",
-                    expected=PEFT_TYPE,
-                    found=peft_type,
-                    fix="use an adapter trained with MultitaskPromptTuningConfig",
-                )
-            )
+Rule = Callable[[MptConfig, bool], Iterator[Finding]]
+TYPES = "one of " + ", ".join(TASK_TYPES)
+
+
+def _peft_type(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """A config file must be a Multitask Prompt Tuning one."""
+    if from_file and cfg.raw.get("peft_type") != PEFT_TYPE:
+        yield Finding.error(
+            "peft-type",
+            "peft_type",
+            "not a Multitask Prompt Tuning adapter",
+            expected=PEFT_TYPE,
+            found=cfg.raw.get("peft_type"),
+            fix="use an adapter trained with MultitaskPromptTuningConfig",
+        )
+
+
+def _sizes(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """Every size is a positive JSON integer; T and d are set in a file; 1 or 2 submodules."""
     for name in SIZE_FIELDS:
-        value = raw.get(name)
+        value = cfg.raw.get(name)
         if value is None:
             if name in ("num_virtual_tokens", "token_dim") and from_file:
-                out.append(
-                    Finding.warning(
-                        "missing-field",
-                        name,
-                        "not set in the config",
-                        expected="a positive integer",
-                        found=None,
-                        fix=f"give --{name.replace('_', '-')}",
-                    )
+                flag = f"give --{name.replace('_', '-')}"
+                yield Finding.warning(
+                    "missing-field", name, "not set in the config", expected="a positive integer", fix=flag
                 )
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            out.append(
-                Finding.error(
-                    "bad-type",
-                    name,
-                    "must be an integer",
-                    expected="a positive integer",
-                    found=repr(value),
-                    fix=f"write {name} as a JSON integer",
-                )
+        elif isinstance(value, bool) or not isinstance(value, int):
+            yield Finding.error(
+                "bad-type",
+                name,
+                "must be an integer",
+                expected="a positive integer",
+                found=repr(value),
+                fix=f"write {name} as a JSON integer",
             )
         elif value <= 0:
-            out.append(
-                Finding.error(
-                    "bad-size",
-                    name,
-                    "must be positive",
-                    expected="> 0",
-                    found=value,
-                    fix=f"set {name} to the value the adapter was trained with",
-                )
-            )
+            fix = f"set {name} to the value the adapter was trained with"
+            yield Finding.error("bad-size", name, "must be positive", expected="> 0", found=value, fix=fix)
         elif name == "num_transformer_submodules" and value not in (1, 2):
-            out.append(
-                Finding.error(
-                    "bad-size",
-                    name,
-                    "PEFT supports 1 or 2 submodules",
-                    expected="1 or 2",
-                    found=value,
-                    fix="use 1 (decoder-only) or 2 (encoder-decoder)",
-                )
+            fix = "use 1 (decoder-only) or 2 (encoder-decoder)"
+            yield Finding.error(
+                "bad-size", name, "PEFT supports 1 or 2 submodules", expected="1 or 2", found=value, fix=fix
             )
-    task_type = raw.get("task_type")
-    if task_type is None:
-        if from_file:
-            out.append(
-                Finding.error(
-                    "task-type",
-                    "task_type",
-                    "is null: PEFT cannot tell seq2seq from causal",
-                    expected="one of " + ", ".join(TASK_TYPES),
-                    found=None,
-                    fix="give --task-type",
-                )
-            )
-    elif task_type not in TASK_TYPES:
-        out.append(
-            Finding.error(
-                "task-type",
-                "task_type",
-                "unknown task type",
-                expected="one of " + ", ".join(TASK_TYPES),
-                found=task_type,
-                fix="give --task-type",
-            )
+
+
+def _task_type(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """A known task_type, set in a file (PEFT tells seq2seq from causal by it)."""
+    task_type = cfg.raw.get("task_type")
+    if task_type is None and from_file:
+        message = "is null: PEFT cannot tell seq2seq from causal"
+        yield Finding.error("task-type", "task_type", message, expected=TYPES, fix="give --task-type")
+    elif task_type is not None and task_type not in TASK_TYPES:
+        yield Finding.error(
+            "task-type", "task_type", "unknown task type", expected=TYPES, found=task_type, fix="give --task-type"
         )
-    init = raw.get("prompt_tuning_init", "RANDOM")
+
+
+def _init_mode(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """A known prompt_tuning_init; PEFT's source-to-target values are a trap on reload."""
+    init = cfg.raw.get("prompt_tuning_init", "RANDOM")
     if init not in INIT_MODES:
-        out.append(
-            Finding.error(
-                "init-mode",
-                "prompt_tuning_init",
-                "unknown value: PEFT silently treats it as RANDOM",
-                expected="one of " + ", ".join(INIT_MODES),
-                found=init,
-                fix="set it to RANDOM",
-            )
+        yield Finding.error(
+            "init-mode",
+            "prompt_tuning_init",
+            "unknown value: PEFT silently treats it as RANDOM",
+            expected="one of " + ", ".join(INIT_MODES),
+            found=init,
+            fix="set it to RANDOM",
         )
     elif init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
-        out.append(
-            Finding.warning(
-                "reload-trap",
-                "prompt_tuning_init",
-                f"PEFT re-reads {raw.get('prompt_tuning_init_state_dict_path')!r} on every load, "
-                "so this adapter fails on other machines",
-                expected="RANDOM",
-                found=init,
-                fix="rewrite it with `mpt-tools init` or set RANDOM and a null path",
-            )
+        yield Finding.warning(
+            "reload-trap",
+            "prompt_tuning_init",
+            f"PEFT re-reads {cfg.raw.get('prompt_tuning_init_state_dict_path')!r} on every load, "
+            "so this adapter fails on other machines",
+            expected="RANDOM",
+            found=init,
+            fix="rewrite it with `mpt-tools init` or set RANDOM and a null path",
         )
-    task = raw.get("prompt_tuning_init_task", 0)
+
+
+def _init_task(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """prompt_tuning_init_task is a non-negative JSON integer (PEFT counts a negative one from the end)."""
+    task = cfg.raw.get("prompt_tuning_init_task", 0)
     if task is not None and (isinstance(task, bool) or not isinstance(task, int)):
-        out.append(
-            Finding.error(
-                "bad-type",
-                "prompt_tuning_init_task",
-                "must be an integer",
-                expected="an integer >= 0",
-                found=repr(task),
-                fix="write it as a JSON integer",
-            )
+        yield Finding.error(
+            "bad-type",
+            "prompt_tuning_init_task",
+            "must be an integer",
+            expected="an integer >= 0",
+            found=repr(task),
+            fix="write it as a JSON integer",
         )
     elif isinstance(task, int) and task < 0:
-        out.append(
-            Finding.error(
-                "negative-task",
-                "prompt_tuning_init_task",
-                "negative task index: PEFT silently counts from the end",
-                expected=">= 0",
-                found=task,
-                fix="use the task's non-negative index",
-            )
+        yield Finding.error(
+            "negative-task",
+            "prompt_tuning_init_task",
+            "negative task index: PEFT silently counts from the end",
+            expected=">= 0",
+            found=task,
+            fix="use the task's non-negative index",
         )
+
+
+def _assumed(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """What mpt-tools assumed where the config says nothing."""
     for name, why in cfg.assumed.items():
-        out.append(Finding.info("assumed", name, f"assumed {why}"))
-    return out
+        yield Finding.info("assumed", name, f"assumed {why}")
 
 
-def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
-    """Problems visible from the header: missing keys, dtypes, ranks, shape agreement, config."""
-    out: list[Finding] = []
+CONFIG_RULES: tuple[Rule, ...] = (_peft_type, _sizes, _task_type, _init_mode, _init_task, _assumed)
+
+
+def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:
+    """Problems in the config fields themselves: every rule of :data:`CONFIG_RULES`, in order."""
+    return [finding for rule in CONFIG_RULES for finding in rule(cfg, from_file)]
+
+
+# --- the tensors, against each other and the config ------------------------------------------------
+
+NDIM = {"prompt_embeddings": 2, "prefix_task_cols": 3, "prefix_task_rows": 3}
+MISSING_WHY = {
+    "prompt_embeddings": "PEFT fails with KeyError when it loads this adapter",
+    "prefix_task_cols": "PEFT would silently keep random task factors",
+    "prefix_task_rows": "PEFT would silently keep random task factors",
+}
+# The config field behind each dimension of each tensor ("T" is nvt x nts).
+DIM_FIELDS = {
+    "prompt_embeddings": ("T", "token_dim"),
+    "prefix_task_cols": ("num_tasks", "T", "num_ranks"),
+    "prefix_task_rows": ("num_tasks", "num_ranks", "token_dim"),
+}
+
+
+def _keys(ckpt: Checkpoint) -> Iterator[Finding]:
+    """Keys mpt-tools renamed, and keys that are not MPT tensors."""
     for note in ckpt.notes:
         if note.startswith("renamed"):
-            out.append(Finding.info("renamed-key", "keys", note))
+            yield Finding.info("renamed-key", "keys", note)
     for key in ckpt.ignored:
-        out.append(Finding.warning("extra-key", key, "not an MPT tensor; ignored"))
-    shapes = ckpt.shapes
-    want_ndim = {"prompt_embeddings": 2, "prefix_task_cols": 3, "prefix_task_rows": 3}
+        yield Finding.warning("extra-key", key, "not an MPT tensor; ignored")
+
+
+def _each_tensor(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Iterator[Finding]:
+    """Each of the three tensors is present, floating-point, of its rank and not empty (a tensor of
+    the wrong rank leaves ``shapes``, so later rules do not read its dimensions)."""
     for name in CANONICAL:
         info = ckpt.info(name)
         if info is None:
-            why = {
-                "prompt_embeddings": "PEFT fails with KeyError when it loads this adapter",
-                "prefix_task_cols": "PEFT would silently keep random task factors",
-                "prefix_task_rows": "PEFT would silently keep random task factors",
-            }[name]
-            out.append(
-                Finding.error(
-                    "missing-tensor",
-                    name,
-                    f"tensor missing: {why}",
-                    expected="present",
-                    found="absent",
-                    fix="use the full adapter state dict (all three tensors)",
-                )
+            yield Finding.error(
+                "missing-tensor",
+                name,
+                f"tensor missing: {MISSING_WHY[name]}",
+                expected="present",
+                found="absent",
+                fix="use the full adapter state dict (all three tensors)",
             )
             continue
         if info.dtype not in FLOAT_DTYPES:
-            out.append(
-                Finding.error(
-                    "dtype",
-                    name,
-                    "not a floating-point tensor",
-                    expected="float32, bfloat16, float16 or float64",
-                    found=info.dtype,
-                    fix="save the adapter's float parameters",
-                )
+            yield Finding.error(
+                "dtype",
+                name,
+                "not a floating-point tensor",
+                expected="float32, bfloat16, float16 or float64",
+                found=info.dtype,
+                fix="save the adapter's float parameters",
             )
-        if len(info.shape) != want_ndim[name]:
-            out.append(
-                Finding.error(
-                    "ndim",
-                    name,
-                    f"must have {want_ndim[name]} dimensions",
-                    expected=want_ndim[name],
-                    found=list(info.shape),
-                    fix="check that this is an MPT adapter",
-                )
+        if len(info.shape) != NDIM[name]:
+            yield Finding.error(
+                "ndim",
+                name,
+                f"must have {NDIM[name]} dimensions",
+                expected=NDIM[name],
+                found=list(info.shape),
+                fix="check that this is an MPT adapter",
             )
             shapes.pop(name, None)
         elif 0 in info.shape:
-            out.append(
-                Finding.error(
-                    "empty",
-                    name,
-                    "has an empty dimension",
-                    expected="all sizes > 0",
-                    found=list(info.shape),
-                    fix="check the adapter",
-                )
+            fix = "check the adapter"
+            yield Finding.error(
+                "empty", name, "has an empty dimension", expected="all sizes > 0", found=list(info.shape), fix=fix
             )
+
+
+def _agreement(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Iterator[Finding]:
+    """The tensors agree with each other on N, r, T and d."""
     pe, cols, rows = shapes.get("prompt_embeddings"), shapes.get("prefix_task_cols"), shapes.get("prefix_task_rows")
     pairs = []
     if cols and rows:
@@ -236,46 +221,46 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
         pairs.append(("token_dim", "prompt_embeddings", pe[1], "prefix_task_rows", rows[2]))
     for fieldname, a, av, b, bv in pairs:
         if av != bv:
-            out.append(
-                Finding.error(
-                    "tensors-disagree",
-                    fieldname,
-                    f"{a} and {b} disagree on {fieldname}",
-                    expected=f"{av} (from {a})",
-                    found=f"{bv} (from {b})",
-                    fix="the tensors come from different adapters or a corrupted save",
-                )
+            yield Finding.error(
+                "tensors-disagree",
+                fieldname,
+                f"{a} and {b} disagree on {fieldname}",
+                expected=f"{av} (from {a})",
+                found=f"{bv} (from {b})",
+                fix="the tensors come from different adapters or a corrupted save",
             )
-    cfg = ckpt.config
-    expected = cfg.expected_shapes()
-    labels = {
-        "prompt_embeddings": ("T", "token_dim"),
-        "prefix_task_cols": ("num_tasks", "T", "num_ranks"),
-        "prefix_task_rows": ("num_tasks", "num_ranks", "token_dim"),
-    }
+
+
+def _against_config(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Iterator[Finding]:
+    """Each dimension is what the config says (each disagreement reported once)."""
+    expected = ckpt.config.expected_shapes()
     reported: set[tuple[str, Any, Any]] = set()
     for name, shape in shapes.items():
-        for label, want, got in zip(labels[name], expected[name], shape, strict=False):
-            if want is None or want == got:
-                continue
+        for label, want, got in zip(DIM_FIELDS[name], expected[name], shape, strict=False):
             field_name = "num_virtual_tokens x num_transformer_submodules" if label == "T" else label
-            seen = (field_name, want, got)
-            if seen in reported:
+            if want is None or want == got or (field_name, want, got) in reported:
                 continue
-            reported.add(seen)
-            out.append(
-                Finding.error(
-                    "config-mismatch",
-                    field_name,
-                    f"config says {want} but {name} has {got}",
-                    expected=want,
-                    found=got,
-                    fix=f"fix the config or pass the right --{label.replace('_', '-')}"
-                    if label != "T"
-                    else "pass the right --num-virtual-tokens / --num-transformer-submodules or --task-type",
-                )
+            reported.add((field_name, want, got))
+            yield Finding.error(
+                "config-mismatch",
+                field_name,
+                f"config says {want} but {name} has {got}",
+                expected=want,
+                found=got,
+                fix=f"fix the config or pass the right --{label.replace('_', '-')}"
+                if label != "T"
+                else "pass the right --num-virtual-tokens / --num-transformer-submodules or --task-type",
             )
-    return out
+
+
+def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
+    """Problems visible from the header: keys, each tensor, their agreement, the config."""
+    shapes = ckpt.shapes
+    header = [*_keys(ckpt), *_each_tensor(ckpt, shapes)]  # first: it drops tensors of the wrong rank
+    return [*header, *_agreement(ckpt, shapes), *_against_config(ckpt, shapes)]
+
+
+# --- values ------------------------------------------------------------------------------------
 
 
 def value_findings(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[Finding]:
