@@ -16,8 +16,8 @@ PACKAGE = ROOT / "mpt_tools"
 
 # Bottom to top. A module may import only from its own layer or a lower one.
 LAYERS: list[list[str]] = [
-    ["version", "errors", "options"],  # leaves: no mpt_tools import but each other's
-    ["config", "formats", "results"],  # adapter config, tensor files, result schemas
+    ["version", "errors", "options", "results", "hub"],  # leaves (hub: the package, imports nothing)
+    ["config", "formats"],  # adapter config and file names, tensor files
     ["files"],  # sha256, atomic and staged writes, the output guard
     ["hub.download"],  # a Hub source into the cache: needs no checks
     ["checkpoint"],  # a source, loaded
@@ -134,3 +134,32 @@ def test_public_api_lists_agree() -> None:
     assert sorted(mpt_tools.__all__) == sorted([*where, "__version__"])
     for name, module in where.items():
         assert getattr(importlib.import_module(f"mpt_tools.{module}"), name) is getattr(mpt_tools, name)
+
+
+def test_no_library_function_takes_more_than_8_parameters() -> None:
+    """Options travel as objects (SourceSpec, HubOptions, TargetPlan), not as long parameter lists."""
+    wide = []
+    for name, path in modules().items():
+        if name == "cli" or name.startswith("cli."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, [a.vararg, a.kwarg])]
+                count = len([p for p in params if p.arg not in ("self", "cls")])
+                if count > 8:
+                    wide.append(f"{name}.{node.name}: {count}")
+    assert not wide, wide
+
+
+def test_no_command_takes_options_as_kwargs() -> None:
+    """Every command names its parameters: the option decorators build the option objects, so no
+    command pops options out of ``**kwargs``."""
+    import inspect
+
+    from mpt_tools.cli import cli
+
+    for name, command in cli.commands.items():
+        assert command.callback is not None
+        params = inspect.signature(inspect.unwrap(command.callback)).parameters.values()
+        assert all(p.kind != p.VAR_KEYWORD for p in params), f"{name} takes **kwargs"

@@ -1,17 +1,9 @@
-"""Everything mpt-tools does with the Hugging Face Hub: download a source, check a base model, push.
+"""Download a Hub source: parse its spec, fetch ``adapter_config.json`` and one weights file (PEFT's
+order: ``adapter_model.safetensors``, else ``adapter_model.bin``) from one commit into the Hugging
+Face cache, and check the weights' sha256 against the Hub's LFS sha256 (or git blob id).
 
-Every ``huggingface_hub`` call of mpt-tools lives in this module, and ``huggingface_hub`` is
-imported inside the functions only, so local commands never import it.
-
-* :func:`download_source` fetches exactly ``adapter_config.json`` and one weights file (PEFT's
-  order: ``adapter_model.safetensors``, else ``adapter_model.bin``) into the Hugging Face cache,
-  checks the weights' sha256 against the Hub's LFS sha256 and returns the snapshot folder.
-* :func:`base_model_findings` fetches only a base model's ``config.json`` and compares its hidden
-  size with the adapter's ``token_dim``.
-* :func:`push_adapter` uploads an adapter folder plus a generated model card in one commit.
-
-Every failure is a :class:`~mpt_tools.errors.HubError` with one line naming the repo, revision
-and file and what to do. A token never appears in any message, file or result.
+Also the pieces the other Hub modules share: offline detection, token scrubbing, quiet
+``huggingface_hub`` calls, and the mapping of Hub exceptions to one-line :class:`HubError` messages.
 """
 
 from __future__ import annotations
@@ -29,9 +21,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..config import CONFIG_NAME, WEIGHTS_NAMES
-from ..errors import HubError
+from ..errors import HubError, debug
 from ..files import file_sha256, hash_file
 from ..options import HubOptions
+from ..results import HubInfo
 from ..version import __version__
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -148,7 +141,7 @@ def _quiet() -> Iterator[None]:
 
     The CLI promises one line on stderr per failure; MPT_TOOLS_DEBUG=1 keeps them.
     """
-    if os.environ.get("MPT_TOOLS_DEBUG", "") not in ("", "0"):
+    if debug():
         yield
         return
     logger = logging.getLogger("huggingface_hub")
@@ -413,7 +406,7 @@ def download_source(
     *,
     subfolder: str | None = None,
     hub: HubOptions | None = None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, HubInfo]:
     """Download an MPT adapter from the Hub into the Hugging Face cache, as PEFT would read it.
 
     ``spec`` is ``org/name`` or ``hf://org/name[@revision][/subfolder]``. Only
@@ -496,7 +489,7 @@ def download_source(
         _verify(fetch, config_path, CONFIG_NAME, commit, parsed.url(pinned, filename=CONFIG_NAME))
     sha = _verify(fetch, weights_path, weights_name, commit, parsed.url(pinned, filename=weights_name))
     folder = Path(weights_path).parent
-    info: dict[str, Any] = {
+    info: HubInfo = {
         "repo_id": parsed.repo_id,
         "revision": rev,
         "commit": commit,
