@@ -11,8 +11,9 @@ from typing import Any, Union
 from .config import CONFIG_NAME, WEIGHTS_NAMES, MptConfig, bare_config, read_config
 from .errors import SourceError
 from .files import file_sha256
-from .formats import DTYPE_NAMES, PICKLE_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
+from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
 from .options import HubOptions, SourceSpec
+from .results import HubInfo
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     config_from_file: bool = False
-    hub: dict[str, Any] | None = None
+    hub: HubInfo | None = None
     hub_options: HubOptions = field(default_factory=HubOptions)
     _sha256: str | None = field(default=None, repr=False)
 
@@ -102,7 +103,7 @@ def _looks_like_repo_id(text: str) -> bool:
         len(parts) == 2
         and all(parts)
         and not text.startswith((".", "/", "~"))
-        and not any(p.endswith((".safetensors", ".bin", ".pt", ".pth", ".json")) for p in parts)
+        and not any(p.endswith((*TENSOR_SUFFIXES, ".json")) for p in parts)
     )
 
 
@@ -136,7 +137,7 @@ def load_source(source: Source) -> Checkpoint:
     text, subfolder = spec.location, spec.subfolder
     overrides = spec.overrides.as_dict()
     path = Path(text)
-    hub_info: dict[str, Any] | None = None
+    hub_info: HubInfo | None = None
     if not os.path.lexists(path):
         if _looks_like_repo_id(text):
             from .hub.download import download_source
@@ -166,7 +167,7 @@ def load_source(source: Source) -> Checkpoint:
         raise SourceError("not a regular file or directory", text)
     if os.path.islink(weights) and not os.path.exists(weights):
         raise SourceError("broken symlink or symlink loop", str(weights))
-    if weights.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES) and path.is_dir():
+    if weights.suffix.lower() not in TENSOR_SUFFIXES and path.is_dir():
         raise SourceError("unexpected weights file name", str(weights))
     tfile = open_tensor_file(weights)
     keymap, notes, ignored = normalise_keys(tfile.infos, tfile.path)

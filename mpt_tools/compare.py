@@ -22,6 +22,7 @@ from .errors import MptToolsError, WriteError
 from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
 from .prompts import CHUNK_BYTES, plan_chunks
+from .results import ConfigFieldDiff, ConfigFiles, DiffResult, KeyDiff, PromptDiff, PromptTaskDiff, TensorDiff
 
 # Config fields that say how or where a file was written, not what the adapter is.
 VOLATILE_CONFIG = ("peft_version",)
@@ -181,7 +182,7 @@ def _file_sets(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> dict[str, Any]:
+def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> TensorDiff:
     """Max abs difference (float64) of one tensor with equal shapes, and whether the bytes agree."""
     ka = a.keymap.get(name, name)
     kb = b.keymap.get(name, name)
@@ -217,9 +218,9 @@ def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> d
     }
 
 
-def _config_diff(a: Checkpoint, b: Checkpoint) -> list[dict[str, Any]]:
+def _config_diff(a: Checkpoint, b: Checkpoint) -> list[ConfigFieldDiff]:
     ra, rb = a.config.raw, b.config.raw
-    out = []
+    out: list[ConfigFieldDiff] = []
     for key in sorted(set(ra) | set(rb)):
         if key in VOLATILE_CONFIG:
             continue
@@ -234,7 +235,7 @@ def diff(
     b: Source,
     *,
     chunk_bytes: int = CHUNK_BYTES,
-) -> dict[str, Any]:
+) -> DiffResult:
     """Compare two sources; ``identical`` is True when nothing below differs.
 
     Reported: keys present in one only (canonical names; stored names may differ, see
@@ -248,7 +249,9 @@ def diff(
     fa, fb = _file_sets(ca), _file_sets(cb)
     only_a = sorted(set(fa) - set(fb))
     only_b = sorted(set(fb) - set(fa))
-    shapes, dtypes, tensors = [], [], {}
+    shapes: list[KeyDiff] = []
+    dtypes: list[KeyDiff] = []
+    tensors: dict[str, TensorDiff] = {}
     for name in sorted(set(fa) & set(fb)):
         if fa[name]["shape"] != fb[name]["shape"]:
             shapes.append({"key": name, "a": fa[name]["shape"], "b": fb[name]["shape"]})
@@ -256,18 +259,18 @@ def diff(
             dtypes.append({"key": name, "a": fa[name]["dtype"], "b": fb[name]["dtype"]})
         if fa[name]["shape"] == fb[name]["shape"]:
             tensors[name] = _tensor_diff(ca, cb, name, chunk_bytes)
-    config_files = {"a": ca.config.path, "b": cb.config.path}
+    config_files: ConfigFiles = {"a": ca.config.path, "b": cb.config.path}
     config_presence = ca.config_from_file != cb.config_from_file
     # An inferred config against a file's one would only list the fields a bare file cannot carry.
     config = [] if config_presence else _config_diff(ca, cb)
     prompts = _prompt_diff(ca, cb, chunk_bytes)
     meta_a, meta_b = ca.file.metadata, cb.file.metadata
-    metadata = [
+    metadata: list[KeyDiff] = [
         {"key": k, "a": meta_a.get(k), "b": meta_b.get(k)}
         for k in sorted(set(meta_a) | set(meta_b))
         if meta_a.get(k) != meta_b.get(k)
     ]
-    renamed = [
+    renamed: list[KeyDiff] = [
         {"key": k, "a": ca.keymap[k], "b": cb.keymap[k]}
         for k in CANONICAL
         if k in ca.keymap and k in cb.keymap and ca.keymap[k] != cb.keymap[k]
@@ -279,16 +282,13 @@ def diff(
     identical = not (only_a or only_b or shapes or dtypes or config or config_presence or value_diffs)
     count = len(only_a) + len(only_b) + len(shapes) + len(dtypes) + len(config) + int(config_presence)
     count += len(value_diffs)
-    summary = _summary(
-        identical, only_a, only_b, shapes, dtypes, config, config_presence, value_diffs, tensors, prompts
-    )
-    return {
+    report: DiffResult = {
         "schema": "mpt-tools/diff/1",
         "a": ca.location,
         "b": cb.location,
         "identical": identical,
         "differences": count,
-        "summary": summary,
+        "summary": "",
         "keys": {"only_a": only_a, "only_b": only_b},
         "renamed": renamed,
         "shapes": shapes,
@@ -300,21 +300,17 @@ def diff(
         "metadata": metadata,
         "sha256": {"a": ca.sha256(), "b": cb.sha256()},
     }
+    report["summary"] = _summary(report, value_diffs, config_presence)
+    return report
 
 
-def _summary(
-    identical: bool,
-    only_a: list[str],
-    only_b: list[str],
-    shapes: list[Any],
-    dtypes: list[Any],
-    config: list[Any],
-    config_presence: bool,
-    value_diffs: list[str],
-    tensors: dict[str, Any],
-    prompts: dict[str, Any] | None,
-) -> str:
-    if identical:
+def _summary(report: DiffResult, value_diffs: list[str], config_presence: bool) -> str:
+    """One line naming what differs in a diff report (``value_diffs``: the tensors whose values
+    differ; ``config_presence``: a config file on one side only)."""
+    only_a, only_b = report["keys"]["only_a"], report["keys"]["only_b"]
+    shapes, dtypes, config = report["shapes"], report["dtypes"], report["config"]
+    tensors, prompts = report["tensors"], report["prompts"]
+    if report["identical"]:
         return "identical (keys, shapes, dtypes, config and every value)"
     parts = []
     if only_a or only_b:
@@ -335,7 +331,7 @@ def _summary(
     return "; ".join(parts)
 
 
-def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> dict[str, Any] | None:
+def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> PromptDiff | None:
     """Per-task effective-prompt differences when both have N, T, d in common (else None)."""
     try:
         for ckpt in (a, b):
@@ -346,7 +342,7 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> dict[str, An
     nb, tb, _ = b.shapes["prefix_task_cols"]
     if (na, ta) != (nb, tb) or a.shapes["prompt_embeddings"] != b.shapes["prompt_embeddings"]:
         return None
-    per_task: list[dict[str, Any]] = []
+    per_task: list[PromptTaskDiff] = []
     ranges = _task_ranges(a, max(1, chunk_bytes // 2))
     t, d = a.shapes["prompt_embeddings"]
     # two float64 buffers reused by every chunk: no chunk-sized temporaries

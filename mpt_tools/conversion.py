@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from .formats import (
     torch_dtype,
 )
 from .prompts import CHUNK_BYTES, plan_chunks
+from .results import CastReport, ConvertResult
 from .writer import _result, provenance, write_adapter
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ from .writer import _result, provenance, write_adapter
 CAST_CHUNK = 1 << 20  # elements per step of a cast: a few float64 temporaries of 8 MiB each
 
 
-def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, dict[str, Any]]:
+def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, CastReport]:
     """Cast one tensor to the dtype ``tag`` (F32, BF16 or F16) with torch's round-to-nearest-even.
 
     Returns the cast tensor and its cast report (``max_abs_error``, ``max_relative_error``,
@@ -119,7 +120,7 @@ def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, dict[str, Any]]:
             f"{name}: value {worst!r} at {where} is out of the {DTYPE_NAMES[tag]} range{limit}; "
             f"{overflows} value(s) would become inf; refusing to cast (keep float32 or use bfloat16)"
         )
-    report = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
+    report: CastReport = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
     return from_torch(cast.reshape(raw.shape), copy=False), report
 
 
@@ -145,7 +146,7 @@ def convert(
     *,
     dtype: str | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> ConvertResult:
     """Convert SOURCE (.bin/.pt/.pth read weights-only, or .safetensors) to safetensors.
 
     Keys are normalised to ``prompt_embeddings``, ``prefix_task_cols``, ``prefix_task_rows``
@@ -183,7 +184,7 @@ def convert(
     protected = ckpt.source_paths
     guard_output(out_path, force=force, protected=protected, kind="file" if as_file else "dir")
     tensors: dict[str, Raw] = {}
-    casts: dict[str, dict[str, Any]] = {}
+    casts: dict[str, CastReport] = {}
     dtypes_before: dict[str, str] = {}
     for name in ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"):
         if ckpt.info(name) is None:
@@ -234,7 +235,7 @@ def convert(
     flushed = sum(c["flushed_to_zero"] for c in casts.values())
     if flushed:
         warnings.append(f"{flushed} non-zero value(s) became 0 in {DTYPE_NAMES[tag or 'F32']}")
-    return _result(
+    result = _result(
         "convert",
         ckpt,
         out,
@@ -254,6 +255,7 @@ def convert(
         warnings=warnings,
         notes=notes,
     )
+    return cast(ConvertResult, result)
 
 
 # ---------------------------------------------------------------------------------------------

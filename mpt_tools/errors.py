@@ -6,7 +6,16 @@ one line on stderr and exit status 1. Anything else escaping the library is a bu
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .results import VerifyResult
+
+
+def debug() -> bool:
+    """MPT_TOOLS_DEBUG is set (and not 0): show tracebacks and third-party messages."""
+    return os.environ.get("MPT_TOOLS_DEBUG", "") not in ("", "0")
 
 
 class MptToolsError(Exception):
@@ -64,6 +73,6 @@ class DeviceError(MptToolsError):
 class VerificationFailed(VerifyError):
     """Verification ran and found failures; ``report`` is the full report (``ok`` is False)."""
 
-    def __init__(self, message: str, path: str | None, report: dict[str, Any]) -> None:
+    def __init__(self, message: str, path: str | None, report: VerifyResult) -> None:
         super().__init__(message, path)
         self.report = report

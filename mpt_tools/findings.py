@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .errors import ValidationError
+from .results import FindingItem
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ class Finding:
         """A remark: something mpt-tools assumed, normalised or confirmed."""
         return cls("info", code, field, message, expected=expected, found=found, fix=fix)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> FindingItem:
         """The finding as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        return cast(FindingItem, dataclasses.asdict(self))
 
     def brief(self) -> str:
         """``field: message (expected X, found Y)``: the finding without its level and fix."""

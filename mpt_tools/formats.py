@@ -471,6 +471,7 @@ def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # every tensor file mpt-tools reads
 
 
 def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:

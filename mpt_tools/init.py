@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .files import commit_staged, guard_output, staging_folder
 from .findings import Finding, errors
 from .formats import Raw, from_numpy, to_float32
 from .modes import Mode, TargetPlan, get_mode
+from .results import InitResult, PushResult
 from .version import __version__
 from .writer import provenance, write_adapter
 
@@ -33,7 +34,6 @@ class Target:
     seed: int | None = None
     tasks: list[int] | None = None
     weights: list[float] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def num_tasks(self) -> int:
@@ -104,7 +104,7 @@ def init_adapter(
     base_model: str | bool | None = None,
     verify: str | None = None,
     push: PushRequest | None = None,
-) -> dict[str, Any]:
+) -> InitResult:
     """Build a target initialisation from ``source`` and write it to ``out`` as a PEFT adapter.
 
     ``plan`` is a :class:`~mpt_tools.modes.TargetPlan` or a mode name (average, exact or shared, or
@@ -132,9 +132,7 @@ def init_adapter(
     return result
 
 
-def _init(
-    ckpt: Checkpoint, plan: TargetPlan, out: str | os.PathLike[str], force: bool, base_model: Any
-) -> dict[str, Any]:
+def _init(ckpt: Checkpoint, plan: TargetPlan, out: str | os.PathLike[str], force: bool, base_model: Any) -> InitResult:
     mode = get_mode(plan.mode)
     warnings: list[str] = []
     src_cols = ckpt.shapes.get("prefix_task_cols")
@@ -166,7 +164,7 @@ def _init(
         }
     )
     written = write_adapter(out, target.raw(), config, meta, force=force, protected=protected)
-    result: dict[str, Any] = {
+    result: InitResult = {
         "schema": "mpt-tools/init/1",
         "source": ckpt.location,
         "source_sha256": ckpt.sha256(),
@@ -187,7 +185,7 @@ def _init(
     return result
 
 
-def _push(out: str, push: PushRequest, token: str | None) -> dict[str, Any]:
+def _push(out: str, push: PushRequest, token: str | None) -> PushResult:
     """init --push: push the folder just written; on failure say that it was written."""
     from .hub.push import push_adapter
 
@@ -208,7 +206,7 @@ def init_and_verify(
     force: bool = False,
     device: str = "auto",
     base_model: str | bool | None = None,
-) -> dict[str, Any]:
+) -> InitResult:
     """Run :func:`init_adapter`, then :func:`~mpt_tools.verification.verify` the written folder
     against the source; returns init's result with the verify report under ``"verify"``.
 
@@ -236,8 +234,9 @@ def init_and_verify(
         commit_staged(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for key, value in list(report.items()):  # name the final folder, not the staging one
-        if isinstance(value, str) and value.startswith(str(staging)):
+    for key in ("path", "weights"):  # name the final folder, not the staging one (its only paths)
+        value = report[key]
+        if value.startswith(str(staging)):
             report[key] = str(folder) + value[len(str(staging)) :]
     files = [str(folder / Path(f).name) for f in result["files"]]
     return {**result, "out": str(folder), "files": files, "verify": report}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -14,10 +13,10 @@ from .errors import ValidationError
 from .findings import errors
 from .formats import DTYPE_NAMES, to_float32
 from .prompts import CHUNK_BYTES, plan_chunks
-from .results import json_float
+from .results import FileEntry, InspectResult, ParameterCounts, TaskNorms, TensorEntry, json_float
 
 
-def task_norms(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[dict[str, Any]]:
+def task_norms(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[TaskNorms]:
     """Per task k: Frobenius norms of U_k, V_k and of the effective prompt P* * (U_k @ V_k).
 
     Prompts are formed and summed in float32 (as PEFT computes them; ~1e-6 relative), over chunks
@@ -30,7 +29,7 @@ def task_norms(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[dict[st
     assert rows_info is not None
     step = plan_chunks(t * d * 4, chunk_bytes)
     n = rows_info.shape[0]
-    out: list[dict[str, Any]] = []
+    out: list[TaskNorms] = []
     # one prompt buffer for every chunk: fresh chunk-sized arrays cost more in page faults than
     # the matmul itself
     buf = np.empty((min(step, n), t, d), dtype=np.float32)
@@ -63,7 +62,7 @@ def inspect_source(
     similarity: bool = False,
     plot: str | os.PathLike[str] | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> InspectResult:
     """Describe a source: files with sha256, format, tensors, config, parameter counts, findings and
     per-task norms (see the README for the JSON schema).
 
@@ -73,7 +72,9 @@ def inspect_source(
     """
     ckpt = load_source(source)
     findings = check_source(ckpt)
-    files = [{"role": "weights", "path": ckpt.weights_path, "bytes": ckpt.file.size, "sha256": ckpt.sha256()}]
+    files: list[FileEntry] = [
+        {"role": "weights", "path": ckpt.weights_path, "bytes": ckpt.file.size, "sha256": ckpt.sha256()}
+    ]
     if ckpt.config.path:
         import hashlib
 
@@ -86,7 +87,7 @@ def inspect_source(
                 "sha256": hashlib.sha256(cfg_bytes).hexdigest(),
             }
         )
-    tensors = []
+    tensors: list[TensorEntry] = []
     for original, info in ckpt.file.infos.items():
         canonical = next((k for k, v in ckpt.keymap.items() if v == original), None)
         count = 1
@@ -102,7 +103,7 @@ def inspect_source(
             }
         )
     shapes = ckpt.shapes
-    params: dict[str, Any] = {}
+    params: ParameterCounts = {}
     if "prompt_embeddings" in shapes and len(shapes["prompt_embeddings"]) == 2:
         t, d = shapes["prompt_embeddings"]
         params["shared"] = t * d
@@ -111,7 +112,7 @@ def inspect_source(
             params["per_task"] = t * r + r * d
             params["num_tasks"] = n
             params["total"] = t * d + n * (t * r + r * d)
-    task_list: list[dict[str, Any]] | None = None
+    task_list: list[TaskNorms] | None = None
     header_errors = [
         f
         for f in errors(findings)
@@ -129,7 +130,7 @@ def inspect_source(
     ]
     if norms and not header_errors:
         task_list = task_norms(ckpt)
-    report: dict[str, Any] = {
+    report: InspectResult = {
         "schema": "mpt-tools/inspect/1",
         "source": ckpt.location,
         "format": ckpt.format,
@@ -155,7 +156,7 @@ def inspect_source(
     return report
 
 
-def _add_similarity(report: dict[str, Any], ckpt: Checkpoint, plot: str | os.PathLike[str] | None, force: bool) -> None:
+def _add_similarity(report: InspectResult, ckpt: Checkpoint, plot: str | os.PathLike[str] | None, force: bool) -> None:
     """Add the task similarity matrix (and the plot) to an inspect report."""
     from .compare import plot_similarity, require_matplotlib, similarity_json, task_similarity
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .checkpoint import Checkpoint
+    from .results import InitResult
 
 MAX_TARGET_TASKS = 1_000_000
 
@@ -87,7 +88,7 @@ BuildFn = Callable[["Checkpoint", TargetPlan, int, int], "tuple[np.ndarray, np.n
 PlanFn = Callable[["Checkpoint", TargetPlan, list[str]], list[Finding]]
 RecordFn = Callable[[dict[str, str]], dict[str, Any]]
 ExpectFn = Callable[["Checkpoint", dict[str, Any], Layout], Expectation]
-DescribeFn = Callable[[dict[str, Any]], str]
+DescribeFn = Callable[["InitResult"], str]
 
 
 def _no_rules(ckpt: Checkpoint, plan: TargetPlan, warnings: list[str]) -> list[Finding]:
@@ -321,7 +322,7 @@ def _average_expect(src: Checkpoint, record: dict[str, Any], layout: Layout) -> 
     return Expectation(what=what, cols=cols, rows=rows, similarity_over=set(tasks or range(n_s)))
 
 
-def _average_describe(result: dict[str, Any]) -> str:
+def _average_describe(result: InitResult) -> str:
     meta = result["metadata"]
     tasks, weights = meta.get("mpt_tools.tasks"), meta.get("mpt_tools.weights")
     if weights:

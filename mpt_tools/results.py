@@ -1,11 +1,465 @@
 """What the library returns: one typed schema per command (``mpt-tools/<command>/1``), and the
-helpers that keep values JSON-ready."""
+helpers that keep values JSON-ready.
+
+Every command's ``--json`` output is the library's result as it is: a plain dict whose keys are
+those of one :class:`~typing.TypedDict` below (:data:`SCHEMAS` maps each command to its type).
+The keys are listed in the order the output has them; nested items that have fixed keys (findings,
+files, tensors, tasks, checks, ...) have their own type. ``tests/test_schemas.py`` checks every
+command's real output against these types, and ``docs/make_cli_reference.py`` lists them in the
+README. Importing this module imports nothing heavy (numpy only inside :func:`json_float`).
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any, TypedDict
 
 
 def json_float(value: float) -> float | None:
     """A float for JSON output: NaN and infinities become None (null)."""
+    import numpy as np
+
     return float(value) if np.isfinite(value) else None
+
+
+# --- shared items ------------------------------------------------------------------------------
+
+
+class FindingItem(TypedDict):
+    """One finding (:meth:`mpt_tools.findings.Finding.to_dict`)."""
+
+    level: str  # "error", "warning" or "info"
+    code: str
+    field: str
+    message: str
+    expected: Any
+    found: Any
+    fix: str
+
+
+class WrittenResult(TypedDict):
+    """The keys every command that writes an adapter starts its result with."""
+
+    schema: str
+    source: str
+    source_sha256: str
+    out: str
+    files: list[str]  # the paths written
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+
+class ValidateResult(TypedDict):
+    """``mpt-tools/validate/1``."""
+
+    schema: str
+    source: str
+    weights: str
+    valid: bool
+    mode: str | None
+    against: str | None
+    findings: list[FindingItem]
+
+
+# --- inspect -----------------------------------------------------------------------------------
+
+
+class FileEntry(TypedDict):
+    """A file of a source: its role (weights or config), path, size and sha256."""
+
+    role: str
+    path: str
+    bytes: int
+    sha256: str
+
+
+class TensorEntry(TypedDict):
+    """A tensor of a source file: canonical key (None when ignored), stored name, dtype, shape."""
+
+    key: str | None
+    stored_as: str
+    dtype: str
+    shape: list[int]
+    parameters: int
+
+
+class DerivedSizes(TypedDict):
+    num_transformer_submodules: int | None
+    total_virtual_tokens: int | None
+
+
+class ParameterCounts(TypedDict, total=False):
+    """Parameter counts; only those the tensor shapes allow (none for a malformed source)."""
+
+    shared: int
+    per_task: int
+    num_tasks: int
+    total: int
+
+
+class TaskNorms(TypedDict):
+    """Frobenius norms of one task's factors and effective prompt (None when not finite)."""
+
+    task: int
+    cols_norm: float | None
+    rows_norm: float | None
+    prompt_norm: float | None
+
+
+class HubInfo(TypedDict):
+    """Where a Hub source came from (:func:`mpt_tools.hub.download.download_source`)."""
+
+    repo_id: str
+    revision: str | None
+    commit: str | None
+    subfolder: str | None
+    url: str
+    file: str
+    sha256: str
+    endpoint: str
+
+
+class _InspectKeys(TypedDict):
+    schema: str
+    source: str
+    format: str  # "safetensors" or "pickle"
+    files: list[FileEntry]
+    metadata: dict[str, str]
+    tensors: list[TensorEntry]
+    config: dict[str, Any]
+    config_source: str
+    assumed: dict[str, str]
+    derived: DerivedSizes
+    parameters: ParameterCounts
+    valid: bool
+    findings: list[FindingItem]
+    tasks: list[TaskNorms] | None
+    notes: list[str]
+    hub: HubInfo | None
+
+
+class InspectResult(_InspectKeys, total=False):
+    """``mpt-tools/inspect/1``; ``similarity`` only with --similarity/--plot, ``plot`` only when
+    the PNG was written."""
+
+    similarity: list[list[float | None]] | None
+    plot: str
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+class Tolerance(TypedDict):
+    rel_frobenius: float
+    atol_per_element: float
+    dtype_max: float
+
+
+class LayoutSizes(TypedDict):
+    num_tasks: int
+    total_virtual_tokens: int
+    num_ranks: int
+    token_dim: int
+
+
+class TaskCheck(TypedDict):
+    """One task's rebuild against float64 (None where not finite)."""
+
+    task: int
+    max_abs_err: float | None
+    rel_err: float | None
+    max_abs: float | None
+    headroom: float | None
+    finite: bool
+    inputs_finite: bool
+    ok: bool
+
+
+class TargetCheck(TypedDict):
+    check: str
+    ok: bool
+    detail: str
+
+
+class SimilarityRow(TypedDict):
+    """An average target's prompt against one source task's prompt."""
+
+    task: int
+    cosine: float | None
+    rel_distance: float | None
+    averaged: bool
+
+
+class TargetReport(TypedDict):
+    """A target written by init checked against its source's promise."""
+
+    source: str
+    source_sha256: str
+    mode: str
+    task: int | None
+    checks: list[TargetCheck]
+    similarity: list[SimilarityRow] | None
+
+
+class Failure(TypedDict):
+    task: int | None
+    check: str  # non-finite-input, non-finite-prompt, overflow, tolerance or target-mismatch
+    message: str
+
+
+class Timings(TypedDict):
+    read_s: float
+    transfer_s: float
+    rebuild_s: float
+    total_s: float
+
+
+class VerifyResult(TypedDict):
+    """``mpt-tools/verify/1``."""
+
+    schema: str
+    path: str
+    weights: str
+    device: str
+    dtype: str
+    stored_dtype: str | None
+    tolerance: Tolerance
+    shape: LayoutSizes
+    chunk_bytes: int
+    tasks: list[TaskCheck]
+    target: TargetReport | None
+    ok: bool
+    failures: list[Failure]
+    notes: list[str]
+    timings: Timings
+
+
+# --- push --------------------------------------------------------------------------------------
+
+
+class PushedFile(TypedDict):
+    path: str
+    bytes: int
+    sha256: str
+
+
+class PushResult(TypedDict):
+    """``mpt-tools/push/1``; commit, commit_url, pr_url and url are None for a dry run."""
+
+    schema: str
+    folder: str
+    repo_id: str
+    revision: str | None
+    create_pr: bool
+    private: bool
+    commit_message: str
+    files: list[PushedFile]
+    card: str
+    dry_run: bool
+    unchanged: list[str]
+    no_op: bool
+    commit: str | None
+    commit_url: str | None
+    pr_url: str | None
+    url: str | None
+
+
+# --- init --------------------------------------------------------------------------------------
+
+
+class _InitKeys(WrittenResult):
+    mode: str
+    peft_mode: str
+    task: int | None
+    seed: int | None
+    num_tasks: int
+    num_ranks: int
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str]
+    notes: list[str]
+    warnings: list[str]
+    version: str
+
+
+class InitResult(_InitKeys, total=False):
+    """``mpt-tools/init/1``; ``verify`` only with --verify, ``push`` only with --push."""
+
+    verify: VerifyResult
+    push: PushResult
+
+
+# --- tasks, rerank, convert, export-prompt -----------------------------------------------------
+
+
+class TasksResult(WrittenResult):
+    """``mpt-tools/tasks/1``."""
+
+    select: list[int]
+    dropped: list[int]
+    num_tasks: int
+    num_ranks: int
+    dtype: str
+    warnings: list[str]
+    notes: list[str]
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str]
+    version: str
+
+
+class RerankTask(TypedDict):
+    """How one task was reranked (pad, copy, truncate or svd) and its prompt's relative error."""
+
+    task: int
+    method: str
+    relative_error: float | None
+    singular_values: list[float] | None
+
+
+class RerankResult(WrittenResult):
+    """``mpt-tools/rerank/1``."""
+
+    source_num_ranks: int
+    num_ranks: int
+    num_tasks: int
+    exact: bool
+    max_relative_error: float | None
+    tasks: list[RerankTask]
+    warnings: list[str]
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str]
+    notes: list[str]
+    version: str
+
+
+class CastReport(TypedDict):
+    max_abs_error: float
+    max_relative_error: float
+    flushed_to_zero: int
+
+
+class ConvertResult(WrittenResult):
+    """``mpt-tools/convert/1``."""
+
+    source_format: str
+    dtype: str | None
+    dtypes_before: dict[str, str]
+    dtypes_after: dict[str, str]
+    keys: dict[str, str]
+    dropped: list[str]
+    verified: str
+    exact: bool
+    max_cast_error: float
+    casts: dict[str, CastReport]
+    config_written: bool
+    metadata: dict[str, str]
+    warnings: list[str]
+    notes: list[str]
+    version: str
+
+
+class ExportPromptResult(WrittenResult):
+    """``mpt-tools/export-prompt/1``."""
+
+    task: int
+    encoder_only: bool
+    peft_type: str
+    num_virtual_tokens: int
+    num_transformer_submodules: int
+    prompt_norm: float
+    warnings: list[str]
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str]
+    notes: list[str]
+    version: str
+
+
+# --- diff --------------------------------------------------------------------------------------
+
+
+class KeySets(TypedDict):
+    only_a: list[str]
+    only_b: list[str]
+
+
+class KeyDiff(TypedDict):
+    """One key whose value (stored name, shape, dtype or metadata value) differs: in A, in B."""
+
+    key: str
+    a: Any
+    b: Any
+
+
+class ConfigFieldDiff(TypedDict):
+    field: str
+    a: Any
+    b: Any
+
+
+class ConfigFiles(TypedDict):
+    a: str | None
+    b: str | None
+
+
+class Sha256s(TypedDict):
+    a: str
+    b: str
+
+
+class TensorDiff(TypedDict):
+    max_abs_diff: float
+    bitwise_equal: bool
+    nonfinite_mismatches: int
+
+
+class PromptTaskDiff(TypedDict):
+    task: int
+    max_abs_diff: float | None
+    relative_diff: float | None
+
+
+class PromptDiff(TypedDict):
+    max_abs_diff: float | None
+    tasks: list[PromptTaskDiff]
+
+
+class DiffResult(TypedDict):
+    """``mpt-tools/diff/1``."""
+
+    schema: str
+    a: str
+    b: str
+    identical: bool
+    differences: int
+    summary: str
+    keys: KeySets
+    renamed: list[KeyDiff]
+    shapes: list[KeyDiff]
+    dtypes: list[KeyDiff]
+    config_files: ConfigFiles
+    config: list[ConfigFieldDiff]
+    tensors: dict[str, TensorDiff]
+    prompts: PromptDiff | None
+    metadata: list[KeyDiff]
+    sha256: Sha256s
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+SCHEMAS: dict[str, type] = {
+    "validate": ValidateResult,
+    "inspect": InspectResult,
+    "init": InitResult,
+    "tasks": TasksResult,
+    "rerank": RerankResult,
+    "convert": ConvertResult,
+    "export-prompt": ExportPromptResult,
+    "diff": DiffResult,
+    "verify": VerifyResult,
+    "push": PushResult,
+}
+"""Each command's result type; its ``--json`` has ``"schema": "mpt-tools/<command>/1"``."""
+
+
+def schema_id(command: str) -> str:
+    """The schema name of a command's ``--json`` output."""
+    return f"mpt-tools/{command}/1"

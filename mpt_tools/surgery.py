@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .files import guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
+from .results import ExportPromptResult, RerankResult, TasksResult
 from .writer import _write_and_report
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
@@ -106,7 +107,7 @@ def select_tasks(
     out: str | os.PathLike[str],
     *,
     force: bool = False,
-) -> dict[str, Any]:
+) -> TasksResult:
     """Write an adapter whose task ``i`` is source task ``select[i]``.
 
     Selecting keeps, drops and reorders tasks (a task may be listed twice, to start a new task from
@@ -130,7 +131,7 @@ def select_tasks(
     notes = list(ckpt.notes)
     if repeated:
         notes.append(f"tasks listed more than once: {repeated}")
-    return _write_and_report(
+    result = _write_and_report(
         "tasks",
         ckpt,
         out,
@@ -146,6 +147,7 @@ def select_tasks(
         warnings=warnings,
         notes=notes,
     )
+    return cast(TasksResult, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def rerank(
     *,
     force: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
-) -> dict[str, Any]:
+) -> RerankResult:
     """Write an adapter with rank ``num_ranks``; factors are float32 (PEFT's dtype).
 
     Higher (or equal) rank: the factors are zero-padded, so every prompt is exactly the source's.
@@ -279,7 +281,7 @@ def rerank(
         "prefix_task_rows": from_numpy(new_rows),
     }
     errs = [e["relative_error"] for e in per_task if e["relative_error"] is not None]
-    return _write_and_report(
+    result = _write_and_report(
         "rerank",
         ckpt,
         out,
@@ -299,6 +301,7 @@ def rerank(
         tasks=per_task,
         warnings=warnings,
     )
+    return cast(RerankResult, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +352,7 @@ def export_prompt(
     *,
     encoder_only: bool = False,
     force: bool = False,
-) -> dict[str, Any]:
+) -> ExportPromptResult:
     """Write task ``task``'s effective prompt as a plain PEFT PROMPT_TUNING adapter.
 
     The adapter holds ``prompt_embeddings`` [T, d] = ``P* * (cols[k] @ rows[k])``, computed as PEFT's
@@ -404,7 +407,7 @@ def export_prompt(
         raise ValidationError(f"task {task}'s prompt holds NaN/Inf values; nothing written", ckpt.location)
     tensors = {"prompt_embeddings": from_torch(prompt)}
     config = prompt_tuning_config(ckpt, nvt, 1 if encoder_only else nts)
-    return _write_and_report(
+    result = _write_and_report(
         "export-prompt",
         ckpt,
         out,
@@ -420,3 +423,4 @@ def export_prompt(
         prompt_norm=float(np.linalg.norm(to_float64(tensors["prompt_embeddings"]))),
         warnings=warnings,
     )
+    return cast(ExportPromptResult, result)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .checkpoint import Source, load_source
 from .checks import check_source, check_target
 from .config import MptConfig, read_config
 from .findings import errors
 from .modes import MODES, TargetPlan, canonical_mode
+from .results import ValidateResult
 
 
 def validate(
@@ -19,7 +19,7 @@ def validate(
     mode: str | None = None,
     task: int | None = None,
     base_model: str | bool | None = None,
-) -> dict[str, Any]:
+) -> ValidateResult:
     """Check a source (and, with ``against``/``mode``, a planned target) and report every problem.
 
     Returns ``{"source", "valid", "mode", "against", "findings": [...]}``; ``valid`` is False when

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..errors import MptToolsError
+from ..errors import MptToolsError, debug
 from ..options import HubOptions, SourceSpec
 from ..version import __version__
 from . import render
@@ -34,10 +34,6 @@ from .options import (
 from .render import echo
 
 
-def _debug() -> bool:
-    return os.environ.get("MPT_TOOLS_DEBUG", "") not in ("", "0")
-
-
 class Group(click.Group):
     """A Click group that turns library errors into one line and exit 1."""
 
@@ -46,7 +42,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except MptToolsError as exc:
-            if _debug():
+            if debug():
                 raise
             echo(f"error: {render.one_line(str(exc))}", err=True)
             ctx.exit(1)
@@ -61,7 +57,7 @@ class Group(click.Group):
                 os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(1)
         except Exception as exc:  # a bug: still no traceback for users
-            if _debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
+            if debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
             echo(
                 f"error: internal error ({type(exc).__name__}: {render.one_line(str(exc))}); "
@@ -142,11 +138,10 @@ def inspect(source: SourceSpec, as_json: bool, no_norms: bool, similarity: bool,
     render.exit_if_invalid(report)
 
 
-def _target_size(given: dict[str, Any], new: str, old: str) -> int | None:
+def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None) -> int | None:
     """A target size given by its own flag or by the deprecated spelling (both: they must agree)."""
-    value, legacy = given[new], given[old]
     if value is not None and legacy is not None and value != legacy:
-        raise click.UsageError(f"--{new.replace('_', '-')} {value} and --{old.replace('_', '-')} {legacy} disagree")
+        raise click.UsageError(f"{flag} {value} and {old_flag} {legacy} disagree")
     return value if value is not None else legacy
 
 
@@ -197,7 +192,27 @@ def _target_size(given: dict[str, Any], new: str, old: str) -> int | None:
 )
 @source_options(sizes=False)
 @base_model_options
-def init(source: SourceSpec, out: str, force: bool, as_json: bool, **target: Any) -> None:
+def init(
+    source: SourceSpec,
+    mode: str,
+    task: int | None,
+    allow_negative_task: bool,
+    task_list: list[int] | None,
+    weights: list[float] | None,
+    seed: int | None,
+    target_tasks: int | None,
+    target_ranks: int | None,
+    num_tasks: int | None,
+    num_ranks: int | None,
+    out: str,
+    force: bool,
+    as_json: bool,
+    push_to: str | None,
+    private: bool,
+    create_pr: bool,
+    verify_after: bool,
+    base_model: str | bool | None,
+) -> None:
     """Write a ready-to-train target adapter initialised from SOURCE into --out.
 
     average and exact are bitwise what PEFT's own init computes; shared copies the shared prompt
@@ -208,18 +223,18 @@ def init(source: SourceSpec, out: str, force: bool, as_json: bool, **target: Any
     from ..modes import TargetPlan
 
     plan = TargetPlan(
-        target["mode"],
-        task=target["task"],
-        seed=target["seed"],
-        num_tasks=_target_size(target, "target_tasks", "num_tasks"),
-        num_ranks=_target_size(target, "target_ranks", "num_ranks"),
-        tasks=target["task_list"],
-        weights=target["weights"],
-        allow_negative_task=target["allow_negative_task"],
+        mode,
+        task=task,
+        seed=seed,
+        num_tasks=_target_size("--target-tasks", target_tasks, "--num-tasks", num_tasks),
+        num_ranks=_target_size("--target-ranks", target_ranks, "--num-ranks", num_ranks),
+        tasks=task_list,
+        weights=weights,
+        allow_negative_task=allow_negative_task,
     )
-    push = PushRequest(target["push_to"], target["private"], target["create_pr"]) if target["push_to"] else None
-    verify = "auto" if target["verify_after"] else None
-    result = init_adapter(source, plan, out, force=force, base_model=target["base_model"], verify=verify, push=push)
+    push = PushRequest(push_to, private, create_pr) if push_to else None
+    verify = "auto" if verify_after else None
+    result = init_adapter(source, plan, out, force=force, base_model=base_model, verify=verify, push=push)
     for w in result["warnings"]:
         echo(f"warning: {w}", err=True)
     render.show_json(result) if as_json else render.init_view(result)
@@ -427,7 +442,17 @@ def verify_cmd(
 @option("--token", metavar="TOKEN", help="Hub write token (else HF_TOKEN or the stored login).")
 @option("--dry-run", is_flag=True, help="Print what would be uploaded (files, sha256, card); send nothing.")
 @JSON
-def push(folder: str, repo_id: str, as_json: bool, **how: Any) -> None:
+def push(
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    commit_message: str | None,
+    token: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Push the adapter in DIR to the Hub repo REPO_ID in one commit.
 
     DIR is validated first. Uploads adapter_model.safetensors, adapter_config.json and a generated
@@ -436,7 +461,16 @@ def push(folder: str, repo_id: str, as_json: bool, **how: Any) -> None:
     """
     from ..hub.push import push_adapter
 
-    result = push_adapter(folder, repo_id, **how)
+    result = push_adapter(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        token=token,
+        dry_run=dry_run,
+    )
     render.show_json(result) if as_json else render.push_view(result)
 
 

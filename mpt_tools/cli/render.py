@@ -11,11 +11,25 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import click
 
 from ..findings import Finding
+from ..results import (
+    ConvertResult,
+    DiffResult,
+    ExportPromptResult,
+    FindingItem,
+    InitResult,
+    InspectResult,
+    PushResult,
+    RerankResult,
+    TasksResult,
+    ValidateResult,
+    VerifyResult,
+)
 
 # C0/C1 control characters (newlines, terminal escape sequences, ...) and the Unicode line and
 # paragraph separators: tensor names, metadata and config values come from files that may be hostile.
@@ -56,7 +70,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
-def summary_line(report: dict[str, Any]) -> str:
+def summary_line(report: VerifyResult) -> str:
     """One line: ok/FAILED, tasks, device, dtype, worst relative error, largest |P_k| against the
     dtype's largest value, target checks."""
     rels = [t["rel_err"] for t in report["tasks"] if t["rel_err"] is not None]
@@ -76,7 +90,7 @@ def summary_line(report: dict[str, Any]) -> str:
     return line
 
 
-def report_lines(report: dict[str, Any]) -> list[str]:
+def report_lines(report: VerifyResult) -> list[str]:
     """The report as a readable table (what ``mpt-tools verify`` prints without ``--json``)."""
     tol = report["tolerance"]
     lines = [
@@ -99,7 +113,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']:<18} {c['detail']}")
         if target.get("similarity"):
             lines.append(f"  {'source task':>11} {'cosine':>9} {'rel dist':>9}  averaged")
-            for s in target["similarity"]:
+            for s in target["similarity"] or []:
                 avg = "yes" if s["averaged"] else "no"
                 lines.append(f"  {s['task']:>11} {_g(s['cosine']):>9} {_g(s['rel_distance']):>9}  {avg}")
     for note in report["notes"]:
@@ -116,7 +130,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def push_summary(result: dict[str, Any]) -> list[str]:
+def push_summary(result: PushResult) -> list[str]:
     """Human-readable lines for a push result (the CLI prints them)."""
     where = result["repo_id"] + (f"@{result['revision']}" if result.get("revision") else "")
     lines: list[str] = []
@@ -146,7 +160,7 @@ def push_summary(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def diff_view(report: dict[str, Any]) -> None:
+def diff_view(report: DiffResult) -> None:
     """Print a diff report."""
     echo(f"a: {report['a']}  sha256 {report['sha256']['a'][:16]}...")
     echo(f"b: {report['b']}  sha256 {report['sha256']['b'][:16]}...")
@@ -162,8 +176,8 @@ def diff_view(report: dict[str, Any]) -> None:
     files = report["config_files"]
     if (files["a"] is None) != (files["b"] is None):
         echo(f"config: A {files['a'] or '(none: inferred)'} vs B {files['b'] or '(none: inferred)'}")
-    for item in report["config"]:
-        echo(f"config {item['field']}: {item['a']!r} vs {item['b']!r}")
+    for cfg in report["config"]:
+        echo(f"config {cfg['field']}: {cfg['a']!r} vs {cfg['b']!r}")
     if report["tensors"]:
         echo("tensors:")
         for name, t in report["tensors"].items():
@@ -173,8 +187,8 @@ def diff_view(report: dict[str, Any]) -> None:
     prompts = report["prompts"]
     if prompts:
         echo(f"{'task':>6} {'max |dP_k|':>12} {'rel. diff':>12}")
-        for t in prompts["tasks"]:
-            echo(f"{t['task']:>6} {_fmt(t['max_abs_diff']):>12} {_fmt(t['relative_diff']):>12}")
+        for row in prompts["tasks"]:
+            echo(f"{row['task']:>6} {_fmt(row['max_abs_diff']):>12} {_fmt(row['relative_diff']):>12}")
     if report["metadata"]:
         keys = ", ".join(item["key"] for item in report["metadata"][:4])
         more = ", ..." if len(report["metadata"]) > 4 else ""
@@ -187,13 +201,13 @@ def show_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def findings(items: list[dict[str, Any]]) -> None:
+def findings(items: list[FindingItem]) -> None:
     """One indented line per finding."""
     for f in items:
         echo("  " + Finding(**f).line())
 
 
-def exit_if_invalid(report: dict[str, Any]) -> None:
+def exit_if_invalid(report: ValidateResult | InspectResult) -> None:
     """After a report was printed: one line on stderr and exit 1 when it holds errors."""
     if report.get("valid", True):
         return
@@ -203,7 +217,7 @@ def exit_if_invalid(report: dict[str, Any]) -> None:
     sys.exit(1)
 
 
-def written(result: dict[str, Any], what: str, *, warnings: bool = True, dtype: str = "") -> None:
+def written(result: Mapping[str, Any], what: str, *, warnings: bool = True, dtype: str = "") -> None:
     """Warnings (unless already shown) and notes on stderr; then what was written, its files and
     the tensor shapes (each preceded by ``dtype`` when given)."""
     for w in result.get("warnings", []) if warnings else []:
@@ -230,7 +244,7 @@ def similarity_table(matrix: list[list[float | None]], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def validate_view(report: dict[str, Any]) -> None:
+def validate_view(report: ValidateResult) -> None:
     """``validate``: the verdict, then every finding."""
     errs = [f for f in report["findings"] if f["level"] == "error"]
     warns = [f for f in report["findings"] if f["level"] == "warning"]
@@ -255,7 +269,7 @@ _CONFIG_SHOWN = (
 )
 
 
-def inspect_view(report: dict[str, Any], *, similarity: bool) -> None:
+def inspect_view(report: InspectResult, *, similarity: bool) -> None:
     """``inspect``: files, tensors, config, parameters, findings, per-task norms (and with
     ``similarity`` the similarity table)."""
     echo(f"source: {report['source']} ({report['format']})")
@@ -280,16 +294,17 @@ def inspect_view(report: dict[str, Any], *, similarity: bool) -> None:
         echo("findings: none (valid)")
     if report["tasks"]:
         echo(f"{'task':>6} {'|U_k|':>10} {'|V_k|':>10} {'|P_k|':>10}")
-        for t in report["tasks"]:
-            echo(f"{t['task']:>6} {_fmt(t['cols_norm']):>10} {_fmt(t['rows_norm']):>10} {_fmt(t['prompt_norm']):>10}")
-    if similarity and report.get("similarity") is not None:
+        for n in report["tasks"]:
+            echo(f"{n['task']:>6} {_fmt(n['cols_norm']):>10} {_fmt(n['rows_norm']):>10} {_fmt(n['prompt_norm']):>10}")
+    matrix = report.get("similarity")
+    if similarity and matrix is not None:
         echo("task similarity (cosine of the effective prompts):")
-        echo_lines(similarity_table(report["similarity"]))
+        echo_lines(similarity_table(matrix))
     if report.get("plot"):
         echo(f"wrote {report['plot']}")
 
 
-def init_view(result: dict[str, Any]) -> None:
+def init_view(result: InitResult) -> None:
     """``init``: what was written and how (the mode's own account), then verify and push."""
     from ..modes import get_mode
 
@@ -306,14 +321,14 @@ def init_view(result: dict[str, Any]) -> None:
             echo(line)
 
 
-def tasks_view(result: dict[str, Any]) -> None:
+def tasks_view(result: TasksResult) -> None:
     """``tasks``: what was written and which source tasks were dropped."""
     written(result, f"tasks {','.join(map(str, result['select']))} of {result['source']}")
     if result["dropped"]:
         echo(f"  dropped source tasks {result['dropped']}")
 
 
-def rerank_view(result: dict[str, Any]) -> None:
+def rerank_view(result: RerankResult) -> None:
     """``rerank``: what was written and each task's prompt error."""
     how = f"rank {result['source_num_ranks']} -> {result['num_ranks']}"
     written(result, how + (", exact" if result["exact"] else ", truncated SVD"))
@@ -322,7 +337,7 @@ def rerank_view(result: dict[str, Any]) -> None:
         echo(f"{t['task']:>6} {t['method']:>9} {_fmt(t['relative_error']):>18}")
 
 
-def convert_view(result: dict[str, Any]) -> None:
+def convert_view(result: ConvertResult) -> None:
     """``convert``: what was written, each tensor's dtype change and the read-back check."""
     dtype = result["dtype"]
     written(result, f"{result['source_format']} -> safetensors" + (f", cast to {dtype}" if dtype else ""))
@@ -333,17 +348,17 @@ def convert_view(result: dict[str, Any]) -> None:
     echo(f"  verified: read back {result['verified']}")
 
 
-def export_view(result: dict[str, Any]) -> None:
+def export_view(result: ExportPromptResult) -> None:
     """``export-prompt``: what was written."""
     written(result, f"PROMPT_TUNING, task {result['task']}" + (", encoder half" if result["encoder_only"] else ""))
 
 
-def verify_view(report: dict[str, Any]) -> None:
+def verify_view(report: VerifyResult) -> None:
     """``verify``: the report as a table."""
     echo_lines("\n".join(report_lines(report)))
 
 
-def push_view(result: dict[str, Any]) -> None:
+def push_view(result: PushResult) -> None:
     """``push``: what was (or would be) sent."""
     for line in push_summary(result):
         echo(line)

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from ..results import PushedFile
 from .base_model import _AUTO_CLASSES
 from .download import _HUB_ID_RE
 
@@ -40,7 +41,7 @@ def model_card(
     repo_id: str,
     config: dict[str, Any],
     metadata: dict[str, str],
-    files: list[dict[str, Any]],
+    files: list[PushedFile],
     *,
     revision: str | None = None,
 ) -> str:

@@ -12,6 +12,7 @@ from ..checkpoint import load_source
 from ..checks import require_valid
 from ..config import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import HubError, MptToolsError
+from ..results import PushedFile, PushResult
 from ..version import __version__
 from .card import CARD_NAME, _plain, model_card
 from .download import (
@@ -64,7 +65,7 @@ def push_adapter(
     commit_message: str | None = None,
     token: str | None = None,
     dry_run: bool = False,
-) -> dict[str, Any]:
+) -> PushResult:
     """Push an adapter folder to the Hub: weights, config and a generated model card in one commit.
 
     The folder is validated first (refused when invalid). The repo is created when missing
@@ -98,7 +99,7 @@ def push_adapter(
     except ValueError:
         raise HubError(f"unreadable {CONFIG_NAME}", str(config_file)) from None
     weight_bytes = weights.read_bytes()
-    files: list[dict[str, Any]] = [
+    files: list[PushedFile] = [
         {"path": WEIGHTS_NAME, "bytes": len(weight_bytes), "sha256": hashlib.sha256(weight_bytes).hexdigest()},
         {"path": CONFIG_NAME, "bytes": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()},
     ]
@@ -110,7 +111,7 @@ def push_adapter(
     shown = f" ({_plain(mode, 40)})" if mode else ""
     message = commit_message or f"Upload MPT adapter{shown} with mpt-tools {__version__}"
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
-    result: dict[str, Any] = {
+    result: PushResult = {
         "schema": "mpt-tools/push/1",
         "folder": str(src),
         "repo_id": repo_id,

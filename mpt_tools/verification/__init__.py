@@ -4,12 +4,12 @@ target written by ``init`` against what its mode promises."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from ..checkpoint import Source, load_source
 from ..checks import require_valid
 from ..errors import ValidationError, VerificationFailed
 from ..formats import DTYPE_NAMES, canonical_dtype
+from ..results import TargetReport, VerifyResult
 from . import engine
 from .engine import (
     ATOLS,
@@ -38,7 +38,7 @@ def verify(
     chunk_bytes: int | None = None,
     check: bool = True,
     chunk_log: list[int] | None = None,
-) -> dict[str, Any]:
+) -> VerifyResult:
     """Rebuild every task prompt of an adapter on ``device`` in ``dtype`` and verify it.
 
     Returns the report (schema ``mpt-tools/verify/1``: device, dtype, tolerance, tasks, target,
@@ -77,7 +77,7 @@ def verify(
         raise ValidationError(f"chunk_bytes must be positive, got {budget}")
     notes: list[str] = []
     timer = _Timer(dev)
-    target_report: dict[str, Any] | None = None
+    target_report: TargetReport | None = None
     with _exact_fp32_matmul(dev), torch.no_grad(), _out_of_memory_is_an_error(dev, budget):
         task_rows, failures, _ = engine._rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
         src = _resolve_source(ckpt, source, notes)
@@ -96,7 +96,7 @@ def verify(
             torch.cuda.synchronize(dev)
     info = ckpt.info("prompt_embeddings")
     src_dtype = DTYPE_NAMES.get(info.dtype, info.dtype) if info else None
-    report = {
+    report: VerifyResult = {
         "schema": SCHEMA,
         "path": ckpt.location,
         "weights": ckpt.weights_path,
@@ -127,7 +127,7 @@ def verify(
     return report
 
 
-def failure_error(report: dict[str, Any]) -> VerificationFailed:
+def failure_error(report: VerifyResult) -> VerificationFailed:
     """The one-line error for a failed report, naming the failing tasks and the first problem."""
     failures = report["failures"]
     tasks = sorted({f["task"] for f in failures if f["task"] is not None})

@@ -55,7 +55,7 @@ from ..checkpoint import Checkpoint
 from ..errors import DeviceError, ValidationError
 from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, to_torch, torch_dtype
 from ..prompts import plan_chunks, task_runs
-from ..results import json_float
+from ..results import Failure, TaskCheck, json_float
 
 SCHEMA = "mpt-tools/verify/1"
 # Relative Frobenius tolerance per compute dtype (see the module docstring for the measurements).
@@ -304,7 +304,7 @@ def _rebuild_checks(
     chunk_bytes: int,
     timer: _Timer,
     chunk_log: list[int] | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+) -> tuple[list[TaskCheck], list[Failure], bool]:
     """Per-task metrics of the rebuild in ``dtype_name`` against float64; returns (tasks, failures, pe_ok)."""
     import torch
 
@@ -379,8 +379,8 @@ def _rebuild_checks(
     timer.finish()
     inputs_ok_a, finite_a, ref_finite_a, max_abs_a, ref_norm_a, err_norm_a, err_max_a = host_stats
     scale = math.sqrt(t * d)
-    out: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
+    out: list[TaskCheck] = []
+    failures: list[Failure] = []
     if not pe_ok:
         failures.append(
             {

@@ -14,14 +14,12 @@ from ..errors import MptToolsError
 from ..formats import to_float32
 from ..modes import RecordError, _shown, find_mode
 from ..options import SourceSpec
-from ..results import json_float
+from ..results import Failure, SimilarityRow, TargetCheck, TargetReport, json_float
 from .engine import _check_layout, _plan, _rebuild, _to_device, _torch_dtype
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
 
 
 def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str]) -> Checkpoint | None:
@@ -102,20 +100,20 @@ def _find_local_source(
     return None
 
 
-def _cmp(name: str, ok: bool, detail: str) -> dict[str, Any]:
+def _cmp(name: str, ok: bool, detail: str) -> TargetCheck:
     return {"check": name, "ok": ok, "detail": detail}
 
 
 def _target_checks(
     target: Checkpoint, src: Checkpoint, dev: Any, dtype_name: str, chunk_bytes: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[TargetReport, list[Failure]]:
     """Check that ``target`` is what its recorded mode promises (:meth:`Mode.expect`) against ``src``."""
     import torch
 
     meta = target.file.metadata
     recorded_mode = meta.get("mpt_tools.mode", "")
     mode = find_mode(recorded_mode)
-    result: dict[str, Any] = {
+    result: TargetReport = {
         "source": src.location,
         "source_sha256": src.sha256(),
         "mode": mode.name if mode else "unknown",
@@ -123,8 +121,8 @@ def _target_checks(
         "checks": [],
         "similarity": None,
     }
-    failures: list[dict[str, Any]] = []
-    checks: list[dict[str, Any]] = result["checks"]
+    failures: list[Failure] = []
+    checks: list[TargetCheck] = result["checks"]
 
     def add(name: str, ok: bool, detail: str) -> None:
         checks.append(_cmp(name, ok, detail))
@@ -186,7 +184,7 @@ def _target_checks(
 
 def _similarity(
     src: Checkpoint, pe_s: np.ndarray, p_t64: Any, marked: set[int], dev: Any, chunk_bytes: int
-) -> list[dict[str, Any]]:
+) -> list[SimilarityRow]:
     """Per source task: the cosine similarity and relative distance (float64) of the target prompt
     ``p_t64`` to that task's prompt, and whether the task is among ``marked`` (the averaged ones)."""
     import torch
@@ -195,7 +193,7 @@ def _similarity(
     t_norm = torch.linalg.vector_norm(p_t64)
     pe64 = _dev(pe_s, dev).double()
     step = _plan(n_s, t_s, r_s, d_s, 8, chunk_bytes)
-    sims: list[dict[str, Any]] = []
+    sims: list[SimilarityRow] = []
     buf = torch.empty((min(step, n_s), t_s, d_s), dtype=torch.float64, device=dev)  # reused by every chunk
     target_flat = p_t64.reshape(-1)
     for start in range(0, n_s, step):
