@@ -1,18 +1,9 @@
-"""Task surgery on MPT adapters: select tasks, change the rank, convert files, export one task's prompt.
+"""``convert``: a .bin/.pt/.pth (read weights-only) or .safetensors source to safetensors, with
+canonical keys and an optional dtype cast, to one file or an adapter folder.
 
-Every operation reads a SOURCE (see :func:`mpt_tools.source.load_source`), checks it, computes the
-new tensors in memory and only then writes, through :func:`mpt_tools.writer.write_adapter` (or
-:func:`mpt_tools.formats.atomic_write` for a single file): atomic, ``force`` to overwrite, never into
-the source's folder, with ``mpt_tools.*`` provenance metadata and a PEFT-style adapter_config.json.
-
-- :func:`select_tasks`: keep, drop, reorder (or repeat) tasks; bitwise copies in the source dtype.
-- :func:`rerank`: change num_ranks. Lower: per task the best rank-R approximation of
-  ``cols[k] @ rows[k]`` (truncated SVD, split as ``U_r sqrt(S)``, ``sqrt(S) V_r^T``); higher: zero
-  padding, exact.
-- :func:`convert`: .bin/.pt/.safetensors to safetensors with canonical keys and an optional dtype cast,
-  verified by reloading what was written.
-- :func:`export_prompt`: one task's effective prompt ``P* * (cols[k] @ rows[k])`` as a plain PEFT
-  PROMPT_TUNING adapter, computed the way PEFT's forward computes it.
+The output is guarded before any work (:func:`mpt_tools.files.guard_output`), written atomically, and
+read back and compared: bitwise for a plain conversion, against the cast values for ``dtype`` (whose
+largest error is reported; a value beyond float16's range is refused, naming tensor and value).
 """
 
 from __future__ import annotations

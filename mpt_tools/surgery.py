@@ -1,16 +1,14 @@
-"""Task surgery on MPT adapters: select tasks, change the rank, convert files, export one task's prompt.
+"""Task surgery on MPT adapters: select tasks, change the rank, export one task's prompt.
 
-Every operation reads a SOURCE (see :func:`mpt_tools.source.load_source`), checks it, computes the
-new tensors in memory and only then writes, through :func:`mpt_tools.writer.write_adapter` (or
-:func:`mpt_tools.formats.atomic_write` for a single file): atomic, ``force`` to overwrite, never into
-the source's folder, with ``mpt_tools.*`` provenance metadata and a PEFT-style adapter_config.json.
+Every operation reads a source (see :func:`mpt_tools.checkpoint.load_source`), checks it, computes
+the new tensors in memory and only then writes, through :func:`mpt_tools.writer.write_adapter`:
+atomic, ``force`` to overwrite, never into the source's folder, with ``mpt_tools.*`` provenance
+metadata and a PEFT-style adapter_config.json.
 
 - :func:`select_tasks`: keep, drop, reorder (or repeat) tasks; bitwise copies in the source dtype.
 - :func:`rerank`: change num_ranks. Lower: per task the best rank-R approximation of
   ``cols[k] @ rows[k]`` (truncated SVD, split as ``U_r sqrt(S)``, ``sqrt(S) V_r^T``); higher: zero
   padding, exact.
-- :func:`convert`: .bin/.pt/.safetensors to safetensors with canonical keys and an optional dtype cast,
-  verified by reloading what was written.
 - :func:`export_prompt`: one task's effective prompt ``P* * (cols[k] @ rows[k])`` as a plain PEFT
   PROMPT_TUNING adapter, computed the way PEFT's forward computes it.
 """

@@ -23,9 +23,8 @@ from .options import (
     OUT,
     TRAINING_DTYPES,
     Command,
-    FloatList,
-    IntList,
     ModeChoice,
+    NumberList,
     base_model_options,
     hub_options,
     option,
@@ -165,8 +164,15 @@ def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None
     is_flag=True,
     help="Accept a negative --task, counted from the end as PEFT does (with a warning).",
 )
-@option("--tasks", "task_list", section="Target", type=IntList(), help="average: only these source tasks, e.g. 0,3,5.")
-@option("--weights", section="Target", type=FloatList(), help="average: one non-negative weight per task (normalised).")
+@option(
+    "--tasks", "task_list", section="Target", type=NumberList(int), help="average: only these source tasks, e.g. 0,3,5."
+)
+@option(
+    "--weights",
+    section="Target",
+    type=NumberList(float),
+    help="average: one non-negative weight per task (normalised).",
+)
 @option("--seed", section="Target", type=int, help="Seed for the fresh factors of --mode shared (recorded).")
 @option(
     "--target-tasks",
@@ -250,7 +256,10 @@ def init(
 )
 @click.argument("source")
 @option(
-    "--select", required=True, type=IntList(), help="Source tasks for the new tasks 0, 1, ..., e.g. 2,0 (drops task 1)."
+    "--select",
+    required=True,
+    type=NumberList(int),
+    help="Source tasks for the new tasks 0, 1, ..., e.g. 2,0 (drops task 1).",
 )
 @OUT
 @FORCE
@@ -399,7 +408,7 @@ def diff(a: str, b: str, as_json: bool, hub: HubOptions) -> None:
     show_default=True,
     help="Dtype of the rebuild (compared against float64).",
 )
-@option("--tasks", "task_list", type=IntList(), help="Only these tasks, e.g. 0,3,5.")
+@option("--tasks", "task_list", type=NumberList(int), help="Only these tasks, e.g. 0,3,5.")
 @option(
     "--json", "as_json", section="Output", is_flag=True, help="Machine-readable report (schema mpt-tools/verify/1)."
 )

@@ -4,8 +4,8 @@
   one frozen :class:`~mpt_tools.options.SourceSpec` instead of the location string;
   :func:`hub_options` does the same for commands that read two sources (one
   :class:`~mpt_tools.options.HubOptions`).
-- :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`IntList`,
-  :class:`FloatList` and :class:`ModeChoice` are parameter types with clear errors.
+- :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`NumberList` and
+  :class:`ModeChoice` are parameter types with clear errors.
 - :class:`Command` prints options in titled sections (:class:`Option`'s ``section``) and ends every
   ``--help`` with its examples.
 
@@ -71,34 +71,24 @@ class Command(click.Command):
                     formatter.write(f"{'':>{formatter.current_indent}}{example}\n")
 
 
-class IntList(click.ParamType):
-    """A comma-separated list of integers (``0,3,5``); empty items are skipped."""
+class NumberList(click.ParamType):
+    """A comma-separated list of numbers of one ``kind`` (``0,3,5``; ``1,0.5``); empty items are
+    skipped; anything else is a usage error naming the value."""
 
     name = "LIST"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self.kind = kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[Any]:
         """The list, or a usage error naming the value."""
         if isinstance(value, list):
             return value
         try:
-            return [int(v) for v in str(value).split(",") if v.strip() != ""]
+            return [self.kind(v) for v in str(value).split(",") if v.strip() != ""]
         except ValueError:
-            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
-
-
-class FloatList(click.ParamType):
-    """A comma-separated list of numbers (``1,0.5,2``); empty items are skipped."""
-
-    name = "LIST"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
-        """The list, or a usage error naming the value."""
-        if isinstance(value, list):
-            return value
-        try:
-            return [float(v) for v in str(value).split(",") if v.strip() != ""]
-        except ValueError:
-            self.fail(f"expected comma-separated numbers, got {value!r}", param, ctx)
+            what = "integers" if self.kind is int else "numbers"
+            self.fail(f"expected comma-separated {what}, got {value!r}", param, ctx)
 
 
 class ModeChoice(click.ParamType):
