@@ -35,16 +35,20 @@ the group, groups spread over ``--jobs`` processes):
    of PATH's ``tests/corpus.py``, built once into ``WORK/corpus``.
 3. ``fixtures-*``: for each good fixture (causal, causal_bf16, causal_fp16, causal_bin, seq2seq, and
    named with ``--subfolder sources``), human and ``--json`` variants of inspect (also
-   ``--similarity``), validate (also ``--against causal --mode exact``), init average / exact /
-   shared (``--seed``), verify of the source and of each target, convert (file; folder with ``--dtype
-   bfloat16``), tasks, rerank up and down, export-prompt, diff (identical and different); the causal
-   fixture also gets the other options (weighted and K-task init, ``--verify``, refusals, float16,
-   ``--plot``, push ``--dry-run``, ...). Plus ``misc``: ``--version``.
+   ``--similarity``), validate (also ``--against`` the exact target ``--mode exact``), init average /
+   exact / shared (``--seed``), verify of the source and of the average target, convert (file; folder
+   with ``--dtype bfloat16``), tasks, rerank up and down, export-prompt, diff (identical and
+   different); the causal fixture also gets the other options (weighted and K-task init, ``--verify``,
+   verify of every target and in bfloat16/float16, refusals, float16 convert, ``--plot``, push
+   ``--dry-run``, ...). Plus ``misc``: ``--version``.
 
 ``--help`` output is not recorded (help texts may change).
 
 Determinism: the scratch root (``--work``, default ``/tmp/mpt-snapshot-work``) is wiped at start and
-every path in it is the same in every run, so the same ``--work`` must be used for both recordings.
+every path in it is the same in every run. The corpus commands name it in their arguments and
+messages: ``compare`` spells each recording's own root ``<WORK>`` before comparing, so two recordings
+made with different ``--work`` still compare (a root of another length could still shift a
+fixed-width column; use the same ``--work`` to be safe, and never one that two runs share at once).
 Each command runs with its group folder as cwd in a clean environment: ``HOME``, ``HF_HOME``,
 ``XDG_CACHE_HOME``, ``XDG_CONFIG_HOME``, ``MPLCONFIGDIR`` under ``WORK/home`` (matplotlib's font cache
 is built there before the first command, so its one-off "building the font cache" line never shows),
@@ -80,7 +84,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -207,8 +211,8 @@ def _is_hub(argv: list[str]) -> bool:
         return True
     if argv[0] == "push" and "--dry-run" not in argv:
         return True
-    positional = [a for a in argv[1:2] if not a.startswith("-")]
-    return bool(positional) and re.fullmatch(r"[\w.-]+/[\w.-]+", positional[0]) is not None and argv[0] != "convert"
+    first = argv[1] if len(argv) > 1 else ""
+    return re.fullmatch(r"[\w-]+/[\w-]+", first) is not None  # org/name (local examples have dots or a slash)
 
 
 def _readme_line(line: str) -> list[str] | None:
@@ -254,12 +258,17 @@ def readme_groups(tree: Path, fixtures: Path) -> list[Group]:
                 steps.append(Step("setup: init sources --mode average --out target", _setup_target()))
                 made.add("target")
             if "converted" in reads and "converted" not in made:
-                steps.append(Step("setup: convert sources --out converted", ["convert", "sources", "--out", "converted"]))
+                steps.append(
+                    Step("setup: convert sources --out converted", ["convert", "sources", "--out", "converted"])
+                )
                 made.add("converted")
             made |= outs
             steps.append(Step("mpt-tools " + shlex.join(argv), argv, HUB_TIMEOUT_S if _is_hub(argv) else TIMEOUT_S))
         inputs = ["sources", "t5-sources", "target_config.json", "fixtures", "old"]
-        groups.append(Group(f"readme-{_slug(heading)}", _unique(steps), _readme_copies(fixtures), inputs))
+        name = f"readme-{_slug(heading)}"
+        while any(g.name == name for g in groups):
+            name += "-2"
+        groups.append(Group(name, _unique(steps), _readme_copies(fixtures), inputs))
     return groups
 
 
@@ -332,14 +341,12 @@ def _fixture_steps(src: tuple[str, ...], path: str, rank: int, other: str, json_
         ["inspect", *s],
         ["inspect", *s, "--similarity"],
         ["validate", *s],
-        ["validate", *s, "--against", "causal", "--mode", "exact"],
         ["init", *s, "--mode", "average", "--out", f"{o}/avg"],
         ["init", *s, "--mode", "exact", "--task", "1", "--out", f"{o}/exact"],
         ["init", *s, "--mode", "shared", "--seed", "0", "--out", f"{o}/shared"],
+        ["validate", *s, "--against", f"{o}/exact", "--mode", "exact"],
         ["verify", *s],
         ["verify", f"{o}/avg"],
-        ["verify", f"{o}/exact"],
-        ["verify", f"{o}/shared"],
         ["convert", *s, "--out", f"{o}/conv.safetensors"],
         ["convert", *s, "--out", f"{o}/conv-bf16", "--dtype", "bfloat16"],
         ["tasks", *s, "--select", "1,0", "--out", f"{o}/sel"],
@@ -357,15 +364,31 @@ def _fixture_steps(src: tuple[str, ...], path: str, rank: int, other: str, json_
             ["inspect", *s, "--similarity", "--plot", f"{o}/sim.png"],
             ["inspect", *s, "--similarity", "--plot", f"{o}/sim.png"],
             ["validate", *s, "--mode", "average"],
+            ["validate", *s, "--against", "causal", "--mode", "exact"],
             ["validate", *s, "--against", "causal/adapter_config.json", "--mode", "shared"],
             ["validate", *s, "--against", "seq2seq", "--mode", "exact", "--task", "5"],
             ["init", *s, "--mode", "average", "--tasks", "0,2", "--weights", "0.25,0.75", "--out", f"{o}/wavg"],
             ["init", *s, "--mode", "exact", "--task", "2", "--target-tasks", "2", "--out", f"{o}/exact-k2"],
-            ["init", *s, "--mode", "shared", "--seed", "7", "--num-tasks", "2", "--num-ranks", "1", "--out", f"{o}/sh2"],
+            [
+                "init",
+                *s,
+                "--mode",
+                "shared",
+                "--seed",
+                "7",
+                "--num-tasks",
+                "2",
+                "--num-ranks",
+                "1",
+                "--out",
+                f"{o}/sh2",
+            ],
             ["init", *s, "--mode", "average", "--out", f"{o}/avg"],
             ["init", *s, "--mode", "average", "--out", f"{o}/avg", "--force", "--verify"],
             ["init", *s, "--mode", "exact", "--task", "-1", "--out", f"{o}/neg"],
             ["init", *s, "--mode", "exact", "--task", "-1", "--allow-negative-task", "--out", f"{o}/neg"],
+            ["verify", f"{o}/exact"],
+            ["verify", f"{o}/shared"],
             ["verify", f"{o}/wavg"],
             ["verify", f"{o}/exact-k2"],
             ["verify", f"{o}/sh2"],
@@ -381,7 +404,6 @@ def _fixture_steps(src: tuple[str, ...], path: str, rank: int, other: str, json_
             ["push", f"{o}/avg", "me/mpt-target", "--dry-run"],
             ["push", f"{o}/shared", "me/mpt-target", "--dry-run"],
             ["inspect", f"{o}/exact-k2"],
-            ["validate", f"{o}/avg", "--against", "causal", "--mode", "exact"],
         ]
     return _unique([Step(shlex.join(c + j), c + j) for c in cmds])
 
@@ -498,6 +520,7 @@ def run_group(group: Group, work: Path, env: dict[str, str]) -> list[dict[str, A
         before_inputs = {str(p): _tree_state(p) for p in inputs}
         before = _tree_state(gdir, skip)
         timed_out = False
+        t0 = time.monotonic()
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "mpt_tools", *step.argv],
@@ -531,6 +554,7 @@ def run_group(group: Group, work: Path, env: dict[str, str]) -> list[dict[str, A
                 "new_dirs": sorted(k for k, v in after.items() if v == "dir" and k not in before),
                 "inputs_unchanged": not changed_inputs,
                 "inputs_changed": changed_inputs,
+                "seconds": round(time.monotonic() - t0, 2),  # diagnostic only, never compared
             }
         )
     return records
@@ -634,6 +658,17 @@ def _short_diff(a: Any, b: Any, name: str, max_lines: int = 40) -> list[str]:
     return lines
 
 
+def _rebase(value: Any, work: str) -> Any:
+    """``value`` with the recording's scratch root spelled ``<WORK>`` (in strings and dict keys)."""
+    if isinstance(value, str):
+        return value.replace(work, "<WORK>")
+    if isinstance(value, list):
+        return [_rebase(v, work) for v in value]
+    if isinstance(value, dict):
+        return {_rebase(k, work): _rebase(v, work) for k, v in value.items()}
+    return value
+
+
 def compare(before_path: Path, after_path: Path) -> int:
     """Print every command whose recorded results differ; 0 when none does, else 1."""
     before = json.loads(before_path.read_text(encoding="utf-8"))
@@ -642,8 +677,10 @@ def compare(before_path: Path, after_path: Path) -> int:
         if data.get("schema") != SCHEMA:
             raise SystemExit(f"{path}: not a {SCHEMA} recording")
     differing = 0
-    for key in ("work", "corpus", "fixtures_sha256", "env"):
-        if before.get(key) != after.get(key):
+    if before["work"] != after["work"]:
+        print(f"note: scratch roots differ ({before['work']} vs {after['work']}): both compared as <WORK>")
+    for key in ("corpus", "fixtures_sha256", "env"):
+        if _rebase(before.get(key), before["work"]) != _rebase(after.get(key), after["work"]):
             print(f"note: {key} differs: {before.get(key)!r} vs {after.get(key)!r}")
     b_cmds, a_cmds = before["commands"], after["commands"]
     for key in b_cmds.keys() - a_cmds.keys():
@@ -655,7 +692,7 @@ def compare(before_path: Path, after_path: Path) -> int:
     for key in b_cmds:
         if key not in a_cmds:
             continue
-        b, a = b_cmds[key], a_cmds[key]
+        b, a = _rebase(b_cmds[key], before["work"]), _rebase(a_cmds[key], after["work"])
         fields = [f for f in COMPARED_FIELDS if b.get(f) != a.get(f)]
         if not fields:
             continue
