@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import ValidationError
-from .results import FindingItem
+
+if TYPE_CHECKING:  # the result types cost import time that --help does not need
+    from .results import FindingItem
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Finding:
 
     def to_dict(self) -> FindingItem:
         """The finding as a JSON-ready dict."""
-        return cast(FindingItem, dataclasses.asdict(self))
+        return cast("FindingItem", dataclasses.asdict(self))
 
     def brief(self) -> str:
         """``field: message (expected X, found Y)``: the finding without its level and fix."""

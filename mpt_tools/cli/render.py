@@ -12,24 +12,26 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..findings import Finding
-from ..results import (
-    ConvertResult,
-    DiffResult,
-    ExportPromptResult,
-    FindingItem,
-    InitResult,
-    InspectResult,
-    PushResult,
-    RerankResult,
-    TasksResult,
-    ValidateResult,
-    VerifyResult,
-)
+
+if TYPE_CHECKING:  # types only: --help does not import them
+    from ..results import (
+        ConvertResult,
+        DiffResult,
+        ExportPromptResult,
+        FindingItem,
+        InitResult,
+        InspectResult,
+        PushResult,
+        RerankResult,
+        TasksResult,
+        ValidateResult,
+        VerifyResult,
+    )
 
 # C0/C1 control characters (newlines, terminal escape sequences, ...) and the Unicode line and
 # paragraph separators: tensor names, metadata and config values come from files that may be hostile.
