@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAMES, MptConfig, bare_config, read_config
 from .errors import SourceError
 from .files import file_sha256
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
 from .options import HubOptions, SourceSpec
-from .results import HubInfo
+
+if TYPE_CHECKING:  # types only: importing them costs start-up time
+    from .results import HubInfo
 
 
 @dataclass

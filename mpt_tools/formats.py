@@ -562,3 +562,8 @@ def safetensors_bytes(tensors: dict[str, Raw], metadata: dict[str, str] | None =
     Tensors are laid out by descending itemsize, then name, as safetensors does.
     """
     return b"".join(safetensors_parts(tensors, metadata))
+
+
+def json_float(value: float) -> float | None:
+    """A float for JSON output: NaN and infinities become None (null)."""
+    return float(value) if np.isfinite(value) else None

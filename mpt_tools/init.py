@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,9 +19,11 @@ from .files import commit_staged, guard_output, staging_folder
 from .findings import Finding, errors
 from .formats import Raw, from_numpy, to_float32
 from .modes import Mode, TargetPlan, get_mode
-from .results import InitResult, PushResult
 from .version import __version__
 from .writer import provenance, write_adapter
+
+if TYPE_CHECKING:  # types only: importing them costs start-up time
+    from .results import InitResult, PushResult
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,9 +12,11 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import check_source
 from .errors import ValidationError
 from .findings import errors
-from .formats import DTYPE_NAMES, to_float32
+from .formats import DTYPE_NAMES, json_float, to_float32
 from .prompts import CHUNK_BYTES, plan_chunks
-from .results import FileEntry, InspectResult, ParameterCounts, TaskNorms, TensorEntry, json_float
+
+if TYPE_CHECKING:  # types only: importing them costs start-up time
+    from .results import FileEntry, InspectResult, ParameterCounts, TaskNorms, TensorEntry
 
 
 def task_norms(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[TaskNorms]:

@@ -6,20 +6,12 @@ those of one :class:`~typing.TypedDict` below (:data:`SCHEMAS` maps each command
 The keys are listed in the order the output has them; nested items that have fixed keys (findings,
 files, tensors, tasks, checks, ...) have their own type. ``tests/test_schemas.py`` checks every
 command's real output against these types, and ``docs/make_cli_reference.py`` lists them in the
-README. Importing this module imports nothing heavy (numpy only inside :func:`json_float`).
+README. Types only: modules on the start-up path import them under TYPE_CHECKING.
 """
 
 from __future__ import annotations
 
 from typing import Any, TypedDict
-
-
-def json_float(value: float) -> float | None:
-    """A float for JSON output: NaN and infinities become None (null)."""
-    import numpy as np
-
-    return float(value) if np.isfinite(value) else None
-
 
 # --- shared items ------------------------------------------------------------------------------
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .checkpoint import Source, load_source
 from .checks import check_source, check_target
 from .config import MptConfig, read_config
 from .findings import errors
 from .modes import MODES, TargetPlan, canonical_mode
-from .results import ValidateResult
+
+if TYPE_CHECKING:  # types only: importing them costs start-up time
+    from .results import ValidateResult
 
 
 def validate(

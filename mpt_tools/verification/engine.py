@@ -53,9 +53,9 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import DeviceError, ValidationError
-from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, to_torch, torch_dtype
+from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, json_float, to_torch, torch_dtype
 from ..prompts import plan_chunks, task_runs
-from ..results import Failure, TaskCheck, json_float
+from ..results import Failure, TaskCheck
 
 SCHEMA = "mpt-tools/verify/1"
 # Relative Frobenius tolerance per compute dtype (see the module docstring for the measurements).

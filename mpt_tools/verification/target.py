@@ -11,10 +11,10 @@ import numpy as np
 
 from ..checkpoint import Checkpoint, Source, load_source
 from ..errors import MptToolsError
-from ..formats import to_float32
+from ..formats import json_float, to_float32
 from ..modes import RecordError, _shown, find_mode
 from ..options import SourceSpec
-from ..results import Failure, SimilarityRow, TargetCheck, TargetReport, json_float
+from ..results import Failure, SimilarityRow, TargetCheck, TargetReport
 from .engine import _check_layout, _plan, _rebuild, _to_device, _torch_dtype
 
 
