@@ -1,0 +1,48 @@
+"""A/B of start-up-bound commands between two checkouts, in one run (alternating, medians).
+
+    git worktree add ../mpt-base REV && python benchmarks/ab_startup.py ../mpt-base
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = str(ROOT / "fixtures" / "causal")
+COMMANDS = {
+    "--help": ["--help"],
+    "inspect": ["inspect", SRC],
+    "validate": ["validate", SRC],
+    "init exact": ["init", SRC, "--mode", "exact", "--task", "1", "--out", "{o}", "--force"],
+}
+
+
+def main(before: str, rounds: int = 11) -> None:
+    """Round 0 warms up; then every command on each tree in turn; print the medians and ratios."""
+    trees = {"before": before, "after": str(ROOT)}
+    samples: dict[tuple[str, str], list[float]] = {(c, t): [] for c in COMMANDS for t in trees}
+    out = tempfile.mkdtemp()
+    for r in range(rounds):
+        for name, argv in COMMANDS.items():
+            for label, tree in trees.items():
+                args = [x.replace("{o}", f"{out}/{label}") for x in argv]
+                env = {**os.environ, "PYTHONPATH": tree}
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "mpt_tools", *args], env=env, cwd=tree, capture_output=True)
+                if r:
+                    samples[(name, label)].append(time.perf_counter() - start)
+    for name in COMMANDS:
+        b, a = statistics.median(samples[(name, "before")]), statistics.median(samples[(name, "after")])
+        print(f"{name:12} before {b:.3f} s  after {a:.3f} s  after/before {a / b:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/ab_startup.py BEFORE_CHECKOUT")
+    main(sys.argv[1])
