@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from types import ModuleType
 from typing import Any
 
 import click
@@ -16,7 +17,6 @@ import click
 from ..errors import MptToolsError, debug
 from ..options import HubOptions, SourceSpec
 from ..version import __version__
-from . import render
 from .options import (
     FORCE,
     JSON,
@@ -30,7 +30,13 @@ from .options import (
     option,
     source_options,
 )
-from .render import echo
+
+
+def _render() -> ModuleType:
+    """The views (:mod:`mpt_tools.cli.render`), imported when a command prints: ``--help`` never does."""
+    from . import render
+
+    return render
 
 
 class Group(click.Group):
@@ -43,12 +49,12 @@ class Group(click.Group):
         except MptToolsError as exc:
             if debug():
                 raise
-            echo(f"error: {render.one_line(str(exc))}", err=True)
+            _render().echo(f"error: {_render().one_line(str(exc))}", err=True)
             ctx.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            echo("error: interrupted", err=True)
+            _render().echo("error: interrupted", err=True)
             ctx.exit(130)
         except BrokenPipeError:  # `mpt-tools inspect x | head`: the reader left; say nothing more
             with contextlib.suppress(OSError, ValueError):
@@ -58,8 +64,8 @@ class Group(click.Group):
         except Exception as exc:  # a bug: still no traceback for users
             if debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
-            echo(
-                f"error: internal error ({type(exc).__name__}: {render.one_line(str(exc))}); "
+            _render().echo(
+                f"error: internal error ({type(exc).__name__}: {_render().one_line(str(exc))}); "
                 "set MPT_TOOLS_DEBUG=1 for a traceback and please report it",
                 err=True,
             )
@@ -107,8 +113,8 @@ def validate(
     from ..validation import validate as run
 
     report = run(source, against=against, mode=mode, task=task, base_model=base_model)
-    render.show_json(report) if as_json else render.validate_view(report)
-    render.exit_if_invalid(report)
+    _render().show_json(report) if as_json else _render().validate_view(report)
+    _render().exit_if_invalid(report)
 
 
 @cli.command(
@@ -133,8 +139,8 @@ def inspect(source: SourceSpec, as_json: bool, no_norms: bool, similarity: bool,
     from ..inspection import inspect_source
 
     report = inspect_source(source, norms=not no_norms, similarity=similarity, plot=plot, force=force)
-    render.show_json(report) if as_json else render.inspect_view(report, similarity=similarity)
-    render.exit_if_invalid(report)
+    _render().show_json(report) if as_json else _render().inspect_view(report, similarity=similarity)
+    _render().exit_if_invalid(report)
 
 
 def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None) -> int | None:
@@ -242,8 +248,8 @@ def init(
     verify = "auto" if verify_after else None
     result = init_adapter(source, plan, out, force=force, base_model=base_model, verify=verify, push=push)
     for w in result["warnings"]:
-        echo(f"warning: {w}", err=True)
-    render.show_json(result) if as_json else render.init_view(result)
+        _render().echo(f"warning: {w}", err=True)
+    _render().show_json(result) if as_json else _render().init_view(result)
 
 
 @cli.command(
@@ -274,7 +280,7 @@ def tasks_cmd(source: SourceSpec, select: list[int], out: str, force: bool, as_j
     from ..surgery import select_tasks
 
     result = select_tasks(source, select, out, force=force)
-    render.show_json(result) if as_json else render.tasks_view(result)
+    _render().show_json(result) if as_json else _render().tasks_view(result)
 
 
 @cli.command(
@@ -300,7 +306,7 @@ def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: b
     from ..surgery import rerank as run
 
     result = run(source, num_ranks, out, force=force)
-    render.show_json(result) if as_json else render.rerank_view(result)
+    _render().show_json(result) if as_json else _render().rerank_view(result)
 
 
 @cli.command(
@@ -333,7 +339,7 @@ def convert(source: SourceSpec, out: str, dtype: str | None, force: bool, as_jso
     from ..conversion import convert as run
 
     result = run(source, out, dtype=dtype, force=force)
-    render.show_json(result) if as_json else render.convert_view(result)
+    _render().show_json(result) if as_json else _render().convert_view(result)
 
 
 @cli.command(
@@ -360,7 +366,7 @@ def export_prompt(source: SourceSpec, task: int, out: str, encoder_only: bool, f
     from ..surgery import export_prompt as run
 
     result = run(source, task, out, encoder_only=encoder_only, force=force)
-    render.show_json(result) if as_json else render.export_view(result)
+    _render().show_json(result) if as_json else _render().export_view(result)
 
 
 @cli.command(
@@ -383,9 +389,9 @@ def diff(a: str, b: str, as_json: bool, hub: HubOptions) -> None:
     from ..compare import diff as run
 
     report = run(SourceSpec(a, hub=hub), SourceSpec(b, hub=hub))
-    render.show_json(report) if as_json else render.diff_view(report)
+    _render().show_json(report) if as_json else _render().diff_view(report)
     if not report["identical"]:
-        echo(f"differ: {report['a']} vs {report['b']}: {report['summary']}", err=True)
+        _render().echo(f"differ: {report['a']} vs {report['b']}: {report['summary']}", err=True)
         sys.exit(1)
 
 
@@ -425,7 +431,7 @@ def verify_cmd(
     from ..errors import VerificationFailed
     from ..verification import verify as run
 
-    show = render.show_json if as_json else render.verify_view
+    show = _render().show_json if as_json else _render().verify_view
     try:
         report = run(path, source=source, device=device, dtype=dtype, tasks=task_list)
     except VerificationFailed as exc:
@@ -480,7 +486,7 @@ def push(
         token=token,
         dry_run=dry_run,
     )
-    render.show_json(result) if as_json else render.push_view(result)
+    _render().show_json(result) if as_json else _render().push_view(result)
 
 
 def main() -> None:
