@@ -33,6 +33,8 @@ def main(before: str, rounds: int = 11) -> None:
             for label, tree in trees.items():
                 args = [x.replace("{o}", f"{out}/{label}") for x in argv]
                 env = {**os.environ, "PYTHONPATH": tree}
+                # as after `pip install`: bytecode cached (round 0 writes it), not recompiled each run
+                env.pop("PYTHONDONTWRITEBYTECODE", None)
                 start = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "mpt_tools", *args], env=env, cwd=tree, capture_output=True)
                 if r:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -317,7 +316,7 @@ def target_config_findings(target: MptConfig) -> list[Finding]:
             fix = f"set peft_type to {PEFT_TYPE} in {where}"
         else:
             fix = f"set {f.field} in {where}" if f.fix.startswith("give --") else f.fix
-        out.append(replace(f, field=f"target {f.field}", message=f"{f.message} (in {where})", fix=fix))
+        out.append(f.replace(field=f"target {f.field}", message=f"{f.message} (in {where})", fix=fix))
     return out
 
 

@@ -3,8 +3,6 @@ field, what was expected and found, and the fix; and the one way to refuse on er
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from .errors import ValidationError
@@ -13,7 +11,6 @@ if TYPE_CHECKING:  # the result types cost import time that --help does not need
     from .results import FindingItem
 
 
-@dataclass(frozen=True)
 class Finding:
     """One problem (or remark): its level, a stable code, the field, expected/found and the fix.
 
@@ -23,13 +20,40 @@ class Finding:
         Finding.error("task-range", "task", "the source has 3 tasks", expected="0..2", found=5, fix="pass 0..2")
     """
 
+    # A frozen class by hand: a frozen dataclass costs every command ~2 ms of start-up to define.
+    _FIELDS = ("level", "code", "field", "message", "expected", "found", "fix")
+    __slots__ = _FIELDS
+
     level: str  # "error", "warning" or "info"
     code: str
     field: str
     message: str
-    expected: Any = dataclasses.field(default=None, kw_only=True)
-    found: Any = dataclasses.field(default=None, kw_only=True)
-    fix: str = dataclasses.field(default="", kw_only=True)
+    expected: Any
+    found: Any
+    fix: str
+
+    def __init__(
+        self, level: str, code: str, field: str, message: str, *, expected: Any = None, found: Any = None, fix: str = ""
+    ) -> None:
+        for name, value in zip(self._FIELDS, (level, code, field, message, expected, found, fix), strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Finding is frozen: cannot assign to {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"Finding is frozen: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # expected/found may be lists, as with the dataclass
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS)
+        return f"Finding({inner})"
 
     @classmethod
     def error(
@@ -52,9 +76,14 @@ class Finding:
         """A remark: something mpt-tools assumed, normalised or confirmed."""
         return cls("info", code, field, message, expected=expected, found=found, fix=fix)
 
+    def replace(self, **changes: Any) -> Finding:
+        """A copy with ``changes`` (keywords by field name)."""
+        values = {n: getattr(self, n) for n in self._FIELDS} | changes
+        return Finding(values.pop("level"), values.pop("code"), values.pop("field"), values.pop("message"), **values)
+
     def to_dict(self) -> FindingItem:
         """The finding as a JSON-ready dict."""
-        return cast("FindingItem", dataclasses.asdict(self))
+        return cast("FindingItem", {n: getattr(self, n) for n in self._FIELDS})
 
     def brief(self) -> str:
         """``field: message (expected X, found Y)``: the finding without its level and fix."""

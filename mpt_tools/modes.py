@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ConfigError
 from .findings import Finding
@@ -36,8 +35,7 @@ if TYPE_CHECKING:
 MAX_TARGET_TASKS = 1_000_000
 
 
-@dataclass(frozen=True)
-class TargetPlan:
+class TargetPlan(NamedTuple):
     """The target ``init`` is asked for: the mode (any of its names), the source ``task`` (exact),
     the ``seed`` (shared), the target's ``num_tasks`` and ``num_ranks`` (None: 1 task, the source's
     rank), the source ``tasks`` and ``weights`` to average, and whether a negative ``task`` may
@@ -53,8 +51,7 @@ class TargetPlan:
     allow_negative_task: bool = False
 
 
-@dataclass
-class Expectation:
+class Expectation(NamedTuple):
     """What a target of a mode must hold, as ``verify`` checks it against the source.
 
     ``failures`` are (check, detail) pairs found before any tensor comparison (a recorded task that
@@ -70,7 +67,7 @@ class Expectation:
     rows: np.ndarray | None = None
     per_task: bool = True
     task: int | None = None
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: tuple[tuple[str, str], ...] = ()
     prompt_equal: bool = False
     similarity_over: set[int] | None = None
 
@@ -99,8 +96,7 @@ def _no_record(meta: dict[str, str]) -> dict[str, Any]:
     return {}
 
 
-@dataclass(frozen=True)
-class Mode:
+class Mode(NamedTuple):
     """One target mode (see the module docstring).
 
     ``build(ckpt, plan, num_tasks, num_ranks)`` returns the float32 factors (cols, rows) and the
@@ -308,10 +304,10 @@ def _average_expect(src: Checkpoint, record: dict[str, Any], layout: Layout) -> 
     plan = TargetPlan("average", tasks=tasks, weights=weights)
     bad = [f for f in selection_rules(src, plan, []) if f.level == "error"]
     if bad:
-        failures = [
+        failures = tuple(
             (f.field, f"recorded mpt_tools.{f.field}: {f.message} (expected {f.expected}, found {f.found})")
             for f in bad
-        ]
+        )
         return Expectation(failures=failures)
     cols, rows = average_factors(src, tasks, weights)
     which = f"source tasks {tasks}" if tasks else f"all {n_s} source tasks"
@@ -401,7 +397,8 @@ def _exact_expect(src: Checkpoint, record: dict[str, Any], layout: Layout) -> Ex
 
     k, n_s = record["task"], layout[0]
     if not k < n_s:
-        return Expectation(task=k, failures=[("task", f"recorded task {k} is not a task of the source (0..{n_s - 1})")])
+        failure = ("task", f"recorded task {k} is not a task of the source (0..{n_s - 1})")
+        return Expectation(task=k, failures=(failure,))
     cols, rows = exact_factors(src, k)
     return Expectation(what=f"bitwise source task {k}", cols=cols, rows=rows, task=k, prompt_equal=True)
 
