@@ -1,6 +1,10 @@
-"""A/B of start-up-bound commands between two checkouts, in one run (alternating, medians).
+"""A/B of commands between two checkouts, in one run (alternating, medians).
 
     git worktree add ../mpt-base REV && python benchmarks/ab_startup.py ../mpt-base
+    python benchmarks/ab_startup.py ../mpt-base --heavy   # work-bound commands on the stress source
+
+Start-up-bound commands run on fixtures/causal; ``--heavy`` runs work-bound ones on
+``benchmarks/data/stress`` (made by ``benchmarks/bench_init.py``: 1000 tasks, 544 MB) instead.
 """
 
 from __future__ import annotations
@@ -23,13 +27,22 @@ COMMANDS = {
 }
 
 
-def main(before: str, rounds: int = 11) -> None:
+STRESS = str(ROOT / "benchmarks" / "data" / "stress")
+HEAVY = {
+    "init average": ["init", STRESS, "--mode", "average", "--out", "{o}", "--force"],
+    "convert bf16": ["convert", STRESS, "--dtype", "bfloat16", "--out", "{o}", "--force"],
+    "tasks select": ["tasks", STRESS, "--select", "5,3,999", "--out", "{o}", "--force"],
+    "validate": ["validate", STRESS],
+}
+
+
+def main(before: str, rounds: int = 11, commands: dict[str, list[str]] = COMMANDS) -> None:
     """Round 0 warms up; then every command on each tree in turn; print the medians and ratios."""
     trees = {"before": before, "after": str(ROOT)}
-    samples: dict[tuple[str, str], list[float]] = {(c, t): [] for c in COMMANDS for t in trees}
+    samples: dict[tuple[str, str], list[float]] = {(c, t): [] for c in commands for t in trees}
     out = tempfile.mkdtemp()
     for r in range(rounds):
-        for name, argv in COMMANDS.items():
+        for name, argv in commands.items():
             for label, tree in trees.items():
                 args = [x.replace("{o}", f"{out}/{label}") for x in argv]
                 env = {**os.environ, "PYTHONPATH": tree}
@@ -39,12 +52,15 @@ def main(before: str, rounds: int = 11) -> None:
                 subprocess.run([sys.executable, "-m", "mpt_tools", *args], env=env, cwd=tree, capture_output=True)
                 if r:
                     samples[(name, label)].append(time.perf_counter() - start)
-    for name in COMMANDS:
+    for name in commands:
         b, a = statistics.median(samples[(name, "before")]), statistics.median(samples[(name, "after")])
         print(f"{name:12} before {b:.3f} s  after {a:.3f} s  after/before {a / b:.2f}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/ab_startup.py BEFORE_CHECKOUT")
-    main(sys.argv[1])
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] != "--heavy"):
+        sys.exit("usage: python benchmarks/ab_startup.py BEFORE_CHECKOUT [--heavy]")
+    if len(sys.argv) == 3:
+        main(sys.argv[1], rounds=6, commands=HEAVY)
+    else:
+        main(sys.argv[1])

@@ -72,6 +72,21 @@ print(f"IO {io:.6f}")  # load_file maps lazily: this undercounts; see naive_io b
 """
 
 
+NUMPY_SUM = r"""
+import json, sys
+import numpy as np
+path = sys.argv[1]
+with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+for key in ("prefix_task_cols", "prefix_task_rows"):
+    a, b = header[key]["data_offsets"]
+    x = data[a:b].view(np.float32).reshape(header[key]["shape"])
+    mean = x.sum(0, keepdims=True) / x.shape[0]  # numpy's order: not PEFT's bits
+"""
+
+
 def make_source(name: str) -> Path:
     """Write the scenario's source adapter folder (once; reused when present)."""
     n, nvt, nts, r, d = SCENARIOS[name]
@@ -184,6 +199,7 @@ def main() -> None:
                 ],
                 "mpt-tools init average": [*MPT, "init", str(src), "--mode", "average", "--out", out, "--force"],
                 "naive script (average)": [PY, "-c", NAIVE, str(weights), str(tmp / "naive.safetensors")],
+                "numpy script (map and sum)": [PY, "-c", NUMPY_SUM, str(weights)],
             }
             if name == "paper" and not args.no_peft:
                 for mode in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
@@ -332,10 +348,37 @@ def write_results(results: dict, extra: dict, runs: int, args: argparse.Namespac
                     f"- {name}: {label} peak {m['rss']:.0f} MiB for a {e['source_bytes'] / 2**20:.0f} MiB "
                     f"source (streams in chunks of tasks)"
                 )
-    lines += ["### Goals of issue 6", "", *checks]
+    lines += ["### Goals of issue 6", "", *checks, "", "### Goals of issue 16 (average without torch)", ""]
+    lines += issue16_checks(results)
     section = "\n".join(lines)
     write_section("init", section)
     print(section)
+
+
+def issue16_checks(results: dict) -> list[str]:
+    """init average in numpy: near init exact, near a numpy script, far from PEFT's route."""
+    out = []
+    paper, stress = results.get("paper", {}), results.get("stress", {})
+    if paper:
+        avg, exact = paper["mpt-tools init average"], paper["mpt-tools init exact"]
+        ratio = paired(avg, exact)
+        out.append(
+            f"- paper: init average {avg['wall']:.3f} s, {avg['rss']:.0f} MiB vs init exact {exact['wall']:.3f} s: "
+            f"{ratio:.2f}x, paired by round (<= 1.3, <= 60 MiB): {verdict(ratio <= 1.3 and avg['rss'] <= 60)}"
+        )
+        peft = paper.get("PEFT route AVERAGE_SOURCE_TASKS")
+        if peft is not None:
+            speed = paired(peft, avg)
+            out.append(f"- paper: init average vs PEFT's route: {speed:.1f}x faster (>= 25): {verdict(speed >= 25)}")
+    if stress:
+        avg, script = stress["mpt-tools init average"], stress["numpy script (map and sum)"]
+        ratio = paired(avg, script)
+        out.append(
+            f"- stress: init average {avg['wall']:.3f} s, {avg['rss']:.0f} MiB vs a numpy script that maps the "
+            f"factors and sums them {script['wall']:.3f} s, {script['rss']:.0f} MiB: {ratio:.2f}x (<= 1.3): "
+            f"{verdict(ratio <= 1.3)}"
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from corpus import build_corpus  # noqa: E402
+from fault_cases import FAULT_CASES  # noqa: E402
 
 from mpt_tools.cli import cli  # noqa: E402
 
@@ -41,6 +42,15 @@ def main() -> None:
             "| case | what is wrong | exit (validate / init) | `mpt-tools validate` says (stderr) |",
             "| --- | --- | --- | --- |",
             *rows,
+            "",
+            "## Faults, races, sizes and arguments",
+            "",
+            "Situations that are not static files (from `tests/fault_cases.py`; each row names the test that",
+            "runs it, with real processes where a process is the point).",
+            "",
+            "| case | situation | what mpt-tools does | test |",
+            "| --- | --- | --- | --- |",
+            *(f"| `{c.name}` | {c.situation} | {c.behaviour} | `tests/{c.test}` |" for c in FAULT_CASES),
             "",
         ]
     )

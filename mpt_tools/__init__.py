@@ -3,7 +3,7 @@
 The library API (every CLI command is one of these functions)::
 
     from mpt_tools import load_source, validate, inspect_source, init_adapter, verify
-    from mpt_tools import select_tasks, rerank, convert, export_prompt, diff, task_similarity
+    from mpt_tools import select_tasks, rerank, convert, export_prompt, compat_adapter, diff, task_similarity
     from mpt_tools import push_adapter, download_source
     from mpt_tools import SourceSpec, HubOptions, ConfigOverrides, TargetPlan   # typed options
 
@@ -25,6 +25,7 @@ _WHERE = {
     "MptToolsError": "errors",
     "SourceSpec": "options",
     "TargetPlan": "modes",
+    "compat_adapter": "compat",
     "convert": "conversion",
     "diff": "compare",
     "download_source": "hub.download",
@@ -50,6 +51,7 @@ __all__ = [
     "SourceSpec",
     "TargetPlan",
     "__version__",
+    "compat_adapter",
     "convert",
     "diff",
     "download_source",
@@ -70,6 +72,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, load_source
     from .compare import diff, plot_similarity, task_similarity
+    from .compat import compat_adapter
     from .conversion import convert
     from .errors import MptToolsError
     from .hub.download import download_source

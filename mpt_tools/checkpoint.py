@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAMES, MptConfig, bare_config, read_config
-from .errors import SourceError
+from .errors import MptToolsError, SourceError
 from .files import file_sha256
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
 from .options import HubOptions, SourceSpec
+from .paths import not_regular_message
 
 if TYPE_CHECKING:  # types only: importing them costs start-up time
     from .results import HubInfo
@@ -97,16 +98,26 @@ class Checkpoint:
         return self._sha256
 
 
-def _looks_like_repo_id(text: str) -> bool:
-    if text.startswith("hf://"):
-        return True
+def _missing(text: str) -> SourceError:
+    """The error for a SOURCE that is neither an existing path nor a Hub repo id (see
+    :func:`mpt_tools.hub.download.local_path_reason`), with the Hub spelling as a hint where
+    the text could have been meant as one."""
+    from .hub.download import local_path_reason
+
+    reason = local_path_reason(text) or "it is not a Hub repo id"
     parts = text.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not text.startswith((".", "/", "~"))
-        and not any(p.endswith((*TENSOR_SUFFIXES, ".json")) for p in parts)
-    )
+    hint = ""
+    if len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")):
+        hint = f"; for the Hub repo of that name write hf://{text}"
+    return SourceError(f"no such file or folder (read as a local path: {reason}{hint})", text)
+
+
+def _not_file_or_folder(path: Path) -> str:
+    """Why a SOURCE path that exists is neither a regular file nor a folder (a FIFO, a device...)."""
+    try:
+        return not_regular_message(path, os.stat(path).st_mode).replace("regular file", "regular file or folder")
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
 
 
 def _weights_in_dir(folder: Path) -> Path:
@@ -141,13 +152,17 @@ def load_source(source: Source) -> Checkpoint:
     path = Path(text)
     hub_info: HubInfo | None = None
     if not os.path.lexists(path):
-        if _looks_like_repo_id(text):
-            from .hub.download import download_source
+        from .hub.download import download_source, local_path_reason
 
+        if local_path_reason(text) is not None:
+            raise _missing(text)  # no Hub call: offline it would say "not in the cache", without network wait
+        try:
             path, hub_info = download_source(text, subfolder=subfolder, hub=spec.hub)
-            subfolder = None
-        else:
-            raise SourceError("no such file or directory", text)
+        except MptToolsError as exc:
+            if not text.startswith("hf://"):  # `runs/sources` may have been meant as a local path
+                exc.message += f" (read as a Hub repo id: there is no local file or folder {text!r} either)"
+            raise
+        subfolder = None
     if os.path.islink(path) and not os.path.exists(path):
         raise SourceError("broken symlink or symlink loop", text)
     config_path: Path | None = None
@@ -163,10 +178,10 @@ def load_source(source: Source) -> Checkpoint:
             raise SourceError("--subfolder applies to an adapter directory, not a file", text)
         weights = path
         sibling = path.parent / CONFIG_NAME
-        if path.name in WEIGHTS_NAMES and sibling.is_file():
+        if path.name in WEIGHTS_NAMES and os.path.exists(sibling):  # not a regular file: read_config says
             config_path = sibling
     else:
-        raise SourceError("not a regular file or directory", text)
+        raise SourceError(_not_file_or_folder(path), text)
     if os.path.islink(weights) and not os.path.exists(weights):
         raise SourceError("broken symlink or symlink loop", str(weights))
     if weights.suffix.lower() not in TENSOR_SUFFIXES and path.is_dir():

@@ -16,9 +16,9 @@ from .checkpoint import Checkpoint
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
 from .errors import ValidationError
 from .findings import Finding, errors, refusal
-from .formats import CANONICAL, FLOAT_DTYPES, to_float32
+from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
-from .prompts import CHUNK_BYTES, iter_task_chunks
+from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, source_prompt_overflow, task_prompt_overflow
 
 # --- the config's own fields ---------------------------------------------------------------------
 
@@ -262,45 +262,160 @@ def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
 # --- values ------------------------------------------------------------------------------------
 
 
-def value_findings(ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES) -> list[Finding]:
-    """Non-finite values in each float tensor, scanned in bounded chunks."""
+# Finite float64 values at or above this magnitude round to Inf in float32 (2**128 - 2**103 is the
+# halfway point between float32's largest value and 2**128; it rounds to even, i.e. to Inf).
+F32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def value_findings(
+    ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES, *, bounds: dict[str, Any] | None = None
+) -> list[Finding]:
+    """Non-finite values in each float tensor, and finite float64 values beyond float32's range
+    (float32 would hold Inf there), scanned in bounded chunks without numpy overflow warnings.
+
+    ``bounds``, when given, receives what :func:`prompt_findings` needs from the same pass (so the
+    factors are read once): ``pe_max`` (max |P*|), ``cols`` (per task, max over tokens of the sum
+    over ranks of |cols|) and ``rows`` (per task, max |rows|)."""
     out: list[Finding] = []
     for name in CANONICAL:
         info = ckpt.info(name)
         if info is None or info.dtype not in FLOAT_DTYPES or not info.shape or 0 in info.shape:
             continue
-        bad = 0
+        bad = beyond = 0
         first: int | None = None
-        for start, _stop, raw in iter_task_chunks(ckpt, name, chunk_bytes):
-            values = to_float32(raw)
-            mask = ~np.isfinite(values)
-            count = int(mask.sum())
-            if count and first is None:
+        first_beyond: int | None = None
+        peak = 0.0
+        stat = _bound_stat(name, info.shape) if bounds is not None else None
+        per_task = np.zeros(info.shape[0], dtype=np.float64) if stat and stat != "pe_max" else None
+        for start, stop, raw in iter_task_chunks(ckpt, name, chunk_bytes):
+            with np.errstate(all="ignore"):
+                if raw.dtype == "F64":
+                    values = raw.array.reshape(raw.shape)
+                    finite = np.isfinite(values)
+                    magnitude = np.where(finite, np.abs(values), 0.0)
+                    over = magnitude >= F32_OVERFLOW
+                    if over.any():
+                        beyond += int(over.sum())
+                        peak = max(peak, float(magnitude.max()))
+                        if first_beyond is None:
+                            first_beyond = start + int(np.argwhere(over)[0][0])
+                    mask = ~finite
+                    if stat is not None and bounds is not None:
+                        _gather_bound(stat, values, per_task, start, stop, bounds)
+                else:
+                    values = to_float32(raw)
+                    # two reductions without temporaries: NaN and Inf show in a row's max or min,
+                    # which also give max |x| for the overflow bound; a full scan only when needed
+                    rows = values.reshape(max(1, stop - start), -1) if values.ndim else values.reshape(1, 1)
+                    hi, lo = rows.max(axis=1), rows.min(axis=1)
+                    clean = bool(np.isfinite(hi).all() and np.isfinite(lo).all())
+                    mask = None if clean else ~np.isfinite(values)
+                    if stat is not None and bounds is not None:
+                        if stat == "cols":
+                            _gather_bound(stat, values, per_task, start, stop, bounds)
+                        elif stat == "rows" and per_task is not None:
+                            per_task[start:stop] = np.maximum(hi, -lo)
+                        elif stat == "pe_max":
+                            bounds["pe_max"] = max(bounds.get("pe_max", 0.0), float(max(hi.max(), -lo.min())))
+            count = 0 if mask is None else int(mask.sum())
+            if count and first is None and mask is not None:
                 first = start + int(np.argwhere(mask)[0][0])
             bad += count
+        if per_task is not None and bounds is not None:
+            bounds[stat or name] = per_task
+        unit = "row" if name == "prompt_embeddings" else "task"
         if bad:
-            where = f"row {first}" if name == "prompt_embeddings" else f"task {first}"
             out.append(
                 Finding.error(
                     "non-finite",
                     name,
-                    f"{bad} NaN/Inf values (first in {where})",
+                    f"{bad} NaN/Inf values (first in {unit} {first})",
                     expected="finite values",
                     found=f"{bad} non-finite",
                     fix="retrain or restore the adapter",
                 )
             )
+        if beyond:
+            out.append(
+                Finding.error(
+                    "beyond-float32",
+                    name,
+                    f"{beyond} float64 values beyond float32's range (max |x| = {peak:.2g}; first in {unit} "
+                    f"{first_beyond}): PEFT's float32 prompt encoder would hold Inf there",
+                    expected="|x| <= 3.4e+38",
+                    found=f"max |x| = {peak:.2g}",
+                    fix="retrain or restore the adapter (its values are far too large)",
+                )
+            )
     return out
+
+
+def _bound_stat(name: str, shape: tuple[int, ...]) -> str | None:
+    """Which overflow-bound statistic a tensor gives (see :func:`value_findings`), if its shape is
+    a factor's."""
+    if name == "prompt_embeddings" and len(shape) == 2:
+        return "pe_max"
+    if name == "prefix_task_cols" and len(shape) == 3:
+        return "cols"
+    if name == "prefix_task_rows" and len(shape) == 3:
+        return "rows"
+    return None
+
+
+def _gather_bound(stat: str, values: Any, per_task: Any, start: int, stop: int, bounds: dict[str, Any]) -> None:
+    """Add one chunk's share of a bound statistic (NaN where values are not finite: no bound)."""
+    magnitude = np.abs(values)
+    if stat == "pe_max":
+        bounds["pe_max"] = max(bounds.get("pe_max", 0.0), float(magnitude.max()) if magnitude.size else 0.0)
+    elif stat == "cols":  # summed in float64: an upper bound of every |sum_r cols * rows| / max|rows|
+        per_task[start:stop] = magnitude.astype(np.float64).sum(axis=2).max(axis=1)
+    else:
+        per_task[start:stop] = magnitude.reshape(stop - start, -1).max(axis=1)
 
 
 def check_source(ckpt: Checkpoint, *, values: bool = True) -> list[Finding]:
     """All findings for a source: config fields, tensors against each other and the config,
-    and (when ``values``) non-finite values."""
+    and (when ``values``) non-finite values and prompts beyond float32 (one read of the factors)."""
     out = config_findings(ckpt.config, ckpt.config_from_file)
     out += tensor_findings(ckpt)
     if values:
-        out += value_findings(ckpt)
+        bounds: dict[str, Any] = {}
+        out += value_findings(ckpt, bounds=bounds)
+        if not errors(out):
+            out += prompt_findings(ckpt, bounds=bounds)
     return out
+
+
+def prompt_findings(
+    ckpt: Checkpoint, chunk_bytes: int = CHUNK_BYTES, *, bounds: dict[str, Any] | None = None
+) -> list[Finding]:
+    """Finite factors whose product ``cols[k] @ rows[k]`` or prompt ``P* * (cols[k] @ rows[k])``
+    goes beyond float32's range: PEFT's float32 prompt encoder computes Inf there (code
+    ``prompt-overflow``). A per-task bound, exact only where the bound is passed; with the
+    ``bounds`` :func:`value_findings` gathered, only those tasks are read again (else see
+    :func:`mpt_tools.prompts.source_prompt_overflow`). Run on a source without errors."""
+    if bounds and {"cols", "rows"} <= set(bounds):
+        with np.errstate(all="ignore"):
+            bound = bounds["cols"] * bounds["rows"] * max(1.0, bounds.get("pe_max", 0.0))
+        suspects = np.flatnonzero(~(bound <= FLOAT32_MAX))
+        found = task_prompt_overflow(ckpt, suspects) if suspects.size else None
+    else:
+        found = source_prompt_overflow(ckpt, chunk_bytes=chunk_bytes)
+    if found is None:
+        return []
+    return [prompt_overflow_finding(*found)]
+
+
+def prompt_overflow_finding(task: int, peak: float) -> Finding:
+    """The ``prompt-overflow`` error for ``task``, whose prompt reaches ``peak``."""
+    return Finding.error(
+        "prompt-overflow",
+        "prefix_task_cols/rows",
+        f"task {task}'s prompt P* * (cols[k] @ rows[k]) overflows float32: PEFT computes Inf there",
+        expected=f"|P_k| <= {FLOAT32_MAX:.4g}",
+        found=f"{peak:.4g}",
+        fix="retrain or restore the adapter (its factors are far too large)",
+    )
 
 
 def target_config_findings(target: MptConfig) -> list[Finding]:
@@ -384,7 +499,26 @@ def check_target(
                 fix=f"drop --tasks/--weights or use --mode {selecting}",
             )
         )
-    elif mode.copies_factors and plan.num_tasks is not None and not 1 <= plan.num_tasks <= MAX_TARGET_TASKS:
+    out += _size_rules(mode, plan, src_t, src_d, src_r)
+    return out
+
+
+def target_bytes(mode: Mode, num_tasks: int, total_tokens: int, num_ranks: int, token_dim: int) -> int:
+    """Bytes of memory building a target of these sizes holds at once: its float32 tensors, and for
+    a mode that draws fresh factors the float64 draw of the larger factor tensor."""
+    per_task = total_tokens * num_ranks + num_ranks * token_dim
+    need = 4 * (total_tokens * token_dim + num_tasks * per_task)
+    if not mode.copies_factors:
+        need += 8 * num_tasks * max(total_tokens * num_ranks, num_ranks * token_dim)
+    return need
+
+
+def _size_rules(mode: Mode, plan: TargetPlan, src_t: int | None, src_d: int | None, src_r: int | None) -> list[Finding]:
+    """The sizes a plan asks for: at least 1 task and rank, at most :data:`MAX_TARGET_TASKS` tasks,
+    and a target that fits in memory (:func:`mpt_tools.formats.memory_limit`), all checked before
+    anything is allocated."""
+    out: list[Finding] = []
+    if plan.num_tasks is not None and not 1 <= plan.num_tasks <= MAX_TARGET_TASKS:
         out.append(
             Finding.error(
                 "usage",
@@ -392,7 +526,36 @@ def check_target(
                 "out of range",
                 expected=f"1..{MAX_TARGET_TASKS}",
                 found=plan.num_tasks,
-                fix="pass a positive --target-tasks",
+                fix="pass a positive --target-tasks" if plan.num_tasks < 1 else "ask for fewer --target-tasks",
+            )
+        )
+    if plan.num_ranks is not None and plan.num_ranks < 1:
+        out.append(
+            Finding.error(
+                "usage",
+                "target_ranks",
+                "out of range",
+                expected=">= 1",
+                found=plan.num_ranks,
+                fix="pass a positive --target-ranks",
+            )
+        )
+    if out or src_t is None or src_d is None:
+        return out
+    num_tasks, num_ranks = mode.sizes(plan, src_r)
+    if num_ranks is None or num_ranks < 1:
+        return out
+    need, limit = target_bytes(mode, num_tasks, src_t, num_ranks, src_d), memory_limit()
+    if need > limit:
+        out.append(
+            Finding.error(
+                "too-large",
+                "target_tasks" if plan.num_tasks is not None else "target_ranks",
+                f"a target of {num_tasks} task(s) x rank {num_ranks} needs {need:,} bytes of memory, "
+                f"more than this machine's {limit:,}",
+                expected=f"<= {limit:,} bytes",
+                found=f"{need:,} bytes",
+                fix="ask for fewer --target-tasks or a lower --target-ranks",
             )
         )
     return out

@@ -21,7 +21,8 @@ from .checks import require_valid
 from .errors import MptToolsError, WriteError
 from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
-from .prompts import CHUNK_BYTES, plan_chunks
+from .peft_releases import is_default
+from .prompts import CHUNK_BYTES, MAX_TASK_ROWS, plan_chunks
 from .results import ConfigFieldDiff, ConfigFiles, DiffResult, KeyDiff, PromptDiff, PromptTaskDiff, TensorDiff
 
 # Config fields that say how or where a file was written, not what the adapter is.
@@ -50,6 +51,25 @@ def _prompts(ckpt: Checkpoint, pe: np.ndarray, start: int, stop: int, out: np.nd
 
 
 SIMILARITY_CHUNK_BYTES = 256 << 20
+MAX_SIMILARITY_TASKS = 4096
+"""The most tasks ``--similarity`` compares: its N x N matrix is printed and held as JSON lists
+(4096 tasks: 16.8 million cells, about 0.6 GB as Python objects)."""
+
+
+def check_similarity_size(num_tasks: int, location: str | None = None) -> None:
+    """Refuse, before anything is computed, a similarity matrix of more than
+    :data:`MAX_SIMILARITY_TASKS` tasks (or one bigger than this machine's memory), naming the size."""
+    from .errors import ValidationError
+    from .formats import memory_limit
+
+    need = num_tasks * num_tasks * 8
+    if num_tasks > MAX_SIMILARITY_TASKS or 4 * need > memory_limit():
+        raise ValidationError(
+            f"--similarity compares every pair of tasks: {num_tasks} tasks need a {num_tasks} x {num_tasks} "
+            f"matrix ({need:,} bytes as float64); the limit is {MAX_SIMILARITY_TASKS} tasks "
+            f"(and a quarter of this machine's {memory_limit():,} bytes)",
+            location,
+        )
 
 
 def task_similarity(
@@ -64,11 +84,13 @@ def task_similarity(
     those features, at most ``chunk_bytes`` of them, and adds ``F @ F.T`` to the Gram matrix. Every
     prompt value is computed once (blocks of tasks paired with blocks of tasks would recompute
     them over and over: minutes instead of seconds at 1000 tasks), and memory stays bounded
-    besides the N x N result. An entry is NaN where a prompt is all zeros or not finite.
+    besides the N x N result. An entry is NaN where a prompt is all zeros or not finite. More than
+    :data:`MAX_SIMILARITY_TASKS` tasks are refused before anything is computed.
     """
     ckpt = load_source(source)
     require_valid(ckpt, values=False)
     n, t, r = ckpt.shapes["prefix_task_cols"]
+    check_similarity_size(n, ckpt.location)
     d = ckpt.shapes["prompt_embeddings"][1]
     pe = to_float64(ckpt.read("prompt_embeddings"))
     cols = to_float64(ckpt.read("prefix_task_cols"))  # N x T x r: small beside the rows
@@ -115,6 +137,18 @@ def require_matplotlib() -> None:
         raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
 
 
+def check_plot_path(path: str | os.PathLike[str], *, force: bool = False, protected: list[str] | None = None) -> Path:
+    """Everything that could refuse a plot file, checked before any computation: matplotlib is
+    installed, the name ends in .png, and :func:`mpt_tools.files.guard_output` lets it be written
+    (no existing file without ``force``, nothing in a source's folder)."""
+    require_matplotlib()
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise WriteError("the plot file name must end in .png", str(out))
+    guard_output(out, force=force, protected=protected or [], kind="file")
+    return out
+
+
 def plot_similarity(
     matrix: np.ndarray,
     path: str | os.PathLike[str],
@@ -129,16 +163,12 @@ def plot_similarity(
     the cells for up to 16 tasks. Raises MptToolsError naming ``pip install 'mpt-tools[plot]'`` when
     matplotlib is missing. ``protected`` are source paths whose folders are never written.
     """
-    require_matplotlib()
+    out = check_plot_path(path, force=force, protected=protected)
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise WriteError("the plot file name must end in .png", str(out))
-    guard_output(out, force=force, protected=protected or [], kind="file")
     n = matrix.shape[0]
     size = min(14.0, 3.0 + 0.45 * n)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
@@ -166,7 +196,7 @@ def plot_similarity(
     finally:
         plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, buf.getvalue())
+    atomic_write(out, buf.getvalue(), replace=force)
     return str(out)
 
 
@@ -225,6 +255,10 @@ def _config_diff(a: Checkpoint, b: Checkpoint) -> list[ConfigFieldDiff]:
         if key in VOLATILE_CONFIG:
             continue
         va, vb = ra.get(key, "<absent>"), rb.get(key, "<absent>")
+        if (key not in ra and is_default(rb.get("peft_type"), key, vb)) or (
+            key not in rb and is_default(ra.get("peft_type"), key, va)
+        ):
+            continue  # absent means PEFT's default: the same config to every PEFT release
         if va != vb or type(va) is not type(vb):
             out.append({"field": key, "a": va, "b": vb})
     return out
@@ -239,11 +273,12 @@ def diff(
     """Compare two sources; ``identical`` is True when nothing below differs.
 
     Reported: keys present in one only (canonical names; stored names may differ, see
-    ``renamed``), shapes, dtypes, config fields (``peft_version`` ignored; a config file present on
-    one side only is a difference), per tensor the max abs difference in float64 and whether the
-    bytes are equal, and, when N, T and d agree (the rank may differ), per task the max abs and the
-    relative Frobenius difference of the effective prompts. Safetensors metadata differences are
-    listed but do not make the adapters different.
+    ``renamed``), shapes, dtypes, config fields (``peft_version`` ignored, and a field absent on one
+    side equals PEFT's default on the other; a config file present on one side only is a
+    difference), per tensor the max abs difference in float64 and whether the bytes are equal,
+    and, when N, T and d agree (the rank may differ), per task the max abs and the relative
+    Frobenius difference of the effective prompts. Safetensors metadata differences are listed but
+    do not make the adapters different.
     """
     ca, cb = load_source(a), load_source(b)
     fa, fb = _file_sets(ca), _file_sets(cb)
@@ -331,8 +366,9 @@ def _summary(report: DiffResult, value_diffs: list[str], config_presence: bool) 
     return "; ".join(parts)
 
 
-def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> PromptDiff | None:
-    """Per-task effective-prompt differences when both have N, T, d in common (else None)."""
+def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int, max_rows: int = MAX_TASK_ROWS) -> PromptDiff | None:
+    """Per-task effective-prompt differences when both have N, T, d in common (else None): the
+    first ``max_rows`` tasks listed, ``max_abs_diff`` over every task."""
     try:
         for ckpt in (a, b):
             require_valid(ckpt, values=False)
@@ -343,6 +379,7 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> PromptDiff |
     if (na, ta) != (nb, tb) or a.shapes["prompt_embeddings"] != b.shapes["prompt_embeddings"]:
         return None
     per_task: list[PromptTaskDiff] = []
+    overall: float | None = None  # the largest finite max |dP_k| over every task, listed or not
     ranges = _task_ranges(a, max(1, chunk_bytes // 2))
     t, d = a.shapes["prompt_embeddings"]
     # two float64 buffers reused by every chunk: no chunk-sized temporaries
@@ -357,7 +394,11 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> PromptDiff |
             delta = np.subtract(pa, pb, out=pa)  # in place: pa is not needed any more
             fro = np.sqrt(np.einsum("ij,ij->i", delta, delta))
             worst = np.maximum(delta.max(1), -delta.min(1)) if delta.shape[1] else np.zeros(k)  # NaN propagates
-        for i in range(k):
+            worst += 0.0  # -0.0 (max of -delta where delta is all 0) is 0
+            finite = worst[np.isfinite(worst)]
+        if finite.size:
+            overall = max(overall if overall is not None else 0.0, float(finite.max()))
+        for i in range(min(k, max(0, max_rows - start))):
             m = float(worst[i])
             rel = float(fro[i] / ref[i]) if ref[i] > 0 else (0.0 if fro[i] == 0 else None)
             per_task.append(
@@ -367,5 +408,4 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int) -> PromptDiff |
                     "relative_diff": rel if rel is None or np.isfinite(rel) else None,
                 }
             )
-    finite = [t["max_abs_diff"] for t in per_task if t["max_abs_diff"] is not None]
-    return {"max_abs_diff": max(finite) if finite else None, "tasks": per_task}
+    return {"max_abs_diff": overall, "tasks": per_task}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .paths import read_small
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"  # what mpt-tools writes
@@ -141,18 +142,20 @@ def _reject_constant(name: str) -> Any:
 def read_config(path: str | os.PathLike[str]) -> MptConfig:
     """Read an adapter_config.json file (or a directory holding one) into an :class:`MptConfig`.
 
-    Raises ConfigError when the file is missing, too large, not UTF-8 JSON or not an object.
+    Raises ConfigError when the file is missing, not a regular file (a FIFO, device or folder is
+    refused without blocking), too large, not UTF-8 JSON or not an object.
     """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and p.name != CONFIG_NAME:  # a folder named adapter_config.json is refused below
         p = p / CONFIG_NAME
     where = str(p)
     try:
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise ConfigError("no such config file", where)
-        if p.stat().st_size > MAX_CONFIG_BYTES:
+        data_bytes = read_small(p, MAX_CONFIG_BYTES, ConfigError)  # a regular file, opened without blocking
+        if data_bytes is None:
             raise ConfigError(f"config is {p.stat().st_size} bytes, more than a config can be", where)
-        text = p.read_bytes().decode("utf-8")
+        text = data_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("config is not UTF-8 text", where) from None
     except OSError as exc:

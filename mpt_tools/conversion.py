@@ -35,7 +35,7 @@ from .formats import (
 )
 from .prompts import CHUNK_BYTES, plan_chunks
 from .results import CastReport, ConvertResult
-from .writer import _result, provenance, write_adapter
+from .writer import _result, fit_for_peft, fit_note, provenance, write_adapter
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
@@ -137,6 +137,7 @@ def convert(
     *,
     dtype: str | None = None,
     force: bool = False,
+    peft_compat: str | None = None,
 ) -> ConvertResult:
     """Convert SOURCE (.bin/.pt/.pth read weights-only, or .safetensors) to safetensors.
 
@@ -147,7 +148,9 @@ def convert(
     (prompt_tuning_init RANDOM, null path, PEFT's fields filled in). After writing, the file is read
     back and compared bitwise with what was meant to be written (a plain conversion is therefore
     bitwise the source's values); for a cast the result reports the max cast error. A finite value
-    out of the target dtype's range is refused, naming the tensor and the value.
+    out of the target dtype's range is refused, naming the tensor and the value. The config loads
+    in every PEFT release mpt-tools knows, or in exactly ``peft_compat``
+    (:func:`mpt_tools.writer.fit_for_peft`).
     """
     ckpt = load_source(source)
     tag: str | None = None
@@ -168,10 +171,15 @@ def convert(
         else:
             tag = DTYPE_CHOICES[key]
     warnings = require_valid(ckpt, extra)
-    for key in ckpt.ignored:
-        warnings.append(f"dropped {key!r}: not an MPT tensor")
     out_path = Path(out)
     as_file = out_path.suffix.lower() == ".safetensors" and not out_path.is_dir()
+    fit = None
+    if ckpt.config_from_file and not as_file:  # a folder gets a config: fitted (or refused) before any work
+        cols = ckpt.shapes["prefix_task_cols"]
+        fit = fit_for_peft(target_config(ckpt.config, cols[0], cols[2]), peft_compat)
+        warnings += fit.warnings
+    for key in ckpt.ignored:
+        warnings.append(f"dropped {key!r}: not an MPT tensor")
     protected = ckpt.source_paths
     guard_output(out_path, force=force, protected=protected, kind="file" if as_file else "dir")
     tensors: dict[str, Raw] = {}
@@ -198,17 +206,15 @@ def convert(
     config_written = False
     if as_file:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_path, safetensors_bytes(tensors, meta))
+        atomic_write(out_path, safetensors_bytes(tensors, meta), replace=force)
         written = [str(out_path)]
         weights_file = out_path
-    elif ckpt.config_from_file:
-        cols = ckpt.shapes["prefix_task_cols"]
-        config = target_config(ckpt.config, cols[0], cols[2])
-        written = write_adapter(out_path, tensors, config, meta, force=force, protected=protected)
+    elif fit is not None:
+        written = write_adapter(out_path, tensors, fit.config, meta, force=force, protected=protected)
         weights_file = out_path / WEIGHTS_NAME
         config_written = True
     else:
-        write_files(out_path, {WEIGHTS_NAME: safetensors_bytes(tensors, meta)})
+        write_files(out_path, {WEIGHTS_NAME: safetensors_bytes(tensors, meta)}, force=force)
         written = [str(out_path / WEIGHTS_NAME)]
         weights_file = out_path / WEIGHTS_NAME
     # Read back what was written and compare bitwise with what was meant.
@@ -222,6 +228,8 @@ def convert(
     notes = list(ckpt.notes)
     if not as_file and not config_written:
         notes.append("the source has no adapter_config.json: wrote the weights only")
+    if fit is not None and peft_compat is not None:
+        notes.append(fit_note(fit))
     max_cast = max((c["max_abs_error"] for c in casts.values()), default=0.0)
     flushed = sum(c["flushed_to_zero"] for c in casts.values())
     if flushed:

@@ -1,20 +1,157 @@
 """Files on disk: streamed sha256 with its cache, atomic writes, staging folders committed in one
-step, and the one output guard every command uses before writing."""
+step, and the one output guard every command uses before writing.
+
+Every temporary file or staging folder is named ``.<output name>.mpt-tools-<pid>-<hex>.tmp`` and
+held with an exclusive ``flock`` while its writer lives. A writer killed by SIGKILL cannot clean up,
+so every writer first removes the stale ones of its output (:func:`remove_stale_staging`): those
+older than the running process, whose lock is free and whose pid is not alive. Putting a finished
+output in place (:func:`commit_staged`, :func:`atomic_write`) never replaces an output that another
+process wrote meanwhile unless ``force`` says so: a new folder or file is renamed onto a name that
+must not exist (``renameat2(RENAME_NOREPLACE)``, else ``link``), and files moved into an existing
+folder are moved under an exclusive lock on that folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from .config import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME
-from .errors import WriteError
+from .errors import MptToolsError, WriteError
+from .interrupts import deferred
+from .paths import open_regular, read_small
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, the pid in the name still protects
+    fcntl = None  # type: ignore[assignment]
+
+PROCESS_START = time.time()
+STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.mpt-tools-(?P<pid>[0-9]+)-[0-9a-f]{12}\.tmp$")
+_held: dict[str, int] = {}  # staging path -> the fd that holds its lock
+
+
+def staging_name(name: str) -> str:
+    """A new hidden name for a temporary file or staging folder of the output ``name``."""
+    return f".{name}.mpt-tools-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    """Take an exclusive flock on ``fd``: False if another process holds it (``wait=False``);
+    True also where the filesystem has no locks."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+    return True
+
+
+def _hold(path: str | os.PathLike[str]) -> None:
+    """Hold the lock of a staging folder until :func:`_release`."""
+    fd = os.open(path, os.O_RDONLY)
+    _lock(fd, wait=False)
+    _held[os.fspath(path)] = fd
+
+
+def _release(path: str | os.PathLike[str]) -> None:
+    fd = _held.pop(os.fspath(path), None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+def _is_stale(path: Path, pid: int) -> bool:
+    """A staging entry left by a dead writer: older than this process, its writer's pid not
+    alive, and its lock free (a writer in another pid namespace still holds it)."""
+    if pid == os.getpid():
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if st.st_mtime >= PROCESS_START or _pid_alive(pid):
+        return False
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return True  # a symlink or an unreadable entry of our own pattern: nobody can hold it
+    try:
+        return _lock(fd, wait=False)
+    finally:
+        os.close(fd)
+
+
+def _staging_entries(out: Path) -> list[tuple[Path, int]]:
+    """Staging entries of ``out``: beside it (named after it) and inside it (any)."""
+    found: list[tuple[Path, int]] = []
+    places: list[tuple[Path, str | None]] = [(out.parent, out.name)]
+    if out.is_dir() and not out.is_symlink():
+        places.append((out, None))
+    for folder, name in places:
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    m = STAGING_PATTERN.match(entry.name)
+                    if m and (name is None or m["name"] == name):
+                        found.append((Path(entry.path), int(m["pid"])))
+        except OSError:
+            continue
+    return found
+
+
+def stale_staging(out: str | os.PathLike[str]) -> list[str]:
+    """The stale staging files and folders of ``out`` (left by a killed writer), without removing
+    them: ``inspect`` mentions them."""
+    return sorted(str(p) for p, pid in _staging_entries(Path(out)) if _is_stale(p, pid))
+
+
+def remove_stale_staging(out: str | os.PathLike[str]) -> list[str]:
+    """Remove the stale staging files and folders of ``out`` (see the module docstring); returns
+    what was removed. Every writer calls it before it writes ``out``."""
+    removed: list[str] = []
+    for path, pid in _staging_entries(Path(out)):
+        if not _is_stale(path, pid):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(str(path))
+    REMOVED_STALE.extend(removed)
+    return removed
+
+
+REMOVED_STALE: list[str] = []  # what this process removed, for the CLI to mention
+WRITTEN: list[str] = []  # outputs this process put in place, for an accurate account on a late failure
 
 
 def file_mode() -> int:
@@ -27,41 +164,47 @@ def file_mode() -> int:
 Payload = bytes | str | list[bytes | memoryview]
 
 
-def synced_temp_file(folder: str | os.PathLike[str], name: str, data: Payload) -> str:
-    """Write ``data`` (bytes, text, or a list of buffers written in order) to a new temp file named
-    after ``name`` in ``folder``, fsynced, with the mode a normal write would give (not mkstemp's
-    0600). Returns its path; removes it on failure."""
+def write_synced(tmp: str | os.PathLike[str], data: Payload) -> None:
+    """Create the new file ``tmp`` (never an existing one) holding ``data`` (bytes, text, or a list
+    of buffers written in order), fsynced, with the mode a normal write would give (not mkstemp's
+    0600), locked while it is written. The caller chose the name first, so whatever stops this
+    (an error, a signal) the caller's cleanup can remove it: there is no moment when it exists
+    under a name nobody knows."""
     parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as fh:
-            os.fchmod(fh.fileno(), file_mode())
-            for part in parts:
-                view = memoryview(part)
-                while view.nbytes:
-                    written = fh.write(view)
-                    if not written:
-                        raise OSError(5, "short write")
-                    view = view[written:]
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb", buffering=0) as fh:
+        _lock(fd, wait=False)  # held while it is written (the fd's lock ends with it)
+        os.fchmod(fh.fileno(), file_mode())
+        for part in parts:
+            view = memoryview(part)
+            while view.nbytes:
+                written = fh.write(view)
+                if not written:
+                    raise OSError(5, "short write")
+                view = view[written:]
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
-def atomic_write(path: str | os.PathLike[str], data: Payload) -> None:
+def atomic_write(path: str | os.PathLike[str], data: Payload, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename.
 
-    On any failure the temp file is removed and ``path`` is left as it was.
+    With ``replace=False`` the rename fails when ``path`` exists by then (another process wrote
+    it meanwhile): WriteError "already exists", and nothing is replaced. On any failure or signal
+    the temp file is removed and ``path`` is left as it was.
     """
     target = Path(path)
-    tmp = ""
+    tmp = os.path.join(target.parent, staging_name(target.name))  # named before it exists
     try:
-        tmp = synced_temp_file(target.parent, target.name, data)
-        os.replace(tmp, target)
+        remove_stale_staging(target)
+        write_synced(tmp, data)
+        with deferred():
+            if replace:
+                os.replace(tmp, target)
+            elif not rename_noreplace(tmp, target):
+                raise WriteError("already exists (written by another process meanwhile); pass --force", str(target))
+            tmp = ""
+            WRITTEN.append(str(target))
     except BaseException as exc:
         if tmp:
             with contextlib.suppress(OSError):
@@ -71,6 +214,66 @@ def atomic_write(path: str | os.PathLike[str], data: Payload) -> None:
         raise
 
 
+_RENAME_NOREPLACE = 1
+_renameat2: Any = None
+
+
+def _libc_renameat2() -> Any:
+    """``renameat2`` from the C library (Linux, glibc 2.28+), or False."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if os.uname().sysname == "Linux":
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                func = libc.renameat2
+                func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                func.restype = ctypes.c_int
+                _renameat2 = func
+            except (OSError, AttributeError):
+                _renameat2 = False
+    return _renameat2
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, in one step; False if it exists.
+
+    ``renameat2(RENAME_NOREPLACE)`` where the kernel and filesystem have it; else a file is
+    hard-linked (``link`` fails on an existing name) and a folder renamed (``rename`` fails on a
+    non-empty folder; an empty one holds nothing to lose).
+    """
+    func = _libc_renameat2()
+    if func:
+        import ctypes
+
+        at_fdcwd = -100
+        if func(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise OSError(err, os.strerror(err), os.fspath(dst))
+    if os.path.isdir(src) and not os.path.islink(src):
+        if os.path.lexists(dst) and not os.path.isdir(dst):
+            return False
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return False
+            raise
+        return True
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    os.unlink(src)
+    return True
+
+
 def _hash_cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mpt-tools" / "sha256-v1.json"
@@ -78,7 +281,7 @@ def _hash_cache_path() -> Path:
 
 def hash_file(path: str | os.PathLike[str], digest: Any) -> str:
     """Feed a file to a hashlib ``digest`` in 1 MiB blocks; its hex digest."""
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # a FIFO or device is refused, never read forever
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return str(digest.hexdigest())
@@ -99,10 +302,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     cache: dict[str, str] = {}
     if use_cache:
         try:
-            loaded = json.loads(cache_file.read_text())
+            text = read_small(cache_file, 1 << 22)  # a regular file of at most 4 MiB, else ignored
+            loaded = json.loads(text) if text else None
             if isinstance(loaded, dict):
                 cache = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)}
-        except (OSError, ValueError):
+        except (OSError, ValueError, MptToolsError):
             cache = {}
         if key in cache:
             return cache[key]
@@ -177,18 +381,32 @@ def _fsync_dir(folder: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def staging_folder(out_dir: str | os.PathLike[str]) -> Path:
-    """A new, empty, hidden folder on ``out_dir``'s filesystem to build an output in: inside
-    ``out_dir`` when it exists, else beside it (then renaming it to ``out_dir`` is one step)."""
+@contextlib.contextmanager
+def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new, empty, hidden folder on ``out_dir``'s filesystem to build an output in, removed
+    (with whatever is left in it) when the block ends: inside ``out_dir`` when it exists, else
+    beside it (then renaming it to ``out_dir`` is one step, :func:`commit_staged`).
+
+    Stale staging of ``out_dir`` is removed first. The folder is named before it is made and
+    removed in the same ``finally``, so no error or signal can leave it behind; it is held
+    (locked) by this process while it exists.
+    """
     out = Path(out_dir)
     base = out if out.exists() else out.parent
-    base.mkdir(parents=True, exist_ok=True)
-    staging = base / f".{out.name}.{secrets.token_hex(6)}.tmp"
-    os.mkdir(staging)  # mode 0o777 less the umask, like a plain mkdir
-    return staging
+    staging = base / staging_name(out.name)
+    try:
+        remove_stale_staging(out)
+        base.mkdir(parents=True, exist_ok=True)
+        os.mkdir(staging)  # mode 0o777 less the umask, like a plain mkdir
+        with contextlib.suppress(OSError):  # unlockable: the live pid in its name still protects it
+            _hold(staging)
+        yield staging
+    finally:
+        _release(staging)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload]) -> None:
+def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload], *, force: bool) -> None:
     """Write ``files`` (name to content) into ``out_dir`` as close to one atomic step as POSIX allows.
 
     Every file is written and fsynced in a :func:`staging_folder` first, then
@@ -198,35 +416,60 @@ def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload]) -> N
     """
     out = Path(out_dir)
     try:
-        staging = staging_folder(out)
-        try:
+        with staging_folder(out) as staging:
             for name, data in files.items():
-                os.replace(synced_temp_file(staging, name, data), staging / name)
+                write_synced(staging / name, data)
             _fsync_dir(staging)
-            commit_staged(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            commit_staged(staging, out, force=force)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
 
 
-def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> list[str]:
+def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, force: bool) -> list[str]:
     """Move the files of a complete, fsynced :func:`staging_folder` into ``out_dir``.
 
-    A missing ``out_dir`` is the staging folder renamed (one atomic step); in an existing one the
-    files are renamed back to back, each always the old or the new one (the emptied staging folder
-    is the caller's to remove). Returns the new paths.
+    A missing ``out_dir`` is the staging folder renamed onto a name that must not exist (one atomic
+    step: if another process created ``out_dir`` meanwhile, this falls through to the next case).
+    Into an existing folder the files are renamed back to back under an exclusive lock on the
+    folder (each always the old or the new one); without ``force`` an adapter that appeared there
+    meanwhile is not replaced (WriteError "already exists"). Signals wait until the renames are
+    done. The emptied staging folder is removed by its :func:`staging_folder` block. Returns the
+    new paths.
     """
     src, out = Path(staging), Path(out_dir)
     names = sorted(p.name for p in src.iterdir())
     try:
-        if not out.exists():
-            os.rename(src, out)
-        else:
-            for name in names:
-                os.replace(src / name, out / name)
-        _fsync_dir(out)
-        _fsync_dir(out.parent)
+        with deferred():
+            if src.parent != out and rename_noreplace(src, out):
+                _release(src)
+            else:
+                _move_into(src, out, names, force=force)
+            _fsync_dir(out)
+            _fsync_dir(out.parent)
+            WRITTEN.append(str(out))
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     return [str(out / name) for name in names]
+
+
+def _move_into(src: Path, out: Path, names: list[str], *, force: bool) -> None:
+    """Rename the staged files into the existing folder ``out``, holding its lock."""
+    try:
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except NotADirectoryError:
+        raise WriteError("exists and is not a directory (created by another process meanwhile?)", str(out)) from None
+    try:
+        if os.fspath(out) not in _held:  # a staging folder of ours is locked already
+            _lock(fd, wait=True)
+        if not force:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                if name in names and os.path.lexists(out / name):
+                    raise WriteError(
+                        f"{name} already exists here (written by another process meanwhile); "
+                        "pass --force to overwrite it",
+                        str(out),
+                    )
+        for name in names:
+            os.replace(src / name, out / name)
+    finally:
+        os.close(fd)

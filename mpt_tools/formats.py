@@ -7,12 +7,13 @@ Arrays are numpy; bfloat16 data is carried as raw ``uint16`` words with the dtyp
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import mmap
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import ConfigError, FormatError
+from .paths import open_regular, open_regular_fd
 
 CANONICAL = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
 MAX_HEADER = 100_000_000  # the limit of safetensors' own parser
@@ -186,6 +188,28 @@ class TensorFile:
     size: int
     _loaded: dict[str, Raw] = field(default_factory=dict, repr=False)
     reads: list[tuple[str, int, int, int]] = field(default_factory=list, repr=False)
+    identity: tuple[int, ...] | None = field(default=None, repr=False)
+
+    def _open(self) -> int:
+        """A descriptor on the file, which must still be the regular file that was opened."""
+        try:
+            fd = open_regular_fd(self.path)
+        except OSError as exc:
+            raise FormatError(f"cannot read file: {exc.strerror or exc}", self.path) from None
+        try:
+            self._same_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _same_file(self, fd: int) -> None:
+        """Raise FormatError when the file behind ``fd`` is not the one whose header was read."""
+        if self.identity is None:
+            return
+        now = file_identity(os.fstat(fd))
+        if now != self.identity:
+            raise changed_error(self.path, self.identity, now)
 
     def read(self, name: str) -> Raw:
         """Read one whole tensor."""
@@ -194,27 +218,14 @@ class TensorFile:
         return self.read_rows(name, 0, first)
 
     def map(self, name: str) -> Raw:
-        """One whole tensor, memory-mapped (private copy-on-write) rather than read into new memory.
+        """One whole tensor, for large reductions (the average): the same bytes as :meth:`read`.
 
-        For large reductions (the average): the page cache's pages back the array, so nothing is
-        copied or zero-filled, and writes to the array never reach the file. The file's size is
-        checked against the header before mapping. Falls back to :meth:`read` for pickles, empty
-        tensors and platforms without mmap.
+        This used to memory-map the file. A mapped file that another program truncates kills the
+        process with SIGBUS at the next touched page, with no message, so the tensor is read into
+        memory instead (a parallel ``preadv``; one memory copy more than a mapping) and a file that
+        changed while it was read is refused with "changed while reading".
         """
-        info = self.infos[name]
-        if name in self._loaded or not info.shape or info.nbytes == 0:
-            return self.read(name)
-        itemsize, storage = DTYPES[info.dtype]
-        try:
-            with open(self.path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size < info.start + info.nbytes:
-                    raise FormatError(f"file ended inside tensor {name!r} (truncated?)", self.path)
-                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError, AttributeError):
-            return self.read(name)
-        self.reads.append((name, 0, info.shape[0], info.nbytes))
-        arr = np.frombuffer(mapped, dtype=storage, count=info.nbytes // itemsize, offset=info.start)
-        return Raw(info.dtype, tuple(info.shape), arr.reshape(info.shape))
+        return self.read(name)
 
     def read_rows(self, name: str, start: int, stop: int, *, out: Any = None) -> Raw:
         """Read rows ``start:stop`` of a tensor's first dimension (only those bytes).
@@ -252,10 +263,14 @@ class TensorFile:
         offset = info.start + start * row_bytes
         self.reads.append((name, start, stop, nbytes))
         data = target if target is not None else np.empty(nbytes, dtype=np.uint8).data
+        fd = self._open()
         try:
-            got = read_into(self.path, data, offset)
+            got = _read_fd(fd, memoryview(data).cast("B"), offset)
+            self._same_file(fd)  # a file rewritten while it was read: refuse what was read
         except OSError as exc:
             raise FormatError(f"cannot read tensor {name!r}: {exc.strerror or exc}", self.path) from None
+        finally:
+            os.close(fd)
         if got != nbytes:
             raise FormatError(f"file ended inside tensor {name!r} (truncated?)", self.path)
         arr = np.frombuffer(data, dtype=storage, count=count).reshape(shape)
@@ -270,34 +285,74 @@ def read_into(path: str | os.PathLike[str], buffer: Any, offset: int) -> int:
     """Fill the writable ``buffer`` with the file's bytes from ``offset``; the bytes read (fewer
     only when the file ends first). Reads over ``READ_PIECE`` are split in pieces read by up to
     ``READ_THREADS`` threads with ``os.preadv`` (which releases the GIL): a page-cache read is a
-    memory copy, and one core does not saturate memory bandwidth."""
+    memory copy, and one core does not saturate memory bandwidth. Only a regular file is read
+    (see :func:`mpt_tools.paths.open_regular_fd`)."""
     view = memoryview(buffer).cast("B")
+    fd = open_regular_fd(path)
+    try:
+        return _read_fd(fd, view, offset)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, view: memoryview, offset: int) -> int:
+    """:func:`read_into` on an open descriptor (its file position is not used)."""
     size = view.nbytes
-    with open(path, "rb", buffering=0) as fh:
-        preadv = getattr(os, "preadv", None)
-        if preadv is None:  # platforms without preadv: one sequential read
-            fh.seek(offset)
-            return _read_fully(lambda v, _pos: fh.readinto(v), view, 0)
-        fd = fh.fileno()
-        pieces = [(a, min(size, a + READ_PIECE)) for a in range(0, size, READ_PIECE)]
+    preadv = getattr(os, "preadv", None)
+    if preadv is None:  # platforms without preadv: one sequential read
+        os.lseek(fd, offset, os.SEEK_SET)
+        return _read_fully(lambda v, _pos: _read_once(fd, v), view, 0)
+    pieces = [(a, min(size, a + READ_PIECE)) for a in range(0, size, READ_PIECE)]
 
-        def piece(bounds: tuple[int, int]) -> int:
-            a, b = bounds
-            return _read_fully(lambda v, pos: preadv(fd, [v], offset + pos), view[a:b], a)
+    def piece(bounds: tuple[int, int]) -> int:
+        a, b = bounds
+        return _read_fully(lambda v, pos: preadv(fd, [v], offset + pos), view[a:b], a)
 
-        if len(pieces) <= 1 or READ_THREADS == 1:
-            return sum(map(piece, pieces))
-        from concurrent.futures import ThreadPoolExecutor
+    if len(pieces) <= 1 or READ_THREADS == 1:
+        return sum(map(piece, pieces))
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(READ_THREADS, len(pieces))) as pool:
-            got = list(pool.map(piece, pieces))
-        # a short piece means the file ended there: count only the bytes read without a gap
-        total = 0
-        for (a, b), n in zip(pieces, got, strict=True):
-            total += n
-            if n < b - a:
-                break
-        return total
+    with ThreadPoolExecutor(min(READ_THREADS, len(pieces))) as pool:
+        got = list(pool.map(piece, pieces))
+    # a short piece means the file ended there: count only the bytes read without a gap
+    total = 0
+    for (a, b), n in zip(pieces, got, strict=True):
+        total += n
+        if n < b - a:
+            break
+    return total
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change while a file is read: device, inode, size and modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def changed_error(path: str, before: tuple[int, ...], after: tuple[int, ...]) -> FormatError:
+    """The error for a file that changed (rewritten, truncated, replaced) while it was read."""
+    if before[:2] != after[:2]:
+        how = "it was replaced by another file"
+    elif after[2] < before[2]:
+        how = f"it shrank from {before[2]:,} to {after[2]:,} bytes (truncated)"
+    elif after[2] > before[2]:
+        how = f"it grew from {before[2]:,} to {after[2]:,} bytes"
+    else:
+        how = "it was rewritten"
+    return FormatError(
+        f"changed while reading ({how}); nothing read from it is used: run the command again "
+        "once no other program writes the file",
+        path,
+    )
+
+
+def _read_once(fd: int, view: memoryview) -> int:
+    """One sequential read into ``view`` (``readv`` where there is one)."""
+    readv = getattr(os, "readv", None)
+    if readv is not None:
+        return int(readv(fd, [view]))
+    data = os.read(fd, view.nbytes)
+    view[: len(data)] = data
+    return len(data)
 
 
 def _read_fully(read: Any, view: memoryview, base: int) -> int:
@@ -322,7 +377,14 @@ def memory_limit() -> int:
     """
     override = os.environ.get("MPT_TOOLS_MAX_TENSOR_BYTES")
     if override:
-        return int(override)
+        try:
+            value = int(override.strip())
+        except ValueError:
+            value = 0
+        if value < 1:  # the CLI says so before a command runs; a library caller gets the same line
+            shown = repr(override) if len(override) <= 40 else repr(override[:37]) + "..."
+            raise ConfigError(f"MPT_TOOLS_MAX_TENSOR_BYTES={shown} is not a positive number of bytes: fix or unset it")
+        return value
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -342,18 +404,67 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# The dtype tags safetensors' own parser (0.8) knows; the sub-byte and E8M0 ones mpt-tools cannot read.
+SAFETENSORS_DTYPES = frozenset((*(t for t in DTYPES if t != "C128"), "F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"))
+_SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E8M0": 8}
+_USIZE = 1 << 64  # safetensors reads shapes and offsets as Rust usize (u64 here)
+_JSON_DEPTH = 128  # serde_json's nesting limit: 128 nested arrays/objects are refused
+
+
+def _json_int(text: str) -> int | float:
+    """``-0`` is an integer to Python's json and a float to serde's: keep it out of usize fields."""
+    return -0.0 if text == "-0" else int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} out of range")
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests arrays/objects ``_JSON_DEPTH`` deep (serde_json refuses that)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= _JSON_DEPTH:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _usize(value: Any) -> bool:
+    """A JSON number safetensors reads as a usize: an integer (not a bool or float), 0 <= v < 2**64."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _USIZE
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
     """Parse and check a safetensors header without reading any tensor data.
 
-    Checks everything safetensors' own parser checks (header length and size limit, UTF-8 JSON
-    object, known dtypes, shapes matching byte ranges, contiguous non-overlapping offsets covering
-    the data exactly) and raises FormatError naming the first problem.
+    Checks everything safetensors' own parser checks, types as well as values: header length and
+    size limit; UTF-8 JSON that serde_json accepts (no NaN/Infinity, no number out of range, no
+    unpaired surrogate escape, under 128 levels of nesting); a JSON object whose
+    ``__metadata__`` maps strings to strings; per tensor an object with a known ``dtype`` string,
+    a ``shape`` list and a two-item ``data_offsets`` list of integers below 2**64 (not floats such
+    as 4.0, not booleans), whose byte size does not overflow; contiguous non-overlapping offsets
+    covering the data exactly. Unknown fields in an entry are ignored, as safetensors does.
+    Stricter than safetensors in one way: a name given twice is refused (safetensors keeps the
+    last). Raises FormatError naming the first problem; only a regular file is read.
     """
     p = str(path)
     try:
-        with open(p, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(8)
+        with open_regular(p) as fh:
+            st = os.fstat(fh.fileno())
+            size = st.st_size
+            head = _read_exactly(fh, 8)
             if len(head) < 8:
                 raise _fail(p, f"the file is {size} bytes, too short for a header")
             (n,) = struct.unpack("<Q", head)
@@ -361,20 +472,36 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
                 raise _fail(p, f"header claims {n} bytes, over the {MAX_HEADER}-byte limit")
             if 8 + n > size:
                 raise _fail(p, f"header claims {n} bytes but the file has {size - 8} after the length (truncated?)")
-            blob = fh.read(n)
+            blob = _read_exactly(fh, n)
+            if len(blob) < n:
+                raise changed_error(p, file_identity(st), file_identity(os.fstat(fh.fileno())))
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", p) from None
     try:
-        header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(
+            blob.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=_reject_constant,
+        )
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # unpaired surrogate escapes
     except UnicodeDecodeError:
         raise _fail(p, "header is not UTF-8") from None
+    except UnicodeEncodeError:
+        raise _fail(p, "header holds an unpaired UTF-16 surrogate escape (not valid JSON text)") from None
     except _DuplicateKey as exc:
         raise _fail(p, f"header names {exc.args[0]!r} twice") from None
-    except (ValueError, RecursionError):
-        raise _fail(p, "header is not valid JSON") from None
+    except (ValueError, RecursionError) as exc:
+        why = f" ({exc})" if str(exc).startswith(("number", "NaN", "Infinity", "-Infinity")) else ""
+        raise _fail(p, f"header is not valid JSON{why}") from None
     if not isinstance(header, dict):
         raise _fail(p, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    if _too_deep(header):
+        raise _fail(p, f"header nests {_JSON_DEPTH} or more levels deep (safetensors' limit)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # null is no metadata; [], "", 0 and false are refused below, as serde does
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -383,22 +510,34 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if not isinstance(entry, dict):
-            raise _fail(p, f"entry {name!r} is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _fail(p, f"entry {name!r} is {_json_type(entry)}, not an object")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in entry:
+                raise _fail(p, f"tensor {name!r} has no {key!r} field")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise _fail(p, f"tensor {name!r} has dtype {dtype!r}, {_json_type(dtype)}, not a dtype string")
+        if dtype not in SAFETENSORS_DTYPES:
             raise _fail(p, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-        ):
-            raise _fail(p, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-            or offsets[1] < offsets[0]
-        ):
-            raise _fail(p, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        want = math.prod(shape) * DTYPES[dtype][0]
+        if not isinstance(shape, list) or not all(_usize(s) for s in shape):
+            raise _fail(
+                p, f"tensor {name!r} has an invalid shape {shape!r} (a list of integers from 0 to 2**64-1 expected)"
+            )
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(o) for o in offsets):
+            raise _fail(p, f"tensor {name!r} has invalid data_offsets {offsets!r} (two integers from 0 expected)")
+        if offsets[1] < offsets[0]:
+            raise _fail(p, f"tensor {name!r} has invalid data_offsets {offsets!r} (end before start)")
+        elements = 1
+        for dim in shape:  # as safetensors computes it: overflow at any step is an error
+            elements *= dim
+            if elements >= _USIZE:
+                raise _fail(p, f"tensor {name!r} of shape {shape}: the element count overflows 64 bits")
+        bits = elements * (DTYPES[dtype][0] * 8 if dtype in DTYPES else _SUB_BYTE_BITS[dtype])
+        if bits >= _USIZE:
+            raise _fail(p, f"tensor {name!r} of shape {shape} {dtype}: the size in bits overflows 64 bits")
+        if bits % 8:
+            raise _fail(p, f"tensor {name!r} of shape {shape} {dtype} does not end on a byte boundary")
+        want = bits // 8
         if offsets[1] - offsets[0] != want:
             raise _fail(
                 p,
@@ -424,40 +563,374 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
         if pos - 8 - n > data_len:
             raise _fail(p, f"tensor data needs {pos - 8 - n} bytes but the file has {data_len} (truncated?)")
         raise _fail(p, f"{data_len - (pos - 8 - n)} bytes of trailing data after the last tensor")
-    return TensorFile(p, "safetensors", infos, dict(metadata), size)
+    for info in infos.values():  # a valid file, with a dtype mpt-tools has no use for
+        if info.dtype not in DTYPES:
+            raise FormatError(f"tensor {info.name!r} has dtype {info.dtype}, which mpt-tools does not read", p)
+    return TensorFile(p, "safetensors", infos, dict(metadata), size, identity=file_identity(st))
 
 
-_TORCH_MSG = re.compile(r"(Unsupported global: [^\n]*?)(?: was not an allowed global|\.|\n|$)")
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_exactly(fh: Any, n: int) -> bytes:
+    """Up to ``n`` bytes from an unbuffered file (fewer only at the end of the file)."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        block = fh.read(min(n - got, 1 << 26))
+        if not block:
+            break
+        chunks.append(block)
+        got += len(block)
+    return b"".join(chunks)
+
+
+_TORCH_MSG = re.compile(r"(?:Unsupported global: |Trying to load unsupported )GLOBAL ([\w.]+)")
+_TORCH_BOILERPLATE = (
+    "weights only load failed",
+    "check the documentation",
+    "please file an issue",
+    "re-running `torch.load`",
+)
+# A torch rebuild function in a pickle -> what it builds, for the one-line refusal.
+_REFUSED_REBUILDS = {
+    "torch._utils._rebuild_sparse_tensor": "a sparse tensor",
+    "torch._utils._rebuild_sparse_csr_tensor": "a sparse tensor",
+    "torch._utils._rebuild_meta_tensor_no_storage": "a meta-device tensor (no data)",
+    "torch._utils._rebuild_qtensor": "a quantized tensor",
+    "torch._utils._rebuild_nested_tensor": "a nested tensor",
+    "torch._utils._rebuild_wrapper_subclass": "a tensor subclass",
+}
+_TENSOR_REBUILDS = (
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_qtensor",
+)
+
+
+class _Claim:
+    """What a global named in a pickle would build: its arguments, recorded; nothing is run."""
+
+    qualname = ""
+    sink: list[_Claim] = []  # noqa: RUF012 - set per unpickling, on each recorder class
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.items: dict[Any, Any] = {}
+        self.sink.append(self)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        """What APPEND does to a list."""
+
+    def extend(self, values: Any) -> None:
+        """What APPENDS does to a list."""
+
+
+@dataclass
+class _Storage:
+    """A storage a pickle refers to (persistent id): its type, key, location and element count."""
+
+    type_name: str
+    key: str
+    location: str
+    numel: Any
+
+
+@dataclass
+class _Claims:
+    """Everything a torch pickle claims, read without building anything (see :func:`_pickle_claims`)."""
+
+    calls: list[_Claim] = field(default_factory=list)
+    storages: dict[str, _Storage] = field(default_factory=dict)
+    result: Any = None
+
+
+def _claims_unpickler(fh: Any, claims: _Claims) -> Any:
+    import pickle
+
+    classes: dict[tuple[str, str], type[_Claim]] = {}
+
+    class ClaimsUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            key = (module, name)
+            if key not in classes:
+                classes[key] = type(name, (_Claim,), {"qualname": f"{module}.{name}", "sink": claims.calls})
+            return classes[key]
+
+        def persistent_load(self, pid: Any) -> Any:
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+                storage_type, key, location, numel = pid[1:5]
+                name = getattr(storage_type, "qualname", "")
+                storage = _Storage(name, str(key), str(location), numel)
+                claims.storages.setdefault(storage.key, storage)
+                return storage
+            return None
+
+    return ClaimsUnpickler(fh)
+
+
+def _pickle_claims(fh: Any, legacy: bool) -> _Claims:
+    """Unpickle a torch pickle with every global replaced by a recorder, so that what it claims
+    (storages and their sizes, tensors and their shapes, sparse/meta/quantized rebuilds) can be
+    checked before torch allocates anything. Runs no code; a pickle it cannot read is left for
+    torch to refuse (what was recorded up to there is still returned)."""
+    claims = _Claims()
+    try:
+        unpickler = _claims_unpickler(fh, claims)
+        if legacy:  # magic number, protocol version, sys info, then the object
+            for _ in range(3):
+                unpickler.load()
+        claims.result = unpickler.load()
+    except Exception:  # a corrupt pickle: torch says what is wrong with it
+        pass
+    return claims
+
+
+def _dtype_of(torch: Any, name: str) -> Any:
+    """The torch dtype of a storage class name or dtype name in a pickle (None if unknown)."""
+    short = name.rpartition(".")[2]
+    if short == "UntypedStorage":
+        return torch.uint8
+    found = getattr(torch, short, None)
+    dtype = getattr(found, "dtype", found) if short.endswith("Storage") else found
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _tensor_kind(torch: Any, dtype: Any) -> str | None:
+    """Why a tensor of this dtype is refused (complex, quantized), or None."""
+    if dtype is None:
+        return None
+    if dtype.is_complex:
+        return f"a complex tensor ({dtype})"
+    if dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+        return f"a quantized tensor ({dtype})"
+    return None
+
+
+def _names_of(result: Any) -> dict[int, str]:
+    """id(value) -> key for the top-level mapping of a claims pass (to name a tensor)."""
+    items = result.items if isinstance(result, _Claim) else result if isinstance(result, dict) else {}
+    out: dict[int, str] = {}
+    for key, value in items.items():
+        out[id(value)] = repr(key)
+        if isinstance(value, _Claim) and value.args and isinstance(value.args[0], _Claim):  # a Parameter
+            out[id(value.args[0])] = repr(key)
+    return out
+
+
+def _check_claims(p: str, claims: _Claims, size: int, torch: Any) -> None:
+    """Refuse what a pickle claims before torch builds it: more storage than the file holds,
+    a tensor larger than memory, sparse/meta/quantized/complex tensors."""
+    limit = memory_limit()
+    names = _names_of(claims.result)
+    total_storage = 0
+    for storage in claims.storages.values():
+        dtype = _dtype_of(torch, storage.type_name)
+        numel = storage.numel if isinstance(storage.numel, int) and not isinstance(storage.numel, bool) else 0
+        total_storage += max(0, numel) * (dtype.itemsize if dtype is not None else 1)
+        if storage.location.startswith("meta"):
+            raise FormatError("holds a meta-device tensor (no data); save the materialised weights", p)
+    if total_storage > size:
+        raise FormatError(
+            f"its pickle claims {total_storage:,} bytes of tensor storage but the file has {size:,} bytes; "
+            "refusing before allocating it",
+            p,
+        )
+    total_tensors = 0
+    for call in claims.calls:
+        what = _REFUSED_REBUILDS.get(call.qualname)
+        tensor = call.qualname in _TENSOR_REBUILDS
+        if what is None and not tensor:
+            if call.qualname.startswith("torch.") and _tensor_kind(torch, _dtype_of(torch, call.qualname)):
+                what = _tensor_kind(torch, _dtype_of(torch, call.qualname))
+            else:
+                continue
+        name = names.get(id(call))
+        label = f" {name}" if name else ""
+        source = call.args[0] if call.args and isinstance(call.args[0], _Storage) else None
+        dtype = _dtype_of(torch, source.type_name) if source else None
+        what = what or _tensor_kind(torch, dtype)
+        if what is not None:
+            article, _, rest = what.partition(" ")
+            raise FormatError(
+                f"holds {article} {rest.replace('tensor', f'tensor{label}', 1)}; mpt-tools reads dense "
+                "real-valued CPU tensors only",
+                p,
+            )
+        shape = call.args[2] if len(call.args) > 2 else None
+        if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            continue  # torch refuses it
+        claimed = math.prod(max(0, d) for d in shape) * (dtype.itemsize if dtype is not None else 1)
+        total_tensors += claimed
+        if claimed > limit or total_tensors > limit:
+            what_claims = f"tensor{label} of shape {list(shape)} claims" if claimed > limit else "its tensors claim"
+            amount = claimed if claimed > limit else total_tensors
+            raise FormatError(
+                f"{what_claims} {amount:,} bytes, more than this machine's memory ({limit:,} bytes); "
+                "refusing before allocating it",
+                p,
+            )
+
+
+def _check_zip(p: str, fh: Any, size: int) -> bytes | None:
+    """Check a torch.save zip's central directory (records stored, not compressed; sizes within
+    the file) and return its ``data.pkl`` (None when there is none: torch says so)."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(fh)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error):
+        raise FormatError("not a readable PyTorch file (corrupt or truncated zip archive)", p) from None
+    with archive:
+        infos = archive.infolist()
+        total = 0
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise FormatError(
+                    f"zip record {info.filename!r} is compressed (it claims {info.file_size:,} bytes once "
+                    f"inflated); torch.save writes records uncompressed: refusing to inflate it",
+                    p,
+                )
+            total += info.file_size
+        if total > size:
+            raise FormatError(
+                f"its zip records claim {total:,} bytes but the file has {size:,} bytes (overlapping or "
+                "corrupt records); refusing before reading them",
+                p,
+            )
+        pickles = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+        if len(pickles) != 1:
+            return None
+        try:
+            return archive.read(pickles[0])
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+            raise FormatError("not a readable PyTorch file (corrupt or truncated zip archive)", p) from None
+
+
+def _sniff(head: bytes, size: int) -> str | None:
+    """What a file named .bin/.pt/.pth is when it is not a torch.save file (None: it may be one)."""
+    if size == 0:
+        return "is empty (0 bytes), not a PyTorch weights file"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[:1] == b"\x80":
+        return None
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return (
+            "is a safetensors file with a PyTorch name: rename it to .safetensors (PEFT would torch.load "
+            "a .bin and fail)"
+        )
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"version https://git-lfs"):
+        return f"is a Git LFS pointer ({size:,} bytes), not the weights: fetch the file itself (git lfs pull)"
+    low = text[:64].lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
+        return "is an HTML page, not a PyTorch weights file (an error page saved in place of the download?)"
+    if text[:1] in (b"{", b"["):
+        return "is JSON text, not a PyTorch weights file"
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        decoded = head[: exc.start].decode("utf-8") if exc.start > len(head) - 4 else ""
+    if decoded and all(c.isprintable() or c in "\t\r\n" for c in decoded):
+        first = decoded.strip().splitlines()[0][:40] if decoded.strip() else ""
+        return f"is a text file ({first!r}...), not a PyTorch weights file"
+    return "is not a PyTorch weights file (neither a torch.save zip archive nor a pickle)"
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """One line for a torch.load failure: torch's reason, without its boilerplate, whole sentences."""
+    text = str(exc)
+    found = _TORCH_MSG.search(text)
+    if found:
+        return (
+            f"refused to unpickle it (it names {found.group(1)}, which is not a tensor type); "
+            "it holds more than tensors"
+        )
+    low = text.lower()
+    if "zip" in low or "archive" in low or "central directory" in low:
+        return "not a readable PyTorch file (corrupt or truncated zip archive)"
+    lines = []
+    for line in text.splitlines():
+        line = line.strip().removeprefix(
+            "Please file an issue with the following so that we can make "
+            "`weights_only=True` compatible with your use case: "
+        )
+        line = line.removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.lower().startswith(_TORCH_BOILERPLATE):
+            lines.append(line)
+    first = lines[0] if lines else type(exc).__name__
+    sentence = re.split(r"(?<=[.;])\s", first, maxsplit=1)[0]
+    if len(sentence) > 160:
+        sentence = sentence[:160].rsplit(" ", 1)[0] + " ..."
+    return f"not a readable weights-only PyTorch file ({sentence.rstrip('.')})"
 
 
 def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
     """Load a PyTorch pickle (.bin/.pt/.pth) with ``weights_only=True`` (imports torch).
 
-    Only a flat mapping of names to tensors is accepted; code, other objects and nested
-    wrappers are refused without executing anything.
+    Only a flat mapping of names to dense, real-valued tensors is accepted; code, other objects
+    and nested wrappers are refused without executing anything. Before torch reads it, the file
+    must be a regular file; a file that is not a torch.save file at all (empty, safetensors, JSON,
+    HTML, a Git LFS pointer, text) is named; a zip's records must be stored uncompressed and
+    within the file; and what the pickle claims (storage bytes, tensor sizes, sparse, meta-device,
+    quantized or complex tensors) is checked, so nothing is inflated or allocated first. Torch's
+    warnings are silenced; a file that changes while it is read is refused.
     """
-    import torch
-
     p = str(path)
     try:
-        size = os.stat(p).st_size
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with open_regular(p) as fh:
+            st = os.fstat(fh.fileno())
+            size = st.st_size
+            head = _read_exactly(fh, 512)
+            why = _sniff(head, size)
+            if why is not None:
+                raise FormatError(why, p)
+            fh.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if head[:2] == b"PK":
+                    pkl = _check_zip(p, fh, size)
+                    claims = _pickle_claims(io.BytesIO(pkl), legacy=False) if pkl is not None else None
+                else:
+                    claims = _pickle_claims(fh, legacy=True)
+                import torch  # only now: a file refused above costs no torch import
+
+                if claims is not None:
+                    _check_claims(p, claims, size, torch)
+                fh.seek(0)
+                reason: str | None = None
+                try:
+                    obj = torch.load(fh, map_location="cpu", weights_only=True)
+                except OSError:
+                    raise
+                except Exception as exc:  # torch raises many types for hostile or corrupt pickles
+                    reason = _torch_reason(exc)
+                    obj = None
+                now = file_identity(os.fstat(fh.fileno()))
+                if now != file_identity(st):
+                    raise changed_error(p, file_identity(st), now)
+                if reason is not None:
+                    raise FormatError(reason, p)
+                loaded = _pickle_tensors(p, obj, torch)
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", p) from None
-    except Exception as exc:  # torch raises many types for hostile or corrupt pickles
-        text = str(exc)
-        found = _TORCH_MSG.search(text)
-        if found:
-            why = f"refused to unpickle it ({found.group(1).strip()}); it holds more than tensors"
-        elif "zip" in text.lower() or "archive" in text.lower() or "central directory" in text.lower():
-            why = "not a readable PyTorch file (corrupt or truncated zip archive)"
-        else:
-            first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
-            why = f"not a readable weights-only PyTorch file ({first})"
-        raise FormatError(why, p) from None
+    infos = {k: TensorInfo(k, r.dtype, r.shape, 0, r.nbytes) for k, r in loaded.items()}
+    return TensorFile(p, "pickle", infos, {}, size, _loaded=loaded, identity=file_identity(st))
+
+
+def _pickle_tensors(p: str, obj: Any, torch: Any) -> dict[str, Raw]:
+    """The tensors of a loaded pickle, checked (a flat mapping of dense real CPU tensors, each
+    within memory) before any is copied."""
     if not isinstance(obj, dict):
         raise FormatError(f"holds a {type(obj).__name__}, not a mapping of names to tensors", p)
-    loaded: dict[str, Raw] = {}
+    limit = memory_limit()
+    total = 0
     for key, value in obj.items():
         if not isinstance(key, str):
             raise FormatError(f"holds a non-string key {key!r}", p)
@@ -465,9 +938,27 @@ def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
             raise FormatError(f"tensors are nested under {key!r}; save the inner state dict itself", p)
         if not isinstance(value, torch.Tensor):
             raise FormatError(f"entry {key!r} is a {type(value).__name__}, not a tensor", p)
-        loaded[key] = from_torch(value)
-    infos = {k: TensorInfo(k, r.dtype, r.shape, 0, r.nbytes) for k, r in loaded.items()}
-    return TensorFile(p, "pickle", infos, {}, size, _loaded=loaded)
+        what = None
+        if value.layout != torch.strided:
+            what = f"a sparse tensor {key!r} ({value.layout})"
+        elif value.is_meta:
+            what = f"a meta-device tensor {key!r} (no data)"
+        elif value.is_quantized:
+            what = f"a quantized tensor {key!r} ({value.dtype})"
+        elif value.is_complex():
+            what = f"a complex tensor {key!r} ({value.dtype})"
+        if what is not None:
+            raise FormatError(f"holds {what}; mpt-tools reads dense real-valued CPU tensors only", p)
+        claimed = value.numel() * value.element_size()
+        total += claimed
+        if claimed > limit or total > limit:
+            raise FormatError(
+                f"tensor {key!r} of shape {list(value.shape)} claims {claimed:,} bytes"
+                + (f" ({total:,} with the tensors before it)" if claimed <= limit else "")
+                + f", more than this machine's memory ({limit:,} bytes); refusing before allocating it",
+                p,
+            )
+    return {key: from_torch(value) for key, value in obj.items()}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -484,8 +975,8 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
         return open_pickle(p)
     # Unknown suffix: sniff. A safetensors file starts with a small little-endian header length.
     try:
-        with open(p, "rb") as fh:
-            head = fh.read(10)
+        with open_regular(p) as fh:
+            head = _read_exactly(fh, 10)
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", str(p)) from None
     if head[:2] == b"PK" or head[:1] == b"\x80":

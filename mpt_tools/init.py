@@ -4,7 +4,6 @@ source -> Checkpoint -> checks -> the mode's factors -> staged write (-> verify 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,11 +15,11 @@ from .checks import check_source, check_target, require_valid, value_findings
 from .config import target_config
 from .errors import HubError, ValidationError, VerificationFailed
 from .files import commit_staged, guard_output, staging_folder
-from .findings import Finding, errors
+from .findings import Finding, errors, refusal
 from .formats import Raw, from_numpy, to_float32
 from .modes import Mode, TargetPlan, get_mode
 from .version import __version__
-from .writer import provenance, write_adapter
+from .writer import fit_for_peft, fit_note, provenance, write_adapter
 
 if TYPE_CHECKING:  # types only: importing them costs start-up time
     from .results import InitResult, PushResult
@@ -62,6 +61,21 @@ def build_target(ckpt: Checkpoint, mode: Mode, plan: TargetPlan, num_tasks: int,
         rows = np.ascontiguousarray(np.repeat(rows, num_tasks, axis=0))
     tensors = {"prompt_embeddings": pe, "prefix_task_cols": cols, "prefix_task_rows": rows}
     return Target(tensors=tensors, mode=mode.name, **recorded)
+
+
+def target_prompt_overflow(target: Target, mode: Mode) -> Finding | None:
+    """The ``prompt-overflow`` finding of a built target whose prompt ``P* * (cols[k] @ rows[k])``
+    goes beyond float32's range (PEFT would compute Inf), or None. Checked before anything is
+    written; a mode that copies one task's factors is checked on one task (all are the same)."""
+    from .checks import prompt_overflow_finding
+    from .prompts import prompt_overflow
+
+    t = target.tensors
+    cols, rows = t["prefix_task_cols"], t["prefix_task_rows"]
+    if mode.copies_factors:
+        cols, rows = cols[:1], rows[:1]
+    found = prompt_overflow(t["prompt_embeddings"], cols, rows)
+    return None if found is None else prompt_overflow_finding(*found)
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ def init_adapter(
     base_model: str | bool | None = None,
     verify: str | None = None,
     push: PushRequest | None = None,
+    peft_compat: str | None = None,
 ) -> InitResult:
     """Build a target initialisation from ``source`` and write it to ``out`` as a PEFT adapter.
 
@@ -119,6 +134,8 @@ def init_adapter(
     or cpu) verifies the adapter against the source before it goes into ``out`` (see
     :func:`init_and_verify`); ``push`` then pushes ``out`` to the Hub. Returns the result (schema
     ``mpt-tools/init/1``), with the verify report under ``verify`` and the push under ``push``.
+    ``peft_compat`` (a PEFT release, ``"0.13.2"``) writes the config for exactly that release;
+    by default it loads in every release mpt-tools knows (:func:`mpt_tools.writer.fit_for_peft`).
     """
     if verify is not None:
         from .verification.engine import resolve_device
@@ -126,15 +143,25 @@ def init_adapter(
         resolve_device(verify)  # fail before reading or writing anything
     ckpt = load_source(source)
     if verify is not None:
-        result = init_and_verify(ckpt, plan, out, force=force, device=verify, base_model=base_model)
+        result = init_and_verify(
+            ckpt, plan, out, force=force, device=verify, base_model=base_model, peft_compat=peft_compat
+        )
     else:
-        result = _init(ckpt, TargetPlan(plan) if isinstance(plan, str) else plan, out, force, base_model)
+        plan = TargetPlan(plan) if isinstance(plan, str) else plan
+        result = _init(ckpt, plan, out, force, base_model, peft_compat)
     if push is not None:
         result["push"] = _push(result["out"], push, ckpt.hub_options.token)
     return result
 
 
-def _init(ckpt: Checkpoint, plan: TargetPlan, out: str | os.PathLike[str], force: bool, base_model: Any) -> InitResult:
+def _init(
+    ckpt: Checkpoint,
+    plan: TargetPlan,
+    out: str | os.PathLike[str],
+    force: bool,
+    base_model: Any,
+    peft_compat: str | None = None,
+) -> InitResult:
     mode = get_mode(plan.mode)
     warnings: list[str] = []
     src_cols = ckpt.shapes.get("prefix_task_cols")
@@ -153,7 +180,12 @@ def _init(ckpt: Checkpoint, plan: TargetPlan, out: str | os.PathLike[str], force
         if not np.isfinite(arr).all():
             where = f"task {target.task}" if target.task is not None else "the source"
             raise ValidationError(f"{name}: {where} holds NaN/Inf values; the target would be unusable", ckpt.location)
-    config = target_config(ckpt.config, target.num_tasks, target.num_ranks)
+    overflow = target_prompt_overflow(target, mode)
+    if overflow is not None:
+        err = refusal(ckpt.location, [overflow])
+        raise ValidationError(f"refusing to write the target: {err.message}", ckpt.location, [overflow])
+    fit = fit_for_peft(target_config(ckpt.config, target.num_tasks, target.num_ranks), peft_compat)
+    warnings += fit.warnings
     meta = provenance(
         {
             "mode": mode.peft_name,
@@ -165,7 +197,7 @@ def _init(ckpt: Checkpoint, plan: TargetPlan, out: str | os.PathLike[str], force
             "target_tasks": num_tasks if mode.copies_factors and num_tasks != 1 else None,
         }
     )
-    written = write_adapter(out, target.raw(), config, meta, force=force, protected=protected)
+    written = write_adapter(out, target.raw(), fit.config, meta, force=force, protected=protected)
     result: InitResult = {
         "schema": "mpt-tools/init/1",
         "source": ckpt.location,
@@ -180,7 +212,7 @@ def _init(ckpt: Checkpoint, plan: TargetPlan, out: str | os.PathLike[str], force
         "num_ranks": target.num_ranks,
         "shapes": {k: list(v.shape) for k, v in target.tensors.items()},
         "metadata": meta,
-        "notes": ckpt.notes,
+        "notes": [*ckpt.notes, fit_note(fit)] if peft_compat is not None else ckpt.notes,
         "warnings": warnings,
         "version": __version__,
     }
@@ -208,6 +240,7 @@ def init_and_verify(
     force: bool = False,
     device: str = "auto",
     base_model: str | bool | None = None,
+    peft_compat: str | None = None,
 ) -> InitResult:
     """Run :func:`init_adapter`, then :func:`~mpt_tools.verification.verify` the written folder
     against the source; returns init's result with the verify report under ``"verify"``.
@@ -217,6 +250,7 @@ def init_and_verify(
     the staging folder is removed and ``out`` is left exactly as it was; then VerificationFailed is
     raised.
     """
+    from .factors import on_torch_threads
     from .verification import failure_error
     from .verification import verify as run_verify
     from .verification.engine import resolve_device
@@ -225,17 +259,16 @@ def init_and_verify(
     ckpt = load_source(source)
     folder = Path(out)
     guard_output(folder, force=force, protected=ckpt.source_paths)
-    staging = staging_folder(folder)
-    try:
-        result = _init(ckpt, TargetPlan(plan) if isinstance(plan, str) else plan, staging, force, base_model)
-        report = run_verify(staging, source=ckpt, device=device, check=False)
+    plan = TargetPlan(plan) if isinstance(plan, str) else plan
+    with staging_folder(folder) as staging:
+        result = _init(ckpt, plan, staging, force, base_model, peft_compat)
+        with on_torch_threads(plan.torch_threads):  # verify's torch mean on the threads init matched
+            report = run_verify(staging, source=ckpt, device=device, check=False)
         if not report["ok"]:
             err = failure_error(report)
             kept = " (nothing was written)" if not folder.exists() else f" ({folder} was left as it was)"
             raise VerificationFailed(err.message + kept, str(out), report)
-        commit_staged(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        commit_staged(staging, folder, force=force)
     for key in ("path", "weights"):  # name the final folder, not the staging one (its only paths)
         value = report[key]
         if value.startswith(str(staging)):

@@ -39,7 +39,9 @@ class TargetPlan(NamedTuple):
     """The target ``init`` is asked for: the mode (any of its names), the source ``task`` (exact),
     the ``seed`` (shared), the target's ``num_tasks`` and ``num_ranks`` (None: 1 task, the source's
     rank), the source ``tasks`` and ``weights`` to average, and whether a negative ``task`` may
-    count from the end as PEFT does."""
+    count from the end as PEFT does. ``engine`` (auto, numpy or torch) and ``torch_threads`` (the
+    torch thread count to reproduce; None: torch's default) choose how an average is computed
+    (:func:`mpt_tools.factors.average_factors`)."""
 
     mode: str = "average"
     task: int | None = None
@@ -49,6 +51,8 @@ class TargetPlan(NamedTuple):
     tasks: list[int] | None = None
     weights: list[float] | None = None
     allow_negative_task: bool = False
+    engine: str = "auto"
+    torch_threads: int | None = None
 
 
 class Expectation(NamedTuple):
@@ -123,7 +127,10 @@ class Mode(NamedTuple):
         """The target's (num_tasks, num_ranks): the plan's, else 1 task and the source's rank (1
         for a mode that draws its own factors from a source without any)."""
         fallback = None if self.copies_factors else 1
-        return plan.num_tasks or 1, plan.num_ranks or source_ranks or fallback
+        # None means "not asked for"; 0 or a negative size is asked for, and refused by the plan rules
+        tasks = 1 if plan.num_tasks is None else plan.num_tasks
+        ranks = plan.num_ranks if plan.num_ranks is not None else source_ranks or fallback
+        return tasks, ranks
 
 
 MODES: dict[str, Mode] = {}
@@ -288,7 +295,7 @@ def selection_rules(ckpt: Checkpoint, plan: TargetPlan, warnings: list[str]) -> 
 def _average_build(ckpt: Checkpoint, plan: TargetPlan, n: int, r: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     from .factors import average_factors
 
-    cols, rows = average_factors(ckpt, plan.tasks, plan.weights)
+    cols, rows = average_factors(ckpt, plan.tasks, plan.weights, engine=plan.engine, threads=plan.torch_threads)
     return cols, rows, {"tasks": plan.tasks, "weights": plan.weights}
 
 
@@ -297,6 +304,8 @@ def _average_record(meta: dict[str, str]) -> dict[str, Any]:
 
 
 def _average_expect(src: Checkpoint, record: dict[str, Any], layout: Layout) -> Expectation:
+    import importlib.util
+
     from .factors import average_factors
 
     n_s = layout[0]
@@ -309,7 +318,10 @@ def _average_expect(src: Checkpoint, record: dict[str, Any], layout: Layout) -> 
             for f in bad
         )
         return Expectation(failures=failures)
-    cols, rows = average_factors(src, tasks, weights)
+    # verify holds the target to torch's own mean when torch is here (it notices a torch whose
+    # reduction order is no longer the one mpt_tools.torchmean reproduces), else to numpy's
+    engine = "torch" if importlib.util.find_spec("torch") is not None else "auto"
+    cols, rows = average_factors(src, tasks, weights, engine=engine)
     which = f"source tasks {tasks}" if tasks else f"all {n_s} source tasks"
     if weights:
         what = f"bitwise the weighted mean of {which} with weights {weights} (float64, rounded once)"
@@ -322,7 +334,8 @@ def _average_describe(result: InitResult) -> str:
     meta = result["metadata"]
     tasks, weights = meta.get("mpt_tools.tasks"), meta.get("mpt_tools.weights")
     if weights:
-        return f"weighted mean of source tasks {tasks} (weights {weights})"
+        which = f"source tasks {tasks}" if tasks else "all source tasks"
+        return f"weighted mean of {which} (weights {weights})"
     if tasks:
         return f"mean of source tasks {tasks}"
     return "mean of the source task factors"

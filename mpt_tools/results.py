@@ -365,6 +365,32 @@ class ExportPromptResult(WrittenResult):
     version: str
 
 
+# --- compat ------------------------------------------------------------------------------------
+
+
+class RemovedKey(TypedDict):
+    """A config key compat (or a writer) left out: the value it held and why."""
+
+    key: str
+    value: Any
+    reason: str
+
+
+class CompatResult(WrittenResult):
+    """``mpt-tools/compat/1``: ``removed`` and ``kept`` are adapter_config.json keys; the weights
+    are a byte-for-byte copy (``weights_sha256`` = ``source_sha256``)."""
+
+    peft: str  # the PEFT release the config was written for
+    peft_type: str
+    changed: bool
+    removed: list[RemovedKey]
+    kept: list[str]
+    weights_sha256: str
+    warnings: list[str]
+    notes: list[str]
+    version: str
+
+
 # --- diff --------------------------------------------------------------------------------------
 
 
@@ -435,6 +461,25 @@ class DiffResult(TypedDict):
     sha256: Sha256s
 
 
+class ErrorDetail(TypedDict):
+    """What failed: the exception's class name, its message and the file or location it is about."""
+
+    type: str
+    message: str
+    path: str | None
+
+
+class ErrorResult(TypedDict):
+    """``mpt-tools/error/1``: what any command prints with ``--json`` when it fails (exit 1)."""
+
+    schema: str
+    ok: bool
+    command: str
+    error: ErrorDetail
+    written: list[str]
+    version: str
+
+
 # --- the table ---------------------------------------------------------------------------------
 
 SCHEMAS: dict[str, type] = {
@@ -445,6 +490,7 @@ SCHEMAS: dict[str, type] = {
     "rerank": RerankResult,
     "convert": ConvertResult,
     "export-prompt": ExportPromptResult,
+    "compat": CompatResult,
     "diff": DiffResult,
     "verify": VerifyResult,
     "push": PushResult,

@@ -31,7 +31,7 @@ from .findings import Finding
 from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .results import ExportPromptResult, RerankResult, TasksResult
-from .writer import _write_and_report
+from .writer import _write_and_report, fit_for_peft
 
 FACTOR_KEYS = ("prefix_task_cols", "prefix_task_rows")
 
@@ -40,7 +40,6 @@ _PT_FROM_SOURCE = (
     "base_model_name_or_path",
     "num_attention_heads",
     "num_layers",
-    "peft_version",
     "revision",
     "task_type",
     "token_dim",
@@ -99,18 +98,31 @@ def _gather(ckpt: Checkpoint, name: str, select: Sequence[int]) -> Raw:
     return Raw(parts[0].dtype, tuple(arr.shape), arr)
 
 
+def repeated_and_dropped(select: Sequence[int], n: int) -> tuple[list[int], list[int]]:
+    """The tasks ``select`` lists more than once (sorted) and the tasks of ``range(n)`` it leaves
+    out, in one pass over each (a 64,000-task --select stays linear)."""
+    seen: set[int] = set()
+    twice: set[int] = set()
+    for k in select:
+        (twice if k in seen else seen).add(k)
+    return sorted(twice), [k for k in range(n) if k not in seen]
+
+
 def select_tasks(
     source: Source,
     select: Sequence[int],
     out: str | os.PathLike[str],
     *,
     force: bool = False,
+    peft_compat: str | None = None,
 ) -> TasksResult:
     """Write an adapter whose task ``i`` is source task ``select[i]``.
 
     Selecting keeps, drops and reorders tasks (a task may be listed twice, to start a new task from
     it). ``prompt_embeddings`` and each selected task's factors are copied bitwise in the source
     dtype; only the selected tasks' bytes are read. ``num_tasks`` in the config follows.
+    ``peft_compat`` writes the config for exactly that PEFT release (default: every release; see
+    :func:`mpt_tools.writer.fit_for_peft`).
     """
     ckpt = load_source(source)
     select = [int(s) for s in select]
@@ -124,8 +136,7 @@ def select_tasks(
     tensors: dict[str, Raw] = {"prompt_embeddings": ckpt.read("prompt_embeddings")}
     for name in FACTOR_KEYS:
         tensors[name] = _gather(ckpt, name, select)
-    repeated = sorted({k for k in select if select.count(k) > 1})
-    dropped = [k for k in range(n) if k not in select]
+    repeated, dropped = repeated_and_dropped(select, n)
     notes = list(ckpt.notes)
     if repeated:
         notes.append(f"tasks listed more than once: {repeated}")
@@ -134,7 +145,7 @@ def select_tasks(
         ckpt,
         out,
         tensors,
-        target_config(ckpt.config, len(select), r),
+        fit_for_peft(target_config(ckpt.config, len(select), r), peft_compat),
         {"select": select},
         force=force,
         select=select,
@@ -186,6 +197,7 @@ def rerank(
     *,
     force: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
+    peft_compat: str | None = None,
 ) -> RerankResult:
     """Write an adapter with rank ``num_ranks``; factors are float32 (PEFT's dtype).
 
@@ -193,7 +205,8 @@ def rerank(
     Lower rank: per task, when the dropped rank components are exactly zero the factors are truncated
     (exact); otherwise they are replaced by the best rank-R approximation of ``cols[k] @ rows[k]``
     (truncated SVD). The result reports per task the relative error of the prompt it causes,
-    ``|P* * (approx - exact)|_F / |P* * exact|_F`` (float64; 0 when exact).
+    ``|P* * (approx - exact)|_F / |P* * exact|_F`` (float64; 0 when exact). ``peft_compat``: as
+    in :func:`select_tasks`.
     """
     ckpt = load_source(source)
     extra: list[Finding] = []
@@ -284,7 +297,7 @@ def rerank(
         ckpt,
         out,
         tensors,
-        target_config(ckpt.config, n, num_ranks),
+        fit_for_peft(target_config(ckpt.config, n, num_ranks), peft_compat),
         {
             "source_num_ranks": r,
             "num_ranks": num_ranks,
@@ -350,6 +363,7 @@ def export_prompt(
     *,
     encoder_only: bool = False,
     force: bool = False,
+    peft_compat: str | None = None,
 ) -> ExportPromptResult:
     """Write task ``task``'s effective prompt as a plain PEFT PROMPT_TUNING adapter.
 
@@ -361,6 +375,7 @@ def export_prompt(
     only the first num_virtual_tokens rows (the encoder half) and drops the decoder half that MPT's
     forward feeds to the decoder. ``encoder_only`` exports just the encoder half (num_transformer_submodules
     1), which is exactly what ``generate()`` uses for MPT too, but not what MPT's forward (training loss) sees.
+    ``peft_compat``: as in :func:`select_tasks`.
     """
     ckpt = load_source(source)
     extra: list[Finding] = []
@@ -410,7 +425,7 @@ def export_prompt(
         ckpt,
         out,
         tensors,
-        config,
+        fit_for_peft(config, peft_compat),
         {"task": task, "encoder_only": "true" if encoder_only else None},
         force=force,
         task=task,

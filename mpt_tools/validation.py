@@ -22,6 +22,8 @@ def validate(
     mode: str | None = None,
     task: int | None = None,
     base_model: str | bool | None = None,
+    num_tasks: int | None = None,
+    num_ranks: int | None = None,
 ) -> ValidateResult:
     """Check a source (and, with ``against``/``mode``, a planned target) and report every problem.
 
@@ -30,6 +32,9 @@ def validate(
     ``base_model`` (a Hub id or local folder, or True for the config's
     base_model_name_or_path) compares token_dim with the base model's hidden size, reading only
     its config.json (code ``base-model``; off by default, so no network is touched).
+    ``num_tasks`` and ``num_ranks`` are the planned target's sizes, as ``init``'s ``--target-tasks``
+    and ``--target-ranks`` ask for them (they need ``mode`` or ``against``; a planned config's
+    sizes count where they are None).
     """
     ckpt = load_source(source)
     findings = check_source(ckpt)
@@ -40,7 +45,8 @@ def validate(
             init = target.raw.get("prompt_tuning_init")
             mode = next((m.name for m in MODES.values() if m.peft_name == init), "average")
     if mode is not None:
-        findings += check_target(ckpt, TargetPlan(mode, task=task), target=target)
+        plan = TargetPlan(mode, task=task, num_tasks=num_tasks, num_ranks=num_ranks)
+        findings += check_target(ckpt, plan, target=target)
     if base_model is not None and base_model is not False:
         from .hub.base_model import base_model_findings
 

@@ -9,6 +9,7 @@ from .checkpoint import Checkpoint
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .files import guard_output, write_files
 from .formats import Raw, safetensors_parts
+from .peft_releases import Fit, fit_config, resolve_release
 from .version import __version__
 
 
@@ -22,6 +23,20 @@ def provenance(fields: dict[str, Any]) -> dict[str, str]:
             value = ",".join(str(v) for v in value)
         meta[f"mpt_tools.{key}"] = str(value)
     return meta
+
+
+def fit_for_peft(config: dict[str, Any], peft_compat: str | None = None) -> Fit:
+    """``config`` fitted to the PEFT releases an adapter is written for (see
+    :func:`mpt_tools.peft_releases.fit_config`): every release from 0.10.0 on by default, exactly
+    ``peft_compat`` (``"0.13.2"``) when given. Raises ConfigError when a value needs a newer
+    release than ``peft_compat``: call it before any output is written."""
+    return fit_config(config, resolve_release(peft_compat) if peft_compat is not None else None)
+
+
+def fit_note(fit: Fit) -> str:
+    """The note a writer adds for ``--peft-compat``: the release and the keys left out."""
+    left = ", ".join(r["key"] for r in fit.removed) or "none"
+    return f"adapter_config.json written for PEFT {fit.target} (keys left out: {left})"
 
 
 def write_adapter(
@@ -41,7 +56,7 @@ def write_adapter(
     out = guard_output(out_dir, force=force, protected=protected or [])
     blob = safetensors_parts(tensors, metadata)
     text = config_to_json(config)
-    write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text})
+    write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text}, force=force)
     return [str(out / WEIGHTS_NAME), str(out / CONFIG_NAME)]
 
 
@@ -66,16 +81,20 @@ def _write_and_report(
     ckpt: Checkpoint,
     out: str | os.PathLike[str],
     tensors: dict[str, Raw],
-    config: dict[str, Any],
+    config: Fit,
     recorded: dict[str, Any],
     *,
     force: bool,
     **extra: Any,
 ) -> dict[str, Any]:
     """Write an adapter folder (``mpt_tools.*`` provenance: the operation, the source and
-    ``recorded``) and return the command's result: :func:`_result` with ``extra``, the tensor
-    shapes and the metadata written."""
+    ``recorded``; ``config`` fitted by :func:`fit_for_peft`, whose warnings and note join the
+    result) and return the command's result: :func:`_result` with ``extra``, the tensor shapes and
+    the metadata written."""
+    extra["warnings"] = [*extra.get("warnings", []), *config.warnings]
+    if config.exact:
+        extra["notes"] = [*extra.get("notes", ckpt.notes), fit_note(config)]
     meta = provenance({"operation": operation, **ckpt.provenance(), **recorded})
-    written = write_adapter(out, tensors, config, meta, force=force, protected=ckpt.source_paths)
+    written = write_adapter(out, tensors, config.config, meta, force=force, protected=ckpt.source_paths)
     shapes = {k: list(v.shape) for k, v in tensors.items()}
     return _result(operation, ckpt, out, written, **extra, shapes=shapes, metadata=meta)

@@ -24,6 +24,7 @@ import os
 import pickle
 import shlex
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -914,6 +915,278 @@ def build_corpus(root: Path) -> list[Case]:
     )
     (a / ST_NAME).mkdir()
 
+    cases += reading_cases(root)
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile reading: bombs, claims, files that are not what their name says, header field types
+# --------------------------------------------------------------------------------------------
+
+
+class _Persist:
+    """A storage placeholder for :func:`legacy_claim_bytes` (pickled as a persistent id)."""
+
+
+class _Rebuild:
+    """Pickles as ``torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, {})``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __reduce__(self) -> tuple:
+        import collections
+
+        import torch
+
+        stride = tuple(1 for _ in self.shape)
+        return (torch._utils._rebuild_tensor_v2, (_Persist(), 0, self.shape, stride, False, collections.OrderedDict()))
+
+
+def legacy_claim_bytes(numel: int) -> bytes:
+    """A legacy (non-zip) torch.save stream whose one float32 storage claims ``numel`` elements
+    while the file holds 16 bytes of data: torch allocates what the pickle claims before reading."""
+    import torch
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            if isinstance(obj, _Persist):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+    def dump(obj: object) -> bytes:
+        buf = io.BytesIO()
+        Pickler(buf, protocol=2).dump(obj)
+        return buf.getvalue()
+
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    main = {"prompt_embeddings": _Rebuild((numel,))}
+    return (
+        pickle.dumps(_LEGACY_MAGIC, protocol=2)
+        + pickle.dumps(1001, protocol=2)
+        + pickle.dumps(sys_info, protocol=2)
+        + dump(main)
+        + pickle.dumps(["0"], protocol=2)
+        + struct.pack("<q", numel)
+        + b"\x00" * 16
+    )
+
+
+def deflated_zip(zbytes: bytes, inflate_to: int) -> bytes:
+    """A torch.save zip with its storage records deflated, the first one padded with zeros to
+    ``inflate_to`` bytes once inflated (torch.save writes every record stored)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(zbytes)) as zin, zipfile.ZipFile(out, "w") as zout:
+        first = True
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if "/data/" in info.filename:
+                if first:
+                    data += b"\x00" * (inflate_to - len(data))
+                    first = False
+                zout.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+            else:
+                zout.writestr(info, data)
+    return out.getvalue()
+
+
+def oversized_record_zip(zbytes: bytes, claim: int) -> bytes:
+    """A torch.save zip whose central directory says its first storage record holds ``claim``
+    bytes (stored), far more than the file."""
+    data = bytearray(zbytes)
+    pos = data.find(b"PK\x01\x02")
+    while pos >= 0:
+        name_len = struct.unpack_from("<H", data, pos + 28)[0]
+        name = bytes(data[pos + 46 : pos + 46 + name_len])
+        if b"/data/" in name:
+            struct.pack_into("<II", data, pos + 20, claim, claim)
+            break
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    return bytes(data)
+
+
+def reading_cases(root: Path) -> list[Case]:
+    """The hostile-reading cases (issue 15): pickle bombs and claims, tensors mpt-tools cannot
+    hold, files whose content is not what their name says, header fields of the wrong JSON type,
+    float64 values beyond float32. Each is a static file; FIFOs, devices and files that change
+    while read are in tests/test_hostile_reading.py."""
+    import torch
+
+    cases: list[Case] = []
+    base = baseline_tensors()
+    header0, data0 = st_layout(base)
+    meta = {"format": "pt"}
+    valid_st = st_pack(header0, data0, metadata=meta)
+    tt = _torch_tensors(base)
+    valid_bin = _torch_save_bytes(tt)
+
+    def add(name: str, content: bytes, why: str, expect: str, filename: str = BIN_NAME) -> None:
+        d = root / name
+        d.mkdir()
+        (d / filename).write_bytes(content)
+        cases.append(Case(name, d / filename, why, expect))
+
+    def st_case(name: str, header: object, why: str, expect: str, data: bytes = data0) -> None:
+        blob = header.encode() if isinstance(header, str) else json.dumps(header, separators=(",", ":")).encode()
+        add(name, struct.pack("<Q", len(blob)) + blob + data, why, expect, ST_NAME)
+
+    def entry(name: str, **fields: object) -> dict:
+        h = copy.deepcopy(header0)
+        h[name].update(fields)
+        return {"__metadata__": meta, **h}
+
+    # ---- pickle bombs and claims
+    add(
+        "bin-zip-deflate-bomb",
+        deflated_zip(valid_bin, 16 << 20),
+        "torch.save zip whose storage records are deflated; one inflates from 16 KB to 16 MB "
+        "(the same shape at 0.8 MB inflates to 1.8 GB)",
+        "compressed",
+    )
+    add(
+        "bin-zip-record-claims-2gb",
+        oversized_record_zip(valid_bin, 0x7FFF0000),
+        "torch.save zip whose central directory says a storage record holds 2 GB (the file has 2 KB)",
+        "claim",
+    )
+    zero_stride = dict(tt)
+    zero_stride["prompt_embeddings"] = torch.zeros(1).expand(10**7, 10**7)
+    add(
+        "bin-zero-stride-huge",
+        _torch_save_bytes(zero_stride),
+        "torch.save of an expanded (zero-stride) tensor: a 4-byte storage whose tensor claims 10**7 x 10**7 "
+        "float32 (400 TB)",
+        "claims",
+    )
+    add(
+        "bin-legacy-storage-claim",
+        legacy_claim_bytes(10**12),
+        "legacy (non-zip) torch.save whose pickle claims a 4 TB float32 storage; the file holds 16 bytes",
+        "claims",
+    )
+    add(
+        "bin-sparse-tensor",
+        _torch_save_bytes({**tt, "prompt_embeddings": tt["prompt_embeddings"].to_sparse()}),
+        "prompt_embeddings saved as a sparse COO tensor",
+        "sparse",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        csr = tt["prompt_embeddings"].to_sparse_csr()
+        quantized = torch.quantize_per_tensor(tt["prompt_embeddings"], 0.1, 0, torch.qint8)
+    add("bin-sparse-csr-tensor", _torch_save_bytes({**tt, "prompt_embeddings": csr}), "sparse CSR tensor", "sparse")
+    add(
+        "bin-meta-tensor",
+        _torch_save_bytes({**tt, "prompt_embeddings": torch.empty(T, D, device="meta")}),
+        "prompt_embeddings is a meta-device tensor (a shape without data)",
+        "meta",
+    )
+    add(
+        "bin-quantized-tensor",
+        _torch_save_bytes({**tt, "prompt_embeddings": quantized}),
+        "prompt_embeddings is a quantized (qint8) tensor",
+        "quantized",
+    )
+    add(
+        "bin-complex128",
+        _torch_save_bytes({**tt, "prefix_task_rows": tt["prefix_task_rows"].to(torch.complex128)}),
+        "prefix_task_rows is complex128",
+        "complex",
+    )
+    # ---- a .bin that is something else
+    add("bin-is-safetensors", valid_st, "a valid safetensors file named adapter_model.bin", "safetensors")
+    add(
+        "bin-lfs-pointer",
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 12345\n",
+        "a Git LFS pointer file in place of the weights",
+        "lfs",
+    )
+    add(
+        "bin-html-page",
+        b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>gone</body></html>\n",
+        "an HTML error page saved as adapter_model.bin",
+        "html",
+    )
+    add("bin-json", json.dumps(baseline_config()).encode(), "a JSON config saved as adapter_model.bin", "json")
+    add("bin-text", b"these are not the weights you are looking for\n", "a line of text as adapter_model.bin", "text")
+    # ---- safetensors header fields of the wrong JSON type (safetensors' own parser refuses each)
+    st_case("st-shape-float", entry("prompt_embeddings", shape=[4.0, 8]), "shape [4.0, 8]: a float dimension", "shape")
+    st_case("st-shape-bool", entry("prompt_embeddings", shape=[True, 32]), "shape [true, 32]", "shape")
+    st_case(
+        "st-shape-negative-zero",
+        json.dumps(entry("prompt_embeddings", shape=[4, 8])).replace('"shape": [4, 8]', '"shape": [4, 8, -0, 1]'),
+        "shape [4, 8, -0, 1]: -0 is a float to serde (and 0 elements then mismatch)",
+        "shape",
+    )
+    st_case(
+        "st-offsets-float",
+        entry("prompt_embeddings", data_offsets=[0, 128.0]),
+        "data_offsets [0, 128.0]: a float offset",
+        "data_offsets",
+    )
+    st_case(
+        "st-offsets-three",
+        entry("prompt_embeddings", data_offsets=[0, 128, 128]),
+        "data_offsets has three items",
+        "data_offsets",
+    )
+    st_case("st-dtype-not-string", entry("prompt_embeddings", dtype=5), "dtype is the number 5", "dtype")
+    st_case("st-dtype-c128", entry("prompt_embeddings", dtype="C128"), "dtype C128 (safetensors has no C128)", "dtype")
+    st_case(
+        "st-dtype-f4",
+        {"x": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}},
+        "dtype F4 (valid to safetensors: 4-bit floats, which mpt-tools does not read)",
+        "dtype",
+        b"\x00",
+    )
+    st_case(
+        "st-shape-overflow-zero",
+        {"x": {"dtype": "F32", "shape": [2**32, 2**32, 0], "data_offsets": [0, 0]}},
+        "shape [2**32, 2**32, 0]: 0 elements, but the running product overflows 64 bits first",
+        "overflow",
+        b"",
+    )
+    st_case(
+        "st-shape-over-u64",
+        {"x": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}},
+        "shape [2**64, 0]: a dimension no usize holds",
+        "shape",
+        b"",
+    )
+    st_case(
+        "st-extra-field-nan",
+        json.dumps(entry("prompt_embeddings", note=1.5)).replace("1.5", "NaN"),
+        'an unknown field "note": NaN in an entry (not JSON to serde)',
+        "json",
+    )
+    st_case(
+        "st-extra-field-1e400",
+        json.dumps(entry("prompt_embeddings", note=1.5)).replace("1.5", "1e400"),
+        'an unknown field "note": 1e400 (out of range for serde)',
+        "json",
+    )
+    st_case(
+        "st-header-lone-surrogate",
+        json.dumps(entry("prompt_embeddings", note="x")).replace('"x"', '"\\ud800"'),
+        "an unpaired UTF-16 surrogate escape in a string",
+        "surrogate",
+    )
+    st_case(
+        "st-header-too-deep",
+        json.dumps(entry("prompt_embeddings", note=0)).replace('"note": 0', '"note": ' + "[" * 130 + "]" * 130),
+        "an unknown field nested 130 lists deep (serde_json's limit is 128)",
+        "deep",
+    )
+    # ---- numbers: finite float64 values that float32 cannot hold
+    big = {k: v.astype(np.float64) for k, v in base.items()}
+    big["prefix_task_rows"][1, 0, 3] = 3.4e39
+    add(
+        "content-f64-beyond-f32",
+        safetensors_bytes(big),
+        "float64 tensors with one value 3.4e39, finite but beyond float32's range",
+        "float32",
+        ST_NAME,
+    )
     return cases
 
 

@@ -47,6 +47,22 @@ def command_lines(case: Case, out: Path) -> dict[str, list[str]]:
         "export-prompt": ["export-prompt", src, "--task", "0", "--out", str(out / "prompt")],
         "diff": ["diff", src, str(FIXTURES / "causal")],
         "similarity": ["inspect", src, "--similarity", "--plot", str(out / "sim.png")],
+        "compat": ["compat", src, "--peft", "0.10.0", "--out", str(out / "compat")],
+        # every writer with --peft-compat (a config for exactly one PEFT release)
+        "init-peft-compat": ["init", src, "--mode", "average", "--out", str(out / "avg13"), "--peft-compat", "0.13.2"],
+        "tasks-peft-compat": ["tasks", src, "--select", "0", "--out", str(out / "t13"), "--peft-compat", "0.13.2"],
+        "rerank-peft-compat": ["rerank", src, "--num-ranks", "2", "--out", str(out / "r13"), "--peft-compat", "0.13"],
+        "convert-peft-compat": ["convert", src, "--out", str(out / "conv13"), "--peft-compat", "0.10.0"],
+        "export-peft-compat": [
+            "export-prompt",
+            src,
+            "--task",
+            "0",
+            "--out",
+            str(out / "p13"),
+            "--peft-compat",
+            "0.17.1",
+        ],
     }
     return {k: v for k, v in lines.items() if v[0] in cli.commands}
 
@@ -92,3 +108,20 @@ def test_docs_table_covers_every_case() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "bad-inputs.md").read_text()
     missing = [c.name for c in _cases() if f"`{c.name}`" not in doc]
     assert not missing, f"docs/bad-inputs.md lacks {missing}: run python docs/make_bad_inputs_table.py"
+
+
+def test_every_fault_case_names_a_test_that_exists() -> None:
+    """docs/bad-inputs.md's second table: every case is run by the test it names, and listed."""
+    import ast
+
+    from fault_cases import FAULT_CASES
+
+    doc = (Path(__file__).parent.parent / "docs" / "bad-inputs.md").read_text()
+    names = [c.name for c in FAULT_CASES]
+    assert len(names) == len(set(names))
+    for case in FAULT_CASES:
+        file, test = case.test.split("::")
+        tree = ast.parse((Path(__file__).parent / file).read_text())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert test in defined, f"{case.name}: {case.test} does not exist"
+        assert f"`{case.name}`" in doc, f"docs/bad-inputs.md lacks {case.name}: run docs/make_bad_inputs_table.py"

@@ -92,12 +92,12 @@ def test_never_writes_into_source(tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mpt_tools.formats as formats
+    import mpt_tools.files as files
 
-    def boom(src: str, dst: str) -> None:
+    def boom(fd: int) -> None:  # the disk fills up as the data is flushed
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(formats.os, "replace", boom)
+    monkeypatch.setattr(files.os, "fsync", boom)
     out = tmp_path / "t"
     result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", out)
     assert result.exit_code == 1 and "No space left" in result.stderr

@@ -806,6 +806,8 @@ def test_an_existing_local_path_wins_over_a_repo_id(hub, src, tmp_path, monkeypa
     data = inspect_json("org/src")
     assert data["hub"] is None and data["config"]["task_type"] == "SEQ_2_SEQ_LM"
     assert len(hub.requests) == before
-    shutil.rmtree(local)  # gone locally: now it is the Hub repo (the causal fixture)
+    # gone locally, folder `org` included (with `org/` still here, `org/src` reads as a missing local
+    # path: see test_arguments.py::test_a_missing_path_says_no_such_file_at_once): now the Hub repo
+    shutil.rmtree(tmp_path / "org")
     data = inspect_json("org/src")
     assert data["hub"]["repo_id"] == "org/src" and data["config"]["task_type"] == "CAUSAL_LM"

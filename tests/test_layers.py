@@ -16,16 +16,17 @@ PACKAGE = ROOT / "mpt_tools"
 
 # Bottom to top. A module may import only from its own layer or a lower one.
 LAYERS: list[list[str]] = [
-    ["version", "errors", "options", "results", "hub"],  # leaves (hub: the package, imports nothing)
-    ["config", "formats"],  # adapter config and file names, tensor files
+    # leaves (hub: the package, imports nothing; paths: opening files to read, without blocking)
+    ["version", "errors", "interrupts", "paths", "options", "results", "hub"],
+    ["config", "formats", "peft_releases"],  # adapter config and file names, tensor files, PEFT's fields
     ["files"],  # sha256, atomic and staged writes, the output guard
     ["hub.download"],  # a Hub source into the cache: needs no checks
     ["checkpoint"],  # a source, loaded
-    ["findings", "factors", "prompts"],  # findings; factor math; chunks and prompt math
+    ["findings", "factors", "torchmean", "prompts"],  # findings; factor math (torch's mean in numpy); prompt math
     ["modes"],  # the table of target modes
     ["checks", "writer", "hub.base_model", "hub.card", "verification.engine"],
     ["hub.push", "verification.target"],
-    ["validation", "surgery", "conversion", "compare", "verification"],  # the operations
+    ["validation", "surgery", "conversion", "compare", "verification", "compat"],  # the operations
     ["inspection", "init"],  # operations that use other operations (similarity; verify, push)
     ["cli.options", "cli.render"],
     ["cli"],

@@ -45,7 +45,7 @@ def test_shared_target_size_capped(tmp_path: Path) -> None:
     result = run_cli(
         "init", FIXTURES / "causal", "--mode", "shared", "--num-tasks", "1000000000", "--out", tmp_path / "t"
     )
-    assert result.exit_code == 1 and "refusing" in result.stderr
+    assert result.exit_code == 1 and "out of range (expected 1..1000000, found 1000000000)" in result.stderr
     assert not (tmp_path / "t").exists()
 
 

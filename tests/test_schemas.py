@@ -60,6 +60,8 @@ CASES: dict[str, tuple[int, list[str]]] = {
         0,
         ["export-prompt", "{fx}/seq2seq", "--task", "0", "--out", "{tmp}/enc", "--encoder-only"],
     ),
+    "compat": (0, ["compat", "{fx}/causal", "--peft", "0.10.0", "--out", "{tmp}/compat"]),
+    "compat-pickle": (0, ["compat", "{fx}/causal_bin", "--peft", "0.21.2", "--out", "{tmp}/compat-bin"]),
     "diff-identical": (0, ["diff", "{fx}/causal", "{fx}/causal"]),
     "diff-differing": (1, ["diff", "{fx}/causal", "{tmp}/rank1"]),
     "diff-dtypes": (1, ["diff", "{fx}/causal", "{tmp}/bf16"]),
@@ -286,3 +288,29 @@ def test_readme_lists_the_keys_of_every_schema() -> None:
         assert parse_keys(lines[schema_id(command)]) == key_tree(tp), f"README's keys of {command} are stale"
     for command in SCHEMAS:  # and the help of every command is there
         assert f"#### `mpt-tools {command}`\n\n```text\nUsage: mpt-tools {command} [OPTIONS]" in block
+
+
+@pytest.mark.parametrize("command", sorted(SCHEMAS))
+def test_a_failing_command_prints_the_error_schema(tmp_path: Path, command: str) -> None:
+    """Every command, failing on a missing source with --json: ``mpt-tools/error/1`` on stdout,
+    matching :class:`~mpt_tools.results.ErrorResult`, and the one line on stderr."""
+    from mpt_tools.results import ErrorResult
+
+    missing = str(tmp_path / "missing.safetensors")
+    out = str(tmp_path / "out")
+    argv = {
+        "init": ["init", missing, "--mode", "exact", "--out", out],
+        "tasks": ["tasks", missing, "--select", "0", "--out", out],
+        "rerank": ["rerank", missing, "--num-ranks", "1", "--out", out],
+        "export-prompt": ["export-prompt", missing, "--task", "0", "--out", out],
+        "convert": ["convert", missing, "--out", out],
+        "compat": ["compat", missing, "--peft", "0.10.0", "--out", out],
+        "diff": ["diff", missing, missing],
+        "push": ["push", missing, "me/repo", "--dry-run"],
+    }.get(command, [command, missing])
+    result = run_cli(*argv, "--json")
+    assert result.exit_code == 1, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema"] == "mpt-tools/error/1" and data["command"] == command
+    assert not problems(data, ErrorResult, command, {})
+    assert len(result.stderr.strip().splitlines()) == 1

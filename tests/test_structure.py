@@ -40,12 +40,23 @@ def test_fast_paths_never_import_torch_or_hub(tmp_path: Path, argv: list[str]) -
     assert line.split()[1:] == [], f"{argv[0]} imported {line.split()[1:]}"
 
 
-def test_average_is_the_only_init_that_needs_torch(tmp_path: Path) -> None:
-    args = ["init", str(FIXTURES / "causal"), "--mode", "average", "--out", str(tmp_path / "a")]
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--tasks", "0,2"], ["--tasks", "2,0", "--weights", "1,3"], ["--target-tasks", "3"], ["--torch-threads", "8"]],
+    ids=lambda a: " ".join(a) or "plain",
+)
+def test_average_needs_no_torch(tmp_path: Path, extra: list[str]) -> None:
+    """init --mode average computes torch's mean in numpy (mpt_tools.torchmean), bit for bit."""
+    args = ["init", str(FIXTURES / "causal"), "--mode", "average", *extra, "--out", str(tmp_path / "a")]
     proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("MODULES", 1)[1].split() == []
+    torch_args = [*args[:-1], str(tmp_path / "t"), "--engine", "torch"]
+    proc = subprocess.run([sys.executable, "-c", PROBE, *torch_args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout.split("MODULES", 1)[1].split()
-    assert "huggingface_hub" not in proc.stdout.split("MODULES", 1)[1].split()
+    written = [(tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("a", "t")]
+    assert written[0] == written[1]
 
 
 def make_big(tmp: Path, n: int = 40, t: int = 6, r: int = 3, d: int = 32) -> Path:

@@ -215,7 +215,8 @@ def test_select_then_select_back_is_identity(perm: list[int]) -> None:
             assert torch.equal(got[k], src[k])
         cfg_src = json.loads((CAUSAL / "adapter_config.json").read_text())
         cfg_b = json.loads((b / "adapter_config.json").read_text())
-        assert cfg_b == cfg_src
+        # less the two keys PEFT < 0.17 / < 0.18 refuse (a default; a record PEFT fills in)
+        assert cfg_b == {k: v for k, v in cfg_src.items() if k not in ("modules_to_save", "peft_version")}
 
 
 @pytest.mark.parametrize(
@@ -329,7 +330,7 @@ def test_rerank_up_then_down_is_exact(n: int, t: int, r: int, d: int, extra: int
 
 def test_rerank_bad_rank(tmp_path: Path) -> None:
     res = run_cli("rerank", CAUSAL, "--num-ranks", "0", "--out", tmp_path / "z")
-    assert res.exit_code == 1 and "num_ranks" in res.stderr
+    assert res.exit_code == 2 and "--num-ranks" in res.stderr  # a usage error (issue 15), as on every command
     assert not (tmp_path / "z").exists()
 
 
@@ -358,7 +359,9 @@ def test_convert_folder_loads_in_peft_like_the_source(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((out / "adapter_config.json").read_text())
     src_cfg = json.loads((FIXTURES / "causal_bin" / "adapter_config.json").read_text())
-    assert cfg == src_cfg
+    # the source's config, less the keys PEFT < 0.17 / < 0.18 refuse (default / filled in on load)
+    assert src_cfg["modules_to_save"] is None
+    assert cfg == {k: v for k, v in src_cfg.items() if k not in ("modules_to_save", "peft_version")}
     for k in range(3):
         assert torch.equal(peft_prompt(out, "CAUSAL_LM", k), peft_prompt(FIXTURES / "causal_bin", "CAUSAL_LM", k))
     # and diff calls them identical
@@ -472,7 +475,9 @@ def test_export_prompt_config_is_what_peft_writes(tmp_path: Path) -> None:
     model = get_peft_model(tiny_model("CAUSAL_LM"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     model.save_pretrained(str(tmp_path / "peft"))
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert set(ours) == set(theirs)
+    # PEFT 0.18+ writes two keys older releases refuse; ours leaves them out (a default, a record)
+    assert set(ours) == set(theirs) - {"modules_to_save", "peft_version"}
+    assert theirs["modules_to_save"] is None
     for key in ("peft_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "prompt_tuning_init"):
         assert ours[key] == theirs[key], key
     meta = safe_open(str(out / "adapter_model.safetensors"), "pt").metadata()

@@ -6,7 +6,6 @@ exit 2 (Click's own); no traceback reaches the user unless MPT_TOOLS_DEBUG=1.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from types import ModuleType
@@ -18,13 +17,19 @@ from ..errors import MptToolsError, debug
 from ..options import HubOptions, SourceSpec
 from ..version import __version__
 from .options import (
+    COUNT,
     FORCE,
     JSON,
     OUT,
+    PEFT_COMPAT,
+    SEED,
     TRAINING_DTYPES,
     Command,
     ModeChoice,
     NumberList,
+    PathText,
+    PeftRelease,
+    Text,
     base_model_options,
     hub_options,
     option,
@@ -39,33 +44,72 @@ def _render() -> ModuleType:
     return render
 
 
+def _written() -> str:
+    """What this process put in place, for an accurate account when it fails late."""
+    from ..files import WRITTEN
+
+    return f"; already written: {', '.join(WRITTEN)}" if WRITTEN else "; nothing was written"
+
+
+def _fresh_run() -> None:
+    """Forget what an earlier command of this process wrote or printed (a test or a script may run
+    several in one process); modules not imported yet have nothing to forget."""
+    files, render = sys.modules.get("mpt_tools.files"), sys.modules.get("mpt_tools.cli.render")
+    if files is not None:
+        files.WRITTEN.clear()
+        files.REMOVED_STALE.clear()
+    if render is not None:
+        render.reset()
+
+
+def _note_stale() -> None:
+    """Say (on stderr) which staging leftovers of killed runs this command removed."""
+    files = sys.modules.get("mpt_tools.files")
+    if files is not None and files.REMOVED_STALE:
+        names = ", ".join(files.REMOVED_STALE)
+        _render().echo(f"note: removed what an interrupted run had left: {names}", err=True)
+
+
 class Group(click.Group):
     """A Click group that turns library errors into one line and exit 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the command; map MptToolsError (and anything unexpected) to exit 1."""
+        """Run the command; map MptToolsError (and anything unexpected) to exit 1, a signal to
+        128+signal, and a reader that left early to the command's own status."""
+        _fresh_run()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            _note_stale()
+            return result
         except MptToolsError as exc:
             if debug():
                 raise
+            if ctx.meta.get("mpt_tools.json"):
+                _render().show_error(ctx.meta.get("mpt_tools.command", ""), exc)
             _render().echo(f"error: {_render().one_line(str(exc))}", err=True)
             ctx.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except KeyboardInterrupt:
-            _render().echo("error: interrupted", err=True)
-            ctx.exit(130)
-        except BrokenPipeError:  # `mpt-tools inspect x | head`: the reader left; say nothing more
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-            ctx.exit(1)
+        except KeyboardInterrupt as exc:
+            from ..interrupts import Interrupted
+
+            what = exc.name if isinstance(exc, Interrupted) else "SIGINT"
+            _render().echo(f"error: interrupted by {what}{_written()}", err=True)
+            ctx.exit(exc.exit_status if isinstance(exc, Interrupted) else 130)
         except Exception as exc:  # a bug: still no traceback for users
+            render = _render()
+            if isinstance(exc, render.StdoutError):
+                render.echo(f"error: cannot write to standard output ({exc.strerror or exc}){_written()}", err=True)
+                ctx.exit(1)
+            try:
+                os.getcwd()
+            except OSError:
+                render.echo("error: the current folder no longer exists; cd to one that does", err=True)
+                ctx.exit(1)
             if debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
-            _render().echo(
-                f"error: internal error ({type(exc).__name__}: {_render().one_line(str(exc))}); "
+            render.echo(
+                f"error: internal error ({type(exc).__name__}: {render.one_line(str(exc))}); "
                 "set MPT_TOOLS_DEBUG=1 for a traceback and please report it",
                 err=True,
             )
@@ -96,15 +140,34 @@ def cli() -> None:
         "mpt-tools validate org/mpt-source --json",
     ],
 )
-@click.argument("source")
-@option("--against", section="Target", type=click.Path(), help="Planned target adapter_config.json (file or folder).")
+@click.argument("source", type=Text())
+@option("--against", section="Target", type=PathText(), help="Planned target adapter_config.json (file or folder).")
 @option("--mode", section="Target", type=ModeChoice(), help="Planned target mode (PEFT's names work too).")
 @option("--task", section="Target", type=int, help="Source task for --mode exact.")
+@option(
+    "--target-tasks",
+    section="Target",
+    type=COUNT,
+    help="Planned target num_tasks, as init's --target-tasks (needs --mode or --against).",
+)
+@option(
+    "--target-ranks",
+    section="Target",
+    type=COUNT,
+    help="Planned target num_ranks, as init's --target-ranks (needs --mode or --against).",
+)
 @JSON
 @source_options()
 @base_model_options
 def validate(
-    source: SourceSpec, against: str | None, mode: str | None, task: int | None, as_json: bool, base_model: Any
+    source: SourceSpec,
+    against: str | None,
+    mode: str | None,
+    task: int | None,
+    target_tasks: int | None,
+    target_ranks: int | None,
+    as_json: bool,
+    base_model: Any,
 ) -> None:
     """Check SOURCE (and a planned target) and report every problem at once.
 
@@ -112,7 +175,17 @@ def validate(
     """
     from ..validation import validate as run
 
-    report = run(source, against=against, mode=mode, task=task, base_model=base_model)
+    if (target_tasks is not None or target_ranks is not None) and mode is None and against is None:
+        raise click.UsageError("--target-tasks and --target-ranks plan a target: give --mode (or --against) too")
+    report = run(
+        source,
+        against=against,
+        mode=mode,
+        task=task,
+        base_model=base_model,
+        num_tasks=target_tasks,
+        num_ranks=target_ranks,
+    )
     _render().show_json(report) if as_json else _render().validate_view(report)
     _render().exit_if_invalid(report)
 
@@ -125,13 +198,11 @@ def validate(
         "mpt-tools inspect hf://org/multi@v2/task-adapters --no-norms --json",
     ],
 )
-@click.argument("source")
+@click.argument("source", type=Text())
 @JSON
 @option("--no-norms", is_flag=True, help="Skip the per-task norms (reads only the header).")
 @option("--similarity", is_flag=True, help="Print the task-by-task cosine similarity of the prompts.")
-@option(
-    "--plot", section="Output", type=click.Path(dir_okay=False), help="Draw the similarity matrix as a heatmap PNG."
-)
+@option("--plot", section="Output", type=PathText(dir_okay=False), help="Draw the similarity matrix as a heatmap PNG.")
 @option("--force", section="Output", is_flag=True, help="Overwrite an existing --plot file.")
 @source_options()
 def inspect(source: SourceSpec, as_json: bool, no_norms: bool, similarity: bool, plot: str | None, force: bool) -> None:
@@ -159,7 +230,7 @@ def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None
         "mpt-tools init org/mpt-source --revision v2 --mode shared --seed 0 --out target --push me/target",
     ],
 )
-@click.argument("source")
+@click.argument("source", type=Text())
 @option(
     "--mode", section="Target", required=True, type=ModeChoice(), help="How the target starts (PEFT's names work too)."
 )
@@ -179,22 +250,45 @@ def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None
     type=NumberList(float),
     help="average: one non-negative weight per task (normalised).",
 )
-@option("--seed", section="Target", type=int, help="Seed for the fresh factors of --mode shared (recorded).")
+@option("--seed", section="Target", type=SEED, help="Seed for the fresh factors of --mode shared (recorded).")
 @option(
     "--target-tasks",
     section="Target",
-    type=int,
+    type=COUNT,
     help="The target's num_tasks [default: 1]; average/exact: every task starts from the chosen factors.",
 )
-@option("--target-ranks", section="Target", type=int, help="The target's num_ranks (shared; default the source's).")
-@option("--num-tasks", "num_tasks", section="Target", type=int, help="Deprecated spelling of --target-tasks.")
-@option("--num-ranks", "num_ranks", section="Target", type=int, help="Deprecated spelling of --target-ranks.")
+@option("--target-ranks", section="Target", type=COUNT, help="The target's num_ranks (shared; default the source's).")
+@option("--num-tasks", "num_tasks", section="Target", type=COUNT, help="Deprecated spelling of --target-tasks.")
+@option("--num-ranks", "num_ranks", section="Target", type=COUNT, help="Deprecated spelling of --target-ranks.")
+@option(
+    "--engine",
+    section="Target",
+    type=click.Choice(["auto", "numpy", "torch"]),
+    default="auto",
+    show_default=True,
+    help="average: who computes torch's mean: numpy (same bits, no torch import), torch, or auto "
+    "(numpy where proven bitwise, torch elsewhere).",
+)
+@option(
+    "--torch-threads",
+    section="Target",
+    type=COUNT,
+    help="average: the torch thread count whose bits to match (a PEFT run elsewhere) [default: torch's here].",
+)
 @OUT
 @option("--force", section="Output", is_flag=True, help="Overwrite an existing adapter in --out.")
 @JSON
-@option("--push", "push_to", section="Output", metavar="REPO_ID", help="Then push --out to this Hub repo (see `push`).")
+@option(
+    "--push",
+    "push_to",
+    section="Output",
+    metavar="REPO_ID",
+    type=Text(),
+    help="Then push --out to this Hub repo (see `push`).",
+)
 @option("--private", section="Output", is_flag=True, help="With --push: create the repo private.")
 @option("--create-pr", section="Output", is_flag=True, help="With --push: open a pull request instead of committing.")
+@PEFT_COMPAT
 @option(
     "--verify",
     "verify_after",
@@ -216,12 +310,15 @@ def init(
     target_ranks: int | None,
     num_tasks: int | None,
     num_ranks: int | None,
+    engine: str,
+    torch_threads: int | None,
     out: str,
     force: bool,
     as_json: bool,
     push_to: str | None,
     private: bool,
     create_pr: bool,
+    peft_compat: str | None,
     verify_after: bool,
     base_model: str | bool | None,
 ) -> None:
@@ -243,10 +340,14 @@ def init(
         tasks=task_list,
         weights=weights,
         allow_negative_task=allow_negative_task,
+        engine=engine,
+        torch_threads=torch_threads,
     )
     push = PushRequest(push_to, private, create_pr) if push_to else None
     verify = "auto" if verify_after else None
-    result = init_adapter(source, plan, out, force=force, base_model=base_model, verify=verify, push=push)
+    result = init_adapter(
+        source, plan, out, force=force, base_model=base_model, verify=verify, push=push, peft_compat=peft_compat
+    )
     for w in result["warnings"]:
         _render().echo(f"warning: {w}", err=True)
     _render().show_json(result) if as_json else _render().init_view(result)
@@ -260,7 +361,7 @@ def init(
         "mpt-tools tasks sources --select 0,0,1 --out three-tasks  # a new task 1 starts as a copy of task 0",
     ],
 )
-@click.argument("source")
+@click.argument("source", type=Text())
 @option(
     "--select",
     required=True,
@@ -270,8 +371,11 @@ def init(
 @OUT
 @FORCE
 @JSON
+@PEFT_COMPAT
 @source_options()
-def tasks_cmd(source: SourceSpec, select: list[int], out: str, force: bool, as_json: bool) -> None:
+def tasks_cmd(
+    source: SourceSpec, select: list[int], out: str, force: bool, as_json: bool, peft_compat: str | None
+) -> None:
     """Select, reorder or drop the tasks of SOURCE into a new adapter in --out.
 
     New task i is source task SELECT[i]; values are copied bitwise in the source dtype and
@@ -279,7 +383,7 @@ def tasks_cmd(source: SourceSpec, select: list[int], out: str, force: bool, as_j
     """
     from ..surgery import select_tasks
 
-    result = select_tasks(source, select, out, force=force)
+    result = select_tasks(source, select, out, force=force, peft_compat=peft_compat)
     _render().show_json(result) if as_json else _render().tasks_view(result)
 
 
@@ -290,13 +394,14 @@ def tasks_cmd(source: SourceSpec, select: list[int], out: str, force: bool, as_j
         "mpt-tools rerank sources --num-ranks 8 --out rank8      # exact",
     ],
 )
-@click.argument("source")
-@option("--num-ranks", "num_ranks", required=True, type=int, help="The new rank R.")
+@click.argument("source", type=Text())
+@option("--num-ranks", "num_ranks", required=True, type=COUNT, help="The new rank R.")
 @OUT
 @FORCE
 @JSON
+@PEFT_COMPAT
 @source_options(sizes=False)
-def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: bool) -> None:
+def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: bool, peft_compat: str | None) -> None:
     """Change the rank of SOURCE's task factors, into a new adapter in --out.
 
     Higher rank: zero padding, every prompt exactly the source's. Lower rank: per task the best
@@ -305,7 +410,7 @@ def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: b
     """
     from ..surgery import rerank as run
 
-    result = run(source, num_ranks, out, force=force)
+    result = run(source, num_ranks, out, force=force, peft_compat=peft_compat)
     _render().show_json(result) if as_json else _render().rerank_view(result)
 
 
@@ -317,19 +422,22 @@ def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: b
         "mpt-tools convert sources --out sources-bf16 --dtype bfloat16       # prints the max cast error",
     ],
 )
-@click.argument("source")
+@click.argument("source", type=Text())
 @option(
     "--out",
     section="Output",
     required=True,
-    type=click.Path(),
+    type=PathText(),
     help="A file ending in .safetensors, or a folder (adapter_model.safetensors + adapter_config.json).",
 )
 @option("--dtype", type=click.Choice(TRAINING_DTYPES), help="Cast every tensor.")
 @FORCE
 @JSON
+@PEFT_COMPAT
 @source_options()
-def convert(source: SourceSpec, out: str, dtype: str | None, force: bool, as_json: bool) -> None:
+def convert(
+    source: SourceSpec, out: str, dtype: str | None, force: bool, as_json: bool, peft_compat: str | None
+) -> None:
     """Convert SOURCE (.bin/.pt/.pth loaded weights-only, or .safetensors) to safetensors.
 
     Keys are normalised to the canonical names; the written file is read back and compared
@@ -338,7 +446,7 @@ def convert(source: SourceSpec, out: str, dtype: str | None, force: bool, as_jso
     """
     from ..conversion import convert as run
 
-    result = run(source, out, dtype=dtype, force=force)
+    result = run(source, out, dtype=dtype, force=force, peft_compat=peft_compat)
     _render().show_json(result) if as_json else _render().convert_view(result)
 
 
@@ -350,7 +458,7 @@ def convert(source: SourceSpec, out: str, dtype: str | None, force: bool, as_jso
         "mpt-tools export-prompt t5-sources --task 0 --out t0 --encoder-only",
     ],
 )
-@click.argument("source")
+@click.argument("source", type=Text())
 @option("--task", required=True, type=int, help="The source task to export.")
 @OUT
 @option(
@@ -360,13 +468,63 @@ def convert(source: SourceSpec, out: str, dtype: str | None, force: bool, as_jso
 )
 @FORCE
 @JSON
+@PEFT_COMPAT
 @source_options()
-def export_prompt(source: SourceSpec, task: int, out: str, encoder_only: bool, force: bool, as_json: bool) -> None:
+def export_prompt(
+    source: SourceSpec,
+    task: int,
+    out: str,
+    encoder_only: bool,
+    force: bool,
+    as_json: bool,
+    peft_compat: str | None,
+) -> None:
     """Write task --task's prompt P* * (cols[k] @ rows[k]) as a plain PEFT PROMPT_TUNING adapter."""
     from ..surgery import export_prompt as run
 
-    result = run(source, task, out, encoder_only=encoder_only, force=force)
+    result = run(source, task, out, encoder_only=encoder_only, force=force, peft_compat=peft_compat)
     _render().show_json(result) if as_json else _render().export_view(result)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools compat target --peft 0.10.0 --out target-peft0.10   # loads in PEFT 0.10.0",
+        "mpt-tools compat org/mpt-adapter --peft 0.13 --out local --json  # 0.13: the oldest 0.13.x",
+    ],
+)
+@click.argument("adapter", type=Text())
+@option(
+    "--peft",
+    "peft",
+    required=True,
+    type=PeftRelease(),
+    help="The PEFT release that must load the adapter, e.g. 0.10.0 (X.Y: the oldest X.Y.z).",
+)
+@OUT
+@FORCE
+@JSON
+@option(
+    "--subfolder",
+    section="Source",
+    type=Text(),
+    help="Named adapter saved under a subfolder of the directory or repo.",
+)
+@hub_options
+def compat(
+    adapter: str, peft: str, out: str, force: bool, as_json: bool, subfolder: str | None, hub: HubOptions
+) -> None:
+    """Rewrite ADAPTER's adapter_config.json so that PEFT release --peft loads it, into --out.
+
+    ADAPTER is an MPT or PROMPT_TUNING adapter folder written by any PEFT release or by
+    mpt-tools (or a Hub repo); it is checked first. Keys the release does not know are left out
+    when they hold their default (peft_version always); a value that needs a newer release is
+    refused. The weights file is copied byte for byte. Prints the keys removed and kept.
+    """
+    from ..compat import compat_adapter as run
+
+    result = run(SourceSpec(adapter, subfolder=subfolder, hub=hub), peft, out, force=force)
+    _render().show_json(result) if as_json else _render().compat_view(result)
 
 
 @cli.command(
@@ -376,8 +534,8 @@ def export_prompt(source: SourceSpec, task: int, out: str, encoder_only: bool, f
         "mpt-tools diff target/ org/mpt-target --json",
     ],
 )
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", type=Text())
+@click.argument("b", type=Text())
 @JSON
 @hub_options
 def diff(a: str, b: str, as_json: bool, hub: HubOptions) -> None:
@@ -404,8 +562,12 @@ def diff(a: str, b: str, as_json: bool, hub: HubOptions) -> None:
         "mpt-tools verify sources --tasks 0,3,5",
     ],
 )
-@click.argument("path")
-@option("--source", help="Check the target against this source (default: the one init recorded, if present).")
+@click.argument("path", type=Text())
+@option(
+    "--source",
+    type=Text(),
+    help="Check the target against this source (default: the one init recorded, if present).",
+)
 @option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @option(
     "--dtype",
@@ -448,10 +610,10 @@ def verify_cmd(
         "mpt-tools push target/ org/shared --create-pr           # a pull request instead of a commit",
     ],
 )
-@click.argument("folder", metavar="DIR", type=click.Path())
-@click.argument("repo_id")
+@click.argument("folder", metavar="DIR", type=PathText())
+@click.argument("repo_id", type=Text())
 @option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
-@option("--revision", metavar="BRANCH", help="Push to this branch (created from main when missing).")
+@option("--revision", metavar="BRANCH", type=Text(), help="Push to this branch (created from main when missing).")
 @option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @option("--commit-message", metavar="M", help="Commit title (default names the mode and version).")
 @option("--token", metavar="TOKEN", help="Hub write token (else HF_TOKEN or the stored login).")
@@ -491,7 +653,23 @@ def push(
 
 def main() -> None:
     """Entry point of the ``mpt-tools`` console script."""
-    cli(prog_name="mpt-tools")
+    from ..interrupts import install
+
+    install()
+    try:
+        cli(prog_name="mpt-tools")
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now, so that a reader that left early costs no message at exit."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _render().detach_stdout()
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

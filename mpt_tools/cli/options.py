@@ -4,8 +4,11 @@
   one frozen :class:`~mpt_tools.options.SourceSpec` instead of the location string;
   :func:`hub_options` does the same for commands that read two sources (one
   :class:`~mpt_tools.options.HubOptions`).
-- :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`NumberList` and
-  :class:`ModeChoice` are parameter types with clear errors.
+- :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`NumberList`,
+  :class:`ModeChoice`, :class:`PathText` (no empty path) and :data:`COUNT` / :data:`SEED` (no
+  size below 1, no negative seed) are parameter types with clear errors.
+- :class:`Command` also refuses a garbage value in one of mpt-tools' own environment variables
+  (:func:`environment_problem`: one line, exit 1) before the command runs.
 - :class:`Command` prints options in titled sections (:class:`Option`'s ``section``) and ends every
   ``--help`` with its examples.
 
@@ -15,6 +18,7 @@ Nothing here imports numpy, torch or huggingface_hub: ``--help`` stays instant.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +53,18 @@ class Command(click.Command):
     def __init__(self, *args: Any, examples: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.examples = list(examples)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command, first noting (in the context's shared ``meta``) its name and whether
+        ``--json`` was asked, so a failure can be reported as JSON too."""
+        ctx.meta["mpt_tools.command"] = ctx.info_name or self.name
+        ctx.meta["mpt_tools.json"] = bool(ctx.params.get("as_json"))
+        problem = environment_problem()  # a garbage value in our own variables: one line, exit 1
+        if problem is not None:
+            from ..errors import ConfigError
+
+            raise ConfigError(problem)
+        return super().invoke(ctx)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """Write the options, one section per title, in the order they first appear."""
@@ -91,6 +107,53 @@ class NumberList(click.ParamType):
             self.fail(f"expected comma-separated {what}, got {value!r}", param, ctx)
 
 
+class PathText(click.Path):
+    """A path (``click.Path``) that may not be empty: ``--out "$UNSET"`` would otherwise mean the
+    current directory. A usage error naming the option."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The path, or a usage error when it is empty or only blanks."""
+        if isinstance(value, str) and value.strip() == "":
+            self.fail("empty path (an unset shell variable?): give a file or folder name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Text(click.ParamType):
+    """A string that may not be empty (a source, a repo id, a subfolder, a revision): ``""`` from
+    an unset shell variable is a usage error, not the current directory or "no value"."""
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The text, or a usage error when it is empty or only blanks."""
+        if isinstance(value, str) and value.strip() == "":
+            self.fail("empty value (an unset shell variable?)", param, ctx)
+        return value
+
+
+COUNT = click.IntRange(min=1)
+"""A size a flag asks for (tasks, ranks, virtual tokens, token_dim): an integer >= 1."""
+SEED = click.IntRange(min=0)
+"""A seed: a non-negative integer (numpy's generators refuse negative seeds; init records it)."""
+
+
+def environment_problem(environ: Any = None) -> str | None:
+    """What is wrong with mpt-tools' own environment variables (``os.environ`` or ``environ``), as
+    one line, or None. ``MPT_TOOLS_MAX_TENSOR_BYTES`` must be a positive integer number of bytes
+    when set; the switches (``MPT_TOOLS_DEBUG``, ``MPT_TOOLS_NO_HASH_CACHE``) take any value."""
+    env = os.environ if environ is None else environ
+    text = env.get("MPT_TOOLS_MAX_TENSOR_BYTES")
+    if text:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = 0
+        if value < 1:
+            shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+            return f"MPT_TOOLS_MAX_TENSOR_BYTES={shown} is not a positive number of bytes: fix it or unset it"
+    return None
+
+
 class ModeChoice(click.ParamType):
     """A target mode from :mod:`mpt_tools.modes` (ours, PEFT's or an alias, any case); converts to
     our name. The choices shown are the table's, so a registered mode is a choice too."""
@@ -114,7 +177,32 @@ class ModeChoice(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
-OUT = option("--out", required=True, type=click.Path(), section="Output", help="Output adapter folder.")
+class PeftRelease(click.ParamType):
+    """A PEFT release of mpt-tools' field table (``0.13.2``, or ``0.13`` for the oldest 0.13.x);
+    converts to the release; anything else is a usage error listing the releases."""
+
+    name = "VERSION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """The release, or a usage error naming the known ones."""
+        from ..errors import ConfigError
+        from ..peft_releases import resolve_release
+
+        try:
+            return resolve_release(str(value))
+        except ConfigError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+PEFT_COMPAT = option(
+    "--peft-compat",
+    section="Output",
+    type=PeftRelease(),
+    help="Write adapter_config.json for exactly this PEFT release, e.g. 0.13.2 "
+    "(default: one that every release from 0.10.0 on loads).",
+)
+
+OUT = option("--out", required=True, type=PathText(), section="Output", help="Output adapter folder.")
 FORCE = option("--force", is_flag=True, section="Output", help="Overwrite an existing output.")
 JSON = option("--json", "as_json", is_flag=True, section="Output", help="Machine-readable output.")
 
@@ -131,19 +219,24 @@ def with_options(options: Sequence[Callable[[F], F]]) -> Callable[[F], F]:
 
 
 _HUB_OPTIONS = (
-    option("--revision", section="Hub", help="Hub source: branch, tag or commit."),
+    option("--revision", section="Hub", type=Text(), help="Hub source: branch, tag or commit."),
     option("--token", section="Hub", metavar="TOKEN", help="Hub token (else HF_TOKEN or the stored login)."),
-    option("--cache-dir", section="Hub", type=click.Path(file_okay=False), help="Hub cache folder."),
+    option("--cache-dir", section="Hub", type=PathText(file_okay=False), help="Hub cache folder."),
     option("--offline", section="Hub", is_flag=True, help="Hub source: use the local cache only."),
 )
 _SIZE_OPTIONS = (
-    option("--num-tasks", "src_num_tasks", section="Source", type=int, help="Override the source's num_tasks."),
-    option("--num-ranks", "src_num_ranks", section="Source", type=int, help="Override the source's num_ranks."),
+    option("--num-tasks", "src_num_tasks", section="Source", type=COUNT, help="Override the source's num_tasks."),
+    option("--num-ranks", "src_num_ranks", section="Source", type=COUNT, help="Override the source's num_ranks."),
 )
 _CONFIG_OPTIONS = (
-    option("--num-virtual-tokens", section="Source", type=int, help="Give or override num_virtual_tokens."),
-    option("--token-dim", section="Source", type=int, help="Give or override token_dim."),
-    option("--num-transformer-submodules", section="Source", type=int, help="Give or override nts (1 or 2)."),
+    option("--num-virtual-tokens", section="Source", type=COUNT, help="Give or override num_virtual_tokens."),
+    option("--token-dim", section="Source", type=COUNT, help="Give or override token_dim."),
+    option(
+        "--num-transformer-submodules",
+        section="Source",
+        type=click.IntRange(1, 2),
+        help="Give or override nts (1 or 2).",
+    ),
     option("--task-type", section="Source", help="Give or override task_type (e.g. CAUSAL_LM, SEQ_2_SEQ_LM)."),
 )
 
@@ -184,7 +277,10 @@ def source_options(argument: str = "source", *, sizes: bool = True) -> Callable[
             return func(**{argument: spec}, **kw)
 
         subfolder = option(
-            "--subfolder", section="Source", help="Named adapter saved under a subfolder of the directory or repo."
+            "--subfolder",
+            section="Source",
+            type=Text(),
+            help="Named adapter saved under a subfolder of the directory or repo.",
         )
         return with_options([subfolder, *(_SIZE_OPTIONS if sizes else ()), *_CONFIG_OPTIONS, *_HUB_OPTIONS])(command)
 
@@ -207,6 +303,7 @@ def base_model_options(func: F) -> F:
                 "--base-model",
                 section="Checks",
                 metavar="ID_OR_DIR",
+                type=Text(),
                 help="Check token_dim against this base model's config.json (Hub id or local folder).",
             ),
             option(

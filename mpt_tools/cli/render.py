@@ -20,8 +20,10 @@ from ..findings import Finding
 
 if TYPE_CHECKING:  # types only: --help does not import them
     from ..results import (
+        CompatResult,
         ConvertResult,
         DiffResult,
+        ErrorResult,
         ExportPromptResult,
         FindingItem,
         InitResult,
@@ -42,11 +44,48 @@ def _escape(match: re.Match[str]) -> str:
     return ascii(match.group())[1:-1]
 
 
+class StdoutError(OSError):
+    """Standard output cannot be written (a full device, an I/O error): not the input's fault,
+    and what was written is still reported (on stderr)."""
+
+
+_stdout_gone = False
+
+
+def detach_stdout() -> None:
+    """The reader of stdout left (``| head -1``): send the rest of the output nowhere, so the
+    command finishes and exits with its own status."""
+    global _stdout_gone
+    _stdout_gone = True
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _out(text: str, *, err: bool = False) -> None:
+    """Write a line to stdout (or stderr): a reader that left is no error; a failing stdout is
+    :class:`StdoutError`."""
+    if _stdout_gone and not err:
+        return
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        if not err:
+            detach_stdout()
+    except OSError as exc:
+        if err:
+            return  # nowhere left to say it
+        raise StdoutError(exc.errno, exc.strerror) from None
+
+
 def echo(text: str = "", *, err: bool = False) -> None:
     """Print one line (stdout, or stderr with ``err``). Control characters in it, which can only
     come from file contents (a newline in a tensor name, a terminal escape sequence in metadata),
     are shown escaped (``\\n``, ``\\x1b``), so they can neither split the line nor reach the terminal."""
-    click.echo(_CONTROL.sub(_escape, text), err=err)
+    _out(_CONTROL.sub(_escape, text), err=err)
 
 
 def echo_lines(text: str) -> None:
@@ -191,6 +230,11 @@ def diff_view(report: DiffResult) -> None:
         echo(f"{'task':>6} {'max |dP_k|':>12} {'rel. diff':>12}")
         for row in prompts["tasks"]:
             echo(f"{row['task']:>6} {_fmt(row['max_abs_diff']):>12} {_fmt(row['relative_diff']):>12}")
+        if len(prompts["tasks"]) >= _max_task_rows():
+            echo(
+                f"note: per-task rows stop at {_max_task_rows()} tasks; "
+                f"the max |dP_k| over every task is {_fmt(prompts['max_abs_diff'])}"
+            )
     if report["metadata"]:
         keys = ", ".join(item["key"] for item in report["metadata"][:4])
         more = ", ..." if len(report["metadata"]) > 4 else ""
@@ -198,9 +242,48 @@ def diff_view(report: DiffResult) -> None:
     echo("identical" if report["identical"] else f"different: {report['summary']}")
 
 
+def _max_task_rows() -> int:
+    """The most per-task rows a report lists (:data:`mpt_tools.prompts.MAX_TASK_ROWS`)."""
+    from ..prompts import MAX_TASK_ROWS
+
+    return MAX_TASK_ROWS
+
+
+_json_shown = False
+
+
+def reset() -> None:
+    """Start a command's output afresh (nothing shown yet, stdout not detached)."""
+    global _json_shown, _stdout_gone
+    _json_shown = _stdout_gone = False
+
+
 def show_json(data: Any) -> None:
     """The result as JSON on stdout (what ``--json`` prints)."""
-    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+    global _json_shown
+    _json_shown = True
+    _out(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def show_error(command: str, exc: Exception) -> None:
+    """A failed command's ``--json``: the ``mpt-tools/error/1`` object on stdout (the one line
+    still goes to stderr): the command, the error's kind, message and path, and what this process
+    had written before it failed."""
+    from ..files import WRITTEN
+    from ..version import __version__
+
+    if _json_shown:  # the command printed its report (verify's failing one): stdout holds one document
+        return
+    message, path = getattr(exc, "message", str(exc)), getattr(exc, "path", None)
+    report: ErrorResult = {
+        "schema": "mpt-tools/error/1",
+        "ok": False,
+        "command": command,
+        "error": {"type": type(exc).__name__, "message": message, "path": path},
+        "written": list(WRITTEN),
+        "version": __version__,
+    }
+    show_json(report)
 
 
 def findings(items: list[FindingItem]) -> None:
@@ -298,6 +381,10 @@ def inspect_view(report: InspectResult, *, similarity: bool) -> None:
         echo(f"{'task':>6} {'|U_k|':>10} {'|V_k|':>10} {'|P_k|':>10}")
         for n in report["tasks"]:
             echo(f"{n['task']:>6} {_fmt(n['cols_norm']):>10} {_fmt(n['rows_norm']):>10} {_fmt(n['prompt_norm']):>10}")
+        listed = f"per-task norms listed for the first {len(report['tasks'])} of "
+        for note in report["notes"]:
+            if note.startswith(listed):
+                echo(f"note: {note}")
     matrix = report.get("similarity")
     if similarity and matrix is not None:
         echo("task similarity (cosine of the effective prompts):")
@@ -353,6 +440,16 @@ def convert_view(result: ConvertResult) -> None:
 def export_view(result: ExportPromptResult) -> None:
     """``export-prompt``: what was written."""
     written(result, f"PROMPT_TUNING, task {result['task']}" + (", encoder half" if result["encoder_only"] else ""))
+
+
+def compat_view(result: CompatResult) -> None:
+    """``compat``: what was written, and the config keys left out (with why) and kept."""
+    written(result, f"{result['peft_type']} for PEFT {result['peft']}, weights copied byte for byte")
+    for item in result["removed"]:
+        echo(f"  removed {item['key']} = {json.dumps(item['value'])}: {item['reason']}")
+    if not result["removed"]:
+        echo("  no key removed: PEFT " + result["peft"] + " loads the config as it was")
+    echo(f"  kept {len(result['kept'])} keys: {', '.join(result['kept'])}")
 
 
 def verify_view(report: VerifyResult) -> None:

@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..findings import Finding
 from ..options import HubOptions
+from ..paths import read_small
 from .download import _HUB_ID_RE, HubSpec, _Fetch, _is_hub_exception, _map_error, is_offline
 
 HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "n_embd")
+MAX_BASE_CONFIG_BYTES = 16 << 20  # a model's config.json is a few KB; multimodal ones tens of KB
 
 
 _AUTO_CLASSES = {
@@ -40,9 +43,9 @@ def _base_config(
 ) -> tuple[dict[str, Any] | None, str]:
     """(config.json of the base model or None, the problem when None)."""
     local = Path(name).expanduser()
-    if local.is_dir() or local.is_file():
+    if os.path.exists(local):  # a folder, or a file (a FIFO or device is refused when read)
         cfg_path = local / "config.json" if local.is_dir() else local
-        if not cfg_path.is_file():
+        if not os.path.exists(cfg_path):
             return None, f"{local} has no config.json"
     elif name.startswith(("/", ".", "~")) or os.sep in name.replace("/", "") or not _HUB_ID_RE.fullmatch(name):
         return None, f"{name} is neither a local folder nor a Hub repo id"
@@ -62,8 +65,13 @@ def _base_config(
             )
             return None, str(err)
     try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        blob = read_small(cfg_path, MAX_BASE_CONFIG_BYTES, ConfigError)  # never blocks on a FIFO
+        if blob is None:
+            return None, f"{cfg_path}: config.json is over {MAX_BASE_CONFIG_BYTES:,} bytes, not a model config"
+        data = json.loads(blob.decode("utf-8"))
+    except ConfigError as exc:
+        return None, str(exc)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         return None, f"{cfg_path}: unreadable config.json ({type(exc).__name__})"
     if not isinstance(data, dict):
         return None, f"{cfg_path}: config.json is not a JSON object"

@@ -54,6 +54,37 @@ class HubSpec:
         return text
 
 
+_PATH_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def local_path_reason(text: str) -> str | None:
+    """Why a SOURCE that does not exist reads as a local path rather than a Hub repo id, or None
+    when it reads as a repo id (the Hub is then asked). The rule, in order:
+
+    - ``hf://...`` is always the Hub;
+    - it starts with ``/``, ``./``, ``../``, ``~`` or ``.``, or holds a backslash or a drive
+      (``C:``): a path;
+    - a part ends in a tensor-file or ``.json`` suffix: a path (a file name);
+    - it has more or fewer parts than ``org/name``: a path (a Hub subfolder is written
+      ``hf://org/name/SUB``);
+    - ``org/name`` where ``org`` is an existing local folder: a path (``runs/sources`` with
+      ``runs/`` here means a missing ``runs/sources``, not the repo ``runs/sources``);
+    - any other ``org/name`` (also ``org/name@rev``) is a Hub repo id.
+    """
+    if text.startswith("hf://"):
+        return None
+    if text.startswith(("/", "~", ".")) or "\\" in text or re.match(r"[A-Za-z]:", text):
+        return "it is written as a path"
+    parts = text.split("/")
+    if any(part.lower().endswith(_PATH_SUFFIXES) for part in parts):
+        return "it names a file"
+    if len(parts) != 2 or not all(parts):
+        return "a Hub repo id is org/name"
+    if os.path.isdir(parts[0]):
+        return f"the folder {parts[0]!r} exists here"
+    return None
+
+
 def parse_spec(spec: str, *, revision: str | None = None, subfolder: str | None = None) -> HubSpec:
     """Parse ``org/name``, ``org/name@rev`` or ``hf://org/name[@revision][/subfolder]``.
 

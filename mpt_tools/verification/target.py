@@ -167,8 +167,11 @@ def _target_checks(
         return result, failures
     same_cols = all(_same_bits(cols_t[i : i + 1], expected.cols) for i in range(n_t))
     same_rows = all(_same_bits(rows_t[i : i + 1], expected.rows) for i in range(n_t))
-    add("prefix_task_cols", same_cols, expected.what)
-    add("prefix_task_rows", same_rows, expected.what)
+    what = expected.what
+    if mode.name == "average" and not (same_cols and same_rows):
+        what = _average_mismatch(src, record, cols_t[:1], rows_t[:1], what)
+    add("prefix_task_cols", same_cols, what)
+    add("prefix_task_rows", same_rows, what)
     dtype = _torch_dtype(dtype_name)
     pe_dev = _dev(pe_t, dev)
     p_target = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), dtype)
@@ -180,6 +183,27 @@ def _target_checks(
         p_t64 = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), torch.float64)
         result["similarity"] = _similarity(src, pe_s, p_t64, expected.similarity_over, dev, chunk_bytes)
     return result, failures
+
+
+def _average_mismatch(src: Checkpoint, record: dict[str, Any], cols: np.ndarray, rows: np.ndarray, what: str) -> str:
+    """``what``, naming the cause when an average target is numpy's reproduction of torch's mean
+    (mpt_tools.torchmean) but not the mean that this torch computes: its reduction order changed,
+    or the target was made for another thread count."""
+    from ..factors import average_factors
+
+    try:
+        cols_n, rows_n = average_factors(src, record["tasks"], record["weights"], engine="numpy")
+    except MptToolsError:
+        return what
+    if not (_same_bits(cols, cols_n) and _same_bits(rows, rows_n)):
+        return what
+    import torch
+
+    return (
+        f"{what}: the target holds mpt-tools' numpy reproduction of torch's mean, which torch "
+        f"{torch.__version__} on {torch.get_num_threads()} threads does not give (its reduction order "
+        "differs, or the target was made for another --torch-threads); init --engine torch writes torch's"
+    )
 
 
 def _similarity(
