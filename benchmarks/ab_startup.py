@@ -36,10 +36,20 @@ HEAVY = {
 }
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (less sensitive than wall
+    time to other tenants of a shared machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(before: str, rounds: int = 11, commands: dict[str, list[str]] = COMMANDS) -> None:
     """Round 0 warms up; then every command on each tree in turn; print the medians and ratios."""
     trees = {"before": before, "after": str(ROOT)}
     samples: dict[tuple[str, str], list[float]] = {(c, t): [] for c in commands for t in trees}
+    cpu: dict[tuple[str, str], list[float]] = {(c, t): [] for c in commands for t in trees}
     out = tempfile.mkdtemp()
     for r in range(rounds):
         for name, argv in commands.items():
@@ -48,13 +58,18 @@ def main(before: str, rounds: int = 11, commands: dict[str, list[str]] = COMMAND
                 env = {**os.environ, "PYTHONPATH": tree}
                 # as after `pip install`: bytecode cached (round 0 writes it), not recompiled each run
                 env.pop("PYTHONDONTWRITEBYTECODE", None)
-                start = time.perf_counter()
+                start, cpu0 = time.perf_counter(), _children_cpu()
                 subprocess.run([sys.executable, "-m", "mpt_tools", *args], env=env, cwd=tree, capture_output=True)
                 if r:
                     samples[(name, label)].append(time.perf_counter() - start)
+                    cpu[(name, label)].append(_children_cpu() - cpu0)
     for name in commands:
         b, a = statistics.median(samples[(name, "before")]), statistics.median(samples[(name, "after")])
-        print(f"{name:12} before {b:.3f} s  after {a:.3f} s  after/before {a / b:.2f}")
+        cb, ca = statistics.median(cpu[(name, "before")]), statistics.median(cpu[(name, "after")])
+        print(
+            f"{name:12} wall: before {b:.3f} s  after {a:.3f} s  after/before {a / b:.2f}   "
+            f"cpu (user+sys): before {cb:.3f} s  after {ca:.3f} s  after/before {ca / cb:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -77,8 +77,7 @@ def canonical_dtype(text: str) -> str:
     return _DTYPE_ALIASES.get(key, key)
 
 
-@dataclass
-class Raw:
+class Raw(NamedTuple):
     """A tensor as read: its safetensors dtype tag, shape and numpy storage array."""
 
     dtype: str
@@ -157,8 +156,7 @@ def from_numpy(array: np.ndarray) -> Raw:
     return Raw(tag, tuple(array.shape), np.ascontiguousarray(array))
 
 
-@dataclass
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """One tensor's entry in a file: dtype tag, shape and absolute byte range."""
 
     name: str
@@ -633,8 +631,7 @@ class _Claim:
         """What APPENDS does to a list."""
 
 
-@dataclass
-class _Storage:
+class _Storage(NamedTuple):
     """A storage a pickle refers to (persistent id): its type, key, location and element count."""
 
     type_name: str
@@ -643,13 +640,13 @@ class _Storage:
     numel: Any
 
 
-@dataclass
 class _Claims:
     """Everything a torch pickle claims, read without building anything (see :func:`_pickle_claims`)."""
 
-    calls: list[_Claim] = field(default_factory=list)
-    storages: dict[str, _Storage] = field(default_factory=dict)
-    result: Any = None
+    def __init__(self) -> None:
+        self.calls: list[_Claim] = []
+        self.storages: dict[str, _Storage] = {}
+        self.result: Any = None
 
 
 def _claims_unpickler(fh: Any, claims: _Claims) -> Any:

@@ -252,4 +252,10 @@ FAULT_CASES: list[FaultCase] = [
         "one line, exit 1, before anything runs (a library caller: ConfigError)",
         "test_arguments.py::test_a_garbage_environment_value_is_one_line",
     ),
+    FaultCase(
+        "verify-many-tasks",
+        "`verify` of an adapter with more tasks than a report should list",
+        "every task checked; at most 10,000 task rows and failures listed, a note sums up the rest",
+        "test_verify.py::test_verify_lists_at_most_max_task_rows_and_sums_up_the_rest",
+    ),
 ]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, run_cli
+from conftest import FIXTURES, run_cli, write_random_source
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -801,3 +801,21 @@ def test_gpu_init_verify_uses_cuda_by_default(tmp_path: Path) -> None:
     assert "verify ok" in result.stdout and "on cuda:" in result.stdout
     report = verify(out)  # auto: CUDA, and the recorded source is found and matches
     assert report["device"].startswith("cuda:") and all(c["ok"] for c in report["target"]["checks"])
+
+
+def test_verify_lists_at_most_max_task_rows_and_sums_up_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-task rows (and failures) are capped at prompts.MAX_TASK_ROWS; a note covers the rest,
+    so memory stays bounded for millions of tasks. Every task is still checked."""
+    from mpt_tools import prompts
+    from mpt_tools.verification import verify
+
+    monkeypatch.setattr(prompts, "MAX_TASK_ROWS", 3)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    src = write_random_source(folder / "adapter_model.safetensors", n=7, t=4, r=2, d=8)
+    report = verify(src, device="cpu")
+    assert [row["task"] for row in report["tasks"]] == [0, 1, 2]
+    assert report["ok"]
+    assert any("first 3 of 7 tasks" in n and "other 4: 0 failing" in n for n in report["notes"]), report["notes"]

@@ -79,7 +79,9 @@ def verify(
     timer = _Timer(dev)
     target_report: TargetReport | None = None
     with _exact_fp32_matmul(dev), torch.no_grad(), _out_of_memory_is_an_error(dev, budget):
-        task_rows, failures, _ = engine._rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
+        task_rows, failures, capped = engine._rebuild_checks(ckpt, dev, dtype_name, selected, budget, timer, chunk_log)
+        if capped:
+            notes.append(capped)
         src = _resolve_source(ckpt, source, notes)
         if source is not None and "mpt_tools.mode" not in ckpt.file.metadata:
             failures.append(

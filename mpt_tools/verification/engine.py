@@ -51,6 +51,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .. import prompts
 from ..checkpoint import Checkpoint
 from ..errors import DeviceError, ValidationError
 from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, json_float, to_torch, torch_dtype
@@ -304,8 +305,10 @@ def _rebuild_checks(
     chunk_bytes: int,
     timer: _Timer,
     chunk_log: list[int] | None,
-) -> tuple[list[TaskCheck], list[Failure], bool]:
-    """Per-task metrics of the rebuild in ``dtype_name`` against float64; returns (tasks, failures, pe_ok)."""
+) -> tuple[list[TaskCheck], list[Failure], str | None]:
+    """Per-task metrics of the rebuild in ``dtype_name`` against float64; returns (tasks, failures,
+    note): at most :data:`mpt_tools.prompts.MAX_TASK_ROWS` task rows and failures are listed, the
+    note (else None) sums up the rest."""
     import torch
 
     n, t, r, d = _check_layout(ckpt)
@@ -389,6 +392,9 @@ def _rebuild_checks(
                 "message": "prompt_embeddings (P*) holds NaN/Inf values",
             }
         )
+    cap = prompts.MAX_TASK_ROWS  # rows listed: memory stays bounded for millions of tasks
+    unlisted = unlisted_failing = unlisted_failures = 0
+    worst: tuple[float, int] | None = None
     for i, k in enumerate(tasks):
         rn, en = float(ref_norm_a[i]), float(err_norm_a[i])
         rel = en / rn if rn > 0 else (0.0 if en == 0 else math.inf)
@@ -411,6 +417,17 @@ def _rebuild_checks(
             )
         elif not en <= rtol * rn + atol * scale:
             problems.append(("tolerance", f"relative error {rel:.3g} exceeds {rtol:g} for {dtype_name}"))
+        if len(out) >= cap:
+            unlisted += 1
+            unlisted_failing += bool(problems)
+            if worst is None or not rel <= worst[0]:
+                worst = (rel, k)
+            for code, message in problems:
+                if len(failures) < cap:
+                    failures.append({"task": k, "check": code, "message": message})
+                else:
+                    unlisted_failures += 1
+            continue
         out.append(
             {
                 "task": k,
@@ -425,7 +442,16 @@ def _rebuild_checks(
         )
         for code, message in problems:
             failures.append({"task": k, "check": code, "message": message})
-    return out, failures, pe_ok
+    note = None
+    if unlisted:
+        assert worst is not None
+        note = (
+            f"per-task rows listed for the first {len(out)} of {len(tasks)} tasks (at most {cap}); over the "
+            f"other {unlisted}: {unlisted_failing} failing, worst relative error {worst[0]:.3g} (task {worst[1]})"
+        )
+        if unlisted_failures:
+            note += f"; {unlisted_failures} more failure(s) not listed"
+    return out, failures, note
 
 
 def default_chunk_bytes(dev: Any) -> int:
