@@ -201,7 +201,8 @@ def rerank(
 ) -> RerankResult:
     """Write an adapter with rank ``num_ranks``; factors are float32 (PEFT's dtype).
 
-    Higher (or equal) rank: the factors are zero-padded, so every prompt is exactly the source's.
+    Higher (or equal) rank: the factors are zero-padded (the product is unchanged; PEFT's float32
+    prompt may differ in the last bits, within the bound the README states).
     Lower rank: per task, when the dropped rank components are exactly zero the factors are truncated
     (exact); otherwise they are replaced by the best rank-R approximation of ``cols[k] @ rows[k]``
     (truncated SVD). The result reports per task the relative error of the prompt it causes,

@@ -391,7 +391,7 @@ def tasks_cmd(
     cls=Command,
     examples=[
         "mpt-tools rerank sources --num-ranks 1 --out rank1      # lossy: prints each task's error",
-        "mpt-tools rerank sources --num-ranks 8 --out rank8      # exact",
+        "mpt-tools rerank sources --num-ranks 8 --out rank8      # exact factors (zero padding)",
     ],
 )
 @click.argument("source", type=Text())
@@ -404,9 +404,9 @@ def tasks_cmd(
 def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: bool, peft_compat: str | None) -> None:
     """Change the rank of SOURCE's task factors, into a new adapter in --out.
 
-    Higher rank: zero padding, every prompt exactly the source's. Lower rank: per task the best
-    rank-R approximation of cols[k] @ rows[k] (truncated SVD); the relative error of each task's
-    prompt is reported.
+    Higher rank: zero padding (the factors bitwise, then zeros; PEFT's float32 prompt may differ in
+    the last bits, see the README). Lower rank: per task the best rank-R approximation of
+    cols[k] @ rows[k] (truncated SVD); the relative error of each task's prompt is reported.
     """
     from ..surgery import rerank as run
 
