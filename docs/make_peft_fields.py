@@ -8,19 +8,19 @@ value, a ``default_factory`` called). Nothing is typed in by hand.
 
 Usage::
 
-    # one environment per release (see ../shared/reference/peft-compat.md for the pins):
-    python3 -m venv /tmp/peft-0.10 && /tmp/peft-0.10/bin/pip install torch==2.13.0 peft==0.10.0 transformers==4.39.3
-    python docs/make_peft_fields.py --python /tmp/peft-0.10/bin/python --python .venv/bin/python
+    # one environment per release, OLD here (.ci/run pins PEFT 0.10.0 and the transformers of its era):
+    python3 -m venv OLD && OLD/bin/pip install torch==2.13.0 peft==0.10.0 transformers==4.39.3
+    python docs/make_peft_fields.py --python OLD/bin/python --python .venv/bin/python
 
     # other releases that import with an environment's transformers: peft alone (no dependencies)
     # is installed into a cache folder and put first on that interpreter's path
-    python docs/make_peft_fields.py --python /tmp/peft-0.10/bin/python=0.11.1,0.12.0,0.13.2
+    python docs/make_peft_fields.py --python OLD/bin/python=0.11.1,0.12.0,0.13.2
 
     python docs/make_peft_fields.py --check       # the table's entry for the PEFT of this Python
     python docs/make_peft_fields.py --dump        # print this Python's PEFT's fields as JSON
 
 Releases already in the table are kept (the script adds or refreshes those it reads), so the
-table can be grown one environment at a time. ``tests/test_peft_fields.py`` checks that the
+table can be grown one environment at a time. ``tests/test_peft_compat.py`` checks that the
 table's entry for the PEFT the tests install equals what that PEFT's classes say.
 """
 

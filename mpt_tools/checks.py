@@ -18,7 +18,7 @@ from .errors import ValidationError
 from .findings import Finding, errors, refusal
 from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
-from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, source_prompt_overflow, task_prompt_overflow
+from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, task_prompt_overflow
 
 # --- the config's own fields ---------------------------------------------------------------------
 
@@ -289,34 +289,23 @@ def value_findings(
         per_task = np.zeros(info.shape[0], dtype=np.float64) if stat and stat != "pe_max" else None
         for start, stop, raw in iter_task_chunks(ckpt, name, chunk_bytes):
             with np.errstate(all="ignore"):
-                if raw.dtype == "F64":
-                    values = raw.array.reshape(raw.shape)
-                    finite = np.isfinite(values)
-                    magnitude = np.where(finite, np.abs(values), 0.0)
+                values = raw.array.reshape(raw.shape) if raw.dtype == "F64" else to_float32(raw)
+                # two reductions per row, no temporaries: NaN and Inf show in a row's max or min,
+                # which also give max |x| (the overflow bound, float64's range); full scans only then
+                flat = values.reshape(stop - start, -1)
+                hi, lo = flat.max(axis=1), flat.min(axis=1)
+                clean = bool(np.isfinite(hi).all() and np.isfinite(lo).all())
+                mask = None if clean else ~np.isfinite(values)
+                if raw.dtype == "F64" and not bool((np.maximum(hi, -lo) < F32_OVERFLOW).all()):
+                    magnitude = np.where(np.isfinite(values), np.abs(values), 0.0)
                     over = magnitude >= F32_OVERFLOW
                     if over.any():
                         beyond += int(over.sum())
                         peak = max(peak, float(magnitude.max()))
                         if first_beyond is None:
                             first_beyond = start + int(np.argwhere(over)[0][0])
-                    mask = ~finite
-                    if stat is not None and bounds is not None:
-                        _gather_bound(stat, values, per_task, start, stop, bounds)
-                else:
-                    values = to_float32(raw)
-                    # two reductions without temporaries: NaN and Inf show in a row's max or min,
-                    # which also give max |x| for the overflow bound; a full scan only when needed
-                    rows = values.reshape(max(1, stop - start), -1) if values.ndim else values.reshape(1, 1)
-                    hi, lo = rows.max(axis=1), rows.min(axis=1)
-                    clean = bool(np.isfinite(hi).all() and np.isfinite(lo).all())
-                    mask = None if clean else ~np.isfinite(values)
-                    if stat is not None and bounds is not None:
-                        if stat == "cols":
-                            _gather_bound(stat, values, per_task, start, stop, bounds)
-                        elif stat == "rows" and per_task is not None:
-                            per_task[start:stop] = np.maximum(hi, -lo)
-                        elif stat == "pe_max":
-                            bounds["pe_max"] = max(bounds.get("pe_max", 0.0), float(max(hi.max(), -lo.min())))
+                if stat is not None and bounds is not None:
+                    _gather_bound(stat, values, hi, lo, per_task, (start, stop), bounds)
             count = 0 if mask is None else int(mask.sum())
             if count and first is None and mask is not None:
                 first = start + int(np.argwhere(mask)[0][0])
@@ -362,15 +351,18 @@ def _bound_stat(name: str, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _gather_bound(stat: str, values: Any, per_task: Any, start: int, stop: int, bounds: dict[str, Any]) -> None:
-    """Add one chunk's share of a bound statistic (NaN where values are not finite: no bound)."""
-    magnitude = np.abs(values)
+def _gather_bound(
+    stat: str, values: Any, hi: Any, lo: Any, per_task: Any, span: tuple[int, int], bounds: dict[str, Any]
+) -> None:
+    """Add one chunk's share of a bound statistic, from its values and each row's max ``hi`` and
+    min ``lo`` (NaN where values are not finite: no bound)."""
+    start, stop = span
     if stat == "pe_max":
-        bounds["pe_max"] = max(bounds.get("pe_max", 0.0), float(magnitude.max()) if magnitude.size else 0.0)
-    elif stat == "cols":  # summed in float64: an upper bound of every |sum_r cols * rows| / max|rows|
-        per_task[start:stop] = magnitude.astype(np.float64).sum(axis=2).max(axis=1)
-    else:
-        per_task[start:stop] = magnitude.reshape(stop - start, -1).max(axis=1)
+        bounds["pe_max"] = max(bounds.get("pe_max", 0.0), float(max(hi.max(), -lo.min())))
+    elif stat == "rows":
+        per_task[start:stop] = np.maximum(hi, -lo)
+    else:  # cols, summed in float64: times max|rows|, an upper bound of every |(cols @ rows)[t, j]|
+        per_task[start:stop] = np.abs(values).astype(np.float64).sum(axis=2).max(axis=1)
 
 
 def check_source(ckpt: Checkpoint, *, values: bool = True) -> list[Finding]:
@@ -391,16 +383,18 @@ def prompt_findings(
 ) -> list[Finding]:
     """Finite factors whose product ``cols[k] @ rows[k]`` or prompt ``P* * (cols[k] @ rows[k])``
     goes beyond float32's range: PEFT's float32 prompt encoder computes Inf there (code
-    ``prompt-overflow``). A per-task bound, exact only where the bound is passed; with the
-    ``bounds`` :func:`value_findings` gathered, only those tasks are read again (else see
-    :func:`mpt_tools.prompts.source_prompt_overflow`). Run on a source without errors."""
-    if bounds and {"cols", "rows"} <= set(bounds):
-        with np.errstate(all="ignore"):
-            bound = bounds["cols"] * bounds["rows"] * max(1.0, bounds.get("pe_max", 0.0))
-        suspects = np.flatnonzero(~(bound <= FLOAT32_MAX))
-        found = task_prompt_overflow(ckpt, suspects) if suspects.size else None
-    else:
-        found = source_prompt_overflow(ckpt, chunk_bytes=chunk_bytes)
+    ``prompt-overflow``). A per-task bound from the ``bounds`` :func:`value_findings` gathered
+    (gathered here when not given), exact only for the tasks whose bound passes the limit: only
+    those are read again. Run on a source without errors."""
+    if bounds is None:
+        bounds = {}
+        value_findings(ckpt, chunk_bytes, bounds=bounds)
+    if not {"cols", "rows"} <= set(bounds):
+        return []
+    with np.errstate(all="ignore"):
+        bound = bounds["cols"] * bounds["rows"] * max(1.0, bounds.get("pe_max", 0.0))
+    suspects = np.flatnonzero(~(bound <= FLOAT32_MAX))
+    found = task_prompt_overflow(ckpt, suspects) if suspects.size else None
     if found is None:
         return []
     return [prompt_overflow_finding(*found)]

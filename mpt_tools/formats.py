@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import ConfigError, FormatError
+from .errors import FormatError
+from .options import max_tensor_bytes
 from .paths import open_regular, open_regular_fd
 
 CANONICAL = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
@@ -373,16 +374,9 @@ def memory_limit() -> int:
 
     ``MPT_TOOLS_MAX_TENSOR_BYTES`` overrides it (tests, or to be stricter).
     """
-    override = os.environ.get("MPT_TOOLS_MAX_TENSOR_BYTES")
-    if override:
-        try:
-            value = int(override.strip())
-        except ValueError:
-            value = 0
-        if value < 1:  # the CLI says so before a command runs; a library caller gets the same line
-            shown = repr(override) if len(override) <= 40 else repr(override[:37]) + "..."
-            raise ConfigError(f"MPT_TOOLS_MAX_TENSOR_BYTES={shown} is not a positive number of bytes: fix or unset it")
-        return value
+    override = max_tensor_bytes()  # ConfigError (one line) for a value that is not a byte count
+    if override is not None:
+        return override
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):

@@ -9,7 +9,10 @@ it reads a source, and hands the spec unchanged to
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+from .errors import ConfigError
 
 # NamedTuples rather than frozen dataclasses: as immutable and typed, and about six times cheaper to
 # define, which every command pays at start-up (benchmarks/RESULTS.md, start-up A/B).
@@ -59,3 +62,21 @@ class SourceSpec(NamedTuple):
         if isinstance(source, SourceSpec):
             return source
         return cls(os.fspath(source), hub=hub or HubOptions())
+
+
+def max_tensor_bytes(environ: Mapping[str, str] | None = None) -> int | None:
+    """``MPT_TOOLS_MAX_TENSOR_BYTES`` (of ``os.environ`` or ``environ``) as a number of bytes, or
+    None when unset or empty; ConfigError (one line) when it is not a positive integer. The one
+    reading of the variable: :func:`mpt_tools.formats.memory_limit` and the CLI's check before a
+    command runs both call it."""
+    text = (os.environ if environ is None else environ).get("MPT_TOOLS_MAX_TENSOR_BYTES")
+    if not text:
+        return None
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+        raise ConfigError(f"MPT_TOOLS_MAX_TENSOR_BYTES={shown} is not a positive number of bytes: fix it or unset it")
+    return value

@@ -93,35 +93,9 @@ def prompt_overflow(
     return None
 
 
-def source_prompt_overflow(
-    ckpt: Checkpoint, *, limit: float = FLOAT32_MAX, chunk_bytes: int = CHUNK_BYTES
-) -> tuple[int, float] | None:
-    """:func:`prompt_overflow` of a source's tensors, read a chunk of tasks at a time (memory
-    stays bounded whatever the number of tasks)."""
-    import numpy as np
-
-    from .formats import to_float64
-
-    pe = to_float64(ckpt.read("prompt_embeddings"))
-    pe_max = float(np.abs(pe).max()) if pe.size else 0.0
-    cols_info, rows_info = ckpt.info("prefix_task_cols"), ckpt.info("prefix_task_rows")
-    assert cols_info is not None and rows_info is not None
-    per_task = (math.prod(cols_info.shape[1:]) + math.prod(rows_info.shape[1:])) * 8
-    step = plan_chunks(per_task, chunk_bytes)
-    n = cols_info.shape[0]
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        c = to_float64(ckpt.read_rows("prefix_task_cols", start, stop))
-        r = to_float64(ckpt.read_rows("prefix_task_rows", start, stop))
-        found = _chunk_overflow(pe, pe_max, c, r, start, limit)
-        if found is not None:
-            return found
-    return None
-
-
 def task_prompt_overflow(ckpt: Checkpoint, tasks: Any, *, limit: float = FLOAT32_MAX) -> tuple[int, float] | None:
-    """The exact check of :func:`source_prompt_overflow` for the listed ``tasks`` only (in
-    order), each read on its own: for the few tasks whose bound passed the limit."""
+    """The exact check of :func:`prompt_overflow` for a source's listed ``tasks`` only (in order),
+    each read on its own: for the few tasks whose bound passed the limit."""
     import numpy as np
 
     from .formats import to_float64

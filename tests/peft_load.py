@@ -1,7 +1,8 @@
 """Load adapter folders with whatever PEFT this Python has, by both routes, and print the prompts.
 
-A standalone script (it imports neither mpt_tools nor the tests), so that it runs in a second
-virtual environment with an old PEFT release::
+A standalone script (it imports no mpt_tools, only the tests' ``peft_oracle.tiny_model``, which
+needs nothing beyond torch and transformers), so that it runs in a second virtual environment with
+an old PEFT release::
 
     OLD/bin/python tests/peft_load.py ADAPTER_DIR...
 
@@ -28,27 +29,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def tiny_model(task_type: str, d: int) -> Any:
-    """A tiny GPT-2 (causal) or T5 (seq2seq) with hidden size ``d``, seeded."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    if task_type == "SEQ_2_SEQ_LM":
-        cfg = T5Config(
-            d_model=d,
-            d_ff=2 * d,
-            num_layers=1,
-            num_decoder_layers=1,
-            num_heads=2,
-            d_kv=d // 2,
-            vocab_size=64,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-        )
-        return T5ForConditionalGeneration(cfg)
-    return GPT2LMHeadModel(GPT2Config(n_embd=d, n_layer=1, n_head=2, vocab_size=64, n_positions=64))
+# beside this script, so on sys.path whether it is run or imported; needs only torch and transformers
+from peft_oracle import tiny_model
 
 
 def prompts(model: Any, config: dict[str, Any]) -> list[str]:

@@ -307,7 +307,7 @@ def test_an_ordinary_source_computes_no_prompt_for_the_overflow_check(monkeypatc
 
     monkeypatch.setattr(prompts, "_chunk_overflow", counting)
     assert prompt_findings(load_source(CAUSAL)) == []
-    assert calls == [0]  # one chunk, bounded, no exact products (see the bound test above)
+    assert calls == []  # every task's bound passes: no task is read again, no product is formed
 
 
 # --- long lists stay linear --------------------------------------------------------------------------

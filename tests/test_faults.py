@@ -29,9 +29,23 @@ def _big_source(tmp: Path) -> Path:
     return write_random_source(tmp / "src.safetensors", n=4, t=50, r=4, d=512)
 
 
-def _init_argv(src: Path, out: Path, *extra: str) -> list[str]:
-    return [*CLI, "init", str(src), "--mode", "shared", "--seed", "1", "--target-tasks", "4000",
+def _init_argv(src: Path, out: Path, *extra: str, seed: str = "1") -> list[str]:
+    return [*CLI, "init", str(src), "--mode", "shared", "--seed", seed, "--target-tasks", "4000",
             "--task-type", "CAUSAL_LM", "--out", str(out), *extra]  # fmt: skip
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """A folder's files by name, with their bytes."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _seeded_references(src: Path, tmp: Path) -> list[dict[str, bytes]]:
+    """The files of init seed 1 and seed 2 (what each racing writer would write alone)."""
+    refs = []
+    for seed in ("1", "2"):
+        subprocess.run(_init_argv(src, tmp / f"ref{seed}", seed=seed), check=True, cwd=ROOT, capture_output=True)
+        refs.append(_files(tmp / f"ref{seed}"))
+    return refs
 
 
 def _wait_for_staging(root: Path, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
@@ -62,11 +76,11 @@ def test_a_signal_mid_write_removes_staging_and_exits_128_plus_signal(tmp_path: 
     src = _big_source(tmp_path)
     reference = tmp_path / "reference"
     full = _timed(_init_argv(src, reference))
-    new = {p.name: p.read_bytes() for p in reference.iterdir()}
+    new = _files(reference)
     old_dir = tmp_path / "old"
     subprocess.run([*CLI, "init", str(FIXTURES / "causal"), "--mode", "exact", "--task", "0", "--out", str(old_dir)],
                    check=True, cwd=ROOT, capture_output=True)  # fmt: skip
-    old = {p.name: p.read_bytes() for p in old_dir.iterdir()}
+    old = _files(old_dir)
     statuses = set()
     steps = 6
     for i in range(steps):
@@ -87,7 +101,7 @@ def test_a_signal_mid_write_removes_staging_and_exits_128_plus_signal(tmp_path: 
                 assert "Traceback" not in err
             assert not _staging_left(tmp_path), _staging_left(tmp_path)
             if out.exists():
-                got = {p.name: p.read_bytes() for p in out.iterdir()}
+                got = _files(out)
                 assert got in (new, old), f"mixed or partial output after {name} at step {i}"
     assert SIGNALS[name] in statuses  # at least one signal landed mid-run
 
@@ -178,19 +192,12 @@ def test_two_writers_into_one_new_output_exactly_one_wins(tmp_path: Path, existi
     and says "wrote"; the other exits 1 with "already exists" and writes nothing; the folder holds
     the winner's complete adapter."""
     src = _big_source(tmp_path)
-    refs = []
-    for seed in ("1", "2"):
-        ref = tmp_path / f"ref{seed}"
-        argv = _init_argv(src, ref)
-        argv[argv.index("--seed") + 1] = seed
-        subprocess.run(argv, check=True, cwd=ROOT, capture_output=True)
-        refs.append({p.name: p.read_bytes() for p in ref.iterdir()})
+    refs = _seeded_references(src, tmp_path)
     for round_ in range(3):
         out = tmp_path / f"out{round_}"
         if existing:
             out.mkdir()
-        argvs = [_init_argv(src, out), _init_argv(src, out)]
-        argvs[1][argvs[1].index("--seed") + 1] = "2"
+        argvs = [_init_argv(src, out), _init_argv(src, out, seed="2")]
         procs = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for a in argvs]  # fmt: skip
         results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
@@ -199,7 +206,7 @@ def test_two_writers_into_one_new_output_exactly_one_wins(tmp_path: Path, existi
         loser = results[1 - winner]
         assert "already exists" in loser[2] and len(loser[2].strip().splitlines()) == 1, loser[2]
         assert "wrote" in results[winner][1]
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == refs[winner]
+        assert _files(out) == refs[winner]
         assert not _staging_left(tmp_path)
 
 
@@ -307,22 +314,15 @@ def test_two_forced_writers_never_mix_their_files(tmp_path: Path) -> None:
     """Two init --force runs over one existing adapter at once: the folder ends as one run's complete
     adapter (weights and config of the same run), never one file of each."""
     src = _big_source(tmp_path)
-    refs = []
-    for seed in ("1", "2"):
-        ref = tmp_path / f"ref{seed}"
-        argv = _init_argv(src, ref)
-        argv[argv.index("--seed") + 1] = seed
-        subprocess.run(argv, check=True, cwd=ROOT, capture_output=True)
-        refs.append({p.name: p.read_bytes() for p in ref.iterdir()})
+    refs = _seeded_references(src, tmp_path)
     out = tmp_path / "out"
     subprocess.run([*CLI, "init", str(FIXTURES / "causal"), "--mode", "exact", "--task", "0", "--out", str(out)],
                    check=True, cwd=ROOT, capture_output=True)  # fmt: skip
     for _ in range(3):
-        argvs = [_init_argv(src, out, "--force"), _init_argv(src, out, "--force")]
-        argvs[1][argvs[1].index("--seed") + 1] = "2"
+        argvs = [_init_argv(src, out, "--force"), _init_argv(src, out, "--force", seed="2")]
         procs = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for a in argvs]
         assert [p.wait(timeout=300) for p in procs] == [0, 0]
         for p in procs:
             p.communicate()
-        assert {p.name: p.read_bytes() for p in out.iterdir()} in refs
+        assert _files(out) in refs
         assert not _staging_left(tmp_path)

@@ -18,13 +18,13 @@ Nothing here imports numpy, torch or huggingface_hub: ``--help`` stays instant.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
-from ..options import ConfigOverrides, HubOptions, SourceSpec
+from ..errors import ConfigError
+from ..options import ConfigOverrides, HubOptions, SourceSpec, max_tensor_bytes
 
 F = Callable[..., Any]
 # the dtypes adapters are trained in (mpt_tools.formats.DTYPE_CHOICES; not imported: numpy at start-up)
@@ -140,17 +140,12 @@ SEED = click.IntRange(min=0)
 def environment_problem(environ: Any = None) -> str | None:
     """What is wrong with mpt-tools' own environment variables (``os.environ`` or ``environ``), as
     one line, or None. ``MPT_TOOLS_MAX_TENSOR_BYTES`` must be a positive integer number of bytes
-    when set; the switches (``MPT_TOOLS_DEBUG``, ``MPT_TOOLS_NO_HASH_CACHE``) take any value."""
-    env = os.environ if environ is None else environ
-    text = env.get("MPT_TOOLS_MAX_TENSOR_BYTES")
-    if text:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            value = 0
-        if value < 1:
-            shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
-            return f"MPT_TOOLS_MAX_TENSOR_BYTES={shown} is not a positive number of bytes: fix it or unset it"
+    when set (:func:`mpt_tools.options.max_tensor_bytes`); the switches (``MPT_TOOLS_DEBUG``,
+    ``MPT_TOOLS_NO_HASH_CACHE``) take any value."""
+    try:
+        max_tensor_bytes(environ)
+    except ConfigError as exc:
+        return exc.message
     return None
 
 
