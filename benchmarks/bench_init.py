@@ -127,6 +127,10 @@ def make_source(name: str) -> Path:
 def run_once(argv: list[str]) -> str:
     """Run argv in a fresh process and return its stdout (exit on failure)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    # as after `pip install`: bytecode cached (the warm-up round writes it), as numpy's and torch's
+    # are; with PYTHONDONTWRITEBYTECODE=1 every run recompiled each mpt_tools module edited since
+    # its bytecode was written (a checkout being worked on), which no installed tool does
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     proc = subprocess.run(argv, capture_output=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr.decode()[-2000:]}")
@@ -273,7 +277,8 @@ def write_results(results: dict, extra: dict, runs: int, args: argparse.Namespac
         f"Machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}. Median of {runs} runs after a warm-up, each a fresh process, run round "
         "robin (every command once per round), so each ratio below is the median of per-round ratios; "
-        "peak RSS is the child's ru_maxrss.",
+        "peak RSS is the child's ru_maxrss. Bytecode is cached as after `pip install` "
+        "(PYTHONDONTWRITEBYTECODE unset for the children).",
         f"Reproduce: `python benchmarks/bench_init.py{' --quick' if args.quick else ''}`",
         "",
     ]

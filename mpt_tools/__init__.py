@@ -4,6 +4,10 @@ The library API (every CLI command is one of these functions)::
 
     from mpt_tools import load_source, validate, inspect_source, init_adapter, verify
     from mpt_tools import select_tasks, rerank, convert, export_prompt, compat_adapter, diff, task_similarity
+    from mpt_tools import export_prompts, ExportOptions                # bake prompts for serving engines
+    from mpt_tools import audit_adapters                                         # many adapters at once
+    from mpt_tools import embed_request                                          # a serving engine's input
+    from mpt_tools import pack_prompts, PackOptions           # single-task prompts into one MPT adapter
     from mpt_tools import push_adapter, download_source
     from mpt_tools import SourceSpec, HubOptions, ConfigOverrides, TargetPlan   # typed options
 
@@ -21,19 +25,25 @@ from .version import __version__
 _WHERE = {
     "Checkpoint": "checkpoint",
     "ConfigOverrides": "options",
+    "ExportOptions": "export",
     "HubOptions": "options",
     "MptToolsError": "errors",
+    "PackOptions": "pack",
     "SourceSpec": "options",
     "TargetPlan": "modes",
+    "audit_adapters": "audit",
     "compat_adapter": "compat",
     "convert": "conversion",
     "diff": "compare",
+    "embed_request": "embed",
     "download_source": "hub.download",
+    "export_prompts": "export",
     "export_prompt": "surgery",
     "init_adapter": "init",
     "init_and_verify": "init",
     "inspect_source": "inspection",
     "load_source": "checkpoint",
+    "pack_prompts": "pack",
     "plot_similarity": "compare",
     "push_adapter": "hub.push",
     "rerank": "surgery",
@@ -46,20 +56,26 @@ _WHERE = {
 __all__ = [
     "Checkpoint",
     "ConfigOverrides",
+    "ExportOptions",
     "HubOptions",
     "MptToolsError",
+    "PackOptions",
     "SourceSpec",
     "TargetPlan",
     "__version__",
+    "audit_adapters",
     "compat_adapter",
     "convert",
     "diff",
     "download_source",
+    "embed_request",
     "export_prompt",
+    "export_prompts",
     "init_adapter",
     "init_and_verify",
     "inspect_source",
     "load_source",
+    "pack_prompts",
     "plot_similarity",
     "push_adapter",
     "rerank",
@@ -70,17 +86,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .audit import audit_adapters
     from .checkpoint import Checkpoint, load_source
     from .compare import diff, plot_similarity, task_similarity
     from .compat import compat_adapter
     from .conversion import convert
+    from .embed import embed_request
     from .errors import MptToolsError
+    from .export import ExportOptions, export_prompts
     from .hub.download import download_source
     from .hub.push import push_adapter
     from .init import init_adapter, init_and_verify
     from .inspection import inspect_source
     from .modes import TargetPlan
     from .options import ConfigOverrides, HubOptions, SourceSpec
+    from .pack import PackOptions, pack_prompts
     from .surgery import export_prompt, rerank, select_tasks
     from .validation import validate
     from .verification import verify

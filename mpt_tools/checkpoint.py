@@ -4,6 +4,8 @@ its config plus lazy access to the three canonical tensors."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -90,6 +92,13 @@ class Checkpoint:
         """Read rows ``start:stop`` (tasks, for the factors) of a canonical tensor (into ``out``,
         a writable buffer, when given: see :meth:`mpt_tools.formats.TensorFile.read_rows`)."""
         return self.file.read_rows(self.keymap[name], start, stop, out=out)
+
+    @contextmanager
+    def row_reader(self) -> Iterator[Callable[..., Raw]]:
+        """:meth:`read_rows` for many reads in a row, on one open file (see
+        :meth:`mpt_tools.formats.TensorFile.row_reader`): ``read(name, start, stop, out=None)``."""
+        with self.file.row_reader() as read:
+            yield lambda name, start, stop, out=None: read(self.keymap[name], start, stop, out=out)
 
     def sha256(self) -> str:
         """SHA-256 of the weights file, streamed."""

@@ -18,6 +18,7 @@ from .errors import ValidationError
 from .findings import Finding, errors, refusal
 from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
+from .progress import tracked
 from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, task_prompt_overflow
 
 # --- the config's own fields ---------------------------------------------------------------------
@@ -287,7 +288,10 @@ def value_findings(
         peak = 0.0
         stat = _bound_stat(name, info.shape) if bounds is not None else None
         per_task = np.zeros(info.shape[0], dtype=np.float64) if stat and stat != "pe_max" else None
-        for start, stop, raw in iter_task_chunks(ckpt, name, chunk_bytes):
+        unit = "row" if name == "prompt_embeddings" else "task"
+        chunks = iter_task_chunks(ckpt, name, chunk_bytes)
+        label = f"scan {name}"
+        for start, stop, raw in tracked(chunks, info.shape[0], label, unit=unit, size=lambda c: c[1] - c[0]):
             with np.errstate(all="ignore"):
                 values = raw.array.reshape(raw.shape) if raw.dtype == "F64" else to_float32(raw)
                 # two reductions per row, no temporaries: NaN and Inf show in a row's max or min,
@@ -312,7 +316,6 @@ def value_findings(
             bad += count
         if per_task is not None and bounds is not None:
             bounds[stat or name] = per_task
-        unit = "row" if name == "prompt_embeddings" else "task"
         if bad:
             out.append(
                 Finding.error(

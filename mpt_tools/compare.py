@@ -22,6 +22,7 @@ from .errors import MptToolsError, WriteError
 from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
 from .peft_releases import is_default
+from .progress import chunk_starts, progress, tracked
 from .prompts import CHUNK_BYTES, MAX_TASK_ROWS, plan_chunks
 from .results import ConfigFieldDiff, ConfigFiles, DiffResult, KeyDiff, PromptDiff, PromptTaskDiff, TensorDiff
 
@@ -103,7 +104,9 @@ def task_similarity(
     task_step = plan_chunks(r * d * 8, budget // 4)
     gram = np.zeros((n, n), dtype=np.float64)
     block = np.empty(n * tokens * columns, dtype=np.float64)
-    with np.errstate(all="ignore"):
+    passes = -(-t // tokens) * -(-d // columns)  # blocks of features, each a pass over every task
+    label = "similarity" if passes == 1 else f"similarity ({passes} passes)"
+    with np.errstate(all="ignore"), progress(n * passes, label) as advance:
         for t0 in range(0, t, tokens):
             t1 = min(t, t0 + tokens)
             for j0 in range(0, d, columns):
@@ -113,6 +116,7 @@ def task_similarity(
                     c1 = min(n, c0 + task_step)
                     rows = to_float64(ckpt.read_rows("prefix_task_rows", c0, c1))[:, :, j0:j1]
                     np.matmul(cols[c0:c1, t0:t1], rows, out=f[c0:c1])
+                    advance(c1 - c0)
                 f *= pe[None, t0:t1, j0:j1]
                 flat = f.reshape(n, -1)
                 gram += flat @ flat.T
@@ -224,7 +228,8 @@ def _tensor_diff(a: Checkpoint, b: Checkpoint, name: str, chunk_bytes: int) -> T
     max_abs = 0.0
     bitwise = ia.dtype == ib.dtype
     nan_mismatch = 0
-    for start in range(0, rows, step):
+    label = f"diff {name}" if name in CANONICAL else "diff values"  # a file's own key: not on a terminal
+    for start in chunk_starts(rows, step, label, unit="row"):
         stop = min(rows, start + step)
         ra, rb = a.file.read_rows(ka, start, stop), b.file.read_rows(kb, start, stop)
         if ia.dtype == ib.dtype and same_bytes(ra.array, rb.array):
@@ -385,7 +390,7 @@ def _prompt_diff(a: Checkpoint, b: Checkpoint, chunk_bytes: int, max_rows: int =
     # two float64 buffers reused by every chunk: no chunk-sized temporaries
     buf_a, buf_b = (np.empty((ranges[0][1] - ranges[0][0], t, d)) for _ in range(2))
     pe_a, pe_b = to_float64(a.read("prompt_embeddings")), to_float64(b.read("prompt_embeddings"))
-    for start, stop in ranges:
+    for start, stop in tracked(ranges, na, "diff prompts", size=lambda run: run[1] - run[0]):
         k = stop - start
         pa = _prompts(a, pe_a, start, stop, out=buf_a).reshape(k, -1)
         pb = _prompts(b, pe_b, start, stop, out=buf_b).reshape(k, -1)

@@ -155,11 +155,20 @@ def read_config(path: str | os.PathLike[str]) -> MptConfig:
         data_bytes = read_small(p, MAX_CONFIG_BYTES, ConfigError)  # a regular file, opened without blocking
         if data_bytes is None:
             raise ConfigError(f"config is {p.stat().st_size} bytes, more than a config can be", where)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", where) from None
+    return parse_config(data_bytes, where)
+
+
+def parse_config(data_bytes: bytes, where: str) -> MptConfig:
+    """An adapter_config.json's bytes (read from ``where``) as an :class:`MptConfig`; ConfigError
+    when they are not UTF-8 JSON or not an object."""
+    if len(data_bytes) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config is {len(data_bytes)} bytes, more than a config can be", where)
+    try:
         text = data_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("config is not UTF-8 text", where) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror or exc}", where) from None
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:

@@ -33,6 +33,7 @@ from .formats import (
     to_torch,
     torch_dtype,
 )
+from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, plan_chunks
 from .results import CastReport, ConvertResult
 from .writer import _result, fit_for_peft, fit_note, provenance, write_adapter
@@ -79,7 +80,7 @@ def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, CastReport]:
     flushed = overflows = 0
     first: int | None = None
     worst = 0.0
-    for start in range(0, src.numel(), CAST_CHUNK):
+    for start in chunk_starts(src.numel(), CAST_CHUNK, f"cast {name}", unit="value", scale=True):
         s = src[start : start + CAST_CHUNK]
         c = cast[start : start + CAST_CHUNK]
         c.copy_(s)  # the cast itself: round to nearest even
@@ -125,9 +126,9 @@ def _read_back_equal(back: Any, name: str, meant: Raw, chunk_bytes: int = CHUNK_
         return same_bytes(back.read(name).array, meant.array)
     rows = meant.shape[0]
     step = plan_chunks(info.nbytes // max(1, rows), chunk_bytes)
+    starts = chunk_starts(rows, step, f"read back {name}", unit="row")
     return all(
-        same_bytes(back.read_rows(name, i, min(rows, i + step)).array, meant.array[i : i + step])
-        for i in range(0, rows, step)
+        same_bytes(back.read_rows(name, i, min(rows, i + step)).array, meant.array[i : i + step]) for i in starts
     )
 
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -43,7 +41,7 @@ _held: dict[str, int] = {}  # staging path -> the fd that holds its lock
 
 def staging_name(name: str) -> str:
     """A new hidden name for a temporary file or staging folder of the output ``name``."""
-    return f".{name}.mpt-tools-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+    return f".{name}.mpt-tools-{os.getpid()}-{os.urandom(6).hex()}.tmp"  # secrets.token_hex(6), without its imports
 
 
 def _lock(fd: int, *, wait: bool) -> bool:
@@ -131,6 +129,14 @@ def stale_staging(out: str | os.PathLike[str]) -> list[str]:
     return sorted(str(p) for p, pid in _staging_entries(Path(out)) if _is_stale(p, pid))
 
 
+def is_stale_staging(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a staging file or folder that a killed writer left behind (its name
+    follows the staging pattern, its writer is gone and nothing holds its lock): ``audit`` lists
+    the ones it meets."""
+    m = STAGING_PATTERN.match(os.path.basename(path))
+    return m is not None and _is_stale(Path(path), int(m["pid"]))
+
+
 def remove_stale_staging(out: str | os.PathLike[str]) -> list[str]:
     """Remove the stale staging files and folders of ``out`` (see the module docstring); returns
     what was removed. Every writer calls it before it writes ``out``."""
@@ -207,7 +213,7 @@ def atomic_write(path: str | os.PathLike[str], data: Payload, *, replace: bool =
             WRITTEN.append(str(target))
     except BaseException as exc:
         if tmp:
-            with contextlib.suppress(OSError):
+            with deferred(), contextlib.suppress(OSError):  # a second signal waits for the removal
                 os.unlink(tmp)
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write: {exc.strerror or exc}", str(target)) from None
@@ -310,6 +316,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             cache = {}
         if key in cache:
             return cache[key]
+    import hashlib  # only when the digest is not cached: a cached run skips its import
+
     value = hash_file(real, hashlib.sha256())
     if use_cache:
         cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
@@ -402,8 +410,9 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
             _hold(staging)
         yield staging
     finally:
-        _release(staging)
-        shutil.rmtree(staging, ignore_errors=True)
+        with deferred():  # a signal during the removal would leave half of it: it waits until done
+            _release(staging)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload], *, force: bool) -> None:
@@ -473,3 +482,79 @@ def _move_into(src: Path, out: Path, names: list[str], *, force: bool) -> None:
             os.replace(src / name, out / name)
     finally:
         os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap the two existing names ``a`` and ``b`` in one step (``renameat2(RENAME_EXCHANGE)``);
+    False where the kernel or filesystem cannot (the caller then moves ``b`` aside first)."""
+    func = _libc_renameat2()
+    if not func:
+        return False
+    import ctypes
+
+    at_fdcwd = -100
+    if func(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, force: bool) -> list[str]:
+    """Move every entry (file or folder) of a complete, fsynced :func:`staging_folder` into
+    ``out_dir`` under the same name: the export's tree of folders, where :func:`commit_staged`
+    moves files only.
+
+    A missing ``out_dir`` is the staging folder renamed onto it (one step). Into an existing
+    folder the entries are moved back to back under an exclusive lock on it; an entry that
+    exists there is refused without ``force`` (WriteError "already exists"), and with ``force``
+    a folder is swapped for the new one in one step (``renameat2(RENAME_EXCHANGE)``, else moved
+    aside first) and the old one removed, a file replaced by a rename. Entries of ``out_dir``
+    with other names are left as they are. Signals wait until the moves are done.
+    """
+    src, out = Path(staging), Path(out_dir)
+    names = sorted(p.name for p in src.iterdir())
+    if "manifest.json" in names:  # last: a manifest in place means the entries it lists are too
+        names.remove("manifest.json")
+        names.append("manifest.json")
+    old: list[Path] = []
+    try:
+        with deferred():
+            if src.parent != out and rename_noreplace(src, out):
+                _release(src)
+            else:
+                fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                try:
+                    _lock(fd, wait=True)
+                    taken = [n for n in names if os.path.lexists(out / n)]
+                    if taken and not force:
+                        raise WriteError(
+                            f"{taken[0]} already exists here (written by another process meanwhile); "
+                            "pass --force to overwrite it",
+                            str(out),
+                        )
+                    for name in names:
+                        new, dst = src / name, out / name
+                        dst_dir = os.path.isdir(dst) and not os.path.islink(dst)
+                        if new.is_dir() and dst_dir and exchange(new, dst):
+                            old.append(new)  # the old folder now sits in the staging folder
+                            continue
+                        if os.path.lexists(dst) and (new.is_dir() or dst_dir):  # a rename cannot replace it
+                            aside = src / f".old-{name}"
+                            os.rename(dst, aside)
+                            old.append(aside)
+                        os.replace(new, dst)
+                finally:
+                    os.close(fd)
+            _fsync_dir(out)
+            _fsync_dir(out.parent)
+            WRITTEN.append(str(out))
+    except OSError as exc:
+        raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
+    for path in old:  # the replaced folders (inside the staging folder, removed with it anyway)
+        shutil.rmtree(path, ignore_errors=True)
+    return [str(out / name) for name in names]

@@ -7,6 +7,7 @@ Arrays are numpy; bfloat16 data is carried as raw ``uint16`` words with the dtyp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -14,7 +15,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -233,6 +234,38 @@ class TensorFile:
         view), receives the bytes straight from the file, with no zero-filled or intermediate
         copy; the returned array is a view of it. Large reads are split over threads.
         """
+        return self._read_rows(name, start, stop, out, None)
+
+    @contextlib.contextmanager
+    def row_reader(self) -> Iterator[Callable[..., Raw]]:
+        """:meth:`read_rows` for many small reads in a row (a reduction's chunks of tasks, each
+        read into the same small buffer while it is in the CPU's cache): the file is opened once for
+        all of them, not once per read, and checked when the block ends to be still the file whose
+        header was read, unchanged (a write changes its modification time, so this one check refuses
+        a change during any of the reads: FormatError "changed while reading" leaves the block
+        instead of its result). Inside the block, ``read(name, start, stop, out=None)`` is
+        :meth:`read_rows`."""
+        fd: int | None = None
+
+        def read(name: str, start: int, stop: int, *, out: Any = None) -> Raw:
+            nonlocal fd
+            if fd is None and name not in self._loaded:
+                fd = self._open()
+            return self._read_rows(name, start, stop, out, fd)
+
+        try:
+            yield read
+            if fd is not None:
+                try:
+                    self._same_file(fd)
+                except OSError as exc:
+                    raise FormatError(f"cannot read file: {exc.strerror or exc}", self.path) from None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _read_rows(self, name: str, start: int, stop: int, out: Any, fd: int | None) -> Raw:
+        """:meth:`read_rows` on the open descriptor ``fd`` (None: open the file for this read)."""
         info = self.infos[name]
         itemsize, storage = DTYPES[info.dtype]
         if not info.shape:
@@ -262,14 +295,18 @@ class TensorFile:
         offset = info.start + start * row_bytes
         self.reads.append((name, start, stop, nbytes))
         data = target if target is not None else np.empty(nbytes, dtype=np.uint8).data
-        fd = self._open()
+        held = fd is not None
         try:
+            if fd is None:
+                fd = self._open()
             got = _read_fd(fd, memoryview(data).cast("B"), offset)
-            self._same_file(fd)  # a file rewritten while it was read: refuse what was read
+            if not held:
+                self._same_file(fd)  # a file rewritten while it was read: refuse what was read
         except OSError as exc:
             raise FormatError(f"cannot read tensor {name!r}: {exc.strerror or exc}", self.path) from None
         finally:
-            os.close(fd)
+            if fd is not None and not held:
+                os.close(fd)
         if got != nbytes:
             raise FormatError(f"file ended inside tensor {name!r} (truncated?)", self.path)
         arr = np.frombuffer(data, dtype=storage, count=count).reshape(shape)
@@ -301,6 +338,14 @@ def _read_fd(fd: int, view: memoryview, offset: int) -> int:
     if preadv is None:  # platforms without preadv: one sequential read
         os.lseek(fd, offset, os.SEEK_SET)
         return _read_fully(lambda v, _pos: _read_once(fd, v), view, 0)
+    if size <= READ_PIECE:  # one piece, read here: the many small reads of a reduction pay no more
+        done = 0
+        while done < size:
+            got = preadv(fd, [view[done:]], offset + done)
+            if not got:
+                break
+            done += got
+        return done
     pieces = [(a, min(size, a + READ_PIECE)) for a in range(0, size, READ_PIECE)]
 
     def piece(bounds: tuple[int, int]) -> int:
@@ -469,6 +514,17 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
                 raise changed_error(p, file_identity(st), file_identity(os.fstat(fh.fileno())))
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", p) from None
+    return parse_header(p, blob, size, identity=file_identity(st))
+
+
+def parse_header(
+    p: str, blob: bytes, size: int, *, identity: tuple[int, ...] | None = None, check_memory: bool = True
+) -> TensorFile:
+    """Check the JSON header ``blob`` of a safetensors file of ``size`` bytes named ``p`` (see
+    :func:`open_safetensors` for the rules) and describe the file without reading any data. The
+    Hub audit calls it on a header fetched by range requests; ``check_memory`` False there, since
+    nothing of the file is ever loaded from such a description."""
+    n = len(blob)
     try:
         header = json.loads(
             blob.decode("utf-8"),
@@ -537,7 +593,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
                 f"{offsets[1] - offsets[0]}",
             )
         infos[name] = TensorInfo(name, dtype, tuple(shape), 8 + n + offsets[0], 8 + n + offsets[1])
-    limit = memory_limit()
+    limit = memory_limit() if check_memory else _USIZE
     for info in infos.values():
         if info.nbytes > limit:
             raise FormatError(
@@ -558,7 +614,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> TensorFile:
     for info in infos.values():  # a valid file, with a dtype mpt-tools has no use for
         if info.dtype not in DTYPES:
             raise FormatError(f"tensor {info.name!r} has dtype {info.dtype}, which mpt-tools does not read", p)
-    return TensorFile(p, "safetensors", infos, dict(metadata), size, identity=file_identity(st))
+    return TensorFile(p, "safetensors", infos, dict(metadata), size, identity=identity)
 
 
 def _reject_constant(name: str) -> Any:
@@ -862,7 +918,7 @@ def _torch_reason(exc: BaseException) -> str:
     return f"not a readable weights-only PyTorch file ({sentence.rstrip('.')})"
 
 
-def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
+def open_pickle(path: str | os.PathLike[str], *, bare: bool = False) -> TensorFile:
     """Load a PyTorch pickle (.bin/.pt/.pth) with ``weights_only=True`` (imports torch).
 
     Only a flat mapping of names to dense, real-valued tensors is accepted; code, other objects
@@ -871,7 +927,9 @@ def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
     HTML, a Git LFS pointer, text) is named; a zip's records must be stored uncompressed and
     within the file; and what the pickle claims (storage bytes, tensor sizes, sparse, meta-device,
     quantized or complex tensors) is checked, so nothing is inflated or allocated first. Torch's
-    warnings are silenced; a file that changes while it is read is refused.
+    warnings are silenced; a file that changes while it is read is refused. With ``bare``, a
+    pickle of one tensor (``torch.save(tensor)``, TGIS's ``decoder.pt``) is accepted too, as the
+    one entry :data:`BARE_KEY`.
     """
     p = str(path)
     try:
@@ -908,6 +966,8 @@ def open_pickle(path: str | os.PathLike[str]) -> TensorFile:
                     raise changed_error(p, file_identity(st), now)
                 if reason is not None:
                     raise FormatError(reason, p)
+                if bare and isinstance(obj, torch.Tensor):  # a bare tensor (TGIS's decoder.pt): one entry
+                    obj = {BARE_KEY: obj}
                 loaded = _pickle_tensors(p, obj, torch)
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", p) from None
@@ -956,14 +1016,26 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # every tensor file mpt-tools reads
 
 
-def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
-    """Open a tensor file by its suffix: ``.safetensors`` or a PyTorch pickle suffix."""
+BARE_KEY = ""
+"""The one entry of a file that holds a bare tensor (``open_tensor_file(..., bare=True)``)."""
+NPY_MAGIC = b"\x93NUMPY"
+_NPY_DTYPES = {"<f2": "F16", "<f4": "F32", "<f8": "F64"}
+MAX_NPY_HEADER = 1 << 16
+
+
+def open_tensor_file(path: str | os.PathLike[str], *, bare: bool = False) -> TensorFile:
+    """Open a tensor file by its suffix: ``.safetensors`` or a PyTorch pickle suffix.
+
+    ``bare`` (a single prompt, ``mpt-tools pack``): also a pickle of one bare tensor and a
+    ``.npy`` file (:func:`open_npy`), each as the one entry :data:`BARE_KEY`."""
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
         return open_safetensors(p)
     if suffix in PICKLE_SUFFIXES:
-        return open_pickle(p)
+        return open_pickle(p, bare=bare)
+    if bare and suffix == ".npy":
+        return open_npy(p)
     # Unknown suffix: sniff. A safetensors file starts with a small little-endian header length.
     try:
         with open_regular(p) as fh:
@@ -971,10 +1043,86 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorFile:
     except OSError as exc:
         raise FormatError(f"cannot read file: {exc.strerror or exc}", str(p)) from None
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        return open_pickle(p)
+        return open_pickle(p, bare=bare)
     if len(head) >= 9 and head[8:9] == b"{":
         return open_safetensors(p)
+    if bare and head.startswith(NPY_MAGIC):
+        return open_npy(p)
     raise FormatError("unknown file type: expected .safetensors, .bin, .pt or .pth", str(p))
+
+
+def _npy_header(p: str, fh: Any, size: int) -> tuple[str, bool, tuple[int, ...], int]:
+    """The dtype tag, Fortran order, shape and data offset of a ``.npy`` file, checked: the
+    header is parsed as a Python literal (never evaluated), a little-endian float dtype only."""
+    import ast
+
+    head = _read_exactly(fh, 12)
+    if not head.startswith(NPY_MAGIC) or len(head) < 10:
+        raise FormatError("not a .npy file (no NUMPY magic)", p)
+    major = head[6]
+    if major == 1:
+        length, offset = struct.unpack("<H", head[8:10])[0], 10
+    elif major in (2, 3) and len(head) >= 12:
+        length, offset = struct.unpack("<I", head[8:12])[0], 12
+    else:
+        raise FormatError(f"unknown .npy format version {major}.{head[7]}", p)
+    if length > MAX_NPY_HEADER or offset + length > size:
+        raise FormatError(f".npy header claims {length:,} bytes (the file has {size:,}); corrupt or hostile", p)
+    fh.seek(offset)
+    text = _read_exactly(fh, length).decode("latin-1" if major < 3 else "utf-8", errors="replace")
+    try:
+        header = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise FormatError(".npy header is not a readable dictionary (corrupt?)", p) from None
+    if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
+        raise FormatError(".npy header lacks descr, fortran_order or shape", p)
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not isinstance(descr, str) or descr.replace("=", "<") not in _NPY_DTYPES:
+        raise FormatError(f".npy dtype {descr!r}: expected little-endian float16, float32 or float64", p)
+    if not isinstance(fortran, bool):
+        raise FormatError(".npy header: fortran_order is not a boolean", p)
+    sizes = isinstance(shape, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    if not sizes:
+        raise FormatError(f".npy header: shape {shape!r} is not a tuple of sizes", p)
+    return _NPY_DTYPES[descr.replace("=", "<")], fortran, shape, offset + length
+
+
+def open_npy(path: str | os.PathLike[str]) -> TensorFile:
+    """Read a ``.npy`` array (numpy's format, without numpy's loader) as the one entry
+    :data:`BARE_KEY`: little-endian float16/32/64 only (object arrays, which unpickle, are
+    refused), and a header whose size must be the file's (no claim beyond the file or memory is
+    allocated, no trailing bytes); a file that changes while it is read is refused."""
+    p = str(path)
+    try:
+        with open_regular(p) as fh:
+            st = os.fstat(fh.fileno())
+            tag, fortran, shape, offset = _npy_header(p, fh, st.st_size)
+            nbytes = math.prod(shape) * DTYPES[tag][0]
+            if nbytes > memory_limit():
+                raise FormatError(
+                    f".npy array of shape {list(shape)} claims {nbytes:,} bytes, more than this machine's memory "
+                    f"({memory_limit():,} bytes); refusing before allocating it",
+                    p,
+                )
+            if offset + nbytes != st.st_size:
+                what = "truncated?" if offset + nbytes > st.st_size else "trailing bytes after the array"
+                raise FormatError(
+                    f".npy array of shape {list(shape)} needs {nbytes:,} bytes but the file holds "
+                    f"{st.st_size - offset:,} after its header ({what})",
+                    p,
+                )
+            fh.seek(offset)
+            data = _read_exactly(fh, nbytes)
+            now = file_identity(os.fstat(fh.fileno()))
+            if now != file_identity(st) or len(data) != nbytes:
+                raise changed_error(p, file_identity(st), now)
+    except OSError as exc:
+        raise FormatError(f"cannot read file: {exc.strerror or exc}", p) from None
+    arr = np.frombuffer(data, dtype=DTYPES[tag][1])
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    raw = Raw(tag, tuple(shape), np.ascontiguousarray(arr))
+    infos = {BARE_KEY: TensorInfo(BARE_KEY, tag, raw.shape, 0, raw.nbytes)}
+    return TensorFile(p, "npy", infos, {}, st.st_size, _loaded={BARE_KEY: raw}, identity=file_identity(st))
 
 
 def normalise_keys(names: Iterable[str], path: str | None = None) -> tuple[dict[str, str], list[str], list[str]]:

@@ -15,7 +15,9 @@ from .errors import ConfigError, ValidationError
 from .files import stale_staging
 from .findings import errors
 from .formats import DTYPE_NAMES, json_float, to_float32
+from .hazards import serving_hazards
 from .paths import read_small
+from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, MAX_TASK_ROWS, plan_chunks
 
 if TYPE_CHECKING:  # types only: importing them costs start-up time
@@ -73,7 +75,7 @@ def _norm_chunks(ckpt: Checkpoint, chunk_bytes: int) -> Iterator[tuple[int, tupl
     # one prompt buffer for every chunk: fresh chunk-sized arrays cost more in page faults than
     # the matmul itself
     buf = np.empty((min(step, n), t, d), dtype=np.float32)
-    for start in range(0, n, step):
+    for start in chunk_starts(n, step, "norms"):
         stop = min(n, start + step)
         cols = to_float32(ckpt.read_rows("prefix_task_cols", start, stop))
         rows = to_float32(ckpt.read_rows("prefix_task_rows", start, stop))
@@ -161,7 +163,7 @@ def inspect_source(
         from .compare import check_plot_path
 
         check_plot_path(plot, force=force, protected=ckpt.source_paths)  # before any work, not after it
-    findings = check_source(ckpt)
+    findings = check_source(ckpt) + serving_hazards(ckpt)
     files: list[FileEntry] = [
         {"role": "weights", "path": ckpt.weights_path, "bytes": ckpt.file.size, "sha256": ckpt.sha256()}
     ]

@@ -46,7 +46,12 @@ def _key(version: str) -> tuple[int, ...]:
 
 def releases() -> list[str]:
     """The PEFT releases of the table, oldest first."""
-    return sorted(table(), key=_key)
+    return list(_sorted_releases())
+
+
+@functools.lru_cache(maxsize=1)
+def _sorted_releases() -> tuple[str, ...]:
+    return tuple(sorted(table(), key=_key))
 
 
 def supported_range() -> str:
@@ -166,6 +171,19 @@ def fit_config(raw: dict[str, Any], release: str | None = None, *, keep_records:
             f"{'that field' if len(refused) == 1 else 'those fields'} (target a release that has it)"
         )
     return fit
+
+
+STRICT_BEFORE = (0, 14, 0)  # releases before this refuse a config key they do not know
+
+
+def loading_releases(raw: dict[str, Any]) -> list[str]:
+    """The releases of the table that load the adapter_config.json object ``raw`` (oldest
+    first): releases before 0.14 refuse any key they do not know (TypeError), later ones drop it
+    with a warning. Empty for a peft_type other than MPT or PROMPT_TUNING (not in the table)."""
+    peft_type = raw.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in CLASS_OF:
+        return []
+    return [r for r in _sorted_releases() if _key(r) >= STRICT_BEFORE or fields(r, peft_type).keys() >= raw.keys()]
 
 
 def _span(readers: list[str]) -> str:

@@ -79,15 +79,17 @@ def prompt_overflow(
     None. Computed in float64 over chunks of tasks of at most ``chunk_bytes``."""
     import numpy as np
 
-    pe64 = np.asarray(pe, dtype=np.float64)
-    pe_max = float(np.abs(pe64).max()) if pe64.size else 0.0
+    # max |P*| as max(max, -min): exact in any float dtype (NaN stays NaN), with no temporary the
+    # size of P*; a product with float64 upcasts ``pe`` exactly, so no float64 copy of P* either
+    pe = np.asarray(pe)
+    pe_max = abs(float(np.maximum(pe.max(), -pe.min()))) if pe.size else 0.0
     n = cols.shape[0]
     step = plan_chunks(math.prod(cols.shape[1:]) * 8 + math.prod(rows.shape[1:]) * 8, chunk_bytes)
     for start in range(0, n, step):
         stop = min(n, start + step)
         c = np.asarray(cols[start:stop], dtype=np.float64)
         r = np.asarray(rows[start:stop], dtype=np.float64)
-        found = _chunk_overflow(pe64, pe_max, c, r, start, limit)
+        found = _chunk_overflow(pe, pe_max, c, r, start, limit)
         if found is not None:
             return found
     return None

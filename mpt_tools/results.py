@@ -365,6 +365,93 @@ class ExportPromptResult(WrittenResult):
     version: str
 
 
+# --- export ------------------------------------------------------------------------------------
+
+
+class ExportedTask(TypedDict):
+    """One exported task: its source index, name, position in the output (the TensorRT-LLM
+    table's row) and files (relative to ``out``)."""
+
+    task: int
+    name: str
+    index: int
+    files: list[str]
+
+
+class ExportResult(WrittenResult):
+    """``mpt-tools/export/1``: ``rows`` and ``token_dim`` are each prompt's [T, d] as written;
+    ``dtype`` the dtype checked (and stored, for peft, tgis and vllm), ``file_dtype`` the files'."""
+
+    format: str
+    manifest: str
+    tasks: list[ExportedTask]
+    num_tasks: int
+    rows: int
+    token_dim: int
+    dtype: str
+    file_dtype: str
+    encoder_only: bool
+    serve: list[str]
+    warnings: list[str]
+    notes: list[str]
+    version: str
+
+
+# --- pack --------------------------------------------------------------------------------------
+
+
+class PackedTask(TypedDict):
+    """One packed prompt: its task in the written adapter, the input it came from (a path, or
+    ``SOURCE#task<k>``), its kind (peft, tgis, tensor, mpt), the files read, and the relative
+    errors ``||P_k - P_hat_k|| / ||P_k||`` of the written adapter and of the baseline."""
+
+    task: int
+    input: str
+    kind: str
+    files: list[str]
+    relative_error: float | None
+    baseline_error: float | None
+
+
+class PackResult(TypedDict):
+    """``mpt-tools/pack/1``: ``objective`` is sum_k ||P_k - P* * (U_k V_k)||^2 of the fit
+    (float64), ``history`` its value after each iteration (``history[0]``: the baseline's);
+    ``stopped`` is tol, exact or max-iters; ``kept_tasks`` the tasks of ``append_to`` kept first."""
+
+    schema: str
+    out: str
+    files: list[str]
+    inputs: int
+    num_tasks: int
+    kept_tasks: int
+    num_ranks: int
+    num_virtual_tokens: int
+    num_transformer_submodules: int
+    token_dim: int
+    task_type: str
+    dtype: str
+    shared: str
+    append_to: str | None
+    device: str
+    seed: int
+    iterations: int
+    extrapolated: int
+    stopped: str
+    objective: float
+    baseline_objective: float
+    history: list[float]
+    max_relative_error: float | None
+    max_baseline_error: float | None
+    tasks: list[PackedTask]
+    fit_seconds: float
+    total_seconds: float
+    warnings: list[str]
+    notes: list[str]
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str]
+    version: str
+
+
 # --- compat ------------------------------------------------------------------------------------
 
 
@@ -461,6 +548,100 @@ class DiffResult(TypedDict):
     sha256: Sha256s
 
 
+# --- embed -------------------------------------------------------------------------------------
+
+
+class EmbedResult(TypedDict):
+    """``mpt-tools/embed/1``: ``rows`` = ``prompt_rows`` + len(``token_ids``); ``embedding`` is
+    ``file:tensor``; ``bytes_read`` of the matrix's ``matrix_bytes`` (only the rows the ids need)."""
+
+    schema: str
+    source: str
+    task: int
+    base_model: str
+    base_model_commit: str | None
+    embedding: str
+    token_ids: list[int]
+    rows: int
+    prompt_rows: int
+    token_dim: int
+    dtype: str
+    bytes_read: int
+    matrix_bytes: int
+    format: str
+    out: str
+    version: str
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+class AuditRow(TypedDict):
+    """``mpt-tools/audit-row/1``: one adapter (``--json`` prints one per line as each is done).
+
+    ``where`` is a path, or ``hf://repo@commit/subfolder``. Sizes: N, T (rows of P*, all
+    submodules), r, d. ``sha256`` is the weights file's (the Hub's LFS sha256; locally with
+    --deep), ``prompt_sha256`` that of P*'s bytes (--deep). ``valid``: None when not checked
+    (another PEFT type, or .bin weights without --deep). ``peft_oldest``/``peft_newest``: the
+    PEFT releases (of mpt-tools' table) that load the config. ``serving_hazard``: an MPT folder
+    that prompt-tuning consumers (TGIS, vLLM 0.5-0.9, TensorRT-LLM) would serve as P* for every task."""
+
+    schema: str
+    where: str
+    origin: str  # "local" or "hub"
+    peft_type: str | None
+    task_type: str | None
+    num_tasks: int | None
+    total_virtual_tokens: int | None
+    num_ranks: int | None
+    token_dim: int | None
+    dtype: str | None
+    bytes: int | None
+    sha256: str | None
+    prompt_sha256: str | None
+    valid: bool | None
+    findings: list[str]  # finding codes
+    error: str | None
+    peft_oldest: str | None
+    peft_newest: str | None
+    reload_trap: bool
+    serving_hazard: bool
+    base_model: str | None
+    notes: list[str]
+
+
+class DuplicateGroup(TypedDict):
+    """Adapters with identical weights (``kind`` "weights") or an identical P* ("shared_prompt")."""
+
+    kind: str
+    sha256: str
+    adapters: list[str]
+
+
+class AuditSummary(TypedDict):
+    """``mpt-tools/audit/1``: the last line of ``audit --json``, after the rows."""
+
+    schema: str
+    ok: bool
+    adapters: int
+    mpt: int
+    other_types: dict[str, int]
+    invalid: int
+    unreadable: int
+    duplicates: list[DuplicateGroup]
+    stale_staging: list[str]
+    skipped: dict[str, int]
+    deep: bool
+    interrupted: str | None
+    version: str
+
+
+class AuditResult(AuditSummary):
+    """What :func:`mpt_tools.audit.audit_adapters` returns: the summary and its ``rows``, sorted by where."""
+
+    rows: list[AuditRow]
+
+
 class ErrorDetail(TypedDict):
     """What failed: the exception's class name, its message and the file or location it is about."""
 
@@ -490,7 +671,11 @@ SCHEMAS: dict[str, type] = {
     "rerank": RerankResult,
     "convert": ConvertResult,
     "export-prompt": ExportPromptResult,
+    "export": ExportResult,
+    "pack": PackResult,
     "compat": CompatResult,
+    "audit": AuditSummary,
+    "embed": EmbedResult,
     "diff": DiffResult,
     "verify": VerifyResult,
     "push": PushResult,

@@ -29,6 +29,7 @@ from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
+from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .results import ExportPromptResult, RerankResult, TasksResult
 from .writer import _write_and_report, fit_for_peft
@@ -251,7 +252,7 @@ def rerank(
     step = plan_chunks((t * r + r * d) * 8 + t * d * 16, chunk_bytes)
     # two float64 [T, d] buffers for the error of an SVD'd task, reused for every task
     exact_buf = diff_buf = None
-    for start in range(0, n, step):
+    for start in chunk_starts(n, step, "rerank"):
         stop = min(n, start + step)
         cols = to_float32(ckpt.read_rows("prefix_task_cols", start, stop))
         rows = to_float32(ckpt.read_rows("prefix_task_rows", start, stop))
@@ -357,6 +358,19 @@ def prompt_tuning_config(ckpt: Checkpoint, num_virtual_tokens: int, num_transfor
     return raw
 
 
+def seq2seq_decoder_finding(fix: str) -> Finding:
+    """The refusal of a seq2seq prompt (2 transformer submodules) as one PROMPT_TUNING folder."""
+    return Finding.error(
+        "seq2seq-decoder",
+        "num_transformer_submodules",
+        "PEFT's plain prompt tuning uses only the encoder half of a seq2seq prompt "
+        "(PeftModelForSeq2SeqLM.forward drops the decoder half that MPT feeds to the decoder)",
+        expected=1,
+        found=2,
+        fix=fix,
+    )
+
+
 def export_prompt(
     source: Source,
     task: int,
@@ -386,17 +400,7 @@ def export_prompt(
     nts = ckpt.config.num_transformer_submodules or 1
     nvt = ckpt.config.size("num_virtual_tokens")
     if nts == 2 and not encoder_only:
-        extra.append(
-            Finding.error(
-                "seq2seq-decoder",
-                "num_transformer_submodules",
-                "PEFT's plain prompt tuning uses only the encoder half of a seq2seq prompt "
-                "(PeftModelForSeq2SeqLM.forward drops the decoder half that MPT feeds to the decoder)",
-                expected=1,
-                found=2,
-                fix="pass --encoder-only to export the encoder half (what generate() uses)",
-            )
-        )
+        extra.append(seq2seq_decoder_finding("pass --encoder-only to export the encoder half (what generate() uses)"))
     if encoder_only and nts != 2:
         extra.append(
             Finding.error(

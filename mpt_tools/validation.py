@@ -9,6 +9,7 @@ from .checkpoint import Source, load_source
 from .checks import check_source, check_target
 from .config import MptConfig, read_config
 from .findings import errors
+from .hazards import serving_hazards
 from .modes import MODES, TargetPlan, canonical_mode
 
 if TYPE_CHECKING:  # types only: importing them costs start-up time
@@ -37,7 +38,7 @@ def validate(
     sizes count where they are None).
     """
     ckpt = load_source(source)
-    findings = check_source(ckpt)
+    findings = check_source(ckpt) + serving_hazards(ckpt)
     target: MptConfig | None = None
     if against is not None:
         target = read_config(against)

@@ -251,6 +251,7 @@ class FakeHub:
     * ``lfs_upload_threshold``: if set, preupload answers "lfs" for files at least
       this big (the client must have Xet disabled, see module docstring).
     * ``tree_page_size``: page size of tree listings (pagination via Link header).
+    * ``models_page_size``: page size of ``/api/models`` listings (the same).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -269,6 +270,8 @@ class FakeHub:
         self.lfs_threshold = 10 * 1024 * 1024
         self.lfs_upload_threshold: int | None = None
         self.tree_page_size = 1000
+        self.models_page_size = 1000
+        self.bytes_sent = 0  # response body bytes sent (what a test can hold a header-only read to)
 
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], _Repo] = {}
@@ -470,6 +473,7 @@ class FakeHub:
     def clear_requests(self) -> None:
         with self._lock:
             self._requests.clear()
+            self.bytes_sent = 0
 
     def find_requests(self, method: str | None = None, path_contains: str | None = None) -> list[RecordedRequest]:
         """Recorded requests filtered by method and by a substring of the path
@@ -718,6 +722,9 @@ class FakeHub:
                 resp = self._error_response(err)
             except Exception as err:  # pragma: no cover - bug in the fake itself
                 resp = _json_response({"error": f"FakeHub internal error: {err!r}"}, 500)
+        with self._lock:
+            if req.method != "HEAD":
+                self.bytes_sent += len(resp.body)
         self._send(handler, req, resp)
 
     def _take_fault(self, req: RecordedRequest) -> _Fault | None:
@@ -798,6 +805,8 @@ class FakeHub:
             return _json_response(_EMPTY_AGENT_REGISTRY)
         if segs == ["validate-yaml"] and m == "POST":
             return self._validate_yaml(req)
+        if segs == ["models"] and m == "GET":
+            return self._list_models(req)
         if segs == ["repos", "create"] and m == "POST":
             return self._create_repo(req)
         if segs == ["repos", "delete"] and m == "DELETE":
@@ -1018,6 +1027,46 @@ class FakeHub:
         if repo_type == "model":
             info["modelId"] = repo_id
         return _json_response(info)
+
+    def _list_models(self, req: RecordedRequest) -> _Response:
+        """``GET /api/models``: the model repos visible to the caller, filtered by ``author`` and
+        by ``filter`` tags (a repo is tagged ``peft`` when its main branch has an
+        adapter_config.json, as the Hub detects the library), ``limit`` per page, pages linked
+        by a ``Link: rel="next"`` header with a cursor, as the Hub paginates."""
+        user = self._user(req)
+        author = req.query.get("author", [None])[-1]
+        wanted = set(req.query.get("filter", []))
+        found = []
+        for (repo_type, repo_id), repo in sorted(self._repos.items()):
+            if repo_type != "model" or (author is not None and repo.namespace != author):
+                continue
+            if not self._has_access(repo, user) and repo.private:
+                continue
+            commit = repo.commits[repo.branches.get("main") or next(iter(repo.branches.values()))]
+            tags = ["peft"] if any(p.rpartition("/")[2] == "adapter_config.json" for p in commit.files) else []
+            if wanted - set(tags):
+                continue
+            found.append(
+                {
+                    "_id": hashlib.sha1(f"model/{repo_id}".encode()).hexdigest()[:24],
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "private": repo.private,
+                    "tags": tags,
+                    "library_name": "peft" if tags else None,
+                    "sha": commit.oid,
+                    "createdAt": repo.created_at,
+                }
+            )
+        cursor = int(req.query.get("cursor", ["0"])[-1] or 0)
+        page_size = max(1, int(req.query.get("limit", [str(self.models_page_size)])[-1]))
+        page = found[cursor : cursor + page_size]
+        headers = {}
+        if cursor + page_size < len(found):
+            query = [(k, v) for k, vs in req.query.items() if k != "cursor" for v in vs]
+            query.append(("cursor", str(cursor + page_size)))
+            headers["Link"] = f'<{self.url}{req.path}?{urlencode(query)}>; rel="next"'
+        return _json_response(page, **headers)
 
     def _tree(
         self,

@@ -43,6 +43,8 @@ EMPTY_PATHS = {
     "rerank --out": ["rerank", CAUSAL, "--num-ranks", "1", "--out", ""],
     "convert --out": ["convert", CAUSAL, "--out", ""],
     "export-prompt --out": ["export-prompt", CAUSAL, "--task", "0", "--out", ""],
+    "export --out": ["export", CAUSAL, "--to", "npy", "--out", ""],
+    "export --names": ["export", CAUSAL, "--to", "npy", "--names", "", "--out", "t"],
     "inspect --plot": ["inspect", CAUSAL, "--similarity", "--plot", ""],
     "blank --out": ["init", CAUSAL, "--mode", "average", "--out", "  "],
     "validate SOURCE": ["validate", ""],
@@ -93,6 +95,7 @@ BAD_NUMBERS = {
     "tasks --num-ranks 0": ["tasks", CAUSAL, "--select", "0", "--num-ranks", "0"],
     "convert --num-tasks -1": ["convert", CAUSAL, "--num-tasks", "-1"],
     "export-prompt --token-dim 0": ["export-prompt", CAUSAL, "--task", "0", "--token-dim", "0"],
+    "export --max-prefix-len 0": ["export", CAUSAL, "--to", "tgis", "--max-prefix-len", "0"],
     "verify --num-tasks 0": ["verify", CAUSAL, "--num-tasks", "0"],
 }
 
@@ -100,7 +103,7 @@ BAD_NUMBERS = {
 @pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
 def test_a_size_below_one_or_a_negative_seed_is_a_usage_error(case: str, tmp_path: Path) -> None:
     argv: list[Any] = list(BAD_NUMBERS[case])
-    if argv[0] in ("init", "tasks", "rerank", "convert", "export-prompt"):
+    if argv[0] in ("init", "tasks", "rerank", "convert", "export-prompt", "export"):
         argv += ["--out", tmp_path / "out"]
     result = run_cli(*argv)
     assert result.exit_code == 2, (case, result.stdout, result.stderr)

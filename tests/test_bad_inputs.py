@@ -17,6 +17,7 @@ from mpt_tools.cli import cli
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 CORPUS_ROOT: Path | None = None
+EXPORT_FORMATS = ("peft", "tgis", "vllm", "trtllm", "npy")  # export runs every case in each format
 CASES: list[Case] = []
 
 
@@ -45,6 +46,7 @@ def command_lines(case: Case, out: Path) -> dict[str, list[str]]:
         "tasks": ["tasks", src, "--select", "1,0", "--out", str(out / "tasks")],
         "rerank": ["rerank", src, "--num-ranks", "1", "--out", str(out / "rerank")],
         "export-prompt": ["export-prompt", src, "--task", "0", "--out", str(out / "prompt")],
+        **{f"export-{fmt}": ["export", src, "--to", fmt, "--out", str(out / fmt)] for fmt in EXPORT_FORMATS},
         "diff": ["diff", src, str(FIXTURES / "causal")],
         "similarity": ["inspect", src, "--similarity", "--plot", str(out / "sim.png")],
         "compat": ["compat", src, "--peft", "0.10.0", "--out", str(out / "compat")],
@@ -64,6 +66,14 @@ def command_lines(case: Case, out: Path) -> dict[str, list[str]]:
             "0.17.1",
         ],
     }
+    # embed refuses the source before it looks at the base model (fixtures/causal has no tokenizer.json)
+    lines["embed"] = ["embed", src, "--task", "0", "--text", "hi", "--base-model", str(FIXTURES / "causal"),
+                      "--out", str(out / "request.pt")]  # fmt: skip
+    # pack reads the case as an MPT adapter (a case is a bad MPT source, not necessarily a bad prompt)
+    lines["pack"] = ["pack", "--from", src, "--tasks", "0", "--num-ranks", "1", "--out", str(out / "pack")]
+    lines["pack-append"] = ["pack", "--from", src, "--tasks", "0", "--append-to", src, "--out", str(out / "packed")]
+    if case.name != "cfg-peft-type-lora":  # audit lists another PEFT type by type: not an error
+        lines["audit"] = ["audit", src, "--deep"]  # each case one row with its error (see test_audit)
     return {k: v for k, v in lines.items() if v[0] in cli.commands}
 
 

@@ -187,6 +187,55 @@ def test_a_file_truncated_during_the_read_is_refused(tmp_path: Path, monkeypatch
         f.map("prefix_task_rows")
 
 
+def test_a_file_that_grows_between_the_chunked_reads_of_the_average_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The numpy average reads its chunks of tasks on one open file (``row_reader``) and checks the
+    file once, after the last read: a change after any chunk is still refused, and no mean comes
+    back. Each chunk is one task here (``CHUNK_BYTES`` of one byte)."""
+    from mpt_tools import formats, torchmean
+    from mpt_tools.checkpoint import load_source
+    from mpt_tools.factors import average_factors
+
+    path = write_random_source(tmp_path / "s.safetensors", n=9, t=3, r=2, d=64)
+    ckpt = load_source(path)
+    real, calls = formats._read_fd, []
+
+    def read_then_grow(fd: int, view: memoryview, offset: int) -> int:
+        got = real(fd, view, offset)
+        calls.append(offset)
+        if len(calls) == 2:  # after the second chunk: the reads go on, the file has grown
+            with open(path, "ab") as fh:
+                fh.write(b"\0" * 8)
+        return got
+
+    monkeypatch.setattr(torchmean, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(formats, "_read_fd", read_then_grow)
+    with pytest.raises(FormatError, match=r"changed while reading .*grew"):
+        average_factors(ckpt, engine="numpy")
+    assert len(calls) > 2  # the later chunks were read on the same descriptor
+
+
+def test_row_reader_reads_what_read_rows_reads(tmp_path: Path) -> None:
+    """``row_reader``: the same bytes as ``read_rows`` (into a buffer or not), logged the same way,
+    on one descriptor that is closed when the block ends."""
+    from mpt_tools.formats import open_safetensors
+
+    path = write_random_source(tmp_path / "s.safetensors", n=7, t=3, r=2, d=8)
+    f = open_safetensors(path)
+    want = [f.read_rows("prefix_task_rows", a, a + 2).array.tobytes() for a in range(0, 7, 2)]
+    f.reads.clear()
+    before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    buf = np.empty(2 * 2 * 8, dtype=np.float32)
+    with f.row_reader() as read:
+        got = [read("prefix_task_rows", a, a + 2, out=buf).array.tobytes() for a in range(0, 7, 2)]
+        assert read("prompt_embeddings", 0, 3).array.tobytes() == f.read("prompt_embeddings").array.tobytes()
+    assert got == want
+    assert [r[:3] for r in f.reads[:4]] == [("prefix_task_rows", a, min(7, a + 2)) for a in range(0, 7, 2)]
+    if before is not None:
+        assert set(os.listdir("/proc/self/fd")) == before
+
+
 def test_map_is_sigbus_free_when_the_file_is_truncated_after_reading(tmp_path: Path) -> None:
     """With mmap, touching the array after a truncation killed the process with SIGBUS. The
     tensor is now in memory: the child process finishes and prints the sum."""

@@ -16,18 +16,20 @@ PACKAGE = ROOT / "mpt_tools"
 
 # Bottom to top. A module may import only from its own layer or a lower one.
 LAYERS: list[list[str]] = [
-    # leaves (hub: the package, imports nothing; paths: opening files to read, without blocking)
-    ["version", "errors", "interrupts", "paths", "options", "results", "hub"],
+    # leaves (hub: the package, imports nothing; paths: opening files to read, without blocking;
+    # progress: the bars of long loops, off unless the CLI turns them on)
+    ["version", "errors", "interrupts", "paths", "options", "results", "hub", "progress"],
     ["config", "formats", "peft_releases"],  # adapter config and file names, tensor files, PEFT's fields
     ["files"],  # sha256, atomic and staged writes, the output guard
-    ["hub.download"],  # a Hub source into the cache: needs no checks
+    ["hub.download", "hub.listing"],  # a Hub source into the cache; listings and headers (audit): no checks
     ["checkpoint"],  # a source, loaded
     ["findings", "factors", "torchmean", "prompts"],  # findings; factor math (torch's mean in numpy); prompt math
     ["modes"],  # the table of target modes
-    ["checks", "writer", "hub.base_model", "hub.card", "verification.engine"],
+    ["checks", "hazards", "writer", "hub.base_model", "hub.card", "verification.engine"],  # hazards: serving layouts
     ["hub.push", "verification.target"],
-    ["validation", "surgery", "conversion", "compare", "verification", "compat"],  # the operations
-    ["inspection", "init"],  # operations that use other operations (similarity; verify, push)
+    # the operations
+    ["validation", "surgery", "conversion", "compare", "verification", "compat", "audit", "export", "pack"],
+    ["inspection", "init", "embed"],  # operations that use other operations (similarity; verify, push)
     ["cli.options", "cli.render"],
     ["cli"],
     ["__main__"],

@@ -21,7 +21,7 @@ import pytest
 from conftest import FIXTURES, ROOT, run_cli, write_random_source
 
 from mpt_tools.cli import cli
-from mpt_tools.results import SCHEMAS, HubInfo, InitResult, schema_id
+from mpt_tools.results import SCHEMAS, AuditRow, HubInfo, InitResult, schema_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,6 +60,8 @@ CASES: dict[str, tuple[int, list[str]]] = {
         0,
         ["export-prompt", "{fx}/seq2seq", "--task", "0", "--out", "{tmp}/enc", "--encoder-only"],
     ),
+    "export": (0, ["export", "{fx}/causal", "--to", "trtllm", "--tasks", "2,0", "--out", "{tmp}/table"]),
+    "pack": (0, ["pack", "--from", "{fx}/causal", "--tasks", "2,0", "--num-ranks", "1", "--out", "{tmp}/packed"]),
     "compat": (0, ["compat", "{fx}/causal", "--peft", "0.10.0", "--out", "{tmp}/compat"]),
     "compat-pickle": (0, ["compat", "{fx}/causal_bin", "--peft", "0.21.2", "--out", "{tmp}/compat-bin"]),
     "diff-identical": (0, ["diff", "{fx}/causal", "{fx}/causal"]),
@@ -70,6 +72,11 @@ CASES: dict[str, tuple[int, list[str]]] = {
     "verify-target": (0, ["verify", "{tmp}/average", "--device", "cpu"]),
     "verify-failing": (1, ["verify", "{tmp}/average", "--device", "cpu", "--source", "{fx}/causal_bf16"]),
     "push-dry-run": (0, ["push", "{tmp}/average", "me/mpt-target", "--dry-run"]),
+    "audit": (0, ["audit", "{fx}", "{tmp}/average", "--deep"]),  # JSON Lines: rows, then the summary
+    "embed": (
+        0,
+        ["embed", "{fx}/causal", "--task", "1", "--text", "w1", "--base-model", "{tmp}/model16", "--out", "{tmp}/r.pt"],
+    ),
 }
 
 
@@ -130,7 +137,17 @@ def problems(value: Any, tp: Any, where: str, seen: dict[type, set[str]]) -> lis
 
 
 def check_output(command: str, stdout: str, seen: dict[type, set[str]] | None = None) -> dict[str, Any]:
-    """The parsed JSON of ``mpt-tools COMMAND ... --json``, asserted to match the command's type."""
+    """The parsed JSON of ``mpt-tools COMMAND ... --json``, asserted to match the command's type
+    (audit: JSON Lines, each row an AuditRow, the last line the summary)."""
+    if command == "audit":
+        *rows, last = stdout.splitlines()
+        assert rows
+        for i, line in enumerate(rows):
+            row = json.loads(line)
+            assert row["schema"] == "mpt-tools/audit-row/1"
+            found = problems(row, AuditRow, f"audit row {i}", seen if seen is not None else {})
+            assert not found, "\n".join(found)
+        stdout = last
     data = json.loads(stdout)
     assert data["schema"] == schema_id(command)
     found = problems(data, SCHEMAS[command], command, seen if seen is not None else {})
@@ -160,6 +177,9 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run every case once, in order: id -> the CLI's result."""
     tmp = tmp_path_factory.mktemp("schemas")
     write_random_source(tmp / "bare.safetensors", n=3, t=4, r=2, d=8)
+    from test_embed import tiny_model
+
+    tiny_model(tmp / "model16", d=16)  # a GPT-2 shaped base model for the causal fixture (d = 16)
     done: dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as mp:  # what conftest's _isolate does for each test
         mp.setenv("HF_HOME", str(tmp / "hf_home"))
@@ -303,13 +323,21 @@ def test_a_failing_command_prints_the_error_schema(tmp_path: Path, command: str)
         "tasks": ["tasks", missing, "--select", "0", "--out", out],
         "rerank": ["rerank", missing, "--num-ranks", "1", "--out", out],
         "export-prompt": ["export-prompt", missing, "--task", "0", "--out", out],
+        "export": ["export", missing, "--to", "peft", "--out", out],
+        "pack": ["pack", missing, "--num-ranks", "1", "--task-type", "CAUSAL_LM", "--out", out],
         "convert": ["convert", missing, "--out", out],
         "compat": ["compat", missing, "--peft", "0.10.0", "--out", out],
         "diff": ["diff", missing, missing],
         "push": ["push", missing, "me/repo", "--dry-run"],
+        "embed": ["embed", missing, "--task", "0", "--text", "x", "--base-model", missing, "--out", f"{out}.pt"],
     }.get(command, [command, missing])
     result = run_cli(*argv, "--json")
     assert result.exit_code == 1, result.stderr
+    if command == "audit":  # audit goes on: the missing path is a row with its error, then the summary
+        rows, summary = (json.loads(line) for line in result.stdout.splitlines())
+        assert rows["error"] and summary["ok"] is False and summary["unreadable"] == 1
+        assert len(result.stderr.strip().splitlines()) == 1
+        return
     data = json.loads(result.stdout)
     assert data["schema"] == "mpt-tools/error/1" and data["command"] == command
     assert not problems(data, ErrorResult, command, {})

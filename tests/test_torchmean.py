@@ -198,15 +198,29 @@ def test_property(n: int, inner: list[int], dtype: str, kind: str, threads: int,
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_reading_in_chunks_changes_no_bit(dtype: type) -> None:
-    """sum0_chunked (what init uses: tasks read a chunk at a time, one chunk ahead) gives sum0's
-    bits for any chunk size, including chunks that end inside a cascade block or a row_sum group."""
-    for n, c, threads in [(1, 5, 1), (17, 37, 1), (255, 100, 16), (1025, 36, 8), (4097, 7, 1), (600, 231, 32)]:
+    """sum0_chunked (what init uses: tasks read a chunk at a time; or one chunk ahead) gives sum0's
+    bits for any chunk size, including chunks that end inside a cascade block or a row_sum group,
+    and chunks of single rows where every column is summed by the plain cascade."""
+    shapes = [(1, 5, 1), (17, 37, 1), (255, 100, 16), (1025, 36, 8), (4097, 7, 1), (600, 231, 32), (300, 64, 1)]
+    for n, c, threads in [*shapes, (301, 96, 2)]:
         x = values((n, c), "F64" if dtype is np.float64 else "F32", "wide", seed=n)
         want = tm.sum0(x, threads)
-        for rows in (4, 8, 12, 20, 64, 1000, 0):
+        for rows in (1, 3, 4, 5, 8, 12, 20, 64, 1000, 0):
             for prefetch in (False, True):
                 got = tm.sum0_chunked(lambda a, b, x=x: x[a:b].copy(), n, c, x.dtype, threads, rows, prefetch)
                 assert got.tobytes() == want.tobytes(), (n, c, threads, rows, prefetch)
+
+
+def test_chunk_rows_of() -> None:
+    """Chunks of any size where every column is summed by the plain cascade (a float32 row of 32
+    columns or more on one thread); a multiple of 4 where some are summed by row_sum (groups of 4
+    rows); by default about ``CHUNK_BYTES``, so that a chunk is summed while it is in the cache."""
+    f32 = np.dtype(np.float32)
+    assert tm.chunk_rows_of(1000, 16 * 8192, f32, 2) == 2  # the stress rows: 512 KB each
+    assert tm.chunk_rows_of(1000, 64, f32, 1, 5) == 5
+    assert tm.chunk_rows_of(1000, 37, f32, 1, 5) == 4 and tm.chunk_rows_of(1000, 37, f32, 1, 1) == 4
+    assert tm.chunk_rows_of(1000, 3200, f32, 2) == 64  # 81 rows of 12.8 kB: a multiple of 64
+    assert tm.chunk_rows_of(10, 1 << 24, f32, 1) == 1  # a row larger than a chunk: one at a time
 
 
 def test_thread_rule_is_the_issues() -> None:

@@ -479,11 +479,255 @@ def export_prompt(
     as_json: bool,
     peft_compat: str | None,
 ) -> None:
-    """Write task --task's prompt P* * (cols[k] @ rows[k]) as a plain PEFT PROMPT_TUNING adapter."""
+    """Write task --task's prompt P* * (cols[k] @ rows[k]) as a plain PEFT PROMPT_TUNING adapter.
+
+    `mpt-tools export SOURCE --to peft` writes the same folder for every task at once.
+    """
     from ..surgery import export_prompt as run
 
     result = run(source, task, out, encoder_only=encoder_only, force=force, peft_compat=peft_compat)
     _render().show_json(result) if as_json else _render().export_view(result)
+
+
+def _task_selection(ctx: click.Context, param: click.Parameter, value: str) -> list[int] | None:
+    """``--tasks``: ``all`` (None) or a comma-separated list of task indices."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"expected all or comma-separated integers, got {value!r}") from None
+
+
+@cli.command(
+    "export",
+    cls=Command,
+    examples=[
+        "mpt-tools export sources --to tgis --out store/sources     # prefix_id sources/task_3 picks task 3",
+        "mpt-tools export sources --to peft --tasks 0,2 --names qa,nli --out prompts",
+        "mpt-tools export sources --to vllm --dtype bfloat16 --out embeds   # embeds/task_3.b64 for prompt_embeds",
+        "mpt-tools export sources --to trtllm --out table            # prompt_table.npy, row k = task k",
+        "mpt-tools export t5-sources --to tgis --caikit --max-prefix-len 64 --out store/t5",
+    ],
+)
+@click.argument("source", type=Text())
+@option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice(["peft", "tgis", "vllm", "trtllm", "npy"]),
+    help="peft: a PROMPT_TUNING folder per task; tgis: a TGIS prefix store (NAME/decoder.pt); vllm: "
+    "NAME.pt and NAME.b64 for prompt_embeds; trtllm: prompt_table.npy [N, T, d]; npy: NAME.npy [T, d].",
+)
+@option(
+    "--tasks",
+    "task_list",
+    metavar="all|LIST",
+    default="all",
+    show_default=True,
+    callback=_task_selection,
+    help="The tasks to bake, e.g. 0,3,5.",
+)
+@option(
+    "--names",
+    type=Text(),
+    callback=lambda ctx, param, value: None if value is None else [v.strip() for v in value.split(",")],
+    help="One name per task, comma-separated, e.g. qa,nli [default: task_<k>].",
+)
+@option(
+    "--dtype",
+    type=click.Choice(TRAINING_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Stored dtype (peft, tgis, vllm) or the engine's (trtllm, npy stay float32); values must be finite in it.",
+)
+@option(
+    "--encoder-only",
+    is_flag=True,
+    help="Seq2seq with 2 submodules: only the encoder half (peft, tgis, npy).",
+)
+@option("--caikit", is_flag=True, help="tgis: also write caikit-nlp's config.yml in each prefix folder.")
+@option(
+    "--max-prefix-len",
+    type=COUNT,
+    section="Checks",
+    help="tgis: the server's MAX_PROMPT_PREFIX_LENGTH; longer prompts are refused.",
+)
+@option("--out", required=True, type=PathText(), section="Output", help="Output folder (made when missing).")
+@option("--force", is_flag=True, section="Output", help="Replace the entries (and manifest.json) already in --out.")
+@JSON
+@PEFT_COMPAT
+@source_options()
+@base_model_options
+def export_cmd(
+    source: SourceSpec,
+    to: str,
+    task_list: list[int] | None,
+    names: list[str] | None,
+    dtype: str,
+    encoder_only: bool,
+    caikit: bool,
+    max_prefix_len: int | None,
+    out: str,
+    force: bool,
+    as_json: bool,
+    peft_compat: str | None,
+    base_model: str | bool | None,
+) -> None:
+    """Bake every task's prompt P* * (cols[k] @ rows[k]) (or --tasks) for a serving engine, into --out.
+
+    Writes manifest.json (source, sha256, task -> files, T, d, dtype, how to serve it) and prints
+    how to serve the result. Limits are checked before anything is written (fp16 overflow,
+    TGIS's prefix length and even-row rule, d against --base-model, seq2seq where the engine
+    cannot take it). export-prompt still writes one task as one PEFT folder.
+    """
+    from ..export import ExportOptions, export_prompts
+
+    options = ExportOptions(
+        dtype=dtype,
+        encoder_only=encoder_only,
+        max_prefix_len=max_prefix_len,
+        caikit=caikit,
+        base_model=base_model,
+        peft_compat=peft_compat,
+    )
+    result = export_prompts(source, to, out, tasks=task_list, names=names, force=force, options=options)
+    _render().show_json(result) if as_json else _render().export_all_view(result)
+
+
+def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[list[int] | None]:
+    """``--tasks`` given once per ``--from``: each ``all`` (None) or a list of task indices."""
+    return [_task_selection(ctx, param, v) for v in value]
+
+
+@cli.command(
+    "pack",
+    cls=Command,
+    examples=[
+        "mpt-tools pack prompts/qa prompts/nli prompts/sum --num-ranks 2 --out packed  # PEFT prompt tuning",
+        "mpt-tools pack store/qa store/nli --task-type CAUSAL_LM --num-ranks 2 --out packed  # TGIS decoder.pt",
+        "mpt-tools pack --from mpt-a --from mpt-b --tasks all --tasks 0,2 --num-ranks 4 --out merged",
+        "mpt-tools pack new-task/ --append-to sources --out sources-plus   # sources' tasks kept bitwise",
+        "mpt-tools pack a.npy b.npy --shared sources --num-ranks 2 --task-type CAUSAL_LM --out ab",
+    ],
+)
+@click.argument("prompts", metavar="[PROMPTS]...", nargs=-1, type=Text())
+@option(
+    "--from",
+    "from_sources",
+    metavar="SOURCE",
+    multiple=True,
+    type=Text(),
+    section="Source",
+    help="An MPT adapter whose tasks' prompts are packed too, after PROMPTS (repeatable: merges adapters).",
+)
+@option(
+    "--tasks",
+    "task_lists",
+    metavar="all|LIST",
+    multiple=True,
+    callback=_task_lists,
+    section="Source",
+    help="The tasks of each --from, in order: one --tasks per --from [default: all tasks].",
+)
+@option("--num-ranks", type=COUNT, section="Target", help="The rank R of every task [default: --append-to's].")
+@option(
+    "--shared",
+    metavar="FILE_OR_ADAPTER",
+    type=Text(),
+    section="Target",
+    help="Fix P* to this [T, d] tensor (a file, a prompt folder, an MPT adapter's P*); fit only the factors.",
+)
+@option(
+    "--append-to",
+    metavar="SOURCE",
+    type=Text(),
+    section="Target",
+    help="Append the new tasks to this MPT adapter: its P* fixed, its tasks kept bitwise.",
+)
+@option(
+    "--task-type",
+    type=Text(),
+    section="Target",
+    help="task_type (e.g. CAUSAL_LM) when no input states it (bare tensors, a TGIS decoder.pt).",
+)
+@option("--seed", type=SEED, default=0, show_default=True, help="Seeds the start's unused rank directions.")
+@option(
+    "--tol",
+    type=click.FloatRange(min=0),
+    default=1e-6,
+    show_default=True,
+    help="Stop when an iteration lowers the objective by at most this fraction.",
+)
+@option(
+    "--max-iters",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="The most iterations (0: write the baseline).",
+)
+@option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@OUT
+@option(
+    "--dtype",
+    section="Output",
+    type=click.Choice(TRAINING_DTYPES),
+    help="Stored dtype [default: float32; with --append-to the adapter's].",
+)
+@FORCE
+@JSON
+@PEFT_COMPAT
+def pack_cmd(
+    prompts: tuple[str, ...],
+    from_sources: tuple[str, ...],
+    task_lists: list[list[int] | None],
+    num_ranks: int | None,
+    shared: str | None,
+    append_to: str | None,
+    task_type: str | None,
+    seed: int,
+    tol: float,
+    max_iters: int,
+    device: str,
+    out: str,
+    dtype: str | None,
+    force: bool,
+    as_json: bool,
+    peft_compat: str | None,
+) -> None:
+    """Fit one MPT adapter to single-task prompts: P_k ~ P* * (U_k @ V_k), into --out.
+
+    PROMPTS are PEFT prompt-tuning folders, TGIS prefix folders (decoder.pt, + encoder.pt for
+    encoder-decoder models) or [T, d] tensor files (.npy, .pt, .safetensors); --from adds the
+    tasks of MPT adapters. Task i of the adapter is the i-th prompt, then the --from tasks.
+    Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
+    SVD of P_k / P*), on the GPU when there is one; the objective never increases, so the fit is
+    never worse than the baseline. Prints each task's relative error and the baseline's.
+    """
+    from ..pack import PackOptions, TaskSource, pack_prompts
+
+    if task_lists and not from_sources:
+        raise click.UsageError("--tasks selects the tasks of a --from SOURCE: give --from too")
+    if task_lists and len(task_lists) != len(from_sources):
+        raise click.UsageError(f"give one --tasks per --from ({len(from_sources)} --from, {len(task_lists)} --tasks)")
+    if not prompts and not from_sources:
+        raise click.UsageError("give PROMPTS to pack, or --from SOURCE")
+    lists = task_lists or [None] * len(from_sources)
+    sources = [TaskSource(SourceSpec(s), t) for s, t in zip(from_sources, lists, strict=True)]
+    options = PackOptions(
+        num_ranks=num_ranks,
+        shared=shared,
+        append_to=append_to,
+        task_type=task_type,
+        dtype=dtype,
+        seed=seed,
+        tol=tol,
+        max_iters=max_iters,
+        device=device,
+        peft_compat=peft_compat,
+    )
+    result = pack_prompts(prompts, out, sources=sources, options=options, force=force)
+    _render().show_json(result) if as_json else _render().pack_view(result)
 
 
 @cli.command(
@@ -525,6 +769,147 @@ def compat(
 
     result = run(SourceSpec(adapter, subfolder=subfolder, hub=hub), peft, out, force=force)
     _render().show_json(result) if as_json else _render().compat_view(result)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools embed target --task 0 --text 'Translate: hello' --base-model gpt2 --out req.pt",
+        'mpt-tools embed sources --task 2 --text "$PROMPT" --base-model ./llama --to vllm --out req.b64',
+        "mpt-tools embed sources --task 1 --text 'Hi' --base-model org/model --to sglang --out req.json",
+    ],
+)
+@click.argument("source", type=Text())
+@option("--task", required=True, type=click.IntRange(min=0), help="The MPT task whose prompt goes first.")
+@option("--text", required=True, help="The request's text, tokenized by the base model's tokenizer.json.")
+@option(
+    "--base-model",
+    "base_model",
+    required=True,
+    type=Text(),
+    help="The model served: a local folder or a Hub repo id (its tokenizer.json and input embeddings).",
+)
+@option(
+    "--to",
+    "to",
+    section="Output",
+    type=click.Choice(["pt", "vllm", "sglang"]),
+    default="pt",
+    show_default=True,
+    help="pt: torch.save of the tensor (vLLM offline); vllm: its base64 (HTTP); sglang: JSON input_embeds.",
+)
+@option("--out", required=True, type=PathText(dir_okay=False), section="Output", help="The file to write.")
+@FORCE
+@JSON
+@source_options()
+def embed(
+    source: SourceSpec,
+    task: int,
+    text: str,
+    base_model: str,
+    to: str,
+    out: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write a serving engine's input for one request: task --task's prompt, then the text's embeddings.
+
+    The tensor is cat(P_k, E[ids]) [T + n, d]: P_k as PEFT computes it, cast to the embedding's
+    dtype, and the rows of the base model's input embedding matrix for the text's token ids
+    (special tokens as the model's tokenizer.json adds them). Only those rows are read, locally or
+    from the Hub. Fed as inputs_embeds (vLLM prompt_embeds, SGLang input_embeds), the base model
+    gives what the PEFT MPT model gives with task_ids=[K]. Needs the tokenizers package.
+    """
+    from ..embed import embed_request as run
+
+    result = run(source, task, text, base_model, out, to=to, force=force, hub=source.hub)
+    _render().show_json(result) if as_json else _render().embed_view(result)
+
+
+@cli.command(
+    cls=Command,
+    examples=[
+        "mpt-tools audit runs/                              # every adapter under runs/, headers only",
+        "mpt-tools audit runs/ --deep --markdown > audit.md # values too; a table for an issue",
+        "mpt-tools audit --author my-org --json | jq 'select(.valid == false)'",
+        "mpt-tools audit org/mpt-sources org/mpt-target@v2 --csv > hub.csv",
+    ],
+)
+@click.argument("targets", metavar="PATH_OR_REPO...", nargs=-1, type=Text())
+@option(
+    "--author",
+    "authors",
+    metavar="ORG",
+    multiple=True,
+    type=Text(),
+    help="Also every PEFT model repo of this Hub user or organisation (repeatable).",
+)
+@option(
+    "--deep",
+    section="Checks",
+    is_flag=True,
+    help="Also read the values: NaN/Inf and float32 bounds, sha256 of local weights and of P*, .bin files.",
+)
+@option(
+    "--jobs",
+    type=click.IntRange(1, 256),
+    help="Adapters audited at once [default: the number of CPUs; at most 8 Hub requests at once].",
+)
+@option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    section="Output",
+    help="JSON Lines: one row per adapter as it is done, then a summary line.",
+)
+@option("--csv", "as_csv", is_flag=True, section="Output", help="CSV: every field, one line per adapter.")
+@option("--markdown", "as_markdown", is_flag=True, section="Output", help="A Markdown table and the summary.")
+@hub_options
+def audit(
+    targets: tuple[str, ...],
+    authors: tuple[str, ...],
+    deep: bool,
+    jobs: int | None,
+    as_json: bool,
+    as_csv: bool,
+    as_markdown: bool,
+    hub: HubOptions,
+) -> None:
+    """Audit every adapter under folders, in Hub repos and in a Hub author's PEFT repos.
+
+    One row per adapter: where, type, N, T, r, d, dtype, validity and finding codes, the PEFT
+    releases that load it, the serving hazard (an MPT folder that prompt-tuning servers would
+    serve as P* for every task) and duplicates. Without --deep only configs and safetensors
+    headers are read (no weights are downloaded from the Hub). Exit 1 when any adapter has an
+    error; Ctrl-C prints the summary of what was audited so far.
+    """
+    from ..audit import audit_adapters as run
+
+    if not targets and not authors:
+        raise click.UsageError("give at least one PATH_OR_REPO or --author ORG")
+    if as_json + as_csv + as_markdown > 1:
+        raise click.UsageError("--json, --csv and --markdown are exclusive: give one")
+    render = _render()
+    on_row = render.show_json_line if as_json else None
+    result = run(targets, authors=authors, deep=deep, jobs=jobs, hub=hub, on_row=on_row, keep_rows=not as_json)
+    if as_json:
+        render.show_json_line({k: v for k, v in result.items() if k != "rows"})
+    elif as_csv:
+        render.audit_csv(result)
+    elif as_markdown:
+        render.audit_markdown(result)
+    else:
+        render.audit_view(result)
+    if result["interrupted"]:
+        import signal
+
+        from ..interrupts import Interrupted
+
+        raise Interrupted(int(signal.Signals[result["interrupted"]]))
+    bad = result["invalid"] + result["unreadable"]
+    if bad:
+        render.echo(f"error: {bad} of {result['adapters']} adapter(s) have errors (see the rows above)", err=True)
+        sys.exit(1)
 
 
 @cli.command(

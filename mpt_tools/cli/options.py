@@ -11,6 +11,9 @@
   (:func:`environment_problem`: one line, exit 1) before the command runs.
 - :class:`Command` prints options in titled sections (:class:`Option`'s ``section``) and ends every
   ``--help`` with its examples.
+- :class:`Command` gives every command ``-q/--quiet`` and turns the progress bars of
+  :mod:`mpt_tools.progress` on only when stderr is a terminal and neither ``--json`` nor
+  ``--quiet`` was given.
 
 Nothing here imports numpy, torch or huggingface_hub: ``--help`` stays instant.
 """
@@ -18,6 +21,7 @@ Nothing here imports numpy, torch or huggingface_hub: ``--help`` stays instant.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +29,7 @@ import click
 
 from ..errors import ConfigError
 from ..options import ConfigOverrides, HubOptions, SourceSpec, max_tensor_bytes
+from ..progress import enable
 
 F = Callable[..., Any]
 # the dtypes adapters are trained in (mpt_tools.formats.DTYPE_CHOICES; not imported: numpy at start-up)
@@ -47,24 +52,59 @@ def option(*decls: str, section: str = "Options", **kwargs: Any) -> Callable[[F]
     return click.option(*decls, cls=Option, section=section, **kwargs)
 
 
+def _note_quiet(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Record ``--quiet`` in the context's shared ``meta`` (the command's function never sees it)."""
+    ctx.meta["mpt_tools.quiet"] = bool(value)
+    return value
+
+
+def quiet_option() -> Option:
+    """``-q/--quiet``, which every :class:`Command` gets: no progress bar."""
+    return Option(
+        ["-q", "--quiet"],
+        is_flag=True,
+        expose_value=False,
+        callback=_note_quiet,
+        section="Output",
+        help="No progress bar (bars show only when stderr is a terminal).",
+    )
+
+
+def stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal (False when it is closed, missing or a pipe)."""
+    try:
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 class Command(click.Command):
-    """A command whose ``--help`` groups options by section and ends with an Examples section."""
+    """A command whose ``--help`` groups options by section and ends with an Examples section,
+    with ``-q/--quiet`` added to its options."""
 
     def __init__(self, *args: Any, examples: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.examples = list(examples)
+        self.params.append(quiet_option())
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command, first noting (in the context's shared ``meta``) its name and whether
-        ``--json`` was asked, so a failure can be reported as JSON too."""
+        ``--json`` was asked, so a failure can be reported as JSON too, and turning progress bars
+        on only when stderr is a terminal and neither ``--json`` nor ``--quiet`` was given (off
+        again afterwards)."""
         ctx.meta["mpt_tools.command"] = ctx.info_name or self.name
         ctx.meta["mpt_tools.json"] = bool(ctx.params.get("as_json"))
+        quiet = ctx.meta.get("mpt_tools.quiet", False)
         problem = environment_problem()  # a garbage value in our own variables: one line, exit 1
         if problem is not None:
             from ..errors import ConfigError
 
             raise ConfigError(problem)
-        return super().invoke(ctx)
+        enable(not quiet and not ctx.meta["mpt_tools.json"] and stderr_is_terminal())
+        try:
+            return super().invoke(ctx)
+        finally:
+            enable(False)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """Write the options, one section per title, in the order they first appear."""

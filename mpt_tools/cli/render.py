@@ -20,14 +20,19 @@ from ..findings import Finding
 
 if TYPE_CHECKING:  # types only: --help does not import them
     from ..results import (
+        AuditResult,
+        AuditRow,
         CompatResult,
         ConvertResult,
         DiffResult,
+        EmbedResult,
         ErrorResult,
         ExportPromptResult,
+        ExportResult,
         FindingItem,
         InitResult,
         InspectResult,
+        PackResult,
         PushResult,
         RerankResult,
         TasksResult,
@@ -442,6 +447,70 @@ def export_view(result: ExportPromptResult) -> None:
     written(result, f"PROMPT_TUNING, task {result['task']}" + (", encoder half" if result["encoder_only"] else ""))
 
 
+EXPORT_FORMATS = {
+    "peft": "PEFT PROMPT_TUNING folders",
+    "tgis": "TGIS prefix store",
+    "vllm": "vLLM prompt_embeds tensors",
+    "trtllm": "TensorRT-LLM prompt table",
+    "npy": "float32 .npy prompts",
+}
+EXPORT_ROWS_SHOWN = 10
+
+
+def export_all_view(result: ExportResult) -> None:
+    """``export``: what was written (the first tasks, then a count), the manifest, how to serve."""
+    for w in result["warnings"]:
+        echo(f"warning: {w}", err=True)
+    for note in result["notes"]:
+        echo(f"note: {note}", err=True)
+    dtype = result["dtype"]
+    if result["file_dtype"] != dtype:
+        dtype = f"{result['file_dtype']} (checked in {dtype})"
+    echo(
+        f"wrote {result['out']} ({EXPORT_FORMATS.get(result['format'], result['format'])}: "
+        f"{result['num_tasks']} task(s), [{result['rows']}, {result['token_dim']}] {dtype} each)"
+    )
+    for item in result["tasks"][:EXPORT_ROWS_SHOWN]:
+        row = f"  (row {item['index']})" if result["format"] == "trtllm" else ""
+        echo(f"  task {item['task']:<5} -> {', '.join(item['files'])}{row}")
+    if result["num_tasks"] > EXPORT_ROWS_SHOWN:
+        echo(f"  ... and {result['num_tasks'] - EXPORT_ROWS_SHOWN} more task(s): see the manifest")
+    echo(f"  manifest: {result['manifest']}")
+    echo("serve:")
+    for line in result["serve"]:
+        echo(f"  {line}")
+
+
+PACK_STOPS = {
+    "tol": "converged (--tol)",
+    "exact": "exact (float64 round-off)",
+    "max-iters": "--max-iters reached",
+}
+
+
+def pack_view(result: PackResult) -> None:
+    """``pack``: what was written, the fit, and each task's relative error against the baseline's."""
+    kept = f" ({result['kept_tasks']} kept from {result['append_to']})" if result["kept_tasks"] else ""
+    shared = "P* fitted" if result["shared"] == "fitted" else f"P* of {result['shared']}"
+    what = f"MPT adapter: {result['num_tasks']} task(s){kept}, rank {result['num_ranks']}, {shared}"
+    written(result, what, dtype=result["dtype"])
+    echo(
+        f"fit: {result['iterations']} iteration(s) on {result['device']} in {_duration(result['fit_seconds'])}, "
+        f"{PACK_STOPS.get(result['stopped'], result['stopped'])}; objective {result['objective']:.4g} "
+        f"(baseline {result['baseline_objective']:.4g})"
+    )
+    echo(f"{'task':>6} {'rel. error':>11} {'baseline':>11}  input")
+    for item in result["tasks"][:EXPORT_ROWS_SHOWN]:
+        errors = f"{_fmt(item['relative_error']):>11} {_fmt(item['baseline_error']):>11}"
+        echo(f"{item['task']:>6} {errors}  {item['input']}")
+    if len(result["tasks"]) > EXPORT_ROWS_SHOWN:
+        echo(f"  ... and {len(result['tasks']) - EXPORT_ROWS_SHOWN} more task(s): see --json")
+    echo(
+        f"max relative error {_fmt(result['max_relative_error'])} "
+        f"(baseline {_fmt(result['max_baseline_error'])}) over {result['inputs']} packed prompt(s)"
+    )
+
+
 def compat_view(result: CompatResult) -> None:
     """``compat``: what was written, and the config keys left out (with why) and kept."""
     written(result, f"{result['peft_type']} for PEFT {result['peft']}, weights copied byte for byte")
@@ -461,3 +530,141 @@ def push_view(result: PushResult) -> None:
     """``push``: what was (or would be) sent."""
     for line in push_summary(result):
         echo(line)
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+AUDIT_COLUMNS = ("where", "type", "N", "T", "r", "d", "dtype", "valid", "findings", "PEFT", "hazard", "dup")
+_SHORT_TYPES = {"MULTITASK_PROMPT_TUNING": "MPT", "PROMPT_TUNING": "PT"}
+
+
+def show_json_line(data: Any) -> None:
+    """One compact JSON object on its own line (``audit --json``: JSON Lines)."""
+    global _json_shown
+    _json_shown = True
+    _out(json.dumps(data, separators=(",", ":"), default=str))
+
+
+def _dup_labels(result: AuditResult) -> dict[str, list[str]]:
+    """``where`` -> labels of its duplicate groups: ``w1`` (identical weights), ``p2`` (identical P*)."""
+    labels: dict[str, list[str]] = {}
+    for i, group in enumerate(result["duplicates"], 1):
+        tag = ("w" if group["kind"] == "weights" else "p") + str(i)
+        for where in group["adapters"]:
+            labels.setdefault(where, []).append(tag)
+    return labels
+
+
+def _audit_cells(row: AuditRow, dups: list[str]) -> list[str]:
+    """One row of the audit table, as text cells in :data:`AUDIT_COLUMNS` order."""
+
+    def num(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    valid = {True: "yes", False: "ERROR" if row["error"] and not row["findings"] else "no", None: "-"}[row["valid"]]
+    peft = "-"
+    if row["peft_oldest"]:
+        peft = row["peft_oldest"] + ("+" if row["peft_newest"] else "")
+    return [
+        row["where"],
+        _SHORT_TYPES.get(row["peft_type"] or "", row["peft_type"] or "?"),
+        num(row["num_tasks"]),
+        num(row["total_virtual_tokens"]),
+        num(row["num_ranks"]),
+        num(row["token_dim"]),
+        row["dtype"] or "-",
+        valid,
+        ",".join(row["findings"]) or "-",
+        peft,
+        "P*" if row["serving_hazard"] else "-",
+        ",".join(dups) or "-",
+    ]
+
+
+def _audit_summary_line(result: AuditResult) -> str:
+    others = ", ".join(f"{k} {v}" for k, v in result["other_types"].items())
+    text = f"{result['adapters']} adapter(s): {result['mpt']} MPT" + (f", other types: {others}" if others else "")
+    text += f"; {result['invalid']} invalid, {result['unreadable']} unreadable"
+    if result["duplicates"]:
+        text += f"; {len(result['duplicates'])} duplicate group(s)"
+    if result["interrupted"]:
+        text += f"; interrupted by {result['interrupted']} (the rows above are what was audited)"
+    return text
+
+
+def audit_view(result: AuditResult) -> None:
+    """``audit``: an aligned table, the errors, duplicate groups, stale staging and a summary."""
+    dups = _dup_labels(result)
+    table = [list(AUDIT_COLUMNS)] + [_audit_cells(r, dups.get(r["where"], [])) for r in result["rows"]]
+    widths = [max(len(_CONTROL.sub(_escape, row[i])) for row in table) for i in range(len(AUDIT_COLUMNS))]
+    for cells in table:
+        echo("  ".join(_CONTROL.sub(_escape, c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    for row in result["rows"]:
+        if row["error"]:
+            echo(f"error: {row['where']}: {one_line(row['error'])}")
+    for i, group in enumerate(result["duplicates"], 1):
+        what = "identical weights" if group["kind"] == "weights" else "identical P* (shared prompt)"
+        echo(f"{'w' if group['kind'] == 'weights' else 'p'}{i}: {what}: {', '.join(group['adapters'])}")
+    for path in result["stale_staging"]:
+        echo(f"note: staging left by an interrupted mpt-tools run (the next writer removes it): {path}")
+    for reason, count in result["skipped"].items():
+        echo(f"note: {count} {reason}")
+    echo(_audit_summary_line(result))
+
+
+def audit_csv(result: AuditResult) -> None:
+    """``audit --csv``: every row field (lists joined by ``;``), one line per adapter."""
+    import csv
+    import io
+
+    from ..results import AuditRow
+
+    fields = [k for k in AuditRow.__annotations__ if k != "schema"] + ["duplicates"]
+    dups = _dup_labels(result)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fields)
+    for row in result["rows"]:
+        values: list[Any] = []
+        for key in fields:
+            value = dups.get(row["where"], []) if key == "duplicates" else row[key]  # type: ignore[literal-required]
+            if isinstance(value, list):
+                value = ";".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            values.append("" if value is None else value)
+        writer.writerow(values)
+    for line in buffer.getvalue().rstrip("\n").split("\n"):
+        echo(line)
+
+
+def audit_markdown(result: AuditResult) -> None:
+    """``audit --markdown``: a GitHub table, for a model card or an issue, and the summary."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    dups = _dup_labels(result)
+    echo("| " + " | ".join(AUDIT_COLUMNS) + " |")
+    echo("|" + "---|" * len(AUDIT_COLUMNS))
+    for row in result["rows"]:
+        cells = _audit_cells(row, dups.get(row["where"], []))
+        cells[0] = f"`{cells[0]}`"
+        echo("| " + " | ".join(cell(c) for c in cells) + " |")
+    echo("")
+    echo(_audit_summary_line(result))
+
+
+def embed_view(result: EmbedResult) -> None:
+    """``embed``: what was written, and how to send it."""
+    echo(
+        f"wrote {result['out']} ({result['format']}): [{result['rows']}, {result['token_dim']}] {result['dtype']} = "
+        f"task {result['task']}'s prompt ({result['prompt_rows']} rows) + {len(result['token_ids'])} token(s)"
+    )
+    echo(f"  embeddings: {result['embedding']}, {result['bytes_read']:,} of {result['matrix_bytes']:,} bytes read")
+    hints = {
+        "pt": "vLLM offline: llm.generate({'prompt_embeds': torch.load(FILE)}) (serve with --enable-prompt-embeds)",
+        "vllm": 'vLLM server (--enable-prompt-embeds): POST /v1/completions with "prompt_embeds": the file\'s text',
+        "sglang": "SGLang: POST /generate with the file's JSON (input_embeds) plus sampling_params",
+    }
+    echo(f"  {hints[result['format']]}")

@@ -55,6 +55,7 @@ from .. import prompts
 from ..checkpoint import Checkpoint
 from ..errors import DeviceError, ValidationError
 from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, json_float, to_torch, torch_dtype
+from ..progress import tracked
 from ..prompts import plan_chunks, task_runs
 from ..results import Failure, TaskCheck
 
@@ -337,7 +338,8 @@ def _rebuild_checks(
     stats = torch.zeros((7, len(tasks)), dtype=torch.float64, device=dev)
     pos = 0
     sets = [_HostBuffers(ckpt, rows_max, dev) for _ in range(2 if dev.type == "cuda" else 1)] if tasks else []
-    for i, (start, stop) in enumerate(task_runs(tasks, step)):
+    runs = tracked(task_runs(tasks, step), len(tasks), "verify", size=lambda run: run[1] - run[0])
+    for i, (start, stop) in enumerate(runs):
         m = stop - start
         if chunk_log is not None:
             chunk_log.append(m)

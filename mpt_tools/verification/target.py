@@ -14,6 +14,7 @@ from ..errors import MptToolsError
 from ..formats import json_float, to_float32
 from ..modes import RecordError, _shown, find_mode
 from ..options import SourceSpec
+from ..progress import chunk_starts
 from ..results import Failure, SimilarityRow, TargetCheck, TargetReport
 from .engine import _check_layout, _plan, _rebuild, _to_device, _torch_dtype
 
@@ -220,7 +221,7 @@ def _similarity(
     sims: list[SimilarityRow] = []
     buf = torch.empty((min(step, n_s), t_s, d_s), dtype=torch.float64, device=dev)  # reused by every chunk
     target_flat = p_t64.reshape(-1)
-    for start in range(0, n_s, step):
+    for start in chunk_starts(n_s, step, "source similarity"):
         stop = min(n_s, start + step)
         cols = _to_device(src.read_rows("prefix_task_cols", start, stop), dev).double()
         rows = _to_device(src.read_rows("prefix_task_rows", start, stop), dev).double()

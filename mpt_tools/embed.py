@@ -1,0 +1,297 @@
+"""``embed``: the whole per-request input a serving engine takes in place of token ids, for one
+MPT task and one text: ``cat(P_k, E[ids])`` ([T + n, d]).
+
+``P_k`` is task k's prompt as PEFT's forward computes it (float32, then cast to the dtype of the
+embedding matrix, as PEFT casts its prompts to ``inputs_embeds.dtype``); ``ids`` are the text's
+token ids as the base model's own tokenizer gives them (the ``tokenizers`` package on its
+``tokenizer.json``, special tokens included: a BOS where the model's post-processor adds one);
+``E[ids]`` are those rows of the base model's input embedding matrix, and only those rows are
+read (safetensors slices of a local file, or ranged requests on the Hub). Fed as
+``inputs_embeds`` to the base model, this gives what the PEFT MPT model gives with
+``task_ids=[k]`` on the same text.
+
+Formats: ``pt`` (``torch.save`` of the tensor: vLLM's offline ``prompt_embeds``), ``vllm`` (the
+base64 text of those bytes: vLLM's HTTP ``prompt_embeds``, with ``--enable-prompt-embeds``),
+``sglang`` (JSON ``{"input_embeds": [[...], ...]}`` for ``/generate``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from .checkpoint import Source, load_source
+from .checks import require_valid
+from .errors import ConfigError, SourceError, ValidationError
+from .files import atomic_write, guard_output
+from .findings import Finding
+from .formats import DTYPE_NAMES, DTYPES, TensorInfo, open_safetensors, parse_header
+from .options import HubOptions
+from .paths import read_small
+from .surgery import _check_tasks, task_prompt
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .results import EmbedResult
+
+FORMATS = ("pt", "vllm", "sglang")
+# the input embedding matrix of the common architectures, most specific first
+EMBED_SUFFIXES = (
+    "embed_tokens.weight",  # llama, mistral, qwen, opt, bart, ...
+    "wte.weight",  # gpt2, gpt-j, codegen
+    "word_embeddings.weight",  # bloom, falcon, bert
+    "embed_in.weight",  # gpt-neox, pythia
+    "tok_embeddings.weight",  # original llama checkpoints
+    "shared.weight",  # t5 (encoder-decoder: refused before this)
+)
+MAX_TOKENIZER_BYTES = 256 << 20
+MAX_INDEX_BYTES = 64 << 20
+
+
+class _Matrix(NamedTuple):
+    """Where the embedding matrix lives: its tensor entry, and how to read a byte range."""
+
+    file: str  # for messages
+    info: TensorInfo
+    read: Any  # (first, last) -> bytes
+
+
+def _tokenize(tokenizer_json: bytes, text: str, where: str) -> list[int]:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ConfigError(
+            "embed needs the tokenizers package to tokenize as the model does: pip install 'mpt-tools[embed]'"
+        ) from None
+    try:
+        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    except Exception as exc:  # the tokenizers library's own parse errors
+        raise ConfigError(
+            f"not a tokenizer.json the tokenizers package reads ({' '.join(str(exc).split())[:200]})", where
+        ) from None
+    ids = list(tok.encode(text).ids)
+    if not ids:
+        raise ConfigError("the text gives no tokens", where)
+    return ids
+
+
+def _pick(infos: dict[str, TensorInfo], d: int, vocab_needed: int, where: str) -> TensorInfo:
+    """The input embedding matrix: a 2-D float tensor [vocab, d] with a known name."""
+    for suffix in EMBED_SUFFIXES:
+        for name, info in sorted(infos.items()):
+            if name.endswith(suffix) and len(info.shape) == 2 and info.dtype in DTYPE_NAMES and info.shape[1] == d:
+                if info.shape[0] < vocab_needed:
+                    raise ValidationError(
+                        f"{name} has {info.shape[0]} rows but the text has token id {vocab_needed - 1}", where
+                    )
+                return info
+    shaped = [n for n, i in infos.items() if len(i.shape) == 2 and i.shape[1] == d]
+    hint = f" (2-D tensors of width {d}: {', '.join(shaped[:5])})" if shaped else ""
+    raise ValidationError(
+        f"no input embedding matrix of width {d} (the adapter's token_dim) named *{', *'.join(EMBED_SUFFIXES)}{hint}",
+        where,
+    )
+
+
+def _local_matrix(folder: Path, d: int, vocab_needed: int) -> _Matrix:
+    """The embedding matrix of a local model folder (``model.safetensors`` or the shards of
+    ``model.safetensors.index.json``; only headers are read here)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = read_small(index, MAX_INDEX_BYTES, ConfigError) or b"{}"
+        weight_map = _weight_map(data, str(index))
+        names = [f for s in EMBED_SUFFIXES for n, f in sorted(weight_map.items()) if n.endswith(s)]
+        files = list(dict.fromkeys(names)) or sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise SourceError("no .safetensors weights in the model folder (embed reads safetensors only)", str(folder))
+    for name in files:
+        tfile = open_safetensors(folder / name)
+        try:
+            info = _pick(tfile.infos, d, vocab_needed, tfile.path)
+        except ValidationError as exc:
+            if "rows but" in exc.message:
+                raise
+            continue
+
+        def read(first: int, last: int, path: str = tfile.path) -> bytes:
+            from . import formats
+
+            buf = bytearray(last - first + 1)
+            if formats.read_into(path, buf, first) != len(buf):
+                raise SourceError("file ended inside the embedding matrix (truncated?)", path)
+            return bytes(buf)
+
+        return _Matrix(tfile.path, info, read)
+    _pick({}, d, vocab_needed, str(folder))  # raises: no matrix in any file
+    raise AssertionError
+
+
+def _weight_map(data: bytes, where: str) -> dict[str, str]:
+    try:
+        mapping = json.loads(data.decode("utf-8"))["weight_map"]
+        assert isinstance(mapping, dict) and all(isinstance(v, str) and "/" not in v for v in mapping.values())
+    except Exception:
+        raise ConfigError("not a safetensors index (a weight_map of tensor name -> shard file)", where) from None
+    return mapping
+
+
+def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Matrix, list[int], str]:
+    """The embedding matrix of a Hub model, the text's ids, and the commit."""
+    from .hub import listing as hl
+
+    repo = hl.list_repo(repo_id, hub)
+    base = f"hf://{repo_id}@{repo.commit[:12]}"
+    if "tokenizer.json" not in repo.files:
+        raise ConfigError("the model repo has no tokenizer.json (embed tokenizes with it)", base)
+    tokenizer = hl.read_small(repo_id, repo.commit, "tokenizer.json", hub, MAX_TOKENIZER_BYTES)
+    ids = ids_of(tokenizer, f"{base}/tokenizer.json")
+    if "model.safetensors.index.json" in repo.files:
+        data = hl.read_small(repo_id, repo.commit, "model.safetensors.index.json", hub, MAX_INDEX_BYTES)
+        weight_map = _weight_map(data, f"{base}/model.safetensors.index.json")
+        names = [f for s in EMBED_SUFFIXES for n, f in sorted(weight_map.items()) if n.endswith(s)]
+        files = list(dict.fromkeys(names)) or sorted(set(weight_map.values()))
+    else:
+        files = sorted(p for p in repo.files if p.endswith(".safetensors") and "/" not in p)
+    if not files:
+        raise SourceError("no .safetensors weights in the model repo (embed reads safetensors only)", base)
+    for name in files:
+        blob, size = hl.read_header(repo_id, repo.commit, name, hub)
+        tfile = parse_header(f"{base}/{name}", blob, size, check_memory=False)
+        try:
+            info = _pick(tfile.infos, d, max(ids) + 1, tfile.path)
+        except ValidationError as exc:
+            if "rows but" in exc.message:
+                raise
+            continue
+
+        def read(first: int, last: int, name: str = name) -> bytes:
+            return hl.read_range(repo_id, repo.commit, name, hub, first, last)
+
+        return _Matrix(f"{base}/{name}", info, read), ids, repo.commit
+    _pick({}, d, max(ids) + 1, base)  # raises: no matrix in any file
+    raise AssertionError
+
+
+def _rows(matrix: _Matrix, ids: list[int]) -> tuple[np.ndarray, int]:
+    """``E[ids]`` in the matrix's storage dtype, reading each run of consecutive ids once; and
+    the bytes read."""
+    info = matrix.info
+    itemsize, storage = DTYPES[info.dtype]
+    row_bytes = info.shape[1] * itemsize
+    wanted = sorted(set(ids))
+    runs: list[tuple[int, int]] = []
+    for i in wanted:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    got: dict[int, np.ndarray] = {}
+    total = 0
+    for a, b in runs:
+        data = matrix.read(info.start + a * row_bytes, info.start + b * row_bytes - 1)
+        total += len(data)
+        block = np.frombuffer(data, dtype=storage).reshape(b - a, info.shape[1])
+        for i in range(a, b):
+            got[i] = block[i - a]
+    return np.stack([got[i] for i in ids]), total
+
+
+def embed_request(
+    source: Source,
+    task: int,
+    text: str,
+    base_model: str,
+    out: str | os.PathLike[str],
+    *,
+    to: str = "pt",
+    force: bool = False,
+    hub: HubOptions | None = None,
+) -> EmbedResult:
+    """Write ``cat(P_task, E[ids(text)])`` for ``base_model`` (a local folder or a Hub repo id)
+    into ``out`` in format ``to`` (:data:`FORMATS`); see the module docstring."""
+    import torch
+
+    if to not in FORMATS:
+        raise ConfigError(f"unknown format {to!r}; one of {', '.join(FORMATS)}")
+    hub = hub or HubOptions()
+    ckpt = load_source(source)
+    extra: list[Finding] = []
+    cols = ckpt.shapes.get("prefix_task_cols")
+    if cols and len(cols) == 3:
+        extra += _check_tasks("task", [task], cols[0])
+    if (ckpt.config.num_transformer_submodules or 1) != 1:
+        extra.append(
+            Finding.error(
+                "seq2seq",
+                "num_transformer_submodules",
+                "embed builds a decoder-only model's input (vLLM and SGLang take prompt embeddings for those)",
+                expected=1,
+                found=ckpt.config.num_transformer_submodules,
+                fix="export the prompts instead (mpt-tools export --to tgis serves encoder-decoder models)",
+            )
+        )
+    require_valid(ckpt, extra)
+    guard_output(out, force=force, protected=ckpt.source_paths, kind="file")
+    d = ckpt.shapes["prompt_embeddings"][1]
+    local = Path(base_model).expanduser()
+    commit: str | None = None
+    if os.path.exists(local):
+        if not local.is_dir() or not (local / "tokenizer.json").exists():
+            raise ConfigError(
+                "the base model must be a folder with tokenizer.json (embed tokenizes with it)", str(local)
+            )
+        tokenizer_bytes = read_small(local / "tokenizer.json", MAX_TOKENIZER_BYTES, ConfigError)
+        if tokenizer_bytes is None:
+            raise ConfigError(f"tokenizer.json is over {MAX_TOKENIZER_BYTES} bytes", str(local))
+        ids = _tokenize(tokenizer_bytes, text, str(local / "tokenizer.json"))
+        matrix = _local_matrix(local, d, max(ids) + 1)
+    else:
+        from .hub.download import local_path_reason
+
+        if local_path_reason(base_model) is not None:
+            raise SourceError("no such model folder, and not a Hub repo id", base_model)
+        matrix, ids, commit = _hub_matrix(base_model, d, hub, lambda data, where: _tokenize(data, text, where))
+    rows, read = _rows(matrix, ids)
+    tag = matrix.info.dtype
+    emb = (
+        torch.from_numpy(rows.view(np.int16).copy()).view(torch.bfloat16)
+        if tag == "BF16"
+        else torch.from_numpy(rows.copy())
+    )
+    prompt = task_prompt(ckpt, task).to(emb.dtype)  # as PEFT: prompts.to(inputs_embeds.dtype)
+    full = torch.cat([prompt, emb], dim=0).contiguous()
+    if to == "sglang":
+        payload: bytes = json.dumps({"input_embeds": full.to(torch.float32).tolist()}).encode()
+    else:
+        import base64
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(full.clone(), buffer)
+        payload = buffer.getvalue() if to == "pt" else base64.b64encode(buffer.getvalue()) + b"\n"
+    atomic_write(out, payload, replace=force)
+    info = matrix.info
+    return {
+        "schema": "mpt-tools/embed/1",
+        "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
+        "task": task,
+        "base_model": base_model,
+        "base_model_commit": commit,
+        "embedding": f"{matrix.file}:{info.name}",
+        "token_ids": ids,
+        "rows": int(full.shape[0]),
+        "prompt_rows": int(prompt.shape[0]),
+        "token_dim": d,
+        "dtype": DTYPE_NAMES[tag],
+        "bytes_read": read,
+        "matrix_bytes": info.nbytes,
+        "format": to,
+        "out": str(out),
+        "version": __version__,
+    }

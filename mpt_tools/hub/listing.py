@@ -1,0 +1,166 @@
+"""What the audit asks the Hub, without downloading weights: the PEFT repos of a user or an
+organisation, a repo's file listing at one commit (sizes and LFS sha256 included), small files
+(adapter configs) and safetensors headers.
+
+Headers are read the way huggingface_hub's ``parse_safetensors_file_metadata`` reads them: one
+ranged GET of the first 100,000 bytes, and a second ranged GET only when the header is longer.
+The bytes are then checked by mpt-tools' own parser (:func:`mpt_tools.formats.parse_header`),
+which holds them to safetensors' rules (huggingface_hub's parser accepts headers safetensors
+refuses), so a header gets the same verdict on the Hub as in a local file. Every request goes
+through huggingface_hub's HTTP session (its endpoint, token, user agent and retries).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, NamedTuple
+
+from ..errors import HubError
+from ..formats import MAX_HEADER
+from ..options import HubOptions
+from .download import _endpoint, _is_hub_exception, _map_error, _quiet, is_offline
+
+FIRST_RANGE = 100_000  # huggingface_hub's first header read (bytes 0-100000)
+
+
+class RepoFile(NamedTuple):
+    """One file of a repo listing: path, size in bytes, and the LFS sha256 (None for a file kept
+    in git, whose content hash the Hub gives only as a git blob id)."""
+
+    path: str
+    size: int
+    sha256: str | None
+
+
+class RepoListing(NamedTuple):
+    """A repo at one commit: every file, by path."""
+
+    repo_id: str
+    commit: str
+    files: dict[str, RepoFile]
+
+
+def _offline_check(hub: HubOptions, where: str) -> None:
+    if is_offline(hub.offline):
+        raise HubError("the Hub audit needs the network, and offline mode is on (--offline or HF_HUB_OFFLINE=1)", where)
+
+
+def _api(hub: HubOptions) -> Any:
+    from huggingface_hub import HfApi
+
+    from ..version import __version__
+
+    return HfApi(endpoint=_endpoint(), token=hub.token, library_name="mpt-tools", library_version=__version__)
+
+
+def _call(what: str, where: str, hub: HubOptions, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with huggingface_hub quiet and its exceptions as one HubError."""
+    try:
+        with _quiet():
+            return fn(*args, **kwargs)
+    except HubError:
+        raise
+    except Exception as exc:
+        if not _is_hub_exception(exc):
+            raise
+        raise _map_error(exc, where=where, what=what, token=hub.token, offline=False) from None
+
+
+def author_repos(author: str, hub: HubOptions) -> list[str]:
+    """The ids of the model repos of ``author`` (a user or an organisation) that the Hub lists as
+    PEFT repos (library ``peft``), sorted."""
+    _offline_check(hub, author)
+
+    def ids() -> list[str]:
+        return sorted(m.id for m in _api(hub).list_models(author=author, filter="peft"))
+
+    return list(_call(f"the models of {author}", author, hub, ids))
+
+
+def list_repo(repo_id: str, hub: HubOptions) -> RepoListing:
+    """``repo_id`` at ``hub.revision`` (default branch when None): its commit and every file with
+    its size and LFS sha256 (one request)."""
+    _offline_check(hub, repo_id)
+    info = _call(
+        "the repo listing", repo_id, hub, _api(hub).model_info, repo_id, revision=hub.revision, files_metadata=True
+    )
+    files: dict[str, RepoFile] = {}
+    for sib in info.siblings or []:
+        lfs = getattr(sib, "lfs", None)
+        sha = getattr(lfs, "sha256", None) if lfs is not None else None
+        size = getattr(lfs, "size", None) if lfs is not None else None
+        files[sib.rfilename] = RepoFile(sib.rfilename, int(size if size is not None else sib.size or 0), sha)
+    return RepoListing(repo_id, str(info.sha), files)
+
+
+def _get(repo_id: str, commit: str, path: str, hub: HubOptions, first: int, last: int) -> tuple[bytes, int | None]:
+    """Bytes ``first..last`` of a file at a commit (fewer when it ends first) and the file's size
+    (None when the server did not say)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    from ..version import __version__
+
+    url = hf_hub_url(repo_id, path, revision=commit, endpoint=_endpoint())
+    headers = build_hf_headers(token=hub.token, library_name="mpt-tools", library_version=__version__)
+    headers["range"] = f"bytes={first}-{last}"
+
+    def fetch() -> tuple[bytes, int | None]:
+        response = get_session().get(url, headers=headers)
+        hf_raise_for_status(response)
+        content = bytes(response.content[: last - first + 1])  # a server that ignores the range
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        if total.isdigit():
+            return content, int(total)
+        return content, len(response.content) if response.status_code == 200 else None
+
+    return tuple(_call(path, f"{repo_id}@{commit[:12]}/{path}", hub, fetch))  # type: ignore[return-value]
+
+
+def read_small(repo_id: str, commit: str, path: str, hub: HubOptions, limit: int) -> bytes:
+    """A small file (an adapter config) at a commit, one request; HubError when it is over ``limit``."""
+    data, size = _get(repo_id, commit, path, hub, 0, limit)
+    if len(data) > limit or (size is not None and size > limit):
+        raise HubError(f"{path} is {size or len(data)} bytes, more than a config can be", f"{repo_id}@{commit[:12]}")
+    return data
+
+
+def read_header(repo_id: str, commit: str, path: str, hub: HubOptions) -> tuple[bytes, int]:
+    """The JSON header of a safetensors file at a commit, and the file's size: one ranged request
+    of the first 100,000 bytes, a second one only for a longer header. HubError when the file is
+    too short, or its header claims more than safetensors allows."""
+    where = f"hf://{repo_id}@{commit[:12]}/{path}"
+    first, size = _get(repo_id, commit, path, hub, 0, FIRST_RANGE)
+    if size is None:
+        size = len(first)
+    if len(first) < 8:
+        raise HubError(f"the file is {size} bytes, too short for a safetensors header", where)
+    (n,) = struct.unpack("<Q", first[:8])
+    if n > MAX_HEADER:
+        raise HubError(f"header claims {n} bytes, over the {MAX_HEADER}-byte limit", where)
+    if 8 + n > size:
+        raise HubError(f"header claims {n} bytes but the file has {size - 8} after the length (truncated?)", where)
+    if 8 + n <= len(first):
+        return first[8 : 8 + n], size
+    rest, _ = _get(repo_id, commit, path, hub, 8, 8 + n - 1)
+    if len(rest) != n:
+        raise HubError(f"the Hub sent {len(rest)} of the header's {n} bytes", where)
+    return rest, size
+
+
+def download_file(repo_id: str, commit: str, path: str, hub: HubOptions) -> str:
+    """One file of a repo at a commit into the Hugging Face cache (``audit --deep`` of a bare
+    tensor file); its local path."""
+    from .download import HubSpec, _Fetch
+
+    fetch = _Fetch(HubSpec(repo_id, commit), hub.token, hub.cache_dir, offline=False)
+    return str(_call(path, f"hf://{repo_id}@{commit[:12]}/{path}", hub, fetch.download, path, commit))
+
+
+def read_range(repo_id: str, commit: str, path: str, hub: HubOptions, first: int, last: int) -> bytes:
+    """Bytes ``first..last`` (inclusive) of a file at a commit: one ranged request (``embed``
+    reads the rows of an embedding matrix this way)."""
+    data, _ = _get(repo_id, commit, path, hub, first, last)
+    if len(data) != last - first + 1:
+        raise HubError(f"the Hub sent {len(data)} of {last - first + 1} bytes", f"hf://{repo_id}@{commit[:12]}/{path}")
+    return data
