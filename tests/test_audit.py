@@ -251,6 +251,9 @@ def test_interrupt_prints_the_summary_so_far(tmp_path: Path, sig: signal.Signals
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # a shell's background job inherits SIGINT ignored, and mpt-tools keeps an ignored signal
+        # ignored: give the child the default, as a terminal does
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()  # rows are printed as they are done
