@@ -52,7 +52,7 @@ VENVS = HERE / "data" / "peft-venvs"
 PEFT_LOAD = ROOT / "tests" / "peft_load.py"
 MARK_START, MARK_END = "<!-- peft-matrix:start -->", "<!-- peft-matrix:end -->"
 
-# PEFT release: (transformers, tokenizers) of its era, as in /work/shared/reference/peft-compat.md
+# PEFT release: (transformers, tokenizers) of its era (the install recipe of the measured compat matrix)
 ERA: dict[str, tuple[str, str]] = {
     "0.10.0": ("4.39.3", "0.15.2"),
     "0.13.2": ("4.45.2", "0.20.3"),

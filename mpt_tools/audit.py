@@ -41,6 +41,7 @@ from .version import __version__
 
 if TYPE_CHECKING:  # types only
     from .checkpoint import Checkpoint
+    from .config import MptConfig
     from .hub.listing import RepoListing
     from .results import AuditResult, AuditRow, DuplicateGroup
 
@@ -200,6 +201,17 @@ def _verdict(row: AuditRow, findings: list[Finding]) -> None:
         row["error"] = f"{len(bad)} error(s); first: {bad[0].field}: {bad[0].message}"
 
 
+def _config_only(row: AuditRow, cfg: MptConfig) -> AuditRow:
+    """The row of an MPT adapter whose ``.bin`` weights are not read (no --deep): the config's
+    findings; valid unknown (None) unless the config alone has an error."""
+    row["notes"].append("weights not read (.bin: --deep reads them)")
+    findings = config_findings(cfg, True)
+    _verdict(row, findings)
+    if not errors(findings):
+        row["valid"] = None
+    return row
+
+
 def _config_fields(row: AuditRow, raw: dict[str, Any]) -> None:
     """What the config says: types, base model, the PEFT releases that load it."""
     row["peft_type"] = raw.get("peft_type") if isinstance(raw.get("peft_type"), str) else None
@@ -239,13 +251,7 @@ def _audit_local(job: _Job, deep: bool) -> AuditRow | None:
                 return row
             row["serving_hazard"] = weights is not None
             if weights is not None and weights.suffix == ".bin" and not deep:
-                row["notes"].append("weights not read (.bin: --deep reads them)")
-                findings = config_findings(cfg, True)
-                row["findings"] = _codes(findings)
-                row["reload_trap"] = any(f.code == "reload-trap" for f in findings)
-                if errors(findings):
-                    _verdict(row, findings)
-                return row
+                return _config_only(row, cfg)
         ckpt = load_source(job.path)
         if job.kind == "file":
             if not ckpt.keymap and not job.explicit:
@@ -275,7 +281,7 @@ def _audit_hub(job: _Job, deep: bool, hub: HubOptions, gate: threading.Semaphore
     row = _row(job.where, "hub")
     repo, commit = listing.repo_id, listing.commit
     try:
-        is_file = job.path.endswith(".safetensors") and not any(p == f"{job.path}/{CONFIG_NAME}" for p in listing.files)
+        is_file = job.path.endswith(".safetensors") and f"{job.path}/{CONFIG_NAME}" not in listing.files
         prefix = "" if is_file or not job.path else job.path + "/"
         names = [prefix + n for n in WEIGHTS_NAMES if prefix + n in listing.files]
         weights = job.path if is_file else next(iter(names), None)
@@ -298,11 +304,7 @@ def _audit_hub(job: _Job, deep: bool, hub: HubOptions, gate: threading.Semaphore
         assert weights is not None
         if deep or weights.endswith(".bin"):
             if not deep:
-                row["notes"].append("weights not read (.bin: --deep reads them)")
-                findings = config_findings(cfg, True)
-                row["findings"] = _codes(findings)
-                row["reload_trap"] = any(f.code == "reload-trap" for f in findings)
-                return row
+                return _config_only(row, cfg)
             from .checkpoint import load_source
             from .options import SourceSpec
 

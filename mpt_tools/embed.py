@@ -32,6 +32,7 @@ from .findings import Finding
 from .formats import DTYPE_NAMES, DTYPES, TensorInfo, open_safetensors, parse_header
 from .options import HubOptions
 from .paths import read_small
+from .prompts import task_runs
 from .surgery import _check_tasks, task_prompt
 from .version import __version__
 
@@ -53,11 +54,12 @@ MAX_INDEX_BYTES = 64 << 20
 
 
 class _Matrix(NamedTuple):
-    """Where the embedding matrix lives: its tensor entry, and how to read a byte range."""
+    """Where the embedding matrix lives: its file (for messages), its tensor entry, and
+    ``rows(a, b)``: rows ``a:b`` in the storage dtype, read from the file alone."""
 
-    file: str  # for messages
+    file: str
     info: TensorInfo
-    read: Any  # (first, last) -> bytes
+    rows: Any
 
 
 def _tokenize(tokenizer_json: bytes, text: str, where: str) -> list[int]:
@@ -70,31 +72,45 @@ def _tokenize(tokenizer_json: bytes, text: str, where: str) -> list[int]:
     try:
         tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
     except Exception as exc:  # the tokenizers library's own parse errors
-        raise ConfigError(
-            f"not a tokenizer.json the tokenizers package reads ({' '.join(str(exc).split())[:200]})", where
-        ) from None
+        why = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"not a tokenizer.json the tokenizers package reads ({why})", where) from None
     ids = list(tok.encode(text).ids)
     if not ids:
         raise ConfigError("the text gives no tokens", where)
     return ids
 
 
-def _pick(infos: dict[str, TensorInfo], d: int, vocab_needed: int, where: str) -> TensorInfo:
-    """The input embedding matrix: a 2-D float tensor [vocab, d] with a known name."""
+def _pick(infos: dict[str, TensorInfo], d: int, vocab_needed: int) -> TensorInfo | None:
+    """The input embedding matrix among ``infos``: a 2-D float tensor [vocab, d] with a known
+    name (None when there is none); ValidationError when it has fewer rows than the ids need."""
     for suffix in EMBED_SUFFIXES:
         for name, info in sorted(infos.items()):
             if name.endswith(suffix) and len(info.shape) == 2 and info.dtype in DTYPE_NAMES and info.shape[1] == d:
                 if info.shape[0] < vocab_needed:
                     raise ValidationError(
-                        f"{name} has {info.shape[0]} rows but the text has token id {vocab_needed - 1}", where
+                        f"{name} has {info.shape[0]} rows but the text has token id {vocab_needed - 1}"
                     )
                 return info
-    shaped = [n for n, i in infos.items() if len(i.shape) == 2 and i.shape[1] == d]
-    hint = f" (2-D tensors of width {d}: {', '.join(shaped[:5])})" if shaped else ""
-    raise ValidationError(
-        f"no input embedding matrix of width {d} (the adapter's token_dim) named *{', *'.join(EMBED_SUFFIXES)}{hint}",
+    return None
+
+
+def _no_matrix(d: int, where: str) -> ValidationError:
+    return ValidationError(
+        f"no input embedding matrix of width {d} (the adapter's token_dim) named *{', *'.join(EMBED_SUFFIXES)}",
         where,
     )
+
+
+def _shards(index: bytes, where: str) -> list[str]:
+    """The shard files of a ``model.safetensors.index.json``, the one holding the embedding
+    matrix (by name) first, so usually only its header is read."""
+    try:
+        mapping = json.loads(index.decode("utf-8"))["weight_map"]
+        assert isinstance(mapping, dict) and all(isinstance(v, str) and "/" not in v for v in mapping.values())
+    except Exception:
+        raise ConfigError("not a safetensors index (a weight_map of tensor name -> shard file)", where) from None
+    named = [f for s in EMBED_SUFFIXES for n, f in sorted(mapping.items()) if n.endswith(s)]
+    return list(dict.fromkeys([*named, *sorted(set(mapping.values()))]))
 
 
 def _local_matrix(folder: Path, d: int, vocab_needed: int) -> _Matrix:
@@ -102,43 +118,17 @@ def _local_matrix(folder: Path, d: int, vocab_needed: int) -> _Matrix:
     ``model.safetensors.index.json``; only headers are read here)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        data = read_small(index, MAX_INDEX_BYTES, ConfigError) or b"{}"
-        weight_map = _weight_map(data, str(index))
-        names = [f for s in EMBED_SUFFIXES for n, f in sorted(weight_map.items()) if n.endswith(s)]
-        files = list(dict.fromkeys(names)) or sorted(set(weight_map.values()))
+        files = _shards(read_small(index, MAX_INDEX_BYTES, ConfigError) or b"{}", str(index))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise SourceError("no .safetensors weights in the model folder (embed reads safetensors only)", str(folder))
     for name in files:
         tfile = open_safetensors(folder / name)
-        try:
-            info = _pick(tfile.infos, d, vocab_needed, tfile.path)
-        except ValidationError as exc:
-            if "rows but" in exc.message:
-                raise
-            continue
-
-        def read(first: int, last: int, path: str = tfile.path) -> bytes:
-            from . import formats
-
-            buf = bytearray(last - first + 1)
-            if formats.read_into(path, buf, first) != len(buf):
-                raise SourceError("file ended inside the embedding matrix (truncated?)", path)
-            return bytes(buf)
-
-        return _Matrix(tfile.path, info, read)
-    _pick({}, d, vocab_needed, str(folder))  # raises: no matrix in any file
-    raise AssertionError
-
-
-def _weight_map(data: bytes, where: str) -> dict[str, str]:
-    try:
-        mapping = json.loads(data.decode("utf-8"))["weight_map"]
-        assert isinstance(mapping, dict) and all(isinstance(v, str) and "/" not in v for v in mapping.values())
-    except Exception:
-        raise ConfigError("not a safetensors index (a weight_map of tensor name -> shard file)", where) from None
-    return mapping
+        info = _pick(tfile.infos, d, vocab_needed)
+        if info is not None:
+            return _Matrix(tfile.path, info, lambda a, b, t=tfile, n=info.name: t.read_rows(n, a, b).array)
+    raise _no_matrix(d, str(folder))
 
 
 def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Matrix, list[int], str]:
@@ -153,52 +143,38 @@ def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Ma
     ids = ids_of(tokenizer, f"{base}/tokenizer.json")
     if "model.safetensors.index.json" in repo.files:
         data = hl.read_small(repo_id, repo.commit, "model.safetensors.index.json", hub, MAX_INDEX_BYTES)
-        weight_map = _weight_map(data, f"{base}/model.safetensors.index.json")
-        names = [f for s in EMBED_SUFFIXES for n, f in sorted(weight_map.items()) if n.endswith(s)]
-        files = list(dict.fromkeys(names)) or sorted(set(weight_map.values()))
+        files = _shards(data, f"{base}/model.safetensors.index.json")
     else:
         files = sorted(p for p in repo.files if p.endswith(".safetensors") and "/" not in p)
     if not files:
         raise SourceError("no .safetensors weights in the model repo (embed reads safetensors only)", base)
     for name in files:
         blob, size = hl.read_header(repo_id, repo.commit, name, hub)
-        tfile = parse_header(f"{base}/{name}", blob, size, check_memory=False)
-        try:
-            info = _pick(tfile.infos, d, max(ids) + 1, tfile.path)
-        except ValidationError as exc:
-            if "rows but" in exc.message:
-                raise
+        info = _pick(parse_header(f"{base}/{name}", blob, size, check_memory=False).infos, d, max(ids) + 1)
+        if info is None:
             continue
+        itemsize, storage = DTYPES[info.dtype]
+        row = info.shape[1] * itemsize
 
-        def read(first: int, last: int, name: str = name) -> bytes:
-            return hl.read_range(repo_id, repo.commit, name, hub, first, last)
+        def rows(
+            a: int, b: int, name: str = name, info: TensorInfo = info, row: int = row, storage: str = storage
+        ) -> np.ndarray:
+            data = hl.read_range(repo_id, repo.commit, name, hub, info.start + a * row, info.start + b * row - 1)
+            return np.frombuffer(data, dtype=storage).reshape(b - a, info.shape[1])
 
-        return _Matrix(f"{base}/{name}", info, read), ids, repo.commit
-    _pick({}, d, max(ids) + 1, base)  # raises: no matrix in any file
-    raise AssertionError
+        return _Matrix(f"{base}/{name}", info, rows), ids, repo.commit
+    raise _no_matrix(d, base)
 
 
 def _rows(matrix: _Matrix, ids: list[int]) -> tuple[np.ndarray, int]:
     """``E[ids]`` in the matrix's storage dtype, reading each run of consecutive ids once; and
     the bytes read."""
-    info = matrix.info
-    itemsize, storage = DTYPES[info.dtype]
-    row_bytes = info.shape[1] * itemsize
-    wanted = sorted(set(ids))
-    runs: list[tuple[int, int]] = []
-    for i in wanted:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
     got: dict[int, np.ndarray] = {}
     total = 0
-    for a, b in runs:
-        data = matrix.read(info.start + a * row_bytes, info.start + b * row_bytes - 1)
-        total += len(data)
-        block = np.frombuffer(data, dtype=storage).reshape(b - a, info.shape[1])
-        for i in range(a, b):
-            got[i] = block[i - a]
+    for a, b in task_runs(sorted(set(ids)), len(ids)):
+        block = matrix.rows(a, b)
+        total += block.nbytes
+        got.update((i, block[i - a]) for i in range(a, b))
     return np.stack([got[i] for i in ids]), total
 
 

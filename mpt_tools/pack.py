@@ -775,6 +775,20 @@ class _Model(NamedTuple):
     warnings: list[str]
 
 
+def _agree(field: str, value: Any, label: str, agreed: Any, agreed_from: str) -> tuple[Any, str]:
+    """The value of ``field`` agreed so far (and who stated it first), after input ``label``
+    states ``value`` (None: says nothing); a different value is one ValidationError naming it."""
+    if value is None:
+        return agreed, agreed_from
+    if agreed is None:
+        return value, label
+    if value != agreed:
+        raise ValidationError(
+            f"{field} {value!r} differs from {agreed_from}'s {agreed!r}: pack prompts of one model", label
+        )
+    return agreed, agreed_from
+
+
 def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Checkpoint | None) -> _Model:
     """task_type, num_transformer_submodules and the other config fields, agreed by every input
     that states them (and by ``append``'s config and ``--task-type``): a disagreement is one error
@@ -794,22 +808,8 @@ def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Che
         nts, nts_from = append.config.num_transformer_submodules, append.location
         config, config_from = dict(append.config.raw), append.location
     for item in prompts:
-        if item.task_type is not None:
-            if task_type is None:
-                task_type, task_from = item.task_type, item.label
-            elif item.task_type != task_type:
-                raise ValidationError(
-                    f"task_type {item.task_type!r} differs from {task_from}'s {task_type!r}: pack prompts of one model",
-                    item.label,
-                )
-        if item.nts is not None:
-            if nts is None:
-                nts, nts_from = item.nts, item.label
-            elif item.nts != nts:
-                raise ValidationError(
-                    f"num_transformer_submodules {item.nts} differs from {nts_from}'s {nts}: pack prompts of one model",
-                    item.label,
-                )
+        task_type, task_from = _agree("task_type", item.task_type, item.label, task_type, task_from)
+        nts, nts_from = _agree("num_transformer_submodules", item.nts, item.label, nts, nts_from)
         if item.config is not None:
             if not config:
                 config, config_from = item.config, item.label

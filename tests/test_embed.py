@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,14 +114,15 @@ def test_base_model_on_embeds_gives_peft_logits(setup: dict[str, Path], tmp_path
 def test_reads_only_the_rows_it_needs(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mpt_tools.formats as formats
 
-    real, read = formats.read_into, []
+    real, read = formats._read_fd, []
 
-    def counting(path, buffer, offset):
-        n = real(path, buffer, offset)
-        read.append(n)
+    def counting(fd, view, offset):
+        n = real(fd, view, offset)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(setup["model"] / "model.safetensors"):  # not the adapter's
+            read.append(n)
         return n
 
-    monkeypatch.setattr(formats, "read_into", counting)
+    monkeypatch.setattr(formats, "_read_fd", counting)  # every read of tensor bytes goes through it
     result = run_cli(
         "embed", setup["adapter"], "--task", "1", "--text", "w1 w2 w3 w900", "--base-model", setup["model"],
         "--out", tmp_path / "r.pt", "--json",
