@@ -94,11 +94,17 @@ class Checkpoint:
         return self.file.read_rows(self.keymap[name], start, stop, out=out)
 
     @contextmanager
-    def row_reader(self) -> Iterator[Callable[..., Raw]]:
+    def row_reader(self, *, mapped: bool = False) -> Iterator[Callable[..., Raw]]:
         """:meth:`read_rows` for many reads in a row, on one open file (see
-        :meth:`mpt_tools.formats.TensorFile.row_reader`): ``read(name, start, stop, out=None)``."""
-        with self.file.row_reader() as read:
-            yield lambda name, start, stop, out=None: read(self.keymap[name], start, stop, out=out)
+        :meth:`mpt_tools.formats.TensorFile.row_reader`): ``read(name, start, stop, out=None,
+        columns=None)``; ``mapped``: views of a leased mapping where one can be had."""
+        with self.file.row_reader(mapped=mapped) as read:
+
+            def by_name(name: str, start: int, stop: int, out: Any = None, columns: Any = None) -> Raw:
+                return read(self.keymap[name], start, stop, out=out, columns=columns)
+
+            by_name.mapped = read.mapped  # type: ignore[attr-defined]
+            yield by_name
 
     def sha256(self) -> str:
         """SHA-256 of the weights file, streamed."""

@@ -13,7 +13,8 @@ Targets are float32, the dtype PEFT's prompt encoder holds.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -116,28 +117,92 @@ def _numpy_average(
         return total.reshape(1, *inner).astype(np.float32)
     w = None if weights is None else normalised_weights_numpy(weights, threads)
     summed = np.dtype(np.float64 if w is not None or info.dtype == "F64" else np.float32)
-    step = torchmean.chunk_rows_of(n, c, summed, threads)
     storage = np.dtype(DTYPES[info.dtype][1])
-    buffer = np.empty(min(step, n) * c, dtype=storage)
+    windows = torchmean.column_windows(n, c, storage.itemsize, _workers())
 
-    with ckpt.row_reader() as read_rows:
+    with ckpt.row_reader(mapped=n * c * storage.itemsize >= torchmean.WINDOW_BYTES) as read_rows:
 
-        def read(start: int, stop: int) -> np.ndarray:
-            if tasks is None:
-                stored = read_rows(name, start, stop, out=buffer).array
-            else:
-                stored = buffer[: (stop - start) * c]
-                for i, task in enumerate(tasks[start:stop]):
-                    read_rows(name, task, task + 1, out=stored[i * c : (i + 1) * c])
-            values = torchmean.float32_of(stored, info.dtype).reshape(stop - start, c)
-            if w is None:
-                return values
-            return values.astype(np.float64, copy=False) * w[start:stop, None]  # t.double() * w
+        def window(columns: tuple[int, int]) -> np.ndarray:
+            lo, hi = columns
+            width = hi - lo
+            part = None if width == c else columns
+            # a chunk read into the buffer (or converted, or weighted) is summed while in the cache;
+            # a view of the mapping summed as it is has no copy to keep there: larger chunks, fewer calls
+            mapped = getattr(read_rows, "mapped", False)
+            direct = mapped and tasks is None and w is None and info.dtype in ("F32", "F64")
+            per_chunk = MAPPED_CHUNK_BYTES if direct else torchmean.CHUNK_BYTES
+            rows = torchmean.default_chunk_rows(width, summed.itemsize, per_chunk)
+            step = torchmean.chunk_rows_of(n, c, summed, threads, rows)
+            # (untouched pages of a large np.empty cost nothing: from a mapping it is used only
+            # when the lease breaks, or for rows copied in task order)
+            buffer = np.empty(min(step, n) * width, dtype=storage)
 
-        total = torchmean.sum0_chunked(read, n, c, summed, threads, step)
+            def read(start: int, stop: int) -> np.ndarray:
+                if tasks is None:  # a view of the leased mapping, or the rows read into buffer
+                    got = buffer[: (stop - start) * width]
+                    stored = read_rows(name, start, stop, out=got, columns=part).array
+                else:
+                    stored = buffer[: (stop - start) * width]
+                    for i, task in enumerate(tasks[start:stop]):
+                        row = stored[i * width : (i + 1) * width]
+                        got_row = read_rows(name, task, task + 1, out=row, columns=part).array
+                        if not np.may_share_memory(got_row, row):  # a view of the mapping
+                            row[:] = got_row.reshape(-1)
+                values = torchmean.float32_of(stored, info.dtype).reshape(stop - start, width)
+                if w is None:
+                    return values
+                return values.astype(np.float64, copy=False) * w[start:stop, None]  # t.double() * w
+
+            return torchmean.sum0_chunked(read, n, c, summed, threads, step, columns=columns)
+
+        total = np.concatenate(_on_threads(window, windows))
     if w is not None:
         return total.reshape(1, *inner).astype(np.float32)
     return torchmean.mean_of_sum(total, n, info.dtype).reshape(1, *inner).astype(np.float32)
+
+
+MAPPED_CHUNK_BYTES = 16 << 20
+"""Rows a thread takes at a time from a leased mapping (views: no buffer to keep in cache)."""
+
+
+def _on_threads(func: Callable[[Any], np.ndarray], items: list[Any]) -> list[np.ndarray]:
+    """``[func(item) for item in items]``, the first on this thread and each other on a thread of
+    its own (plain threads: ``concurrent.futures`` imports ``logging``, 10 ms of start-up); the
+    first exception raised, after every thread has ended."""
+    if len(items) == 1:
+        return [func(items[0])]
+    import threading
+
+    results: list[Any] = [None] * len(items)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = func(items[k])
+        except BaseException as exc:  # re-raised on the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(1, len(items))]
+    for thread in threads:
+        thread.start()
+    try:
+        run(0)
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _workers() -> int:
+    """The threads a large average's column windows are summed on: the cores this process may
+    run on, at most 4 (the sum is bound by memory beyond that)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _torch_average(raw: Raw, weights: list[float] | None) -> np.ndarray:

@@ -18,7 +18,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +145,8 @@ def remove_stale_staging(out: str | os.PathLike[str]) -> list[str]:
             continue
         try:
             if path.is_dir() and not path.is_symlink():
+                import shutil  # (lazily: its compression imports cost start-up time)
+
                 shutil.rmtree(path)
             else:
                 path.unlink()
@@ -412,7 +413,10 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with deferred():  # a signal during the removal would leave half of it: it waits until done
             _release(staging)
-            shutil.rmtree(staging, ignore_errors=True)
+            if os.path.lexists(staging):  # (committed: renamed away)
+                import shutil  # (lazily: its compression imports cost start-up time)
+
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload], *, force: bool) -> None:
@@ -556,5 +560,7 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     for path in old:  # the replaced folders (inside the staging folder, removed with it anyway)
+        import shutil  # (lazily: its compression imports cost start-up time)
+
         shutil.rmtree(path, ignore_errors=True)
     return [str(out / name) for name in names]

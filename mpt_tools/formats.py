@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -237,32 +238,79 @@ class TensorFile:
         return self._read_rows(name, start, stop, out, None)
 
     @contextlib.contextmanager
-    def row_reader(self) -> Iterator[Callable[..., Raw]]:
+    def row_reader(self, *, mapped: bool = False) -> Iterator[Callable[..., Raw]]:
         """:meth:`read_rows` for many small reads in a row (a reduction's chunks of tasks, each
         read into the same small buffer while it is in the CPU's cache): the file is opened once for
         all of them, not once per read, and checked when the block ends to be still the file whose
         header was read, unchanged (a write changes its modification time, so this one check refuses
         a change during any of the reads: FormatError "changed while reading" leaves the block
-        instead of its result). Inside the block, ``read(name, start, stop, out=None)`` is
-        :meth:`read_rows`."""
-        fd: int | None = None
+        instead of its result). Inside the block, ``read(name, start, stop, out=None,
+        columns=None)`` is :meth:`read_rows`; ``columns=(lo, hi)`` reads only those columns of each
+        row (a tensor of more than one dimension, flattened to [rows, columns]), row by row: what
+        threads summing column windows read (it may be called from several threads).
 
-        def read(name: str, start: int, stop: int, *, out: Any = None) -> Raw:
+        ``mapped``: where the file can be held still (then ``read.mapped`` is true), reads are views
+        of a read-only mapping of it
+        (no copy; ``out`` unused; strided for ``columns``; valid until the next read of the same
+        tensor and columns on the same thread: rows before the one every reader has reached are
+        handed back, so the process does not hold the file's pages as it sums them), else as
+        above. A mapped file that another program truncates kills the process with SIGBUS, so the
+        file is mapped only under a read lease (:func:`_leased_map`: no process can open it for
+        writing or truncate it while the lease is held), a lease break sends every later read back
+        to ``preadv``, and the file is checked before the lease is released."""
+        fd: int | None = None
+        opening = threading.Lock()
+        stack = contextlib.ExitStack()
+        lease: _Lease | None = None
+
+        def read(name: str, start: int, stop: int, *, out: Any = None, columns: tuple[int, int] | None = None) -> Raw:
             nonlocal fd
             if fd is None and name not in self._loaded:
-                fd = self._open()
+                with opening:
+                    if fd is None:
+                        fd = self._open()
+            if lease is not None and not lease.broken and name not in self._loaded:
+                return self._mapped_rows(lease, name, start, stop, columns)
+            if columns is not None:
+                return self._read_columns(name, start, stop, columns, out, fd)
             return self._read_rows(name, start, stop, out, fd)
 
         try:
-            yield read
-            if fd is not None:
-                try:
-                    self._same_file(fd)
-                except OSError as exc:
-                    raise FormatError(f"cannot read file: {exc.strerror or exc}", self.path) from None
+            if mapped and len(self._loaded) < len(self.infos):  # here, on the thread that gets the signal
+                fd = self._open()
+                lease = stack.enter_context(_leased_map(fd, self.size))
+            read.mapped = lease is not None  # type: ignore[attr-defined]
+            with stack:
+                yield read
+                if fd is not None:  # (before the lease goes: a writer it held back may be waiting)
+                    try:
+                        self._same_file(fd)
+                    except OSError as exc:
+                        raise FormatError(f"cannot read file: {exc.strerror or exc}", self.path) from None
         finally:
+            stack.close()
             if fd is not None:
                 os.close(fd)
+
+    def _mapped_rows(self, lease: _Lease, name: str, start: int, stop: int, columns: tuple[int, int] | None) -> Raw:
+        """Rows ``start:stop`` (and ``columns``) of a tensor as a view of the leased mapping (see
+        :meth:`_Lease.reached` for the pages handed back)."""
+        info = self.infos[name]
+        itemsize, storage = DTYPES[info.dtype]
+        inner = math.prod(info.shape[1:]) if info.shape else 1
+        first = info.shape[0] if info.shape else 1
+        start, stop = max(0, start), min(first, stop)
+        rows = max(0, stop - start)
+        lease.reached(name, (threading.get_ident(), columns), start, info.start, inner * itemsize)
+        whole = np.frombuffer(lease.map, dtype=storage, count=first * inner, offset=info.start).reshape(first, inner)
+        part = whole[start:stop]
+        if columns is not None:
+            part = part[:, columns[0] : columns[1]]
+            self.reads.append((name, start, stop, rows * (columns[1] - columns[0]) * itemsize))
+            return Raw(info.dtype, part.shape, part)
+        self.reads.append((name, start, stop, rows * inner * itemsize))
+        shape = (rows, *info.shape[1:]) if info.shape else ()
+        return Raw(info.dtype, shape, part.reshape(shape))
 
     def _read_rows(self, name: str, start: int, stop: int, out: Any, fd: int | None) -> Raw:
         """:meth:`read_rows` on the open descriptor ``fd`` (None: open the file for this read)."""
@@ -311,6 +359,138 @@ class TensorFile:
             raise FormatError(f"file ended inside tensor {name!r} (truncated?)", self.path)
         arr = np.frombuffer(data, dtype=storage, count=count).reshape(shape)
         return Raw(info.dtype, shape, arr)
+
+    def _read_columns(
+        self, name: str, start: int, stop: int, columns: tuple[int, int], out: Any, fd: int | None
+    ) -> Raw:
+        """Rows ``start:stop`` of a tensor flattened to [rows, columns], only ``columns=(lo, hi)``:
+        [stop - start, hi - lo], read row by row on ``fd`` (held by :meth:`row_reader`, which
+        checks the file when its block ends) into ``out``."""
+        info = self.infos[name]
+        itemsize, storage = DTYPES[info.dtype]
+        if name in self._loaded or fd is None or len(info.shape) < 2:
+            whole = self._read_rows(name, start, stop, None, fd).array
+            part = np.ascontiguousarray(whole.reshape(whole.shape[0], -1)[:, columns[0] : columns[1]])
+            if out is not None:
+                target = np.frombuffer(memoryview(out).cast("B"), dtype=storage, count=part.size)
+                target[:] = part.reshape(-1)
+                part = target.reshape(part.shape)
+            return Raw(info.dtype, part.shape, part)
+        start, stop = max(0, start), min(info.shape[0], stop)
+        lo, hi = columns
+        width = (hi - lo) * itemsize
+        row_bytes = math.prod(info.shape[1:]) * itemsize
+        rows = max(0, stop - start)
+        view = memoryview(out).cast("B") if out is not None else memoryview(bytearray(rows * width))
+        if view.readonly or view.nbytes < rows * width:
+            raise ValueError(f"out must be a writable buffer of at least {rows * width} bytes")
+        self.reads.append((name, start, stop, rows * width))
+        try:
+            first = info.start + start * row_bytes + lo * itemsize
+            for i in range(rows):
+                got = _read_fd(fd, view[i * width : (i + 1) * width], first + i * row_bytes)
+                if got != width:
+                    raise FormatError(f"file ended inside tensor {name!r} (truncated?)", self.path)
+        except OSError as exc:
+            raise FormatError(f"cannot read tensor {name!r}: {exc.strerror or exc}", self.path) from None
+        arr = np.frombuffer(view, dtype=storage, count=rows * (hi - lo)).reshape(rows, hi - lo)
+        return Raw(info.dtype, (rows, hi - lo), arr)
+
+
+class _Lease:
+    """A read lease's mapping of a file, and whether the lease was broken (see :func:`_leased_map`)."""
+
+    def __init__(self, mapping: Any) -> None:
+        self.map = mapping
+        self.broken = False  # no more views: the lease was broken (signalled) or is being let go
+        self.signalled = False
+        self.progress: dict[str, dict[Any, int]] = {}
+        self.released: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def reached(self, name: str, reader: Any, row: int, offset: int, row_bytes: int) -> None:
+        """``reader`` (a thread and its columns) now reads tensor ``name`` from ``row`` on (its
+        earlier rows are done with). Once the rows every reader of the tensor is past add up to
+        :data:`FORGET_BYTES`, their whole pages are handed back (``MADV_DONTNEED``: the process's
+        mapping of them goes, the page cache keeps them, a later read would fault them in again):
+        one call per span, as each call stops every thread of the process to flush its TLB."""
+        import mmap
+
+        with self.lock:
+            readers = self.progress.setdefault(name, {})
+            readers[reader] = row
+            low = min(readers.values())
+            done = self.released.get(name, 0)
+            if (low - done) * row_bytes < FORGET_BYTES or self.broken:
+                return
+            self.released[name] = low
+            page = mmap.PAGESIZE
+            a = -(-(offset + done * row_bytes) // page) * page
+            b = (offset + low * row_bytes) // page * page
+            advise = getattr(self.map, "madvise", None)
+            if advise is not None and a < b:
+                with contextlib.suppress(OSError, ValueError):
+                    advise(mmap.MADV_DONTNEED, a, b - a)
+
+
+FORGET_BYTES = 256 << 20
+"""A leased mapping hands back the pages of rows every reader is past in spans of this many bytes."""
+
+
+@contextlib.contextmanager
+def _leased_map(fd: int, size: int) -> Iterator[_Lease | None]:
+    """A read-only mapping of the file behind ``fd`` under a Linux read lease, or ``None`` where
+    one cannot be had (not Linux, not the main thread, which must receive the lease-break signal;
+    a file open for writing anywhere, owned by another user, or on a filesystem without leases).
+
+    While a read lease is held, an ``open`` for writing or a ``truncate`` of the file by any
+    process waits until the holder releases it (at most ``/proc/sys/fs/lease-break-time``,
+    45 s by default) and the holder gets SIGIO: so the mapping cannot shrink under us (no SIGBUS)
+    and the bytes cannot change. On SIGIO the lease is marked broken: callers stop reading the
+    mapping and read with ``preadv`` instead (the writer still waits until the lease is let go,
+    or the break time runs out), and :meth:`TensorFile.row_reader` checks the file before it lets
+    the lease go. The previous SIGIO handler is restored on the way out, after the lease is
+    released."""
+    import sys
+
+    if not sys.platform.startswith("linux") or size <= 0 or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    import fcntl
+    import mmap
+    import signal
+
+    lease = _Lease(None)  # before the lease is taken: a break that comes at once is not missed
+
+    def broken(_signum: int, _frame: Any) -> None:
+        lease.broken = lease.signalled = True
+
+    try:
+        previous = signal.signal(signal.SIGIO, broken)
+    except (ValueError, OSError):
+        yield None
+        return
+    held = False
+    mapping = None
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            held = True
+            if os.fstat(fd).st_size == size:  # held still from here on: a mapping past the end would SIGBUS
+                mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            mapping = None
+        lease.map = mapping
+        yield lease if mapping is not None else None
+    finally:
+        lease.broken = True  # no view is taken from here on
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # a view still alive: the mapping goes with the last of them
+                mapping.close()
+        if held:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        signal.signal(signal.SIGIO, previous)
 
 
 READ_PIECE = 8 << 20  # bytes per thread of a parallel read

@@ -35,6 +35,13 @@ leaves at zero get a seeded random column in ``U`` and a zero row in ``V``: the 
 the baseline, is unchanged, but the next update can use the direction. Since the fit starts from
 the baseline and never increases ``f``, pack is never worse than the baseline.
 
+ALS cannot flip the sign of an entry of ``P*``, and the mean prompt has about half of them wrong
+when the factors have mean zero (as PEFT initialises them). So where ``P*`` is fitted the fit also
+tries ``P*`` recovered by linear algebra (:mod:`mpt_tools.recover`: exact for baked rank-1
+adapters, and rank R with (R+1)! - 1 tasks or more), with factors as for the baseline, and starts
+from whichever has the lower ``f`` (``start``). The written ``P*`` is scaled, rows and columns by
+positive factors the task factors absorb, to the prompts' magnitude (:meth:`_Als.scale_like_prompts`).
+
 Every update is vectorised over the tasks in chunks (batched small solves in torch, float64, on
 the GPU when there is one): memory is the prompts themselves plus two chunks of
 ``[tasks, T, d]`` (``chunk_bytes``), whatever N is. The fit is deterministic for a given
@@ -87,6 +94,7 @@ from .formats import (
 from .options import SourceSpec
 from .progress import progress
 from .prompts import plan_chunks, task_runs
+from .recover import recover_shared
 from .version import __version__
 from .writer import fit_for_peft, fit_note, provenance, write_adapter
 
@@ -389,14 +397,16 @@ class FitSettings(NamedTuple):
     max_iters: int = 1000
     chunk_tasks: int | None = None
     line_search: bool = True
+    recover: bool = True
 
 
 class FitResult(NamedTuple):
     """What :func:`als_fit` found: ``shared`` [T, d], ``cols`` [N, T, R], ``rows`` [N, R, d]
     (float64, on the prompts' device), per task the squared errors of the baseline and of the
-    fit, the objective after each iteration (``history[0]``: the baseline's), the iterations run,
-    how many of them took the extrapolated step, and why the fit stopped ("tol", "exact" or
-    "max-iters")."""
+    fit, the objective after each iteration (``history[0]``: the start's), the iterations run,
+    how many of them took the extrapolated step, why the fit stopped ("tol", "exact" or
+    "max-iters"), and where it started ("baseline" or "recovered", the algebraic start of
+    :mod:`mpt_tools.recover` where its objective is lower)."""
 
     shared: Any
     cols: Any
@@ -407,6 +417,7 @@ class FitResult(NamedTuple):
     iterations: int
     extrapolated: int
     stopped: str
+    start: str
 
 
 @contextmanager
@@ -651,6 +662,34 @@ class _Als:
         rows[:, :k] = root[:, :, None] * (vh @ qr_.transpose(1, 2))
         self.cols, self.rows = cols, rows
 
+    def scale_like_prompts(self) -> None:
+        """Fix the gauge: ``P*`` is defined up to a positive scaling of each row and each column,
+        ``P* * (a b^T)``, that the factors absorb (``U_k / a``, ``V_k / b``). Choose the one whose
+        ``|P*|`` is closest, in log scale, to the prompts' rms ``sqrt(mean_k P_k^2)``: the
+        two-way additive fit of the log ratio, over the entries where both are non-zero. The
+        product ``P* * (U_k V_k)`` is unchanged up to round-off. (The recovered start has a gauge
+        of its own, ``P* = 1`` on one row and one column; this gives every fit the prompts'
+        magnitude.)"""
+        import torch
+
+        rms = torch.zeros_like(self.shared)
+        for a, b in self.chunks():
+            rms += self.p[a:b].square().sum(0)
+        rms = (rms / self.n).sqrt()
+        mag = self.shared.abs()
+        used = (mag > 0) & (rms > 0)
+        gap = torch.where(used, torch.log(torch.where(used, rms, 1.0)) - torch.log(torch.where(used, mag, 1.0)), 0.0)
+        weight = used.to(gap.dtype)
+        row_n = weight.sum(1).clamp_min(1.0)
+        row = gap.sum(1) / row_n  # [T]
+        col = ((gap - row[:, None]) * weight).sum(0) / weight.sum(0).clamp_min(1.0)  # [d]
+        by_row, by_col = torch.exp(row), torch.exp(col)
+        if not (bool(torch.isfinite(by_row).all()) and bool(torch.isfinite(by_col).all())):
+            return
+        self.shared = self.shared * by_row[:, None] * by_col[None, :]
+        self.cols = self.cols / by_row[None, :, None]
+        self.rows = self.rows / by_col[None, None, :]
+
 
 def als_fit(
     prompts: Any,
@@ -696,6 +735,19 @@ def _fit(
     history = [float(baseline_sq.sum())]
     if trace is not None:
         trace.append(("baseline", history[0]))
+    start = "baseline"
+    found = recover_shared(prompts, num_ranks, chunk) if settings.recover and not als.fixed else None
+    if found is not None:
+        kept = als.shared, als.cols.clone(), als.rows.clone()  # baseline() fills the factors in place
+        als.shared = found
+        als.baseline(settings.seed)
+        tried = float(als.errors().sum())
+        if tried < history[0]:
+            start, history[0] = "recovered", tried
+        else:
+            als.shared, als.cols, als.rows = kept
+        if trace is not None:
+            trace.append(("start", history[0]))
     stopped = "max-iters"
     iterations = extrapolated = 0
     if history[0] <= EXACT * total:
@@ -723,9 +775,11 @@ def _fit(
             if previous - f <= settings.tol * previous:
                 stopped = "tol"
                 break
+    if not als.fixed:
+        als.scale_like_prompts()
     als.balance()
     return FitResult(
-        als.shared, als.cols, als.rows, baseline_sq, als.errors(), history, iterations, extrapolated, stopped
+        als.shared, als.cols, als.rows, baseline_sq, als.errors(), history, iterations, extrapolated, stopped, start
     )
 
 
@@ -1114,7 +1168,9 @@ def pack_prompts(
         "extrapolated": fit.extrapolated,
         "stopped": fit.stopped,
         "objective": fit.history[-1],
-        "baseline_objective": fit.history[0],
+        "baseline_objective": float(fit.baseline_sq.sum()),
+        "start": fit.start,
+        "start_objective": fit.history[0],
         "history": fit.history,
         "max_relative_error": max(errs) if errs else None,
         "max_baseline_error": max(base_errs) if base_errs else None,

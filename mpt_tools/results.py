@@ -415,8 +415,10 @@ class PackedTask(TypedDict):
 
 class PackResult(TypedDict):
     """``mpt-tools/pack/1``: ``objective`` is sum_k ||P_k - P* * (U_k V_k)||^2 of the fit
-    (float64), ``history`` its value after each iteration (``history[0]``: the baseline's);
-    ``stopped`` is tol, exact or max-iters; ``kept_tasks`` the tasks of ``append_to`` kept first."""
+    (float64), ``history`` its value after each iteration (``history[0]``: the start's);
+    ``start`` is baseline or recovered (the algebraic start, where its objective is lower than the
+    baseline's); ``stopped`` is tol, exact or max-iters; ``kept_tasks`` the tasks of ``append_to``
+    kept first."""
 
     schema: str
     out: str
@@ -439,6 +441,8 @@ class PackResult(TypedDict):
     stopped: str
     objective: float
     baseline_objective: float
+    start: str
+    start_objective: float
     history: list[float]
     max_relative_error: float | None
     max_baseline_error: float | None

@@ -315,16 +315,25 @@ def sum0_chunked(
     threads: int = 1,
     chunk_rows: int = 0,
     prefetch: bool = False,
+    columns: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """torch's ``sum(0)`` of an [n, c] float32/float64 tensor (c > 1) whose rows ``read(start, stop)``
     returns as a C-contiguous [stop - start, c] array, read :func:`chunk_rows_of` ``(n, c, dtype,
     threads, chunk_rows)`` rows at a time, in order. Bit for bit :func:`sum0`, whatever the
     chunking. With ``prefetch``, the next chunk is read on a second thread while one is summed:
     ``read`` must then not reuse the memory of the chunk before the one it reads (two buffers,
-    alternating, suffice)."""
+    alternating, suffice).
+
+    ``columns=(lo, hi)``: only those columns of the sum, bit for bit the same slice of the whole
+    (every column is summed on its own; which of torch's two loops sums it is taken from the whole
+    [n, c] shape): ``read`` returns [stop - start, hi - lo] and so does the result. Windows that
+    cover the columns can be summed on several threads (see :func:`column_windows`)."""
     dtype = np.dtype(dtype)
-    runs = _runs(n, c, threads, dtype)
+    lo, hi = columns if columns is not None else (0, c)
+    runs = [(max(b, lo) - lo, min(e, hi) - lo, cascade) for b, e, cascade in _runs(n, c, threads, dtype)]
+    runs = [(b, e, cascade) for b, e, cascade in runs if b < e]
     chunk_rows = chunk_rows_of(n, c, dtype, threads, chunk_rows)
+    c = hi - lo
     grouped = n // ILP * ILP  # row_sum: rows in groups of 4 (one item each), then the rest one by one
     cascades = [
         Cascade(n if cascade else n // ILP, (e - b,) if cascade else (ILP, e - b), dtype) for b, e, cascade in runs
@@ -362,7 +371,7 @@ def float32_of(raw: np.ndarray, dtype: str) -> np.ndarray:
         return (np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if dtype == "F64":
         return np.ascontiguousarray(raw, dtype=np.float64)
-    return np.ascontiguousarray(raw).astype(np.float32, copy=False)
+    return raw.astype(np.float32, copy=False)  # float32 as stored: no copy (a strided view stays one)
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
@@ -395,13 +404,32 @@ def mean_of_sum(total: np.ndarray, n: int, dtype: str) -> np.ndarray:
     return np.asarray(mean)
 
 
-def default_chunk_rows(c: int, itemsize: int) -> int:
-    """The rows :func:`sum0_chunked` reads at a time by default: about ``CHUNK_BYTES`` (at least
+WINDOW_BYTES = 64 << 20
+"""A chunked sum over at least this many bytes is split into column windows summed on threads."""
+
+
+def column_windows(n: int, c: int, itemsize: int, workers: int) -> list[tuple[int, int]]:
+    """Column windows ``(lo, hi)`` covering ``range(c)`` for :func:`sum0_chunked`'s ``columns``:
+    one per worker (at most ``workers``, each at least 16 columns wide, widths multiples of 16 but
+    the last) when the [n, c] sum is at least :data:`WINDOW_BYTES`, else the whole. The result is
+    the same bits however the columns are split; what the split buys is the read (a page-cache
+    copy) and the sum on several cores (1000 x 131072 float32 on 2 cores: 0.25 s to 0.13 s)."""
+    count = max(1, min(workers, c // 16)) if n * c * itemsize >= WINDOW_BYTES else 1
+    if count == 1:
+        return [(0, c)]
+    width = ((c + count - 1) // count + 15) // 16 * 16
+    edges = [min(c, k * width) for k in range(count)] + [c]
+    return [(edges[k], edges[k + 1]) for k in range(count) if edges[k] < edges[k + 1]]
+
+
+def default_chunk_rows(c: int, itemsize: int, chunk_bytes: int = 0) -> int:
+    """The rows :func:`sum0_chunked` reads at a time by default: about ``CHUNK_BYTES`` (or
+    ``chunk_bytes``; at least
     one row; a multiple of 64 from 64 rows on, so that most of the cascade's blocks of rows are
     summed a block at a time). Read into one reused buffer, a chunk this small is still in the
     core's cache when it is summed (on a 2-core Xeon, 8 MB chunks read one ahead on a second thread
     took 1.4-1.8x as long)."""
-    rows = max(1, CHUNK_BYTES // max(1, c * itemsize))
+    rows = max(1, (chunk_bytes or CHUNK_BYTES) // max(1, c * itemsize))
     return rows // 64 * 64 if rows >= 64 else rows
 
 

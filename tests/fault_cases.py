@@ -132,6 +132,13 @@ FAULT_CASES: list[FaultCase] = [
         "test_hostile_reading.py::test_a_file_truncated_during_the_read_is_refused",
     ),
     FaultCase(
+        "truncated-during-mapped-average",
+        "another process truncates a large source while init average sums it from a mapping",
+        "the truncate waits (Linux read lease) until the average is done: the mean is the file's as"
+        " it was, no SIGBUS; where no lease can be had the file is read with preadv, not mapped",
+        "test_hostile_reading.py::test_a_truncation_waits_for_the_mapped_average",
+    ),
+    FaultCase(
         "replaced-while-reading",
         "the file is replaced or rewritten between two reads",
         "`changed while reading (... was replaced)`",
@@ -140,7 +147,7 @@ FAULT_CASES: list[FaultCase] = [
     FaultCase(
         "sigbus",
         "a file truncated after it was read (the old mmap path died with SIGBUS)",
-        "no mapping: nothing to fault",
+        "no mapping outlives its read, and none is made without a lease: nothing to fault",
         "test_hostile_reading.py::test_map_is_sigbus_free_when_the_file_is_truncated_after_reading",
     ),
     # --- sizes, numbers at the edge, arguments a shell produces, the environment ---

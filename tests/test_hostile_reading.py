@@ -397,3 +397,100 @@ def test_float64_at_float32_max_is_in_range(tmp_path: Path) -> None:
     path = tmp_path / "edge.safetensors"
     path.write_bytes(safetensors_bytes({k: from_numpy(v) for k, v in tensors.items()}))
     assert value_findings(load_source(path)) == []
+
+
+# --- the leased mapping of a large average (issue 16) ------------------------------------------------
+
+
+def _mapped_average(monkeypatch: pytest.MonkeyPatch, path: Path, workers: int = 1) -> tuple[list[object], object]:
+    """Force the large-average path (column windows on a leased mapping) for a small file; the
+    leases taken are collected. Returns (leases, the checkpoint)."""
+    import contextlib
+
+    from mpt_tools import factors, formats
+    from mpt_tools import torchmean as tm
+    from mpt_tools.checkpoint import load_source
+
+    monkeypatch.setattr(tm, "WINDOW_BYTES", 0)
+    monkeypatch.setattr(factors, "_workers", lambda: workers)
+    leases: list[object] = []
+    real = formats._leased_map
+
+    @contextlib.contextmanager
+    def watched(fd: int, size: int):  # type: ignore[no-untyped-def]
+        with real(fd, size) as lease:
+            leases.append(lease)
+            yield lease
+
+    monkeypatch.setattr(formats, "_leased_map", watched)
+    return leases, load_source(path)
+
+
+needs_leases = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux read leases")
+
+
+@needs_leases
+def test_a_truncation_waits_for_the_mapped_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mapped file that shrinks would kill the process with SIGBUS; under the read lease another
+    process's truncate waits until the average is done (the lease break is seen: the rest is read
+    with preadv). The mean is the file's as it was, and the truncation happens after."""
+    import signal
+
+    from mpt_tools import factors, formats
+    from mpt_tools import torchmean as tm
+    from mpt_tools.factors import average_factors
+
+    path = write_random_source(tmp_path / "s.safetensors", n=400, t=3, r=2, d=64)  # rows: C = 128
+    want = [a.tobytes() for a in average_factors(__import__("mpt_tools.checkpoint").checkpoint.load_source(path))]
+    handler = signal.getsignal(signal.SIGIO)
+    leases, ckpt = _mapped_average(monkeypatch, path)
+    monkeypatch.setattr(tm, "CHUNK_BYTES", 1024)  # many chunks, so the break lands mid-way
+    monkeypatch.setattr(factors, "MAPPED_CHUNK_BYTES", 1024)
+    real_feed, real_read, child, copied = tm.Cascade.feed, formats._read_fd, [], []
+
+    def read_fd(fd: int, view: memoryview, offset: int) -> int:
+        copied.append(offset)
+        return real_read(fd, view, offset)
+
+    monkeypatch.setattr(formats, "_read_fd", read_fd)
+
+    def feed_then_truncate(self: tm.Cascade, items: np.ndarray) -> None:
+        real_feed(self, items)
+        if not child and self.count >= 100 and self.acc[0].shape[-1] == 128:  # mid-way through the rows
+            script = "import os, sys, time; t = time.time(); os.truncate(sys.argv[1], 100); print(time.time())"
+            child.append(subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True))
+            time.sleep(0.5)  # the child is in its truncate now, held back by the lease
+
+    monkeypatch.setattr(tm.Cascade, "feed", feed_then_truncate)
+    got = [a.tobytes() for a in average_factors(ckpt, engine="numpy")]
+    done = time.time()
+    out, _ = child[0].communicate(timeout=60)
+    assert got == want
+    assert float(out) >= done - 0.05  # the truncate returned only after the average was done
+    assert os.path.getsize(path) == 100
+    assert leases[1] is not None and leases[1].signalled  # type: ignore[attr-defined]  # the rows' lease
+    assert copied  # after the break, the rest was read with preadv
+    assert signal.getsignal(signal.SIGIO) == handler  # the SIGIO handler is restored
+
+
+@needs_leases
+def test_no_mapping_where_no_lease_can_be_had(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file open for writing (here by this process) gets no lease, and an average off the main
+    thread (which would not get the lease-break signal) takes none: both read with preadv, same bits."""
+    import threading
+
+    from mpt_tools.factors import average_factors
+
+    path = write_random_source(tmp_path / "s.safetensors", n=50, t=3, r=2, d=64)
+    want = [a.tobytes() for a in average_factors(__import__("mpt_tools.checkpoint").checkpoint.load_source(path))]
+    leases, ckpt = _mapped_average(monkeypatch, path, workers=2)
+    with open(path, "r+b"):
+        assert [a.tobytes() for a in average_factors(ckpt, engine="numpy")] == want
+    assert leases == [None, None]  # one try per factor
+    got: list[list[bytes]] = []
+    thread = threading.Thread(target=lambda: got.append([a.tobytes() for a in average_factors(ckpt, engine="numpy")]))
+    thread.start()
+    thread.join()
+    assert got == [want] and leases == [None] * 4
+    assert [a.tobytes() for a in average_factors(ckpt, engine="numpy")] == want
+    assert None not in leases[4:]  # on the main thread, nothing open for writing: mapped

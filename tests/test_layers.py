@@ -23,7 +23,8 @@ LAYERS: list[list[str]] = [
     ["files"],  # sha256, atomic and staged writes, the output guard
     ["hub.download", "hub.listing"],  # a Hub source into the cache; listings and headers (audit): no checks
     ["checkpoint"],  # a source, loaded
-    ["findings", "factors", "torchmean", "prompts"],  # findings; factor math (torch's mean in numpy); prompt math
+    # findings; factor math (torch's mean in numpy); prompt math; P* recovered from exact prompts (pack)
+    ["findings", "factors", "torchmean", "prompts", "recover"],
     ["modes"],  # the table of target modes
     ["checks", "hazards", "writer", "hub.base_model", "hub.card", "verification.engine"],  # hazards: serving layouts
     ["hub.push", "verification.target"],

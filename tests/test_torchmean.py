@@ -7,6 +7,8 @@ installed torch; the goldens let the thread-count cases be checked where torch i
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -211,6 +213,49 @@ def test_reading_in_chunks_changes_no_bit(dtype: type) -> None:
                 assert got.tobytes() == want.tobytes(), (n, c, threads, rows, prefetch)
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.one_of(st.sampled_from([1, 3, 4, 15, 16, 17, 63, 64, 65, 257]), st.integers(1, 700)),
+    c=st.one_of(st.sampled_from([2, 36, 37, 39, 68, 100, 231, 999]), st.integers(2, 300)),
+    threads=st.sampled_from([1, 2, 6, 8, 16]),
+    workers=st.integers(1, 5),
+    wide=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_column_windows_change_no_bit(n: int, c: int, threads: int, workers: int, wide: bool, seed: int) -> None:
+    """The column windows the average is split into for threads (``column_windows``, here forced
+    on whatever the size) and their strided views give, concatenated, ``sum0``'s bits, including
+    the thread-sensitive shapes (C = 36-39, 68, 100, 231, 999) whose columns torch sums two ways."""
+    x = values((n, c), "F32", "wide" if wide else "normal", seed=seed)
+    want = tm.sum0(x, threads)
+    windows = tm.column_windows(n, c, 4, workers) if n * c * 4 >= tm.WINDOW_BYTES else _forced_windows(c, workers)
+    got = [
+        tm.sum0_chunked(lambda a, b, lo=lo, hi=hi: x[a:b, lo:hi], n, c, x.dtype, threads, 0, columns=(lo, hi))
+        for lo, hi in windows
+    ]
+    assert np.concatenate(got).tobytes() == want.tobytes()
+
+
+def _forced_windows(c: int, workers: int) -> list[tuple[int, int]]:
+    """``column_windows`` as it splits a large sum, for any size."""
+    saved = tm.WINDOW_BYTES
+    tm.WINDOW_BYTES = 0
+    try:
+        return tm.column_windows(1, c, 4, workers)
+    finally:
+        tm.WINDOW_BYTES = saved
+
+
+def test_column_windows_cover_the_columns() -> None:
+    for c in (1, 15, 16, 17, 100, 131072):
+        for workers in (1, 2, 3, 4):
+            windows = _forced_windows(c, workers)
+            assert windows[0][0] == 0 and windows[-1][1] == c
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(windows))
+            assert len(windows) <= max(1, min(workers, c // 16))
+    assert tm.column_windows(10, 100, 4, 4) == [(0, 100)]  # small: one window
+
+
 def test_chunk_rows_of() -> None:
     """Chunks of any size where every column is summed by the plain cascade (a float32 row of 32
     columns or more on one thread); a multiple of 4 where some are summed by row_sum (groups of 4
@@ -393,6 +438,42 @@ def test_average_factors_engines_agree(tmp_path: Path, dtype: str) -> None:
         for a, b in zip(numpy, torch, strict=True):
             assert a.dtype == np.float32
             assert_same(a, b, f"{dtype} {tasks} {weights}")
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_mapped_windowed_average_is_torchs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, workers: int
+) -> None:
+    """A large factor (here: any, ``WINDOW_BYTES`` 0) is summed on threads in column windows, read
+    from a leased mapping: the same bits as torch's mean, with task lists and weights too, and the
+    pages handed back as it goes (``FORGET_BYTES`` 1) change nothing."""
+    from mpt_tools import factors, formats
+    from mpt_tools.checkpoint import load_source
+    from mpt_tools.factors import average_factors
+
+    monkeypatch.setattr(tm, "WINDOW_BYTES", 0)
+    monkeypatch.setattr(formats, "FORGET_BYTES", 1)
+    monkeypatch.setattr(factors, "_workers", lambda: workers)
+    leases = []
+    real = formats._leased_map
+
+    @contextlib.contextmanager
+    def watched(fd: int, size: int):  # type: ignore[no-untyped-def]
+        with real(fd, size) as lease:
+            leases.append(lease)
+            yield lease
+
+    monkeypatch.setattr(formats, "_leased_map", watched)
+    ckpt = load_source(_source(tmp_path, dtype, 300, 7, 3, 100))  # rows: C = 300; cols: C = 21
+    for tasks, weights in [(None, None), ([3, 0, 299, 5], None), (None, [1.0] * 299 + [5.0])]:
+        numpy = average_factors(ckpt, tasks, weights, engine="numpy")
+        torch = average_factors(ckpt, tasks, weights, engine="torch")
+        for a, b in zip(numpy, torch, strict=True):
+            assert_same(a, b, f"{dtype} {tasks} {weights} workers={workers}")
+    assert leases and all(lease is not None for lease in leases)  # the mapped path was taken
+    assert any(lease.released for lease in leases)  # and pages were handed back
 
 
 @needs_torch

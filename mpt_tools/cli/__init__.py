@@ -664,7 +664,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     type=click.IntRange(min=0),
     default=1000,
     show_default=True,
-    help="The most iterations (0: write the baseline).",
+    help="The most iterations (0: write the start).",
 )
 @option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @OUT
@@ -701,8 +701,10 @@ def pack_cmd(
     encoder-decoder models) or [T, d] tensor files (.npy, .pt, .safetensors); --from adds the
     tasks of MPT adapters. Task i of the adapter is the i-th prompt, then the --from tasks.
     Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
-    SVD of P_k / P*), on the GPU when there is one; the objective never increases, so the fit is
-    never worse than the baseline. Prints each task's relative error and the baseline's.
+    SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
+    (exact for baked rank-1 adapters, and rank R with (R+1)!-1 tasks or more), on the GPU when
+    there is one; the objective never increases, so the fit is never worse than the baseline.
+    Prints each task's relative error and the baseline's.
     """
     from ..pack import PackOptions, TaskSource, pack_prompts
 
