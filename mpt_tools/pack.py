@@ -666,8 +666,9 @@ class _Als:
         """Fix the gauge: ``P*`` is defined up to a positive scaling of each row and each column,
         ``P* * (a b^T)``, that the factors absorb (``U_k / a``, ``V_k / b``). Choose the one whose
         ``|P*|`` is closest, in log scale, to the prompts' rms ``sqrt(mean_k P_k^2)``: the
-        two-way additive fit of the log ratio, over the entries where both are non-zero. The
-        product ``P* * (U_k V_k)`` is unchanged up to round-off. (The recovered start has a gauge
+        two-way additive fit of the log ratio, over the entries where both are non-zero, each
+        scale rounded to a power of two: so the product ``P* * (U_k V_k)`` is unchanged to the bit
+        (barring overflow to infinity or underflow to subnormals). (The recovered start has a gauge
         of its own, ``P* = 1`` on one row and one column; this gives every fit the prompts'
         magnitude.)"""
         import torch
@@ -683,12 +684,14 @@ class _Als:
         row_n = weight.sum(1).clamp_min(1.0)
         row = gap.sum(1) / row_n  # [T]
         col = ((gap - row[:, None]) * weight).sum(0) / weight.sum(0).clamp_min(1.0)  # [d]
-        by_row, by_col = torch.exp(row), torch.exp(col)
+        by_row, by_col = torch.exp2(torch.round(row / math.log(2))), torch.exp2(torch.round(col / math.log(2)))
         if not (bool(torch.isfinite(by_row).all()) and bool(torch.isfinite(by_col).all())):
             return
-        self.shared = self.shared * by_row[:, None] * by_col[None, :]
-        self.cols = self.cols / by_row[None, :, None]
-        self.rows = self.rows / by_col[None, None, :]
+        shared = self.shared * by_row[:, None] * by_col[None, :]
+        cols = self.cols / by_row[None, :, None]
+        rows = self.rows / by_col[None, None, :]
+        if all(bool(torch.isfinite(x).all()) for x in (shared, cols, rows)):
+            self.shared, self.cols, self.rows = shared, cols, rows
 
 
 def als_fit(

@@ -26,10 +26,16 @@ row ``i1`` and one pivot column ``j1``. With pivot rows ``I0`` and columns ``J0`
    determinant, expanded along row ``t``, is ``a_k L[t, j] + b_k``, and
    ``L[t, j] = -sum_k a_k b_k / sum_k a_k^2`` (any N >= 1).
 
-So the start is exact up to round-off for rank 1 with any number of tasks, and for rank R >= 2
-with N >= (R+1)! - 1 (5 tasks at rank 2, 23 at rank 3, 119 at rank 4). Otherwise, or where the
-prompts are not of that form, :func:`recover_shared` returns ``None`` or a start whose objective
-pack compares with the baseline's; it iterates from the better of the two.
+At rank 2 with 3 or 4 tasks, step 1 takes another route (:func:`_rank2_cross`): the blocks'
+determinants are linear in the unknown entries and in their products, and with the products
+taken as unknowns of their own, one homogeneous system over a few rows and columns has the true
+values as its only null vector (from 3 tasks on; with 2 tasks there are as many equations as
+products, never enough).
+
+So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
+or more, and rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4). Otherwise, or
+where the prompts are not of that form, :func:`recover_shared` returns ``None`` or a start whose
+objective pack compares with the baseline's; it iterates from the better of the two.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from __future__ import annotations
 import itertools
 import math
 from typing import Any
+
+import numpy as np
 
 MAX_RANK = 4
 """Step 1's system has (R+1)! columns (120 at rank 4); above this rank it is not tried."""
@@ -98,14 +106,14 @@ def _block_values(blocks: Any) -> Any:
     return out
 
 
-def _pivots(p: Any, rank: int) -> tuple[list[int], list[int]]:
-    """Pivot rows and columns: those whose smallest rms over the tasks is largest (the gauge
-    divides by them), strongest first."""
+def _pivots(p: Any) -> tuple[list[int], list[int]]:
+    """Rows and columns in pivot order: those whose smallest rms over the tasks is largest (the
+    gauge divides by them) first."""
     import torch
 
     rms = p.square().mean(0).sqrt()  # [T, d]
-    rows = torch.argsort(rms.min(1).values, descending=True, stable=True)[: rank + 1].tolist()
-    cols = torch.argsort(rms.min(0).values, descending=True, stable=True)[: rank + 1].tolist()
+    rows = torch.argsort(rms.min(1).values, descending=True, stable=True).tolist()
+    cols = torch.argsort(rms.min(0).values, descending=True, stable=True).tolist()
     return rows, cols
 
 
@@ -126,23 +134,181 @@ def _blocks_step(p: Any, rows: list[list[int]], cols: list[list[int]]) -> Any:
     return torch.cat(out)
 
 
+LIFT_ROWS = 4
+"""Step 1 at rank 2 with 3 or 4 tasks: the rows (besides the pivots) of the lifted system."""
+LIFT_COLS = 8
+"""... and its columns (besides the gauge column)."""
+
+
+def _affine(blocks: Any, spots: list[tuple[int, int]]) -> tuple[Any, Any]:
+    """For 3 x 3 blocks ``[..., 3, 3]`` whose determinant is affine in the entries at ``spots``
+    (at most one unknown per row and column of each monomial), the constant and the coefficient
+    of each spot: the determinant with them 0, and its change when one of them is 1."""
+    import torch
+
+    base = blocks.clone()
+    for i, j in spots:
+        base[..., i, j] = 0
+    zero = torch.linalg.det(base)
+    coef = []
+    for i, j in spots:
+        one = base.clone()
+        one[..., i, j] = blocks[..., i, j]
+        coef.append(torch.linalg.det(one) - zero)
+    return zero, torch.stack(coef, dim=-1)
+
+
+def _solve_normal(rows: Any, rhs: Any) -> Any:
+    """Least squares ``rows @ x = rhs`` for a batch (``rows`` [B, m, u], ``rhs`` [B, m])."""
+    import torch
+
+    gram = rows.transpose(1, 2) @ rows
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    damped = gram + 1e-14 * scale[:, None, None] * eye
+    return torch.linalg.solve(damped, rows.transpose(1, 2) @ rhs[..., None])[..., 0]
+
+
+def _rank2_cross(p: Any, rows: list[int], cols: list[int]) -> Any | None:
+    """Step 1 at rank 2 with fewer than 5 tasks (at least 3): ``L`` on the pivot rows ``i1, i2``
+    and the pivot columns ``j1, j2`` (``L = 1`` on ``i1`` and ``j1``), by linearisation.
+
+    The blocks of rows ``i1, i2, t`` (``t`` in a few more rows ``Rs``) and columns ``j1, j, j'``
+    (``j < j'`` in a few columns ``Cs``, ``j2`` first) have determinants that are linear in
+    ``a_j = L[i2, j]``, ``b_tj = L[t, j]`` and their products ``a_j b_tj'``: taken as unknowns of
+    their own, one homogeneous linear system whose null vector is those values up to one factor
+    (found by comparing each product unknown with the product of its two factors). With 3 tasks
+    there are 1.5 equations per product, so the null vector is unique once ``Cs`` has 5 columns or
+    more (with 2 tasks, never). Then every other column of ``i2`` and of ``Rs`` (one column at a
+    time: the determinant is affine in its unknowns), and ``L[t, Cs]`` of every other row ``t``,
+    by least squares."""
+    import torch
+
+    n, t, d = p.shape
+    i1, i2, j1 = rows[0], rows[1], cols[0]
+    rs = rows[2 : 2 + min(t - 2, LIFT_ROWS)]
+    cs = cols[1 : 1 + min(d - 1, LIFT_COLS)]
+    rho, s = len(rs), len(cs)
+    pairs = [(a, b) for a in range(s) for b in range(a + 1, s)]
+    unknowns = s + rho * s + rho * s * (s - 1)
+    if not rho or n * rho * len(pairs) < unknowns + 1:
+        return None
+    perms, signs = _permutations(3)
+    x = p.detach().to("cpu", torch.float64).numpy()
+    # unknowns: a (s), b (rho x s), q[t, j, j'] = a_j b_tj' (rho x s x s, j != j')
+    index_q: dict[tuple[int, int, int], int] = {}
+    for ti in range(rho):
+        for a in range(s):
+            for b in range(s):
+                if a != b:
+                    index_q[(ti, a, b)] = s + rho * s + len(index_q)
+    system = np.zeros((n * rho * len(pairs), unknowns))
+    row = 0
+    for ti, tt in enumerate(rs):
+        for a, b in pairs:
+            block_cols = (j1, cs[a], cs[b])
+            spot = {j1: None, cs[a]: a, cs[b]: b}
+            for k in range(n):
+                for perm, sign in zip(perms, signs, strict=True):
+                    c1, c2, c3 = (block_cols[q] for q in perm)
+                    coef = sign * x[k, i1, c1] * x[k, i2, c2] * x[k, tt, c3]
+                    ua, ub = spot[c2], spot[c3]  # a_{c2} (row i2), b_{t, c3} (row t); None: the gauge's 1
+                    if ua is not None and ub is not None:
+                        system[row, index_q[(ti, ua, ub)]] += coef
+                    elif ua is not None:
+                        system[row, ua] += coef
+                    elif ub is not None:
+                        system[row, s + ti * s + ub] += coef
+                row += 1
+    scale = np.linalg.norm(system, axis=0)
+    scale[scale == 0] = 1
+    z = np.linalg.svd(system / scale)[2][-1] / scale
+    za, zb = z[:s], z[s : s + rho * s].reshape(rho, s)
+    zq = np.array([z[i] for i in index_q.values()])
+    prods = np.array([za[a] * zb[ti, b] for ti, a, b in index_q])
+    factor = float(prods @ zq) / float(zq @ zq) if float(zq @ zq) > 0 else 0.0
+    if not np.isfinite(factor) or factor == 0:
+        return None
+    lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
+    a_cs = torch.from_numpy(za / factor).to(p)
+    lam[i2, cs] = a_cs
+    lam[torch.tensor(rs)[:, None], torch.tensor(cs)[None, :]] = torch.from_numpy(zb / factor).to(p)
+    # every other column j: a_j and b_{Rs, j}, from the blocks (i1, i2, t) x (j1, j', j), j' in Cs
+    others = [j for j in range(d) if j != j1 and j not in cs]
+    if others:
+        for part in range(0, len(others), 512):
+            js = torch.tensor(others[part : part + 512])
+            m = len(js)
+            eqs, rhs = [], []
+            for ti, tt in enumerate(rs):
+                for jp in cs:
+                    rid = torch.tensor([i1, i2, tt])
+                    # [m, n, 3, 3]: rows i1, i2, t; columns j1, j', j
+                    colsel = torch.stack([torch.full((m,), j1), torch.full((m,), jp), js], dim=1)
+                    blocks = p[:, rid[None, :, None], colsel[:, None, :]].movedim(0, 1)
+                    known = torch.ones_like(blocks)
+                    known[:, :, 1, 1] = lam[i2, jp]
+                    known[:, :, 2, 1] = lam[tt, jp]
+                    zero, coef = _affine(blocks * known, [(1, 2), (2, 2)])
+                    line = torch.zeros(m, n, 1 + rho, dtype=p.dtype, device=p.device)
+                    line[..., 0] = coef[..., 0]
+                    line[..., 1 + ti] = coef[..., 1]
+                    eqs.append(line)
+                    rhs.append(-zero)
+            got = _solve_normal(torch.cat(eqs, dim=1), torch.cat(rhs, dim=1))  # [m, 1 + rho]
+            lam[i2, js] = got[:, 0]
+            lam[torch.tensor(rs)[:, None], js[None, :]] = got[:, 1:].T
+    # every other row t: L[t, Cs], from the blocks (i1, i2, t) x (j1, j, j'), j < j' in Cs
+    rest = [i for i in range(t) if i not in (i1, i2) and i not in rs]
+    if rest:
+        ts = torch.tensor(rest)
+        m = len(ts)
+        eqs, rhs = [], []
+        for a, b in pairs:
+            rid = torch.stack([torch.full((m,), i1), torch.full((m,), i2), ts], dim=1)
+            cid = torch.tensor([j1, cs[a], cs[b]])
+            blocks = p[:, rid[:, :, None], cid[None, None, :]].movedim(0, 1)  # [m, n, 3, 3]
+            known = torch.ones_like(blocks)
+            known[:, :, 1, 1] = lam[i2, cs[a]]
+            known[:, :, 1, 2] = lam[i2, cs[b]]
+            zero, coef = _affine(blocks * known, [(2, 1), (2, 2)])
+            line = torch.zeros(m, n, s, dtype=p.dtype, device=p.device)
+            line[..., a] = coef[..., 0]
+            line[..., b] = coef[..., 1]
+            eqs.append(line)
+            rhs.append(-zero)
+        got = _solve_normal(torch.cat(eqs, dim=1), torch.cat(rhs, dim=1))  # [m, s]
+        lam[ts[:, None], torch.tensor(cs)[None, :]] = got
+    return lam
+
+
 def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | None:
     """``P*`` for prompts ``[N, T, d]`` (float64 torch) that are exactly ``P* * (U_k @ V_k)`` at
     rank ``rank``, up to the scaling of its rows and columns that the factors absorb (see the
     module docstring); ``None`` where the method does not apply (rank >= min(T, d): any ``P*``
-    fits; rank >= 2 with fewer than (R+1)! - 1 tasks; rank above :data:`MAX_RANK`) or gives no
-    finite answer. Work arrays are ``[chunk, T, d]`` (tasks per chunk; default all)."""
+    fits; rank 2 with 2 tasks, or with 3 or 4 and too few rows and columns either way for the
+    lifted system; rank >= 3 with fewer than (R+1)! - 1 tasks; rank above :data:`MAX_RANK`) or
+    gives no finite answer. Work arrays are ``[chunk, T, d]`` (tasks per chunk; default all)."""
     import torch
 
     n, t, d = prompts.shape
-    if rank >= min(t, d) or rank > MAX_RANK or (rank > 1 and n < math.factorial(rank + 1) - 1):
+    lifted = rank == 2 and 3 <= n < 5
+    if rank >= min(t, d) or rank > MAX_RANK or (rank > 1 and n < math.factorial(rank + 1) - 1 and not lifted):
         return None
     p = prompts
-    rows, cols = _pivots(p, rank)
+    rows, cols = _pivots(p)
     piv_r, piv_c = rows[:rank], cols[:rank]
     t0, j0 = rows[rank], cols[rank]
     lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
-    if rank > 1:
+    if lifted:
+        crossed = _rank2_cross(p, rows, cols)
+        if crossed is None:  # too few columns for the lifted system: the same on the transpose
+            crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
+            if crossed_t is None:
+                return None
+            crossed = crossed_t.T
+        lam = crossed.contiguous()
+    elif rank > 1:
         other_c = [j for j in range(d) if j not in piv_c]
         other_r = [i for i in range(t) if i not in piv_r]
         # the pivot rows, every column: blocks I0 + [t0] x J0 + [j]

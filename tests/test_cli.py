@@ -33,6 +33,21 @@ def test_version() -> None:
     assert result.exit_code == 0 and __version__ in result.output
 
 
+def test_the_quick_exit_loses_no_output(tmp_path: Path) -> None:
+    """``main`` ends the process with ``os._exit`` once the command has run (no teardown): a long
+    output through a pipe still arrives whole, and each way out keeps its status."""
+    src = FIXTURES / "causal"
+    proc = subprocess.run([sys.executable, "-m", "mpt_tools", "inspect", str(src), "--json"], capture_output=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["schema"].startswith("mpt-tools/inspect")
+    head = "import sys; from mpt_tools.cli import _hard_exit; "
+    code = head + "print('x' * 100000, end=''); _hard_exit(int(sys.argv[1]))"
+    for status in (0, 3, 255):
+        done = subprocess.run([sys.executable, "-c", code, str(status)], capture_output=True, text=True)
+        assert done.returncode == status and len(done.stdout) == 100000
+    message = subprocess.run([sys.executable, "-c", head + "_hard_exit('stopped')"], capture_output=True, text=True)
+    assert message.returncode == 1 and message.stderr.strip() == "stopped"
+
+
 def test_console_script_and_module(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "mpt-tools"
     for argv in ([str(exe)], [sys.executable, "-m", "mpt_tools"]):
