@@ -26,7 +26,8 @@ row ``i1`` and one pivot column ``j1``. With pivot rows ``I0`` and columns ``J0`
    determinant, expanded along row ``t``, is ``a_k L[t, j] + b_k``, and
    ``L[t, j] = -sum_k a_k b_k / sum_k a_k^2`` (any N >= 1).
 
-At rank 2 with 3 or 4 tasks, step 1 takes another route (:func:`_rank2_cross`): the blocks'
+At rank 2 with 3 to :data:`LIFT_TASKS` tasks, step 1 takes another route (:func:`_rank2_cross`;
+the monomial system at 5 tasks is exactly determined and at times ill-conditioned): the blocks'
 determinants are linear in the unknown entries and in their products, and with the products
 taken as unknowns of their own, one homogeneous system over a few rows and columns has the true
 values as its only null vector (from 3 tasks on; with 2 tasks there are as many equations as
@@ -135,9 +136,29 @@ def _blocks_step(p: Any, rows: list[list[int]], cols: list[list[int]]) -> Any:
 
 
 LIFT_ROWS = 4
-"""Step 1 at rank 2 with 3 or 4 tasks: the rows (besides the pivots) of the lifted system."""
+"""Step 1 at rank 2 with few tasks: the rows (besides the pivots) of the lifted system."""
 LIFT_COLS = 8
 """... and its columns (besides the gauge column)."""
+LIFT_TASKS = 16
+"""... and the tasks it takes (at most)."""
+
+
+def _det(m: Any) -> Any:
+    """Determinants of a batch of small square matrices ``[..., k, k]``: written out up to 3 x 3
+    (torch's batched LU took 14 ms per 50,000 3 x 3 matrices, these 0.3 ms), else torch's."""
+    import torch
+
+    k = m.shape[-1]
+    if k == 1:
+        return m[..., 0, 0]
+    if k == 2:
+        return m[..., 0, 0] * m[..., 1, 1] - m[..., 0, 1] * m[..., 1, 0]
+    if k == 3:
+        a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+        d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+        g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+        return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return torch.linalg.det(m)
 
 
 def _affine(blocks: Any, spots: list[tuple[int, int]]) -> tuple[Any, Any]:
@@ -149,12 +170,12 @@ def _affine(blocks: Any, spots: list[tuple[int, int]]) -> tuple[Any, Any]:
     base = blocks.clone()
     for i, j in spots:
         base[..., i, j] = 0
-    zero = torch.linalg.det(base)
+    zero = _det(base)
     coef = []
     for i, j in spots:
         one = base.clone()
         one[..., i, j] = blocks[..., i, j]
-        coef.append(torch.linalg.det(one) - zero)
+        coef.append(_det(one) - zero)
     return zero, torch.stack(coef, dim=-1)
 
 
@@ -170,7 +191,7 @@ def _solve_normal(rows: Any, rhs: Any) -> Any:
 
 
 def _rank2_cross(p: Any, rows: list[int], cols: list[int]) -> Any | None:
-    """Step 1 at rank 2 with fewer than 5 tasks (at least 3): ``L`` on the pivot rows ``i1, i2``
+    """Step 1 at rank 2 with 3 to :data:`LIFT_TASKS` tasks: ``L`` on the pivot rows ``i1, i2``
     and the pivot columns ``j1, j2`` (``L = 1`` on ``i1`` and ``j1``), by linearisation.
 
     The blocks of rows ``i1, i2, t`` (``t`` in a few more rows ``Rs``) and columns ``j1, j, j'``
@@ -191,10 +212,11 @@ def _rank2_cross(p: Any, rows: list[int], cols: list[int]) -> Any | None:
     rho, s = len(rs), len(cs)
     pairs = [(a, b) for a in range(s) for b in range(a + 1, s)]
     unknowns = s + rho * s + rho * s * (s - 1)
-    if not rho or n * rho * len(pairs) < unknowns + 1:
+    used = min(n, LIFT_TASKS)  # the pivot cross needs a few tasks; the steps after use them all
+    if not rho or used * rho * len(pairs) < unknowns + 1:
         return None
     perms, signs = _permutations(3)
-    x = p.detach().to("cpu", torch.float64).numpy()
+    x = p[:used].detach().to("cpu", torch.float64).numpy()
     # unknowns: a (s), b (rho x s), q[t, j, j'] = a_j b_tj' (rho x s x s, j != j')
     index_q: dict[tuple[int, int, int], int] = {}
     for ti in range(rho):
@@ -202,13 +224,13 @@ def _rank2_cross(p: Any, rows: list[int], cols: list[int]) -> Any | None:
             for b in range(s):
                 if a != b:
                     index_q[(ti, a, b)] = s + rho * s + len(index_q)
-    system = np.zeros((n * rho * len(pairs), unknowns))
+    system = np.zeros((used * rho * len(pairs), unknowns))
     row = 0
     for ti, tt in enumerate(rs):
         for a, b in pairs:
             block_cols = (j1, cs[a], cs[b])
             spot = {j1: None, cs[a]: a, cs[b]: b}
-            for k in range(n):
+            for k in range(used):
                 for perm, sign in zip(perms, signs, strict=True):
                     c1, c2, c3 = (block_cols[q] for q in perm)
                     coef = sign * x[k, i1, c1] * x[k, i2, c2] * x[k, tt, c3]
@@ -222,7 +244,8 @@ def _rank2_cross(p: Any, rows: list[int], cols: list[int]) -> Any | None:
                 row += 1
     scale = np.linalg.norm(system, axis=0)
     scale[scale == 0] = 1
-    z = np.linalg.svd(system / scale)[2][-1] / scale
+    tall = np.linalg.qr(system / scale, mode="r")  # the same right singular vectors, square
+    z = np.linalg.svd(tall)[2][-1] / scale
     za, zb = z[:s], z[s : s + rho * s].reshape(rho, s)
     zq = np.array([z[i] for i in index_q.values()])
     prods = np.array([za[a] * zb[ti, b] for ti, a, b in index_q])
@@ -292,7 +315,9 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     import torch
 
     n, t, d = prompts.shape
-    lifted = rank == 2 and 3 <= n < 5
+    # rank 2: the lifted route up to LIFT_TASKS tasks (the monomial one at 5 tasks solves an N x 6
+    # null space, at times ill-conditioned), the monomial one beyond
+    lifted = rank == 2 and 3 <= n <= LIFT_TASKS
     if rank >= min(t, d) or rank > MAX_RANK or (rank > 1 and n < math.factorial(rank + 1) - 1 and not lifted):
         return None
     p = prompts
@@ -329,9 +354,7 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
         head = top[:, :, piv_c]  # [k, R, R]
         # minors of [head | top[:, :, j]] with column c removed, for every j: [k, d, R + 1]
         full = torch.cat([head[:, None].expand(-1, d, -1, -1), top.transpose(1, 2)[:, :, :, None]], dim=3)
-        minors = torch.stack(
-            [torch.linalg.det(full[..., [i for i in range(rank + 1) if i != c]]) for c in range(rank + 1)], dim=2
-        )
+        minors = torch.stack([_det(full[..., [i for i in range(rank + 1) if i != c]]) for c in range(rank + 1)], dim=2)
         coef_a = pk * minors[:, None, :, rank]  # [k, T, d]
         coef_b = torch.zeros_like(pk)
         for c in range(rank):
