@@ -309,7 +309,7 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     """``P*`` for prompts ``[N, T, d]`` (float64 torch) that are exactly ``P* * (U_k @ V_k)`` at
     rank ``rank``, up to the scaling of its rows and columns that the factors absorb (see the
     module docstring); ``None`` where the method does not apply (rank >= min(T, d): any ``P*``
-    fits; rank 2 with 2 tasks, or with 3 or 4 and too few rows and columns either way for the
+    fits; rank 2 with 2 tasks, or with 3 to 16 and too few rows and columns either way for the
     lifted system; rank >= 3 with fewer than (R+1)! - 1 tasks; rank above :data:`MAX_RANK`) or
     gives no finite answer. Work arrays are ``[chunk, T, d]`` (tasks per chunk; default all)."""
     import torch
