@@ -145,9 +145,7 @@ def remove_stale_staging(out: str | os.PathLike[str]) -> list[str]:
             continue
         try:
             if path.is_dir() and not path.is_symlink():
-                import shutil  # (lazily: its compression imports cost start-up time)
-
-                shutil.rmtree(path)
+                _rmtree(path)
             else:
                 path.unlink()
         except OSError:
@@ -219,6 +217,14 @@ def atomic_write(path: str | os.PathLike[str], data: Payload, *, replace: bool =
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write: {exc.strerror or exc}", str(target)) from None
         raise
+
+
+def _rmtree(path: str | os.PathLike[str], ignore_errors: bool = False) -> None:
+    """``shutil.rmtree``, imported only when a folder is removed (its compression modules cost
+    start-up time every command would pay)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 _RENAME_NOREPLACE = 1
@@ -414,9 +420,7 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         with deferred():  # a signal during the removal would leave half of it: it waits until done
             _release(staging)
             if os.path.lexists(staging):  # (committed: renamed away)
-                import shutil  # (lazily: its compression imports cost start-up time)
-
-                shutil.rmtree(staging, ignore_errors=True)
+                _rmtree(staging, ignore_errors=True)
 
 
 def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload], *, force: bool) -> None:
@@ -560,7 +564,5 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     for path in old:  # the replaced folders (inside the staging folder, removed with it anyway)
-        import shutil  # (lazily: its compression imports cost start-up time)
-
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path, ignore_errors=True)
     return [str(out / name) for name in names]

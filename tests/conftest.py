@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -56,3 +57,27 @@ def run_cli(*args: str) -> Result:
 def cli_run():
     """The :func:`run_cli` helper as a fixture."""
     return run_cli
+
+
+def watch_mapped_average(monkeypatch: Any, workers: int = 1) -> list[Any]:
+    """Force the large-average path (column windows on ``workers`` threads, read from a leased
+    mapping) for factors of any size; returns the list the leases taken are appended to (None
+    where none could be had)."""
+    import contextlib
+
+    from mpt_tools import factors, formats
+    from mpt_tools import torchmean as tm
+
+    monkeypatch.setattr(tm, "WINDOW_BYTES", 0)
+    monkeypatch.setattr(factors, "_workers", lambda: workers)
+    leases: list[Any] = []
+    real = formats._leased_map
+
+    @contextlib.contextmanager
+    def watched(fd: int, size: int) -> Any:
+        with real(fd, size) as lease:
+            leases.append(lease)
+            yield lease
+
+    monkeypatch.setattr(formats, "_leased_map", watched)
+    return leases

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT, run_cli, write_random_source
+from conftest import FIXTURES, ROOT, run_cli, watch_mapped_average, write_random_source
 
 from mpt_tools.errors import ConfigError, FormatError
 from mpt_tools.paths import check_regular, open_regular, read_small
@@ -402,30 +402,6 @@ def test_float64_at_float32_max_is_in_range(tmp_path: Path) -> None:
 # --- the leased mapping of a large average (issue 16) ------------------------------------------------
 
 
-def _mapped_average(monkeypatch: pytest.MonkeyPatch, path: Path, workers: int = 1) -> tuple[list[object], object]:
-    """Force the large-average path (column windows on a leased mapping) for a small file; the
-    leases taken are collected. Returns (leases, the checkpoint)."""
-    import contextlib
-
-    from mpt_tools import factors, formats
-    from mpt_tools import torchmean as tm
-    from mpt_tools.checkpoint import load_source
-
-    monkeypatch.setattr(tm, "WINDOW_BYTES", 0)
-    monkeypatch.setattr(factors, "_workers", lambda: workers)
-    leases: list[object] = []
-    real = formats._leased_map
-
-    @contextlib.contextmanager
-    def watched(fd: int, size: int):  # type: ignore[no-untyped-def]
-        with real(fd, size) as lease:
-            leases.append(lease)
-            yield lease
-
-    monkeypatch.setattr(formats, "_leased_map", watched)
-    return leases, load_source(path)
-
-
 needs_leases = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux read leases")
 
 
@@ -438,12 +414,13 @@ def test_a_truncation_waits_for_the_mapped_average(tmp_path: Path, monkeypatch: 
 
     from mpt_tools import factors, formats
     from mpt_tools import torchmean as tm
+    from mpt_tools.checkpoint import load_source
     from mpt_tools.factors import average_factors
 
     path = write_random_source(tmp_path / "s.safetensors", n=400, t=3, r=2, d=64)  # rows: C = 128
-    want = [a.tobytes() for a in average_factors(__import__("mpt_tools.checkpoint").checkpoint.load_source(path))]
+    want = [a.tobytes() for a in average_factors(load_source(path))]
     handler = signal.getsignal(signal.SIGIO)
-    leases, ckpt = _mapped_average(monkeypatch, path)
+    leases, ckpt = watch_mapped_average(monkeypatch), load_source(path)
     monkeypatch.setattr(tm, "CHUNK_BYTES", 1024)  # many chunks, so the break lands mid-way
     monkeypatch.setattr(factors, "MAPPED_CHUNK_BYTES", 1024)
     real_feed, real_read, child, copied = tm.Cascade.feed, formats._read_fd, [], []
@@ -479,11 +456,12 @@ def test_no_mapping_where_no_lease_can_be_had(tmp_path: Path, monkeypatch: pytes
     thread (which would not get the lease-break signal) takes none: both read with preadv, same bits."""
     import threading
 
+    from mpt_tools.checkpoint import load_source
     from mpt_tools.factors import average_factors
 
     path = write_random_source(tmp_path / "s.safetensors", n=50, t=3, r=2, d=64)
-    want = [a.tobytes() for a in average_factors(__import__("mpt_tools.checkpoint").checkpoint.load_source(path))]
-    leases, ckpt = _mapped_average(monkeypatch, path, workers=2)
+    want = [a.tobytes() for a in average_factors(load_source(path))]
+    leases, ckpt = watch_mapped_average(monkeypatch, workers=2), load_source(path)
     with open(path, "r+b"):
         assert [a.tobytes() for a in average_factors(ckpt, engine="numpy")] == want
     assert leases == [None, None]  # one try per factor

@@ -7,7 +7,6 @@ installed torch; the goldens let the thread-count cases be checked where torch i
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -449,23 +448,14 @@ def test_the_mapped_windowed_average_is_torchs(
     """A large factor (here: any, ``WINDOW_BYTES`` 0) is summed on threads in column windows, read
     from a leased mapping: the same bits as torch's mean, with task lists and weights too, and the
     pages handed back as it goes (``FORGET_BYTES`` 1) change nothing."""
-    from mpt_tools import factors, formats
+    from conftest import watch_mapped_average
+
+    from mpt_tools import formats
     from mpt_tools.checkpoint import load_source
     from mpt_tools.factors import average_factors
 
-    monkeypatch.setattr(tm, "WINDOW_BYTES", 0)
     monkeypatch.setattr(formats, "FORGET_BYTES", 1)
-    monkeypatch.setattr(factors, "_workers", lambda: workers)
-    leases = []
-    real = formats._leased_map
-
-    @contextlib.contextmanager
-    def watched(fd: int, size: int):  # type: ignore[no-untyped-def]
-        with real(fd, size) as lease:
-            leases.append(lease)
-            yield lease
-
-    monkeypatch.setattr(formats, "_leased_map", watched)
+    leases = watch_mapped_average(monkeypatch, workers)
     ckpt = load_source(_source(tmp_path, dtype, 300, 7, 3, 100))  # rows: C = 300; cols: C = 21
     for tasks, weights in [(None, None), ([3, 0, 299, 5], None), (None, [1.0] * 299 + [5.0])]:
         numpy = average_factors(ckpt, tasks, weights, engine="numpy")
