@@ -38,8 +38,9 @@ the baseline and never increases ``f``, pack is never worse than the baseline.
 ALS cannot flip the sign of an entry of ``P*``, and the mean prompt has about half of them wrong
 when the factors have mean zero (as PEFT initialises them). So where ``P*`` is fitted the fit also
 tries ``P*`` recovered by linear algebra (:mod:`mpt_tools.recover`: exact for baked rank-1
-adapters, and rank R with (R+1)! - 1 tasks or more), with factors as for the baseline, and starts
-from whichever has the lower ``f`` (``start``). The written ``P*`` is scaled, rows and columns by
+adapters, rank 2 with 2 tasks or more and rank R with (R+1)! - 1 tasks or more; a search at rank 3
+with fewer), scaled to the prompts' magnitude, with factors as for the baseline, and starts from
+whichever has the lower ``f`` (``start``). The written ``P*`` is scaled, rows and columns by
 positive factors the task factors absorb, to the prompts' magnitude (:meth:`_Als.scale_like_prompts`).
 
 Every update is vectorised over the tasks in chunks (batched small solves in torch, float64, on
@@ -743,7 +744,8 @@ def _fit(
     if found is not None:
         kept = als.shared, als.cols.clone(), als.rows.clone()  # baseline() fills the factors in place
         als.shared = found
-        als.baseline(settings.seed)
+        als.scale_like_prompts()  # its gauge (1 on a row and a column) can be far from the prompts'
+        als.baseline(settings.seed)  # magnitudes, and baseline() masks what is near zero against the rms
         tried = float(als.errors().sum())
         if tried < history[0]:
             start, history[0] = "recovered", tried

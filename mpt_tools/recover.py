@@ -33,10 +33,21 @@ taken as unknowns of their own, one homogeneous system over a few rows and colum
 values as its only null vector (from 3 tasks on; with 2 tasks there are as many equations as
 products, never enough).
 
+Where neither applies (2 tasks at rank 2, 3 to 22 at rank 3), step 1 is a search instead
+(:func:`_searched_cross`): ``L`` on the pivot rows and a few columns ``C`` is a handful of numbers
+(4 at rank 2 with 2 tasks, 6 or 8 at rank 3), because every other row's ``L[t, C]`` then follows by
+least squares (``L[t, C] * P_k[t, C]`` lies in the row space of ``L[I0, C] * P_k[I0, C]`` for every
+task: linear in ``L[t, C]``); Levenberg-Marquardt on those numbers from every sign pattern finds
+the one where all rows fit. Then each column's ``L[S, j]`` on a few rows ``S`` (the same, on
+column spaces), and step 2.
+
 So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
-or more, and rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4). Otherwise, or
-where the prompts are not of that form, :func:`recover_shared` returns ``None`` or a start whose
-objective pack compares with the baseline's; it iterates from the better of the two.
+or more, and rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4); the search
+found it for 2 tasks at rank 2 in every case measured, and at rank 3 with fewer tasks in most
+(the README has the counts). Otherwise (rank 3 with 2 tasks, rank 4 with fewer than 119: more
+unknowns than the search takes on), or where the prompts are not of that form,
+:func:`recover_shared` returns ``None`` or a start whose objective pack compares with the
+baseline's; it iterates from the better of the two.
 """
 
 from __future__ import annotations
@@ -305,12 +316,201 @@ def _rank2_cross(p: Any, rows: list[int], cols: list[int]) -> Any | None:
     return lam
 
 
+SEARCH_STARTS = 128
+"""The numerical route (:func:`_searched_core`): Levenberg-Marquardt starts, in one batch."""
+SEARCH_ITERS = 100
+"""... and the most iterations each takes."""
+SEARCH_SEED = 0
+"""... and the seed of their random signs and magnitudes (the start is deterministic)."""
+SEARCH_SIGNS = 8
+"""... and the most unknowns it takes on: it tries every one of their sign patterns (256; with
+more, at rank 3 with 2 tasks (12) or rank 4 (12 or more), random signs found the core 0 times in
+10)."""
+SEARCH_TRIES = 4
+"""... and how many sets of columns it tries before it keeps the best core (at rank 3 with 3 tasks,
+the first set found the core in 6 adapters of 10, one of the first three in all)."""
+SEARCH_FOUND = 1e-12
+"""... and the mean squared residual (the core's prompts scaled to rms 1) below which a core is
+taken as found: 3 iterations after one start gets there, the search stops. The true core's is
+1e-18 to 5e-15 from float32 prompts, the local minima's 5e-7 and up (ranks 2 and 3)."""
+SEARCH_ROWS = 16
+"""... and the rows (besides the pivots) whose fit it measures, at least (the prompts are float32:
+with 4 rows a core came out 4% off)."""
+
+
+def _search_shape(n: int, rank: int) -> tuple[int, int]:
+    """Columns ``c`` of the searched core and the number of conditions each further row adds:
+    a row's ``L[t, C]`` (c - 1 unknowns once one entry is 1) meets N (c - R) equations, so each
+    row pins ``N (c - R) - (c - 1)`` of the core's unknowns; at least 2 (with 1, 2 tasks at rank
+    2 had two exact cores on 4 columns)."""
+    c = rank + 1
+    while n * (c - rank) - (c - 1) < 2:
+        c += 1
+    return c, n * (c - rank) - (c - 1)
+
+
+def _row_fit(core: Any, extra: Any, gauge: Any) -> tuple[Any, Any]:
+    """For each row ``t`` of ``extra`` [N, rho, c], the ``q`` [rho, c] (``q = 1`` where ``gauge``
+    [rho, c] is 1) that brings ``extra[:, t] * q`` nearest to the row space of every task's
+    ``core`` [N, R, c], in least squares; and what is left of it [rho, N * c]."""
+    import torch
+
+    n, _r, c = core.shape
+    rho = extra.shape[1]
+    eye = torch.eye(c, dtype=core.dtype, device=core.device)
+    gram = core @ core.transpose(1, 2)
+    small = torch.eye(gram.shape[-1], dtype=core.dtype, device=core.device)
+    gram = gram + 1e-14 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] * small
+    proj = eye - core.transpose(1, 2) @ torch.linalg.solve(gram, core)  # [N, c, c]
+    a = (proj[:, None] * extra[:, :, None, :]).movedim(0, 1).reshape(rho, n, c, c)  # a q = proj (extra_t * q)
+    fixed = (a * gauge[:, None, None, :]).sum(-1).reshape(rho, n * c)
+    free = torch.where(gauge[:, None, None, :] > 0, torch.zeros_like(a), a).reshape(rho, n * c, c)
+    q = _solve_normal(free, -fixed)  # the gauge's column of free is zero: its q is damped to 0
+    q = torch.where(gauge > 0, torch.ones_like(q), q)
+    return q, (free @ q[..., None])[..., 0] + fixed
+
+
+def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple[Any, float] | None:
+    """``L`` on the pivot rows and the first ``c`` pivot columns (``L = 1`` on ``i1`` and ``j1``)
+    where no linear route applies (2 tasks at rank 2, few at rank 3), by Levenberg-Marquardt on
+    the core's ``(R - 1)(c - 1)`` unknowns from :data:`SEARCH_STARTS` starts at once: for given
+    core values every further row's ``L[t, C]`` is a least-squares fit (:func:`_row_fit`, its
+    residual the objective), so the search is over a handful of numbers. ``L`` (not ``P*``) is
+    searched, so a start's signs can change on the way; each further row fixes a different one
+    of its entries to 1, which keeps away the spurious core that is 0 off its gauge row and
+    column. The starts: the magnitudes of ``1 / rms(P_k)`` with every sign pattern, then random
+    signs and factors e^N(0, 1/4) up to :data:`SEARCH_STARTS`; the core kept is the one with the
+    lowest residual (the search stops soon after one is below :data:`SEARCH_FOUND`)."""
+    import torch
+    from torch.func import jacfwd, vmap
+
+    n, t, d = p.shape
+    c, per_row = _search_shape(n, rank)
+    if c > d or t <= rank:
+        return None
+    u = (rank - 1) * (c - 1)
+    if u > SEARCH_SIGNS:
+        return None
+    rho = min(t - rank, max(SEARCH_ROWS, -(-2 * u // per_row)))
+    if rho * per_row < u + 2:  # exactly as many conditions as unknowns: other cores fit too
+        return None
+    cs = torch.tensor(cols[:c], device=p.device)
+    scale = p[:, rows[:rank]][:, :, cs].square().mean((1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
+    core_p = p[:, rows[:rank]][:, :, cs] / scale
+    extra_p = p[:, rows[rank : rank + rho]][:, :, cs] / scale
+    gauge = torch.zeros(rho, c, dtype=p.dtype, device=p.device)
+    gauge[torch.arange(rho), torch.arange(rho) % c] = 1
+
+    def core_of(x: Any) -> Any:
+        inner = torch.cat([torch.ones(rank - 1, 1, dtype=x.dtype, device=x.device), x.reshape(rank - 1, c - 1)], 1)
+        return torch.cat([torch.ones(1, c, dtype=x.dtype, device=x.device), inner], 0)
+
+    def residual(x: Any) -> Any:
+        return _row_fit(core_p * core_of(x), extra_p, gauge)[1].reshape(-1)
+
+    rms = p[:, rows[:rank]][:, :, cs].square().mean(0).sqrt()
+    est = 1.0 / rms.clamp_min(torch.finfo(p.dtype).tiny)
+    est = est / est[0:1, :]
+    est = (est / est[:, 0:1])[1:, 1:].reshape(-1)
+    gen = torch.Generator().manual_seed(SEARCH_SEED)
+    every = torch.tensor(list(itertools.product((1.0, -1.0), repeat=u)), dtype=torch.float64)
+    more = max(0, SEARCH_STARTS - len(every))  # then random signs, with jitter
+    signs = torch.cat([every, torch.where(torch.rand(more, u, generator=gen) < 0.5, -1.0, 1.0).to(every)])
+    jitter = torch.exp(0.5 * torch.randn(len(signs), u, generator=gen, dtype=torch.float64))
+    jitter[: len(every)] = 1.0
+    x = est * (signs * jitter).to(p)
+    f, jac = vmap(residual), vmap(jacfwd(residual))
+    eye = torch.eye(u, dtype=p.dtype, device=p.device)
+    size = rho * n * c
+    try:
+        cost = f(x).square().sum(1)
+        damp = torch.full_like(cost, 1e-3)
+        left = SEARCH_ITERS
+        while left > 0:
+            left -= 1
+            r, j = f(x), jac(x)
+            h = j.transpose(1, 2) @ j
+            h = h + damp[:, None, None] * (h.diagonal(dim1=1, dim2=2)[:, :, None] * eye + 1e-12 * eye)
+            step = torch.linalg.solve(h, j.transpose(1, 2) @ r[..., None])
+            moved = x - step[..., 0]
+            new = f(moved).square().sum(1)
+            better = torch.isfinite(new) & (new < cost)
+            x = torch.where(better[:, None], moved, x)
+            cost = torch.where(better, new, cost)
+            damp = torch.where(better, damp / 3, damp * 4).clamp(1e-12, 1e12)
+            if left > 3 and float(cost.min()) <= SEARCH_FOUND * size:
+                left = 3
+    except RuntimeError:  # a singular batch element: no search start
+        return None
+    best = int(torch.argmin(torch.where(torch.isfinite(cost), cost, torch.full_like(cost, math.inf))))
+    if not math.isfinite(float(cost[best])):
+        return None
+    return core_of(x[best]), float(cost[best]) / size
+
+
+def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
+    """``L`` on every row of the first ``c`` pivot columns and every column of a few pivot rows
+    (what step 2 needs), from the core of :func:`_searched_core`: each row ``t`` fits its
+    ``L[t, C]`` to the core's row space (``L[t, j1] = 1``), then each column ``j`` its ``L[S, j]``
+    to the column space of the rows ``S`` on ``C`` (``L[i1, j] = 1``), both linear."""
+    import torch
+
+    t, d = p.shape[1:]
+    c = _search_shape(p.shape[0], rank)[0]
+    best: tuple[Any, float, list[int]] | None = None
+    for a in range(SEARCH_TRIES):  # the gauge column, then c - 1 more: the next ones each try
+        picked = [cols[0], *cols[1 + a * (c - 1) : 1 + (a + 1) * (c - 1)]]
+        if len(picked) < c:
+            break
+        found = _searched_core(p, rank, rows, picked + [j for j in cols if j not in set(picked)])
+        if found is not None and (best is None or found[1] < best[1]):
+            best = (found[0], found[1], picked)
+        if best is not None and best[1] <= SEARCH_FOUND:
+            break
+    if best is None:
+        return None
+    core, _cost, picked = best
+    lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
+    piv = torch.tensor(rows[:rank], device=p.device)
+    cs = torch.tensor(picked, device=p.device)
+    lam[piv[:, None], cs[None, :]] = core
+    _fill_rows(p, lam, rows[:rank], rows[rank:], picked)
+    # the columns: rows S (pivot order), their column space on C has rank R
+    s_rows = torch.tensor(rows[: min(t, 2 * rank + 4)], device=p.device)
+    block = p[:, s_rows][:, :, cs] * lam[s_rows[:, None], cs[None, :]]  # [N, S, c]
+    basis = torch.linalg.svd(block, full_matrices=False)[0][:, :, :rank].transpose(1, 2)  # [N, R, S]
+    rest = [j for j in range(d) if j not in set(picked)]
+    for a in range(0, len(rest), 1024):
+        js = torch.tensor(rest[a : a + 1024], device=p.device)
+        gauge = torch.zeros(len(js), len(s_rows), dtype=p.dtype, device=p.device)
+        gauge[:, 0] = 1
+        lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), gauge)[0].T
+    if picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them too
+        _fill_rows(p, lam, rows[:rank], [i for i in range(t) if i not in set(s_rows.tolist())], cols[:c])
+    return lam
+
+
+def _fill_rows(p: Any, lam: Any, core_rows: list[int], others: list[int], cols: list[int]) -> None:
+    """``lam[t, cols]`` for the rows ``others``, each fitted to the row space of the rows
+    ``core_rows`` on ``cols`` (known in ``lam``), ``lam[t, cols[0]] = 1``: in place."""
+    import torch
+
+    if not others:
+        return
+    cs = torch.tensor(cols, device=p.device)
+    rest = torch.tensor(others, device=p.device)
+    gauge = torch.zeros(len(others), len(cols), dtype=p.dtype, device=p.device)
+    gauge[:, 0] = 1
+    top = p[:, core_rows][:, :, cs] * lam[torch.tensor(core_rows, device=p.device)[:, None], cs[None, :]]
+    lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], gauge)[0]
+
+
 def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | None:
     """``P*`` for prompts ``[N, T, d]`` (float64 torch) that are exactly ``P* * (U_k @ V_k)`` at
     rank ``rank``, up to the scaling of its rows and columns that the factors absorb (see the
     module docstring); ``None`` where the method does not apply (rank >= min(T, d): any ``P*``
-    fits; rank 2 with 2 tasks, or with 3 to 16 and too few rows and columns either way for the
-    lifted system; rank >= 3 with fewer than (R+1)! - 1 tasks; rank above :data:`MAX_RANK`) or
+    fits; one task at rank 2 or more; rank 3 with 2 tasks and rank 4 with fewer than 119: too many
+    unknowns for the search; rank above :data:`MAX_RANK`; prompts too small for the search) or
     gives no finite answer. Work arrays are ``[chunk, T, d]`` (tasks per chunk; default all)."""
     import torch
 
@@ -318,7 +518,9 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     # rank 2: the lifted route up to LIFT_TASKS tasks (the monomial one at 5 tasks solves an N x 6
     # null space, at times ill-conditioned), the monomial one beyond
     lifted = rank == 2 and 3 <= n <= LIFT_TASKS
-    if rank >= min(t, d) or rank > MAX_RANK or (rank > 1 and n < math.factorial(rank + 1) - 1 and not lifted):
+    linear = rank == 1 or lifted or n >= math.factorial(rank + 1) - 1
+    searched = not linear and n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
+    if rank >= min(t, d) or rank > MAX_RANK or not (linear or searched):
         return None
     p = prompts
     rows, cols = _pivots(p)
@@ -329,10 +531,17 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
         crossed = _rank2_cross(p, rows, cols)
         if crossed is None:  # too few columns for the lifted system: the same on the transpose
             crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
-            if crossed_t is None:
-                return None
-            crossed = crossed_t.T
+            crossed = None if crossed_t is None else crossed_t.T
+        if crossed is None:
+            crossed = _searched_cross(p, rank, rows, cols)
+        if crossed is None:
+            return None
         lam = crossed.contiguous()
+    elif not linear:
+        found = _searched_cross(p, rank, rows, cols)
+        if found is None:
+            return None
+        lam = found
     elif rank > 1:
         other_c = [j for j in range(d) if j not in piv_c]
         other_r = [i for i in range(t) if i not in piv_r]

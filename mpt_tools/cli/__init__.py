@@ -703,9 +703,10 @@ def pack_cmd(
     tasks of MPT adapters. Task i of the adapter is the i-th prompt, then the --from tasks.
     Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
     SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
-    (exact for baked rank-1 adapters, rank 2 with 3 tasks or more, rank R with (R+1)!-1 or more),
-    on the GPU when there is one; the objective never increases, so the fit is never worse than
-    the baseline. Prints each task's relative error and the baseline's.
+    (exact for baked rank-1 adapters, rank 2 with 2 tasks or more, rank R with (R+1)!-1 or more;
+    at rank 3 with fewer, by a search that most often finds it), on the GPU when there is one;
+    the objective never increases, so the fit is never worse than the baseline. Prints each
+    task's relative error and the baseline's.
     """
     from ..pack import PackOptions, TaskSource, pack_prompts
 
