@@ -333,6 +333,10 @@ SEARCH_FOUND = 1e-12
 """... and the mean squared residual (the core's prompts scaled to rms 1) below which a core is
 taken as found: 3 iterations after one start gets there, the search stops. The true core's is
 1e-18 to 5e-15 from float32 prompts, the local minima's 5e-7 and up (ranks 2 and 3)."""
+SEARCH_HOPELESS = 1e-2
+"""... and the one above which it tries no more sets of columns: prompts that are not of the form,
+where every try would spend its seconds for nothing (random ones: 1.2e-2 to 4e-2 at rank 2, but
+2e-3 to 5e-3 at rank 3, which a local minimum of exact prompts can reach: 1e-3 was seen)."""
 SEARCH_ROWS = 16
 """... and the rows (besides the pivots) whose fit it measures, at least (the prompts are float32:
 with 4 rows a core came out 4% off)."""
@@ -465,7 +469,7 @@ def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any 
         found = _searched_core(p, rank, rows, picked + [j for j in cols if j not in set(picked)])
         if found is not None and (best is None or found[1] < best[1]):
             best = (found[0], found[1], picked)
-        if best is not None and best[1] <= SEARCH_FOUND:
+        if best is not None and (best[1] <= SEARCH_FOUND or best[1] > SEARCH_HOPELESS):
             break
     if best is None:
         return None
