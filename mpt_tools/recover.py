@@ -437,6 +437,7 @@ def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple
             h = h + damp[:, None, None] * (h.diagonal(dim1=1, dim2=2)[:, :, None] * eye + 1e-12 * eye)
             step = torch.linalg.solve(h, j.transpose(1, 2) @ r[..., None])
             moved = x - step[..., 0]
+            moved = torch.where(torch.isfinite(moved), moved, x)  # no inf or nan into the next solves
             new = f(moved).square().sum(1)
             better = torch.isfinite(new) & (new < cost)
             x = torch.where(better[:, None], moved, x)
