@@ -744,8 +744,10 @@ def _fit(
     if found is not None:
         kept = als.shared, als.cols.clone(), als.rows.clone()  # baseline() fills the factors in place
         als.shared = found
-        als.scale_like_prompts()  # its gauge (1 on a row and a column) can be far from the prompts'
-        als.baseline(settings.seed)  # magnitudes, and baseline() masks what is near zero against the rms
+        # its gauge (1 on a row and a column) can be far from the prompts' magnitudes, and
+        # baseline() counts as zero what is small against P*'s rms
+        als.scale_like_prompts()
+        als.baseline(settings.seed)
         tried = float(als.errors().sum())
         if tried < history[0]:
             start, history[0] = "recovered", tried

@@ -353,14 +353,17 @@ def _search_shape(n: int, rank: int) -> tuple[int, int]:
     return c, n * (c - rank) - (c - 1)
 
 
-def _row_fit(core: Any, extra: Any, gauge: Any) -> tuple[Any, Any]:
-    """For each row ``t`` of ``extra`` [N, rho, c], the ``q`` [rho, c] (``q = 1`` where ``gauge``
-    [rho, c] is 1) that brings ``extra[:, t] * q`` nearest to the row space of every task's
-    ``core`` [N, R, c], in least squares; and what is left of it [rho, N * c]."""
+def _row_fit(core: Any, extra: Any, fixed_at: Any) -> tuple[Any, Any]:
+    """For each row ``t`` of ``extra`` [N, rho, c], the ``q`` [rho, c] (``q[t, fixed_at[t]] = 1``;
+    ``fixed_at``: an index per row, or one for all) that brings ``extra[:, t] * q`` nearest to the
+    row space of every task's ``core`` [N, R, c], in least squares; and what is left of it
+    [rho, N * c]."""
     import torch
 
     n, _r, c = core.shape
     rho = extra.shape[1]
+    gauge = torch.zeros(rho, c, dtype=core.dtype, device=core.device)
+    gauge[torch.arange(rho, device=core.device), torch.as_tensor(fixed_at, device=core.device)] = 1
     eye = torch.eye(c, dtype=core.dtype, device=core.device)
     gram = core @ core.transpose(1, 2)
     small = torch.eye(gram.shape[-1], dtype=core.dtype, device=core.device)
@@ -375,7 +378,7 @@ def _row_fit(core: Any, extra: Any, gauge: Any) -> tuple[Any, Any]:
 
 
 def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple[Any, float] | None:
-    """``L`` on the pivot rows and the first ``c`` pivot columns (``L = 1`` on ``i1`` and ``j1``)
+    """``L`` on the pivot rows and the ``c`` columns ``cols`` (``L = 1`` on ``i1`` and ``cols[0]``)
     where no linear route applies (2 tasks at rank 2, few at rank 3), by Levenberg-Marquardt on
     the core's ``(R - 1)(c - 1)`` unknowns from :data:`SEARCH_STARTS` starts at once: for given
     core values every further row's ``L[t, C]`` is a least-squares fit (:func:`_row_fit`, its
@@ -388,31 +391,27 @@ def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple
     import torch
     from torch.func import jacfwd, vmap
 
-    n, t, d = p.shape
+    n, t, _d = p.shape
     c, per_row = _search_shape(n, rank)
-    if c > d or t <= rank:
-        return None
     u = (rank - 1) * (c - 1)
-    if u > SEARCH_SIGNS:
-        return None
     rho = min(t - rank, max(SEARCH_ROWS, -(-2 * u // per_row)))
     if rho * per_row < u + 2:  # exactly as many conditions as unknowns: other cores fit too
         return None
     cs = torch.tensor(cols[:c], device=p.device)
-    scale = p[:, rows[:rank]][:, :, cs].square().mean((1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
-    core_p = p[:, rows[:rank]][:, :, cs] / scale
+    block = p[:, rows[:rank]][:, :, cs]
+    scale = block.square().mean((1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
+    core_p = block / scale
     extra_p = p[:, rows[rank : rank + rho]][:, :, cs] / scale
-    gauge = torch.zeros(rho, c, dtype=p.dtype, device=p.device)
-    gauge[torch.arange(rho), torch.arange(rho) % c] = 1
+    fixed_at = torch.arange(rho, device=p.device) % c  # a different entry of each row: no all-zero core
 
     def core_of(x: Any) -> Any:
         inner = torch.cat([torch.ones(rank - 1, 1, dtype=x.dtype, device=x.device), x.reshape(rank - 1, c - 1)], 1)
         return torch.cat([torch.ones(1, c, dtype=x.dtype, device=x.device), inner], 0)
 
     def residual(x: Any) -> Any:
-        return _row_fit(core_p * core_of(x), extra_p, gauge)[1].reshape(-1)
+        return _row_fit(core_p * core_of(x), extra_p, fixed_at)[1].reshape(-1)
 
-    rms = p[:, rows[:rank]][:, :, cs].square().mean(0).sqrt()
+    rms = block.square().mean(0).sqrt()
     est = 1.0 / rms.clamp_min(torch.finfo(p.dtype).tiny)
     est = est / est[0:1, :]
     est = (est / est[:, 0:1])[1:, 1:].reshape(-1)
@@ -467,7 +466,7 @@ def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any 
         picked = [cols[0], *cols[1 + a * (c - 1) : 1 + (a + 1) * (c - 1)]]
         if len(picked) < c:
             break
-        found = _searched_core(p, rank, rows, picked + [j for j in cols if j not in set(picked)])
+        found = _searched_core(p, rank, rows, picked)
         if found is not None and (best is None or found[1] < best[1]):
             best = (found[0], found[1], picked)
         if best is not None and (best[1] <= SEARCH_FOUND or best[1] > SEARCH_HOPELESS):
@@ -487,9 +486,7 @@ def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any 
     rest = [j for j in range(d) if j not in set(picked)]
     for a in range(0, len(rest), 1024):
         js = torch.tensor(rest[a : a + 1024], device=p.device)
-        gauge = torch.zeros(len(js), len(s_rows), dtype=p.dtype, device=p.device)
-        gauge[:, 0] = 1
-        lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), gauge)[0].T
+        lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), 0)[0].T
     if picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them too
         _fill_rows(p, lam, rows[:rank], [i for i in range(t) if i not in set(s_rows.tolist())], cols[:c])
     return lam
@@ -504,10 +501,8 @@ def _fill_rows(p: Any, lam: Any, core_rows: list[int], others: list[int], cols: 
         return
     cs = torch.tensor(cols, device=p.device)
     rest = torch.tensor(others, device=p.device)
-    gauge = torch.zeros(len(others), len(cols), dtype=p.dtype, device=p.device)
-    gauge[:, 0] = 1
     top = p[:, core_rows][:, :, cs] * lam[torch.tensor(core_rows, device=p.device)[:, None], cs[None, :]]
-    lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], gauge)[0]
+    lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], 0)[0]
 
 
 def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | None:
