@@ -131,6 +131,10 @@ TGIS_FILES = ("encoder.pt", "decoder.pt")
 FACTORS = ("prefix_task_cols", "prefix_task_rows")
 
 
+START_CHOICES = ("auto", "baseline")
+"""The fit's starts (:attr:`PackOptions.start`)."""
+
+
 class PackOptions(NamedTuple):
     """How :func:`pack_prompts` fits and writes.
 
@@ -143,7 +147,10 @@ class PackOptions(NamedTuple):
     lowers the objective by at most this fraction. ``max_iters``: the most iterations (0: the
     baseline itself). ``device``: auto (CUDA when available), cuda or cpu. ``peft_compat``: the
     PEFT release adapter_config.json is written for. ``chunk_bytes``: the bound on the fit's two
-    work buffers (default per device: :data:`CHUNK_BYTES`)."""
+    work buffers (default per device: :data:`CHUNK_BYTES`). ``start``: ``auto`` (also try ``P*``
+    recovered by :mod:`mpt_tools.recover` and start from the better) or ``baseline`` (the
+    baseline alone: no recovery, whose search costs seconds on prompts that are not of the form,
+    such as teacher prompts trained one by one)."""
 
     num_ranks: int | None = None
     shared: str | os.PathLike[str] | None = None
@@ -156,6 +163,7 @@ class PackOptions(NamedTuple):
     device: str = "auto"
     peft_compat: str | None = None
     chunk_bytes: int | None = None
+    start: str = "auto"
 
 
 class TaskSource(NamedTuple):
@@ -821,6 +829,9 @@ def _option_findings(opts: PackOptions, count: int) -> list[Finding]:
     if opts.dtype is not None and canonical_dtype(opts.dtype) not in DTYPE_CHOICES:
         choices = ", ".join(DTYPE_CHOICES)
         out.append(_usage("dtype", "unknown dtype", opts.dtype, f"use one of {choices}", choices))
+    if opts.start not in START_CHOICES:
+        choices = ", ".join(START_CHOICES)
+        out.append(_usage("start", "unknown start", opts.start, f"use one of {choices}", choices))
     if opts.task_type is not None and opts.task_type not in TASK_TYPES:
         types = ", ".join(TASK_TYPES)
         out.append(_usage("task_type", "unknown task type", opts.task_type, "give e.g. --task-type CAUSAL_LM", types))
@@ -1096,7 +1107,8 @@ def pack_prompts(
     fitted = fit_for_peft(target_config(MptConfig(raw=model.config), kept + n, rank), opts.peft_compat)
     shared = torch.from_numpy(np.array(plan.fixed, dtype=np.float64)).to(dev) if plan.fixed is not None else None
     budget = opts.chunk_bytes or CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cpu"])
-    settings = FitSettings(opts.seed, opts.tol, opts.max_iters, plan_chunks(2 * shape.rows * shape.cols * 8, budget))
+    chunks = plan_chunks(2 * shape.rows * shape.cols * 8, budget)
+    settings = FitSettings(opts.seed, opts.tol, opts.max_iters, chunks, recover=opts.start == "auto")
     fit_started = time.perf_counter()
     with progress(opts.max_iters, "pack", unit="iter") as advance:
         fit = als_fit(p, rank, shared=shared, settings=settings, advance=advance)

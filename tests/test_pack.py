@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpt_tools.checkpoint import load_source
+from mpt_tools.errors import ValidationError
 from mpt_tools.formats import from_numpy, safetensors_bytes, to_float32
 from mpt_tools.pack import FitSettings, PackOptions, TaskSource, als_fit, pack_prompts, prompt_errors
 from mpt_tools.surgery import task_prompt
@@ -708,3 +709,54 @@ def test_rank_3_with_few_tasks_through_the_search(tmp_path: Path, shape: tuple[i
     src = write_mpt(tmp_path / "src", pe, cols, rows)
     result = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=3))
     assert result["start"] == "recovered" and result["max_relative_error"] < 1e-5, result["history"][-3:]
+
+
+def test_start_baseline_skips_the_recovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--start baseline`` never calls the recovery (whose search costs seconds on prompts that
+    are not of the form): on the two rank-2 tasks the search finds, the fit starts from the mean
+    prompt and stops at its local minimum; ``auto`` (the default) starts from the recovered P*.
+    An unknown start is one line, exit 2 on the command line."""
+    import mpt_tools.pack as pack_module
+
+    rng = np.random.default_rng(0)
+    pe = rng.standard_normal((10, 16)).astype(np.float32)
+    cols, rows = (rng.standard_normal(s).astype(np.float32) for s in ((2, 10, 2), (2, 2, 16)))
+    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    auto = run_cli("pack", "--from", src, "--num-ranks", "2", "--out", tmp_path / "auto", "--json")
+    assert auto.exit_code == 0 and json.loads(auto.stdout)["start"] == "recovered"
+    calls: list[int] = []
+    real = pack_module.recover_shared
+    monkeypatch.setattr(pack_module, "recover_shared", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = run_cli("pack", "--from", src, "--num-ranks", "2", "--start", "baseline", "--out", tmp_path / "b", "--json")
+    assert base.exit_code == 0, base.stderr
+    report = json.loads(base.stdout)
+    assert calls == [] and report["start"] == "baseline" and report["max_relative_error"] > 1e-3
+    bad = run_cli("pack", "--from", src, "--num-ranks", "2", "--start", "mean", "--out", tmp_path / "c")
+    assert bad.exit_code == 2 and "--start" in bad.stderr and not (tmp_path / "c").exists()
+    with pytest.raises(ValidationError, match="start"):
+        pack_prompts([], tmp_path / "d", sources=[TaskSource(src)], options=PackOptions(num_ranks=2, start="mean"))
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("seed", [67, 80])
+def test_wrong_signs_at_23_tasks_still_round_trip(seed: int) -> None:
+    """Rank 3 with exactly 23 tasks, the fewest the monomial system takes: it is exactly
+    determined, and in these two of 400 random adapters (float64, factor std 1) the recovered
+    P* has signs wrong. Its start is still better than the baseline's, and the fit brings every
+    prompt back within 1e-5 (the README's round trip at 23 tasks)."""
+    from mpt_tools.recover import recover_shared
+
+    r = 3
+    rng = np.random.default_rng(seed)
+    t, d = int(rng.integers(1, 13)) + r, int(rng.integers(1, 25)) + r
+    pe = rng.standard_normal((t, d))
+    p = torch.from_numpy(pe * (rng.standard_normal((23, t, r)) @ rng.standard_normal((23, r, d))))
+    got = recover_shared(p, r)
+    assert got is not None
+    ratio = got.numpy() / pe
+    scale = ratio / ratio[:1, :] / ratio[:, :1] * ratio[0, 0]
+    assert np.abs(scale - 1).max() > 1  # not P* up to scaling
+    p32 = p.float().double()
+    fit = als_fit(p32, r)
+    assert fit.start == "recovered"
+    assert float((fit.fit_sq / p32.square().sum((1, 2))).sqrt().max()) < 1e-5

@@ -667,6 +667,14 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     show_default=True,
     help="The most iterations (0: write the start).",
 )
+@option(
+    "--start",
+    type=click.Choice(["auto", "baseline"]),
+    default="auto",
+    show_default=True,
+    help="auto: also try P* recovered by linear algebra and start from the better; baseline: the mean"
+    " prompt alone (skips the recovery's search: seconds on prompts trained one by one).",
+)
 @option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @OUT
 @option(
@@ -689,6 +697,7 @@ def pack_cmd(
     seed: int,
     tol: float,
     max_iters: int,
+    start: str,
     device: str,
     out: str,
     dtype: str | None,
@@ -704,7 +713,8 @@ def pack_cmd(
     Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
     SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
     (exact for baked rank-1 adapters, rank 2 with 2 tasks or more, rank R with (R+1)!-1 or more;
-    at rank 3 with fewer, by a search that most often finds it), on the GPU when there is one;
+    at rank 3 with fewer, by a search that most often finds it; --start baseline skips it), on
+    the GPU when there is one;
     the objective never increases, so the fit is never worse than the baseline. Prints each
     task's relative error and the baseline's.
     """
@@ -729,6 +739,7 @@ def pack_cmd(
         max_iters=max_iters,
         device=device,
         peft_compat=peft_compat,
+        start=start,
     )
     result = pack_prompts(prompts, out, sources=sources, options=options, force=force)
     _render().show_json(result) if as_json else _render().pack_view(result)
