@@ -133,6 +133,8 @@ FACTORS = ("prefix_task_cols", "prefix_task_rows")
 
 START_CHOICES = ("auto", "baseline")
 """The fit's starts (:attr:`PackOptions.start`)."""
+RECOVER_NOTE_SECONDS = 1.0
+"""A recovery that took this long and gave no better start gets a note naming ``--start baseline``."""
 
 
 class PackOptions(NamedTuple):
@@ -414,8 +416,9 @@ class FitResult(NamedTuple):
     (float64, on the prompts' device), per task the squared errors of the baseline and of the
     fit, the objective after each iteration (``history[0]``: the start's), the iterations run,
     how many of them took the extrapolated step, why the fit stopped ("tol", "exact" or
-    "max-iters"), and where it started ("baseline" or "recovered", the algebraic start of
-    :mod:`mpt_tools.recover` where its objective is lower)."""
+    "max-iters"), where it started ("baseline" or "recovered", the algebraic start of
+    :mod:`mpt_tools.recover` where its objective is lower), and the seconds the recovery took (0
+    where it was not tried)."""
 
     shared: Any
     cols: Any
@@ -427,6 +430,7 @@ class FitResult(NamedTuple):
     extrapolated: int
     stopped: str
     start: str
+    recover_seconds: float = 0.0
 
 
 @contextmanager
@@ -748,7 +752,9 @@ def _fit(
     if trace is not None:
         trace.append(("baseline", history[0]))
     start = "baseline"
+    recover_started = time.perf_counter()
     found = recover_shared(prompts, num_ranks, chunk) if settings.recover and not als.fixed else None
+    recover_seconds = time.perf_counter() - recover_started if settings.recover and not als.fixed else 0.0
     if found is not None:
         kept = als.shared, als.cols.clone(), als.rows.clone()  # baseline() fills the factors in place
         als.shared = found
@@ -794,7 +800,17 @@ def _fit(
         als.scale_like_prompts()
     als.balance()
     return FitResult(
-        als.shared, als.cols, als.rows, baseline_sq, als.errors(), history, iterations, extrapolated, stopped, start
+        als.shared,
+        als.cols,
+        als.rows,
+        baseline_sq,
+        als.errors(),
+        history,
+        iterations,
+        extrapolated,
+        stopped,
+        start,
+        recover_seconds,
     )
 
 
@@ -1165,6 +1181,12 @@ def pack_prompts(
         notes.append(fit_note(fitted))
     if fit.stopped == "max-iters" and opts.max_iters > 0:
         notes.append(f"stopped after --max-iters {opts.max_iters} iterations, still improving by more than --tol")
+    tried = fit.recover_seconds > 0  # 0: not tried (--start baseline, a fixed P*)
+    if tried and fit.start == "baseline" and fit.recover_seconds >= RECOVER_NOTE_SECONDS:
+        notes.append(
+            f"the recovery of P* took {fit.recover_seconds:.1f} s and gave no better start than the baseline"
+            " (the prompts are not P* * (U_k V_k) at this rank, or its search missed): --start baseline skips it"
+        )
     files = write_adapter(out, tensors, fitted.config, meta, force=force, protected=plan.protected)
     result = {
         "schema": "mpt-tools/pack/1",
@@ -1195,6 +1217,7 @@ def pack_prompts(
         "max_baseline_error": max(base_errs) if base_errs else None,
         "tasks": tasks_out,
         "fit_seconds": fit_seconds,
+        "recover_seconds": fit.recover_seconds,
         "total_seconds": time.perf_counter() - started,
         "warnings": [*model.warnings, *fitted.warnings],
         "notes": notes,

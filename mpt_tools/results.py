@@ -417,7 +417,8 @@ class PackResult(TypedDict):
     """``mpt-tools/pack/1``: ``objective`` is sum_k ||P_k - P* * (U_k V_k)||^2 of the fit
     (float64), ``history`` its value after each iteration (``history[0]``: the start's);
     ``start`` is baseline or recovered (the algebraic start, where its objective is lower than the
-    baseline's); ``stopped`` is tol, exact or max-iters; ``kept_tasks`` the tasks of ``append_to``
+    baseline's); ``recover_seconds`` the time that recovery took (0 with ``--start baseline`` or a
+    fixed P*); ``stopped`` is tol, exact or max-iters; ``kept_tasks`` the tasks of ``append_to``
     kept first."""
 
     schema: str
@@ -448,6 +449,7 @@ class PackResult(TypedDict):
     max_baseline_error: float | None
     tasks: list[PackedTask]
     fit_seconds: float
+    recover_seconds: float
     total_seconds: float
     warnings: list[str]
     notes: list[str]

@@ -760,3 +760,35 @@ def test_wrong_signs_at_23_tasks_still_round_trip(seed: int) -> None:
     fit = als_fit(p32, r)
     assert fit.start == "recovered"
     assert float((fit.fit_sq / p32.square().sum((1, 2))).sqrt().max()) < 1e-5
+
+
+def test_a_recovery_that_gives_nothing_names_start_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts not of the form (two random ones at rank 2): the recovery runs its search, the fit
+    starts from the baseline, and the result says how long the recovery took and names
+    ``--start baseline`` in a note (its threshold set to 0 here: the time is not asserted); with
+    ``--start baseline`` it takes 0 s and there is no note; where the recovered start is used, no
+    note either."""
+    import mpt_tools.pack as pack_module
+
+    monkeypatch.setattr(pack_module, "RECOVER_NOTE_SECONDS", 0.0)
+    rng = np.random.default_rng(2)  # (with 0 and 3 the recovered start, from a core that fits no
+    files = []  # better than the others, happened to beat the baseline's)
+    for k in range(2):
+        files.append(tmp_path / f"teacher{k}.npy")
+        np.save(files[-1], rng.standard_normal((8, 12)).astype(np.float32))
+    common = ["--num-ranks", "2", "--task-type", "CAUSAL_LM"]
+    auto = run_cli("pack", *files, *common, "--out", tmp_path / "auto")  # as a user sees it
+    assert auto.exit_code == 0, auto.stderr
+    assert "note: the recovery of P* took" in auto.stderr and "--start baseline skips it" in auto.stderr
+    assert "recovered start" not in auto.stdout  # started from the baseline
+    common.append("--json")
+    base = run_cli("pack", *files, *common, "--start", "baseline", "--out", tmp_path / "base")
+    report = json.loads(base.stdout)
+    assert report["recover_seconds"] == 0 and not any("--start" in note for note in report["notes"])
+    pe = rng.standard_normal((8, 12)).astype(np.float32)
+    cols, rows = (rng.standard_normal(s).astype(np.float32) for s in ((2, 8, 2), (2, 2, 12)))
+    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    exact = run_cli("pack", "--from", src, *common, "--out", tmp_path / "exact")
+    report = json.loads(exact.stdout)
+    assert report["start"] == "recovered" and report["recover_seconds"] > 0
+    assert not any("--start" in note for note in report["notes"])

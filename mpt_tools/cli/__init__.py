@@ -610,6 +610,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
         "mpt-tools pack --from mpt-a --from mpt-b --tasks all --tasks 0,2 --num-ranks 4 --out merged",
         "mpt-tools pack new-task/ --append-to sources --out sources-plus   # sources' tasks kept bitwise",
         "mpt-tools pack a.npy b.npy --shared sources --num-ranks 2 --task-type CAUSAL_LM --out ab",
+        "mpt-tools pack teachers/* --num-ranks 2 --start baseline --out packed  # prompts trained one by one",
     ],
 )
 @click.argument("prompts", metavar="[PROMPTS]...", nargs=-1, type=Text())
