@@ -228,6 +228,7 @@ ZERO_MEAN_SHAPES = [
     (2, 6, 10, 2), (2, 20, 8, 2), (2, 12, 40, 2),
     (3, 4, 16, 2), (4, 10, 32, 2), (3, 40, 5, 2), (5, 4, 16, 2), (6, 8, 32, 2), (12, 20, 9, 2),
     (23, 6, 16, 3), (30, 10, 32, 3),
+    (119, 10, 12, 4), (125, 8, 20, 4),
 ]  # fmt: skip
 
 
@@ -792,3 +793,15 @@ def test_a_recovery_that_gives_nothing_names_start_baseline(tmp_path: Path, monk
     report = json.loads(exact.stdout)
     assert report["start"] == "recovered" and report["recover_seconds"] > 0
     assert not any("--start" in note for note in report["notes"])
+
+
+def test_rank_5_is_not_recovered() -> None:
+    """The README's limit: above rank 4 (MAX_RANK) no route is tried, even with the 719 tasks a
+    rank-5 monomial system would need; the fit starts from the baseline."""
+    from mpt_tools.recover import recover_shared
+
+    rng = np.random.default_rng(5)
+    pe = rng.standard_normal((8, 9))
+    p = torch.from_numpy(pe * (rng.standard_normal((720, 8, 5)) @ rng.standard_normal((720, 5, 9))))
+    assert recover_shared(p, 5) is None
+    assert als_fit(p, 5, settings=FitSettings(max_iters=0)).start == "baseline"
