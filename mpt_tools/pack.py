@@ -752,9 +752,10 @@ def _fit(
     if trace is not None:
         trace.append(("baseline", history[0]))
     start = "baseline"
+    recovers = settings.recover and not als.fixed
     recover_started = time.perf_counter()
-    found = recover_shared(prompts, num_ranks, chunk) if settings.recover and not als.fixed else None
-    recover_seconds = time.perf_counter() - recover_started if settings.recover and not als.fixed else 0.0
+    found = recover_shared(prompts, num_ranks, chunk) if recovers else None
+    recover_seconds = time.perf_counter() - recover_started if recovers else 0.0
     if found is not None:
         kept = als.shared, als.cols.clone(), als.rows.clone()  # baseline() fills the factors in place
         als.shared = found

@@ -439,6 +439,7 @@ def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple
     size = rho * n * c
     try:
         cost = f(x).square().sum(1)
+        cost = torch.where(torch.isnan(cost), math.inf, cost)  # (later ones only take finite values)
         damp = torch.full_like(cost, 1e-3)
         left = SEARCH_ITERS
         while left > 0:
@@ -455,13 +456,13 @@ def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple
             cost = torch.where(better, new, cost)
             damp = torch.where(better, damp / 3, damp * 4).clamp(1e-12, 1e12)
             if SEARCH_ITERS - left == SEARCH_PRUNE_AT and len(cost) > SEARCH_KEEP:  # the best go on
-                order = torch.argsort(torch.where(torch.isfinite(cost), cost, torch.full_like(cost, math.inf)))
+                order = torch.argsort(cost)
                 x, cost, damp = x[order[:SEARCH_KEEP]], cost[order[:SEARCH_KEEP]], damp[order[:SEARCH_KEEP]]
             if left > 3 and float(cost.min()) <= SEARCH_FOUND * size:
                 left = 3
     except RuntimeError:  # a singular batch element: no search start
         return None
-    best = int(torch.argmin(torch.where(torch.isfinite(cost), cost, torch.full_like(cost, math.inf))))
+    best = int(torch.argmin(cost))
     if not math.isfinite(float(cost[best])):
         return None
     return core_of(x[best]), float(cost[best]) / size
@@ -542,21 +543,16 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     piv_r, piv_c = rows[:rank], cols[:rank]
     t0, j0 = rows[rank], cols[rank]
     lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
-    if lifted:
-        crossed = _rank2_cross(p, rows, cols)
-        if crossed is None:  # too few columns for the lifted system: the same on the transpose
+    if lifted or not linear:
+        crossed = _rank2_cross(p, rows, cols) if lifted else None
+        if lifted and crossed is None:  # too few columns for the lifted system: the same on the transpose
             crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
-            crossed = None if crossed_t is None else crossed_t.T
-        if crossed is None:
+            crossed = None if crossed_t is None else crossed_t.T.contiguous()
+        if crossed is None:  # no linear route, or the lifted one found nothing: the search
             crossed = _searched_cross(p, rank, rows, cols)
         if crossed is None:
             return None
-        lam = crossed.contiguous()
-    elif not linear:
-        found = _searched_cross(p, rank, rows, cols)
-        if found is None:
-            return None
-        lam = found
+        lam = crossed
     elif rank > 1:
         other_c = [j for j in range(d) if j not in piv_c]
         other_r = [i for i in range(t) if i not in piv_r]

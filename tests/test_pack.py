@@ -92,6 +92,24 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def zero_mean_adapter(
+    folder: Path, rng: np.random.Generator, n: int, t: int, d: int, r: int, std: float = 1.0
+) -> Path:
+    """An MPT adapter with P* N(0, 1) and factors N(0, std) (mean zero, as PEFT initialises them
+    with std 0.02), float32, written to ``folder``."""
+    pe = rng.standard_normal((t, d)).astype(np.float32)
+    cols = (std * rng.standard_normal((n, t, r))).astype(np.float32)
+    rows = (std * rng.standard_normal((n, r, d))).astype(np.float32)
+    return write_mpt(folder, pe, cols, rows)
+
+
+def gauge_free(got: np.ndarray, pe: np.ndarray) -> np.ndarray:
+    """``got / pe`` with the scaling of rows and columns divided out: 1 everywhere when ``got`` is
+    ``pe`` times a rank-one outer product ``a b^T`` (the scaling the factors absorb)."""
+    ratio = got / pe
+    return ratio / ratio[:1, :] / ratio[:, :1] * ratio[0, 0]
+
+
 # --- the fit: the objective never increases -----------------------------------------------------------
 
 
@@ -241,11 +259,7 @@ def test_round_trip_of_zero_mean_adapters(tmp_path: Path, shape: tuple[int, int,
     more, rank R with (R+1)! - 1 or more) or by the search (rank 2 with 2 tasks) and every prompt
     comes back within 1e-5 (float32 prompts)."""
     n, t, d, r = shape
-    rng = np.random.default_rng(n * t + d)
-    pe = rng.standard_normal((t, d)).astype(np.float32)
-    cols = (std * rng.standard_normal((n, t, r))).astype(np.float32)
-    rows = (std * rng.standard_normal((n, r, d))).astype(np.float32)
-    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(n * t + d), n, t, d, r, std)
     opts = PackOptions(num_ranks=r, max_iters=1000)
     result = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=opts)
     assert result["max_relative_error"] < 1e-5, (result["start"], result["history"][-3:])
@@ -282,8 +296,7 @@ def test_recover_shared_is_p_star_up_to_row_and_column_scaling(r: int, extra: in
     p = pe * (rng.standard_normal((n, t + r, r)) @ rng.standard_normal((n, r, d + r)))
     got = recover_shared(torch.from_numpy(p), r)
     assert got is not None
-    ratio = (got.numpy() / pe).reshape(t + r, d + r)
-    scale = ratio / ratio[:1, :] / ratio[:, :1] * ratio[0, 0]  # 1 everywhere when ratio = a b^T
+    scale = gauge_free(got.numpy(), pe)
     assert (scale > 0).all() and np.abs(scale - 1).max() < 1e-2, np.abs(scale - 1).max()
     assert recover_shared(torch.from_numpy(p[:, :r, :]), r) is None  # T = R: every P* fits
     if r > 1:  # too few tasks: one at rank 2, 2 at rank 3 (more unknowns than the search takes on)
@@ -650,10 +663,7 @@ def test_the_causal_fixture_round_trips(tmp_path: Path) -> None:
 def test_two_tasks_at_rank_2_are_found_by_the_search(tmp_path: Path) -> None:
     """Two zero-mean tasks at rank 2 (no linear route: as many equations as products): the search
     finds P*, and the fit is exact, where from the mean prompt it stopped at a local minimum."""
-    rng = np.random.default_rng(0)
-    pe = rng.standard_normal((10, 16)).astype(np.float32)
-    cols, rows = (rng.standard_normal(s).astype(np.float32) for s in ((2, 10, 2), (2, 2, 16)))
-    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(0), 2, 10, 16, 2)
     report = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=2))
     assert report["start"] == "recovered" and report["max_relative_error"] < 1e-5
     prompts = torch.from_numpy(np.stack(baked(src)).astype(np.float64))
@@ -666,10 +676,7 @@ def test_a_local_minimum_with_two_tasks_at_rank_3(tmp_path: Path, seed: int) -> 
     """The README's limit of the round trip: two zero-mean tasks at rank 3 (12 unknowns, more
     than the search takes on: no recovered start) stop at a local minimum, still under the
     baseline's error."""
-    rng = np.random.default_rng(seed)
-    pe = rng.standard_normal((10, 16)).astype(np.float32)
-    cols, rows = (rng.standard_normal(s).astype(np.float32) for s in ((2, 10, 3), (2, 3, 16)))
-    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(seed), 2, 10, 16, 3)
     report = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=3))
     assert report["start"] == "baseline"
     assert 1e-3 < report["max_relative_error"] < report["max_baseline_error"]
@@ -690,8 +697,7 @@ def test_the_search_recovers_two_tasks_at_rank_2(shape: tuple[int, int], seed: i
     p = pe * (rng.standard_normal((2, t, 2)) @ rng.standard_normal((2, 2, d)))
     got = recover_shared(torch.from_numpy(p), 2)
     assert got is not None
-    ratio = got.numpy() / pe
-    scale = ratio / ratio[:1, :] / ratio[:, :1] * ratio[0, 0]  # 1 everywhere when ratio = a b^T
+    scale = gauge_free(got.numpy(), pe)
     assert (scale > 0).all() and np.abs(scale - 1).max() < 1e-4, np.abs(scale - 1).max()
     assert recover_shared(torch.from_numpy(np.ascontiguousarray(p[:, :4, :])), 2) is None
     assert recover_shared(torch.from_numpy(np.ascontiguousarray(p[:, :, :4])), 2) is None
@@ -703,11 +709,7 @@ def test_rank_3_with_few_tasks_through_the_search(tmp_path: Path, shape: tuple[i
     the search finds P* and every prompt comes back within 1e-5. (Not every adapter: the README
     has the measured count; these are four of them.)"""
     n, t, d = shape
-    rng = np.random.default_rng(n * t + d)
-    pe = rng.standard_normal((t, d)).astype(np.float32)
-    cols = (0.02 * rng.standard_normal((n, t, 3))).astype(np.float32)
-    rows = (0.02 * rng.standard_normal((n, 3, d))).astype(np.float32)
-    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(n * t + d), n, t, d, 3, 0.02)
     result = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=3))
     assert result["start"] == "recovered" and result["max_relative_error"] < 1e-5, result["history"][-3:]
 
@@ -719,10 +721,7 @@ def test_start_baseline_skips_the_recovery(tmp_path: Path, monkeypatch: pytest.M
     An unknown start is one line, exit 2 on the command line."""
     import mpt_tools.pack as pack_module
 
-    rng = np.random.default_rng(0)
-    pe = rng.standard_normal((10, 16)).astype(np.float32)
-    cols, rows = (rng.standard_normal(s).astype(np.float32) for s in ((2, 10, 2), (2, 2, 16)))
-    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(0), 2, 10, 16, 2)
     auto = run_cli("pack", "--from", src, "--num-ranks", "2", "--out", tmp_path / "auto", "--json")
     assert auto.exit_code == 0 and json.loads(auto.stdout)["start"] == "recovered"
     calls: list[int] = []
@@ -754,9 +753,7 @@ def test_wrong_signs_at_23_tasks_still_round_trip(seed: int) -> None:
     p = torch.from_numpy(pe * (rng.standard_normal((23, t, r)) @ rng.standard_normal((23, r, d))))
     got = recover_shared(p, r)
     assert got is not None
-    ratio = got.numpy() / pe
-    scale = ratio / ratio[:1, :] / ratio[:, :1] * ratio[0, 0]
-    assert np.abs(scale - 1).max() > 1  # not P* up to scaling
+    assert np.abs(gauge_free(got.numpy(), pe) - 1).max() > 1  # not P* up to scaling
     p32 = p.float().double()
     fit = als_fit(p32, r)
     assert fit.start == "recovered"
@@ -786,9 +783,7 @@ def test_a_recovery_that_gives_nothing_names_start_baseline(tmp_path: Path, monk
     base = run_cli("pack", *files, *common, "--start", "baseline", "--out", tmp_path / "base")
     report = json.loads(base.stdout)
     assert report["recover_seconds"] == 0 and not any("--start" in note for note in report["notes"])
-    pe = rng.standard_normal((8, 12)).astype(np.float32)
-    cols, rows = (rng.standard_normal(s).astype(np.float32) for s in ((2, 8, 2), (2, 2, 12)))
-    src = write_mpt(tmp_path / "src", pe, cols, rows)
+    src = zero_mean_adapter(tmp_path / "src", rng, 2, 8, 12, 2)
     exact = run_cli("pack", "--from", src, *common, "--out", tmp_path / "exact")
     report = json.loads(exact.stdout)
     assert report["start"] == "recovered" and report["recover_seconds"] > 0

@@ -715,9 +715,8 @@ def pack_cmd(
     SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
     (exact for baked rank-1 adapters, rank 2 with 2 tasks or more, rank R with (R+1)!-1 or more;
     at rank 3 with fewer, by a search that most often finds it; --start baseline skips it), on
-    the GPU when there is one;
-    the objective never increases, so the fit is never worse than the baseline. Prints each
-    task's relative error and the baseline's.
+    the GPU when there is one; the objective never increases, so the fit is never worse than the
+    baseline. Prints each task's relative error and the baseline's.
     """
     from ..pack import PackOptions, TaskSource, pack_prompts
 
