@@ -1,6 +1,7 @@
-"""Benchmark pack's recovered start where no linear route applies (issue 13's round trip): the
-search of ``mpt_tools.recover`` (2 tasks at rank 2, 3 to 22 at rank 3), against the fit from the
-mean prompt alone (``FitSettings(recover=False)``), measured in the same run on the same prompts.
+"""Benchmark pack's recovered start with few tasks (issue 13's round trip): the routes of
+``mpt_tools.recover`` that need few tasks (the pair route from 2 tasks, the kernel route from R + 1,
+and the search on prompts too small for them), against the fit from the mean prompt alone
+(``FitSettings(recover=False)``), measured in the same run on the same prompts.
 
 Each case is a set of seeded adapters: P* N(0, 1), factors N(0, 0.02) (mean zero, as PEFT
 initialises them), baked to float32 prompts; and prompts that are not of the form (N(0, 1), as
@@ -9,7 +10,7 @@ tries. Per case: how many adapters come back within 1e-5 relative error (every t
 median time of the whole fit (``als_fit``, float64, torch's default threads), with and without the
 recovered start.
 
-    python benchmarks/bench_recover.py            # about 8 minutes on 2 cores
+    python benchmarks/bench_recover.py            # about 6 minutes on 2 cores
     python benchmarks/bench_recover.py --quick    # 2 adapters per case, small shapes
 """
 
@@ -31,12 +32,21 @@ from bench_verify import fmt_s, machine  # noqa: E402
 
 # (label, tasks, T, d, rank, adapters, of the form)
 FULL = [
-    ("2 tasks, rank 2, [20, 64]", 2, 20, 64, 2, 10, True),
-    ("2 tasks, rank 2, [100, 4096]", 2, 100, 4096, 2, 3, True),
-    ("3 tasks, rank 3, [40, 40]", 3, 40, 40, 3, 5, True),
-    ("5 tasks, rank 3, [40, 40]", 5, 40, 40, 3, 10, True),
-    ("2 random prompts, rank 2, [20, 64]", 2, 20, 64, 2, 3, False),
-    ("5 random prompts, rank 3, [20, 64]", 5, 20, 64, 3, 3, False),
+    ("2 tasks, rank 2, [20, 64] (pair route)", 2, 20, 64, 2, 10, True),
+    ("2 tasks, rank 2, [100, 4096] (pair route)", 2, 100, 4096, 2, 3, True),
+    ("2 tasks, rank 3, [40, 40] (pair route)", 2, 40, 40, 3, 10, True),
+    ("3 tasks, rank 3, [40, 40] (pair route)", 3, 40, 40, 3, 10, True),
+    ("2 tasks, rank 4, [20, 256] (pair route)", 2, 20, 256, 4, 5, True),
+    ("2 tasks, rank 5, [16, 1024] (pair route)", 2, 16, 1024, 5, 3, True),
+    ("5 tasks, rank 3, [40, 40] (kernel route)", 5, 40, 40, 3, 10, True),
+    ("5 tasks, rank 4, [20, 256] (kernel route)", 5, 20, 256, 4, 5, True),
+    ("6 tasks, rank 5, [16, 1024] (kernel route)", 6, 16, 1024, 5, 3, True),
+    ("2 tasks, rank 2, [5, 64] (search)", 2, 5, 64, 2, 10, True),
+    ("3 tasks, rank 3, [12, 20] (search)", 3, 12, 20, 3, 10, True),
+    ("2 random prompts, rank 2, [20, 64] (pair route)", 2, 20, 64, 2, 3, False),
+    ("3 random prompts, rank 3, [20, 64] (pair route)", 3, 20, 64, 3, 3, False),
+    ("5 random prompts, rank 3, [20, 64] (kernel route)", 5, 20, 64, 3, 3, False),
+    ("3 random prompts, rank 3, [12, 20] (search)", 3, 12, 20, 3, 3, False),
 ]
 QUICK = [(label, n, min(t, 20), min(d, 64), r, 2, form) for label, n, t, d, r, _, form in FULL[::2]]
 
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cases = QUICK if args.quick else FULL
     lines = [
-        "## pack's recovered start where no linear route applies (the search)",
+        "## pack's recovered start with few tasks (pair route, kernel route, search)",
         "",
         f"Machine: {machine()}. `benchmarks/bench_recover.py`{' --quick' if args.quick else ''}. Zero-mean",
         "adapters (factors N(0, 0.02)) baked to float32, and prompts that are not of the form (N(0, 1)).",

@@ -33,7 +33,20 @@ taken as unknowns of their own, one homogeneous system over a few rows and colum
 values as its only null vector (from 3 tasks on; with 2 tasks there are as many equations as
 products, never enough).
 
-Where neither applies (2 tasks at rank 2, 3 to 22 at rank 3), step 1 is a search instead
+At rank R >= 3 with R + 1 tasks or more, where T or d is at least (R+1)! + :data:`KERNEL_MARGIN`
+(32 at rank 3, 128 at rank 4, 728 at rank 5, 5048 at rank 6), step 1 takes the kernel route
+(:func:`_kernels_cross`): the same (R+1)! monomials, but of the left null vectors of R + 1 tasks'
+pivot rows, with the columns as equations instead of the tasks, so R + 1 tasks suffice (the rows
+as equations, on the transpose, where d is the small side).
+
+From 2 tasks at ranks 2 to :data:`PAIR_MAX_RANK`, where T or d is at least C(2R, R) +
+:data:`PAIR_MARGIN` and the other 2R + 2, step 1 takes the pair route (:func:`_pair_cross`): on 2R
+pivot rows each of two tasks has R left null vectors, and the Laplace expansion of one 2R x 2R
+determinant per column is linear in the C(2R, R) products of their minors; the null vectors follow
+from those by quadratics (:func:`_pair_candidates`).
+
+Where none applies (prompts smaller than those: 2 tasks at rank 2 under 6 x 14, 3 to 22 at rank 3
+under 8 x 28), step 1 is a search instead
 (:func:`_searched_cross`): ``L`` on the pivot rows and a few columns ``C`` is a handful of numbers
 (4 at rank 2 with 2 tasks, 6 or 8 at rank 3), because every other row's ``L[t, C]`` then follows by
 least squares (``L[t, C] * P_k[t, C]`` lies in the row space of ``L[I0, C] * P_k[I0, C]`` for every
@@ -42,24 +55,27 @@ the one where all rows fit. Then each column's ``L[S, j]`` on a few rows ``S`` (
 column spaces), and step 2.
 
 So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
-or more, and rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4); the search
-found it for 2 tasks at rank 2 in every case measured, and at rank 3 with fewer tasks in most
-(the README has the counts). Otherwise (rank 3 with 2 tasks, rank 4 with fewer than 119: more
-unknowns than the search takes on), or where the prompts are not of that form,
+or more, rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4), rank R >= 3 with
+R + 1 tasks or more on prompts with (R+1)! + 8 rows or columns, and ranks 2 to 5 with 2 tasks or
+more on prompts of C(2R, R) + 8 by 2R + 2; the search found it for 2 tasks at rank 2 in every case
+measured, and at rank 3 with fewer tasks in most (the README has the counts). Otherwise (smaller
+prompts, rank 6 with 6 tasks or fewer, rank 7 and up), or where the prompts are not of that form,
 :func:`recover_shared` returns ``None`` or a start whose objective pack compares with the
 baseline's; it iterates from the better of the two.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
 
 import numpy as np
 
-MAX_RANK = 4
-"""Step 1's system has (R+1)! columns (120 at rank 4); above this rank it is not tried."""
+MAX_RANK = 6
+"""The linear systems have (R+1)! columns (5040 at rank 6, whose kernel route needs d >= 5048 and
+took 13 s at [10, 5100]; rank 7's would need 40328 columns); above this rank nothing is tried."""
 BLOCK_VALUES = 1 << 22
 """Step 1 works on chunks of blocks holding at most this many ``[N, (R+1)!]`` values."""
 
@@ -470,12 +486,8 @@ def _searched_core(p: Any, rank: int, rows: list[int], cols: list[int]) -> tuple
 
 def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
     """``L`` on every row of the first ``c`` pivot columns and every column of a few pivot rows
-    (what step 2 needs), from the core of :func:`_searched_core`: each row ``t`` fits its
-    ``L[t, C]`` to the core's row space (``L[t, j1] = 1``), then each column ``j`` its ``L[S, j]``
-    to the column space of the rows ``S`` on ``C`` (``L[i1, j] = 1``), both linear."""
-    import torch
-
-    t, d = p.shape[1:]
+    (what step 2 needs), from the best core of :func:`_searched_core` over up to
+    :data:`SEARCH_TRIES` sets of columns (:func:`_spread`)."""
     c = _search_shape(p.shape[0], rank)[0]
     best: tuple[Any, float, list[int]] | None = None
     for a in range(SEARCH_TRIES):  # the gauge column, then c - 1 more: the next ones each try
@@ -489,7 +501,19 @@ def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any 
             break
     if best is None:
         return None
-    core, _cost, picked = best
+    return _spread(p, rank, rows, cols, best[0], best[2])
+
+
+def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, picked: list[int]) -> Any:
+    """``L`` on every row of the first ``c`` pivot columns and every column of a few pivot rows
+    (what step 2 needs), from ``L`` on the pivot rows and the ``c`` columns ``picked`` (``core``,
+    [R, c]): each row ``t`` fits its ``L[t, picked]`` to the core's row space
+    (``L[t, picked[0]] = 1``), then each column ``j`` its ``L[S, j]`` to the column space of a few
+    rows ``S`` on ``picked`` (``L[i1, j] = 1``), both linear."""
+    import torch
+
+    t, d = p.shape[1:]
+    c = len(picked)
     lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
     piv = torch.tensor(rows[:rank], device=p.device)
     cs = torch.tensor(picked, device=p.device)
@@ -503,9 +527,355 @@ def _searched_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any 
     for a in range(0, len(rest), 1024):
         js = torch.tensor(rest[a : a + 1024], device=p.device)
         lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), 0)[0].T
-    if picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them too
-        _fill_rows(p, lam, rows[:rank], [i for i in range(t) if i not in set(s_rows.tolist())], cols[:c])
+    others = [i for i in range(t) if i not in set(s_rows.tolist())]
+    if others and picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them
+        # too, to the rank-R row space of all the rows S there (R rows alone gave some rows 100% off)
+        first = torch.tensor(cols[:c], device=p.device)
+        block = p[:, s_rows][:, :, first] * lam[s_rows[:, None], first[None, :]]
+        space = torch.linalg.svd(block, full_matrices=False)[2][:, :rank]  # [N, R, c]
+        rest_rows = torch.tensor(others, device=p.device)
+        lam[rest_rows[:, None], first[None, :]] = _row_fit(space, p[:, rest_rows][:, :, first], 0)[0]
     return lam
+
+
+KERNEL_MARGIN = 8
+"""The kernel route (:func:`_kernels_cross`) takes at least (R+1)! + this many equations (columns):
+32 at rank 3, 128 at rank 4, 728 at rank 5. (Float32 prompts at rank 5 with 6 tasks, 728 to 1024
+columns: 16 of 16 adapters round-trip. Without :func:`_refined_kernels`, 728 and 760 columns gave
+starts off by factors of 100 and more in 4 of 6.)"""
+
+
+KERNEL_STEPS = 4
+"""Gauss-Newton steps that refine the ``c_k`` of the kernel route on its own system. From the
+monomials' ratios they came out 1.3% off in an adapter of float32 prompts (rank 3, 4 tasks) and its
+columns' ``L`` up to 13%; after 2 steps, 0.15% and 3e-6."""
+
+
+def _refined_kernels(even: Any, kernels: Any) -> Any:
+    """The ``c_k`` (``kernels`` [task, row], first row and column 1) refined by Gauss-Newton on the
+    kernel route's system ``A y(c) = 0`` (``even`` [task, row, d]; ``y_pi = prod_k c_k[pi(k)]``),
+    over the entries that are not 1; a step is kept only where it lowers ``|A y| / |y|``. The
+    ratios of the null vector's monomials weigh the small ones, whose relative error is large, as
+    much as the rest; this weighs each equation's residual alike."""
+    import torch
+
+    m = kernels.shape[0]
+    perms, signs = _permutations(m)
+    index = torch.tensor(perms, device=even.device)  # [m!, m]: perm[k] = the row task k takes
+    sign = torch.tensor(signs, dtype=even.dtype, device=even.device)
+    tasks = torch.arange(m, device=even.device)
+    system = sign[None, :] * even[tasks[None, :], index, :].prod(1).T  # [d, m!]
+    free = [(k, q) for k in range(1, m) for q in range(1, m)]
+    hits = torch.stack([(index[:, k] == q) for k, q in free], dim=1).to(even.dtype)  # [m!, u]
+
+    def measure(c: Any) -> tuple[Any, Any, float]:
+        y = c[tasks[None, :], index].prod(1)  # [m!]
+        res = system @ y
+        return y, res, float(res.norm() / y.norm().clamp_min(torch.finfo(even.dtype).tiny))
+
+    c = kernels.clone()
+    y, res, cost = measure(c)
+    for _ in range(KERNEL_STEPS):
+        at = torch.stack([c[k, q] for k, q in free])
+        jac = system @ (hits * y[:, None] / at[None, :])  # d y / d c[k, q] = y / c[k, q] where pi(k) = q
+        step = torch.linalg.lstsq(jac, -res[:, None]).solution[:, 0]
+        moved = c.clone()
+        for (k, q), s in zip(free, step, strict=True):
+            moved[k, q] = c[k, q] + s
+        if not bool(torch.isfinite(moved).all()):
+            break
+        y_new, res_new, new = measure(moved)
+        if not new < cost:
+            break
+        c, y, res, cost = moved, y_new, res_new, new
+    return c
+
+
+DISTINCT_FROM = 16
+"""The kernel and pair routes take their tasks among the first this many: those least alike."""
+
+
+def _distinct_tasks(p: Any, k: int) -> list[int] | None:
+    """``k`` tasks among the first :data:`DISTINCT_FROM`, least alike: task 0, then each time the
+    one whose largest |cosine| with those taken is smallest; ``None`` if two of them are equal up
+    to a factor (a task packed twice), which leaves the routes' systems no single null vector."""
+    import torch
+
+    first = p[: max(k, min(len(p), DISTINCT_FROM))].reshape(-1, p.shape[1] * p.shape[2])
+    unit = first / torch.linalg.vector_norm(first, dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    alike = (unit @ unit.T).abs()
+    taken = [0]
+    while len(taken) < k:
+        worst = alike[:, taken].max(1).values
+        worst[taken] = math.inf
+        taken.append(int(torch.argmin(worst)))
+        if float(worst[taken[-1]]) > 1 - 1e-12:
+            return None
+    return taken
+
+
+def _kernels_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
+    """``L`` on the pivot rows and a few columns, from R + 1 tasks with the columns as equations
+    (d >= (R+1)! - 1), then spread to what step 2 needs (:func:`_spread`).
+
+    With ``I = rows[:R+1]``, each ``L[I, :] * P_k[I, :]`` (R + 1 rows of rank R) has a left null
+    vector ``c_k``, so column ``j``'s unknowns ``L[I, j]`` are orthogonal to ``P_k[I, j] * c_k`` for
+    every task: those R + 1 vectors are dependent, and their determinant, a sum over the
+    permutations ``pi`` of ``sign(pi) prod_k P_k[I[pi(k)], j] c_k[pi(k)]``, vanishes. It is linear
+    in the (R+1)! monomials ``prod_k c_k[pi(k)]``, one equation per column: the null vector of that
+    d x (R+1)! system gives them, and the ``c_k`` follow from their ratios (:func:`_block_values`,
+    the same monomials as step 1's). Then ``L[I, j]`` is the left null vector of
+    ``[P_k[I, j] * c_k]_k``: R + 1 equations for R unknowns, which some columns pin down poorly (in
+    float32, 1 in 200 random adapters had columns off by 100%), so only the ``2R + 4`` columns whose
+    matrix is farthest from a second null vector are kept, and the rest is fitted over more rows.
+    ``None`` where a value comes out infinite."""
+    import torch
+
+    m = rank + 1
+    piv = torch.tensor(rows[:m], device=p.device)
+    tasks = _distinct_tasks(p, m)
+    if tasks is None:
+        return None
+    pk = p[tasks][:, piv, :]  # [m tasks, m rows, d]
+    # one equation per column; each term has one factor from every task and every row, so scaling a
+    # column's block scales its equation: to rms 1, so that float32 round-off weighs alike in each
+    size = pk.square().mean((0, 1)).sqrt()
+    even = pk / torch.where(size > 0, size, torch.ones_like(size))
+    kernels = _block_values(even.permute(2, 0, 1)[None])[0]  # [task, row]: c_k up to scalings
+    if not bool(torch.isfinite(kernels).all()):
+        return None
+    kernels = _refined_kernels(even, kernels)
+    per_col = pk.permute(2, 1, 0) * kernels.T[None]  # [d, row, task]
+    core, picked = _columns_core(per_col, rank)
+    if core is None:
+        return None
+    return _spread(p, rank, rows, cols, core, picked)
+
+
+def _columns_core(per_col: Any, rank: int) -> tuple[Any | None, list[int]]:
+    """From each column's matrix ``[d, m, e]`` whose left null vector is ``L[I, j]`` (``I``: m
+    pivot rows), ``L`` on the first R of them and the ``2R + 4`` columns whose matrix is farthest
+    from a second null vector (``L[i1, j] = 1``), and those columns; ``None`` if not finite. Each
+    matrix has its rows and columns scaled to rms 1 first, which keeps its left null vector up to
+    the rows' scales (undone after): its singular values then measure the data, not the scalings
+    (the kernels can span 10 orders of magnitude). The null vector solves m - 1 unknowns from e
+    equations, e = m at the kernel route's and the pair route's fewest tasks, which some columns
+    pin down poorly (in float32, 1 in 200 random adapters had columns off by 100%)."""
+    import torch
+
+    d, m, _e = per_col.shape
+    tiny = torch.finfo(per_col.dtype).tiny
+    rows_scale = torch.ones(d, m, 1, dtype=per_col.dtype, device=per_col.device)
+    for _ in range(3):
+        by_row = per_col.square().mean(2, keepdim=True).sqrt().clamp_min(tiny)
+        per_col, rows_scale = per_col / by_row, rows_scale / by_row
+        per_col = per_col / per_col.square().mean(1, keepdim=True).sqrt().clamp_min(tiny)
+    u, s, _ = torch.linalg.svd(per_col)
+    null = u[:, :, -1] * rows_scale[:, :, 0]  # [d, m]: L[I, j] up to scale
+    score = torch.nan_to_num(s[:, -2] / s[:, 0].clamp_min(tiny), nan=0.0)
+    picked = torch.argsort(score, descending=True, stable=True)[: min(d, 2 * rank + 4)].tolist()
+    core = null[picked][:, :rank].T  # [R, c]: rows I[:R]
+    core = core / core[:1]  # L[i1, j] = 1
+    # and each row to rms 1 (a row's scale is free; the null vectors' can be 1e-8 apart, which
+    # leaves the row space to the fits' damping)
+    core = core / core.square().mean(1, keepdim=True).sqrt().clamp_min(tiny)
+    return (core if bool(torch.isfinite(core).all()) else None), picked
+
+
+PAIR_MARGIN = 8
+"""The pair route (:func:`_pair_cross`) takes at least C(2R, R) + this many equations (columns):
+14 at rank 2, 28 at rank 3, 78 at rank 4, 260 at rank 5."""
+PAIR_MAX_RANK = 5
+"""... and ranks up to this: it tries every root of (R-1)^2 quadratics, 2^16 combinations at rank 5
+(2^25 at rank 6)."""
+PAIR_SHORTLIST = 64
+"""... and the combinations it scores on every monomial, those that come closest on the products of
+2 x 2 minors first (at rank 5, 2^16 combinations on all 252 monomials took 8 s)."""
+PAIR_KEEP = 4
+"""... and the combinations whose monomials come closest that it fits to more rows (the true one
+and its mirror image fit the monomials alike; the other rows tell them apart)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_terms(rank: int) -> tuple[list[tuple[int, ...]], list[list[int]], list[int]]:
+    """The R-subsets ``S`` of ``range(2R)``, their complements and the signs of the Laplace
+    expansion of a 2R x 2R determinant along its first R columns."""
+    subsets = list(itertools.combinations(range(2 * rank), rank))
+    rest = [[i for i in range(2 * rank) if i not in s] for s in subsets]
+    signs = [(-1) ** (sum(s) - sum(range(rank))) for s in subsets]
+    return subsets, rest, signs
+
+
+def _pair_monomials(x: Any, y: Any, rank: int) -> Any:
+    """``w_S = det K1[S] det K2[S^c]`` for every R-subset ``S``, with ``K1 = [I; x]`` and
+    ``K2 = [y; I]`` (``x``, ``y``: [..., R, R]): [..., C(2R, R)]."""
+    import torch
+
+    eye = torch.eye(rank, dtype=x.dtype, device=x.device).expand(x.shape)
+    k1, k2 = torch.cat([eye, x], -2), torch.cat([y, eye], -2)
+    subsets, rest, _signs = _pair_terms(rank)
+    top = torch.tensor(subsets, device=x.device)  # [C, R]
+    bottom = torch.tensor(rest, device=x.device)
+    return _det(k1[..., top, :]) * _det(k2[..., bottom, :])  # [..., C, R, R] -> [..., C]
+
+
+def _pair_candidates(w: Any, rank: int) -> Any | None:
+    """From the monomials ``w`` (up to one factor), the pairs ``(x, y)`` [K, 2, R, R] of
+    :func:`_pair_monomials` that come closest to them, best first (``x`` with its first row and
+    column 1: the scaling of the pivot rows). With ``w`` scaled so that ``w_top = 1``, the subsets
+    that swap one row give the products ``E[b, a] = x[b, a] y[a, b]``, and those that swap two,
+    rows ``0, b`` and columns ``0, a``, a quadratic in ``x[b, a]`` whose two roots are the only
+    candidates; every combination of roots is tried."""
+    import torch
+
+    subsets, _rest, _signs = _pair_terms(rank)
+    index = {s: i for i, s in enumerate(subsets)}
+    top = index[tuple(range(rank))]
+    if not float(w[top]) or not bool(torch.isfinite(w).all()):
+        return None
+    w = w / w[top]
+
+    def subset(removed: list[int], added: list[int]) -> int:
+        return index[tuple(sorted([i for i in range(rank) if i not in removed] + [rank + b for b in added]))]
+
+    # the signs that relate w_S to the minors of x and y, from any x and y with nonzero minors
+    gen = torch.Generator().manual_seed(SEARCH_SEED)
+    xr = torch.randn(rank, rank, generator=gen, dtype=w.dtype).to(w.device)
+    yr = torch.randn(rank, rank, generator=gen, dtype=w.dtype).to(w.device)
+    wr = _pair_monomials(xr, yr, rank)
+    prod = torch.zeros(rank, rank, dtype=w.dtype, device=w.device)  # E[b, a]
+    for a in range(rank):
+        for b in range(rank):
+            i = subset([a], [b])
+            prod[b, a] = w[i] * torch.sign(wr[i] * xr[b, a] * yr[a, b])
+    keys, roots = [], []
+    for b in range(1, rank):
+        for a in range(1, rank):
+            i = subset([0, a], [0, b])
+            minors = _det(xr[[0, b]][:, [0, a]]) * _det(yr[[0, a]][:, [0, b]])
+            value = w[i] * torch.sign(wr[i] * minors)
+            # (x - 1)(E00 E_ba / x - E_b0 E_0a) = value, times x: a quadratic in x = x[b, a]
+            qa = -prod[b, 0] * prod[0, a]
+            qb = prod[0, 0] * prod[b, a] + prod[b, 0] * prod[0, a] - value
+            qc = -prod[0, 0] * prod[b, a]
+            root = (qb * qb - 4 * qa * qc).clamp_min(0).sqrt()
+            keys.append((b, a))
+            roots.append(torch.stack([(-qb + root) / (2 * qa), (-qb - root) / (2 * qa)]))
+    choice = torch.tensor(list(itertools.product((0, 1), repeat=len(keys))), device=w.device)  # [K, u]
+    x = torch.ones(len(choice), rank, rank, dtype=w.dtype, device=w.device)
+    for u, (b, a) in enumerate(keys):
+        x[:, b, a] = roots[u][choice[:, u]]
+    y = (prod / x).transpose(1, 2)  # y[a, b] = E[b, a] / x[b, a]
+    if rank > 2:  # first on every subset that swaps two rows (2 x 2 minors: cheap), then on all
+        pairs = [(a, b) for a in itertools.combinations(range(rank), 2) for b in itertools.combinations(range(rank), 2)]
+        a1, a2, b1, b2 = (torch.tensor([q[i][j] for q in pairs], device=w.device) for i in (0, 1) for j in (0, 1))
+        index2 = torch.tensor([subset(list(a), list(b)) for a, b in pairs], device=w.device)
+        sign2 = torch.sign(wr[index2] * (xr[b1, a1] * xr[b2, a2] - xr[b1, a2] * xr[b2, a1]))
+        sign2 = sign2 * (yr[a1, b1] * yr[a2, b2] - yr[a1, b2] * yr[a2, b1]).sign()
+        minors = (x[:, b1, a1] * x[:, b2, a2] - x[:, b1, a2] * x[:, b2, a1]) * (
+            y[:, a1, b1] * y[:, a2, b2] - y[:, a1, b2] * y[:, a2, b1]
+        )
+        cheap = torch.nan_to_num((minors * sign2 - w[index2]).square().sum(-1), nan=math.inf)
+        kept = torch.argsort(cheap)[:PAIR_SHORTLIST]
+        x, y = x[kept], y[kept]
+    cost = torch.nan_to_num((_pair_monomials(x, y, rank) - w).square().sum(-1), nan=math.inf)
+    order = torch.argsort(cost)[:PAIR_KEEP]
+    order = order[torch.isfinite(cost[order])]
+    return torch.stack([x[order], y[order]], 1) if len(order) else None
+
+
+def _refined_pair(system: Any, x: Any, y: Any, rank: int) -> Any:
+    """``(x, y)`` [2, R, R] refined by Gauss-Newton on the pair route's system ``A w(x, y) = 0``
+    (``x``'s first row and column stay 1), as :func:`_refined_kernels` does for the kernel route;
+    a step is kept only where it lowers ``|A w| / |w|``."""
+    import torch
+    from torch.func import jacfwd
+
+    k = (rank - 1) ** 2
+
+    def unpack(v: Any) -> tuple[Any, Any]:
+        inner = torch.cat([x[1:, :1], v[:k].reshape(rank - 1, rank - 1)], 1)
+        return torch.cat([x[:1], inner], 0), v[k:].reshape(rank, rank)
+
+    def residual(v: Any) -> Any:
+        xs, ys = unpack(v)
+        return system @ _pair_monomials(xs, ys, rank)
+
+    def cost(v: Any) -> float:
+        xs, ys = unpack(v)
+        w = _pair_monomials(xs, ys, rank)
+        return float((system @ w).norm() / w.norm().clamp_min(torch.finfo(w.dtype).tiny))
+
+    v = torch.cat([x[1:, 1:].reshape(-1), y.reshape(-1)])
+    best = cost(v)
+    for _ in range(KERNEL_STEPS):
+        try:
+            step = torch.linalg.lstsq(jacfwd(residual)(v), -residual(v)[:, None]).solution[:, 0]
+        except RuntimeError:
+            break
+        moved = v + step
+        new = cost(moved) if bool(torch.isfinite(moved).all()) else math.inf
+        if not new < best:
+            break
+        v, best = moved, new
+    return torch.stack(unpack(v))
+
+
+def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
+    """``L`` on the pivot rows and a few columns from 2 tasks, with the columns as equations
+    (d >= C(2R, R) + :data:`PAIR_MARGIN`), then spread to what step 2 needs (:func:`_spread`).
+
+    With ``I = rows[:2R]``, each of the two tasks' ``L[I, :] * P_k[I, :]`` (2R rows of rank R) has
+    R left null vectors, the columns of ``K_k`` [2R, R], so column ``j``'s unknowns ``L[I, j]``
+    are orthogonal to the 2R columns of ``[P_1[I, j] * K_1 | P_2[I, j] * K_2]``: its determinant
+    vanishes. Expanded along the first R columns (Laplace), it is linear in the C(2R, R) monomials
+    ``det K_1[S] det K_2[S^c]`` (20 at rank 3, 70 at rank 4): their null vector, then ``K_1`` and
+    ``K_2`` from them (:func:`_pair_candidates`), then ``L[I, j]`` as each column's left null
+    vector (:func:`_columns_core`). The candidates that fit the monomials best are told apart by
+    how well the next rows fit the core's row space, as the search's are."""
+    import torch
+
+    t = p.shape[1]
+    m = 2 * rank
+    piv = torch.tensor(rows[:m], device=p.device)
+    tasks = _distinct_tasks(p, 2)
+    if tasks is None:
+        return None
+    pk = p[tasks][:, piv, :]  # [2 tasks, 2R rows, d]
+    size = pk.square().mean((0, 1)).sqrt()  # each term has one factor from every row: as in the kernel route
+    even = pk / torch.where(size > 0, size, torch.ones_like(size))
+    subsets, rest, signs = _pair_terms(rank)
+    system = torch.stack(
+        [sign * even[0, list(s)].prod(0) * even[1, c].prod(0) for s, c, sign in zip(subsets, rest, signs, strict=True)],
+        1,
+    )  # [d, C(2R, R)]
+    scale = torch.linalg.vector_norm(system, dim=0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    w = torch.linalg.svd(system / scale, full_matrices=False)[2][-1] / scale
+    found = _pair_candidates(w, rank)
+    if found is None:
+        return None
+    found = torch.stack([_refined_pair(system, x, y, rank) for x, y in found])
+    eye = torch.eye(rank, dtype=p.dtype, device=p.device)
+    extra = rows[m : m + min(t - m, SEARCH_ROWS)]
+    best: tuple[float, Any, list[int]] | None = None
+    for x, y in found:
+        k1, k2 = torch.cat([eye, x]), torch.cat([y, eye])
+        per_col = torch.cat([pk[0].T[:, :, None] * k1[None], pk[1].T[:, :, None] * k2[None]], 2)  # [d, 2R, 2R]
+        core, picked = _columns_core(per_col, rank)
+        if core is None:
+            continue
+        cs = torch.tensor(picked, device=p.device)
+        block = p[:, rows[:rank]][:, :, cs]
+        norm = block.square().mean((1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
+        fixed_at = torch.arange(len(extra), device=p.device) % len(picked)
+        misfit = _row_fit(block / norm * core, p[:, extra][:, :, cs] / norm, fixed_at)[1]
+        cost = float(misfit.square().mean())
+        if math.isfinite(cost) and (best is None or cost < best[0]):
+            best = (cost, core, picked)
+    if best is None:
+        return None
+    return _spread(p, rank, rows, cols, best[1], best[2])
 
 
 def _fill_rows(p: Any, lam: Any, core_rows: list[int], others: list[int], cols: list[int]) -> None:
@@ -521,39 +891,65 @@ def _fill_rows(p: Any, lam: Any, core_rows: list[int], others: list[int], cols: 
     lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], 0)[0]
 
 
+def _oriented(route: Any, p: Any, rank: int, rows: list[int], cols: list[int], columns: bool) -> Any | None:
+    """``route(p, rank, rows, cols)`` with the columns as its equations, or (``columns`` false)
+    the same on the transpose, the rows as its equations, transposed back."""
+    if columns:
+        return route(p, rank, rows, cols)
+    got = route(p.transpose(1, 2), rank, cols, rows)
+    return None if got is None else got.T.contiguous()
+
+
 def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | None:
     """``P*`` for prompts ``[N, T, d]`` (float64 torch) that are exactly ``P* * (U_k @ V_k)`` at
     rank ``rank``, up to the scaling of its rows and columns that the factors absorb (see the
     module docstring); ``None`` where the method does not apply (rank >= min(T, d): any ``P*``
-    fits; one task at rank 2 or more; rank 3 with 2 tasks and rank 4 with fewer than 119: too many
-    unknowns for the search; rank above :data:`MAX_RANK`; prompts too small for the search) or
-    gives no finite answer. Work arrays are ``[chunk, T, d]`` (tasks per chunk; default all)."""
+    fits; one task at rank 2 or more; prompts smaller than every route takes, see the module
+    docstring; rank above :data:`MAX_RANK`) or gives no finite answer. Work arrays are
+    ``[chunk, T, d]`` (tasks per chunk; default all)."""
     import torch
 
     n, t, d = prompts.shape
     # rank 2: the lifted route up to LIFT_TASKS tasks (the monomial one at 5 tasks solves an N x 6
     # null space, at times ill-conditioned), the monomial one beyond
     lifted = rank == 2 and 3 <= n <= LIFT_TASKS
-    linear = rank == 1 or lifted or n >= math.factorial(rank + 1) - 1
-    searched = not linear and n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
-    if rank >= min(t, d) or rank > MAX_RANK or not (linear or searched):
+    need = math.factorial(rank + 1) + KERNEL_MARGIN
+    kernels = rank >= 3 and n >= rank + 1 and max(t, d) >= need
+    monomial = rank >= 2 and n >= math.factorial(rank + 1) - 1
+    pair_need = math.comb(2 * rank, rank) + PAIR_MARGIN
+    paired = (
+        n >= 2
+        and not monomial
+        and 2 <= rank <= PAIR_MAX_RANK
+        and ((d >= pair_need and t >= 2 * rank + 2) or (t >= pair_need and d >= 2 * rank + 2))
+    )
+    searched = n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
+    if rank >= min(t, d) or rank > MAX_RANK or not (rank == 1 or lifted or kernels or paired or monomial or searched):
         return None
     p = prompts
     rows, cols = _pivots(p)
     piv_r, piv_c = rows[:rank], cols[:rank]
     t0, j0 = rows[rank], cols[rank]
     lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
-    if lifted or not linear:
-        crossed = _rank2_cross(p, rows, cols) if lifted else None
-        if lifted and crossed is None:  # too few columns for the lifted system: the same on the transpose
-            crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
-            crossed = None if crossed_t is None else crossed_t.T.contiguous()
-        if crossed is None:  # no linear route, or the lifted one found nothing: the search
+    if lifted or kernels or paired or (rank > 1 and not monomial):
+        crossed = None
+        if lifted:
+            crossed = _rank2_cross(p, rows, cols)
+            if crossed is None:  # too few columns for the lifted system: the same on the transpose
+                crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
+                crossed = None if crossed_t is None else crossed_t.T.contiguous()
+        if crossed is None and kernels:  # the columns as equations, or the rows, on the transpose
+            crossed = _oriented(_kernels_cross, p, rank, rows, cols, d >= need)
+        if crossed is None and paired:  # (also where the kernel route's tasks were not distinct)
+            crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank + 2)
+        if crossed is None and searched and not monomial:  # no linear route, or it found nothing
             crossed = _searched_cross(p, rank, rows, cols)
-        if crossed is None:
+        if crossed is None and not monomial:
             return None
-        lam = crossed
-    elif rank > 1:
+        if crossed is not None:
+            lam = crossed
+            monomial = False
+    if monomial:
         other_c = [j for j in range(d) if j not in piv_c]
         other_r = [i for i in range(t) if i not in piv_r]
         # the pivot rows, every column: blocks I0 + [t0] x J0 + [j]
