@@ -41,7 +41,7 @@ FULL = [
     ("5 tasks, rank 3, [40, 40] (kernel route)", 5, 40, 40, 3, 10, True),
     ("5 tasks, rank 4, [20, 256] (kernel route)", 5, 20, 256, 4, 5, True),
     ("6 tasks, rank 5, [16, 1024] (kernel route)", 6, 16, 1024, 5, 3, True),
-    ("2 tasks, rank 2, [5, 64] (search)", 2, 5, 64, 2, 10, True),
+    ("2 tasks, rank 2, [6, 6] (search)", 2, 6, 6, 2, 10, True),
     ("3 tasks, rank 3, [12, 20] (search)", 3, 12, 20, 3, 10, True),
     ("2 random prompts, rank 2, [20, 64] (pair route)", 2, 20, 64, 2, 3, False),
     ("3 random prompts, rank 3, [20, 64] (pair route)", 3, 20, 64, 3, 3, False),

@@ -34,7 +34,7 @@ values as its only null vector (from 3 tasks on; with 2 tasks there are as many 
 products, never enough).
 
 At rank R >= 3 with R + 1 tasks or more, where T or d is at least (R+1)! + :data:`KERNEL_MARGIN`
-(32 at rank 3, 128 at rank 4, 728 at rank 5, 5048 at rank 6), step 1 takes the kernel route
+(26 at rank 3, 122 at rank 4, 722 at rank 5, 5042 at rank 6), step 1 takes the kernel route
 (:func:`_kernels_cross`): the same (R+1)! monomials, but of the left null vectors of R + 1 tasks'
 pivot rows, with the columns as equations instead of the tasks, so R + 1 tasks suffice (the rows
 as equations, on the transpose, where d is the small side).
@@ -45,8 +45,8 @@ pivot rows each of two tasks has R left null vectors, and the Laplace expansion 
 determinant per column is linear in the C(2R, R) products of their minors; the null vectors follow
 from those by quadratics (:func:`_pair_candidates`).
 
-Where none applies (prompts smaller than those: 2 tasks at rank 2 under 4 x 14, 3 to 22 at rank 3
-under 6 x 28), step 1 is a search instead
+Where none applies (prompts smaller than those: 2 tasks at rank 2 under 4 x 7, 3 to 22 at rank 3
+under 6 x 21), step 1 is a search instead
 (:func:`_searched_cross`): ``L`` on the pivot rows and a few columns ``C`` is a handful of numbers
 (4 at rank 2 with 2 tasks, 6 or 8 at rank 3), because every other row's ``L[t, C]`` then follows by
 least squares (``L[t, C] * P_k[t, C]`` lies in the row space of ``L[I0, C] * P_k[I0, C]`` for every
@@ -56,8 +56,8 @@ column spaces), and step 2.
 
 So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
 or more, rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4), rank R >= 3 with
-R + 1 tasks or more on prompts with (R+1)! + 8 rows or columns, and ranks 2 to 5 with 2 tasks or
-more on prompts of C(2R, R) + 8 by 2R; the search found it for 2 tasks at rank 2 in every case
+R + 1 tasks or more on prompts with (R+1)! + 2 rows or columns, and ranks 2 to 5 with 2 tasks or
+more on prompts of C(2R, R) + 1 by 2R; the search found it for 2 tasks at rank 2 in every case
 measured, and at rank 3 with fewer tasks in most (the README has the counts). Otherwise (smaller
 prompts, rank 6 with 6 tasks or fewer, rank 7 and up), or where the prompts are not of that form,
 :func:`recover_shared` returns ``None`` or a start whose objective pack compares with the
@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 MAX_RANK = 6
-"""The linear systems have (R+1)! columns (5040 at rank 6, whose kernel route needs d >= 5048 and
+"""The linear systems have (R+1)! columns (5040 at rank 6, whose kernel route needs d >= 5042 and
 took 13 s at [10, 5100]; rank 7's would need 40328 columns); above this rank nothing is tried."""
 BLOCK_VALUES = 1 << 22
 """Step 1 works on chunks of blocks holding at most this many ``[N, (R+1)!]`` values."""
@@ -553,11 +553,12 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
     return lam
 
 
-KERNEL_MARGIN = 8
-"""The kernel route (:func:`_kernels_cross`) takes at least (R+1)! + this many equations (columns):
-32 at rank 3, 128 at rank 4, 728 at rank 5. (Float32 prompts at rank 5 with 6 tasks, 728 to 1024
-columns: 16 of 16 adapters round-trip. Without :func:`_refined_kernels`, 728 and 760 columns gave
-starts off by factors of 100 and more in 4 of 6.)"""
+KERNEL_MARGIN = 2
+"""The kernel route (:func:`_kernels_cross`) takes at least (R+1)! + this many equations (columns;
+its unknowns are (R+1)! - 1): 26 at rank 3, 122 at rank 4, 722 at rank 5, 5042 at rank 6. Float32
+prompts at ranks 3 and 4 with exactly (R+1)! + 1 columns or rows: 100 of 100 adapters round-trip, with
+(R+1)!: 99 of 100. (Without :func:`_refined_kernels`, rank 5 at 728 and 760 columns gave starts off by
+factors of 100 and more in 4 of 6.)"""
 
 
 KERNEL_STEPS = 4
@@ -697,9 +698,11 @@ def _columns_core(per_col: Any, rank: int) -> tuple[Any | None, list[int]]:
     return (core if bool(torch.isfinite(core).all()) else None), picked
 
 
-PAIR_MARGIN = 8
-"""The pair route (:func:`_pair_cross`) takes at least C(2R, R) + this many equations (columns):
-14 at rank 2, 28 at rank 3, 78 at rank 4, 260 at rank 5."""
+PAIR_MARGIN = 1
+"""The pair route (:func:`_pair_cross`) takes at least C(2R, R) + this many equations (columns; its
+unknowns are C(2R, R) - 1): 7 at rank 2, 21 at rank 3, 71 at rank 4, 253 at rank 5. Float32 prompts
+at ranks 2 to 4 with exactly C(2R, R) + 1 and C(2R, R) columns or rows: 150 of 150 adapters
+round-trip each; with C(2R, R) - 1, 21 of 150."""
 PAIR_MAX_RANK = 5
 """... and ranks up to this: it tries every root of (R-1)^2 quadratics, 2^16 combinations at rank 5
 (2^25 at rank 6)."""
