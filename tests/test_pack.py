@@ -285,8 +285,9 @@ def test_recover_shared_is_p_star_up_to_row_and_column_scaling(r: int, extra: in
     values close. Measured over 400 random cases per count: rank 2 with 3 to 7 tasks (the lifted
     system), worst 1e-4; rank 3 with 24 or 25 tasks, worst 7e-6; rank 3 with exactly 23 (the
     fewest) gets 4 in 400 wrong (an ill-conditioned null space), so it is not in this test. ALS
-    takes it from there. ``None`` where the method does not apply (rank >= min(T, d), too few
-    tasks for the rank)."""
+    takes it from there. ``None`` where the method does not apply (rank >= min(T, d), one task at
+    rank 2, 2 tasks at rank 3 on prompts too small for the pair route; where it is large enough,
+    every sign right)."""
     from mpt_tools.recover import recover_shared
 
     rng = np.random.default_rng(seed)
@@ -302,8 +303,18 @@ def test_recover_shared_is_p_star_up_to_row_and_column_scaling(r: int, extra: in
     scale = gauge_free(got.numpy(), pe)
     assert (scale > 0).all() and np.abs(scale - 1).max() < 1e-2, np.abs(scale - 1).max()
     assert recover_shared(torch.from_numpy(p[:, :r, :]), r) is None  # T = R: every P* fits
-    if r > 1:  # too few tasks: one at rank 2, 2 at rank 3 (more unknowns than the search takes on)
-        assert recover_shared(torch.from_numpy(p[: r - 1]), r) is None
+    if r == 2:  # too few tasks: one at rank 2
+        assert recover_shared(torch.from_numpy(p[:1]), r) is None
+    if r == 3:  # 2 tasks at rank 3: the pair route where it has 21 columns (or rows) and 6 on the
+        # other side (on exactly 6, 2R, two exact factorisations exist: either one), else nothing
+        # (12 unknowns: more than the search takes on)
+        two = recover_shared(torch.from_numpy(p[:2]), r)
+        long, short = max(t + r, d + r), min(t + r, d + r)
+        if long >= 21 and short >= 6:
+            assert two is not None
+            assert short == 6 or (gauge_free(two.numpy(), pe) > 0).all()
+        else:
+            assert two is None
 
 
 def test_round_trip_through_from_and_the_cli(tmp_path: Path) -> None:
