@@ -701,8 +701,8 @@ def _columns_core(per_col: Any, rank: int) -> tuple[Any | None, list[int]]:
 PAIR_MARGIN = 1
 """The pair route (:func:`_pair_cross`) takes at least C(2R, R) + this many equations (columns; its
 unknowns are C(2R, R) - 1): 7 at rank 2, 21 at rank 3, 71 at rank 4, 253 at rank 5. Float32 prompts
-at ranks 2 to 4 with exactly C(2R, R) + 1 and C(2R, R) columns or rows: 150 of 150 adapters
-round-trip each; with C(2R, R) - 1, 21 of 150."""
+at ranks 2 to 4 with exactly C(2R, R) + 1 columns or rows: 350 of 350 adapters round-trip; with
+C(2R, R), 450 of 450 (one spare equation kept all the same); with C(2R, R) - 1, 21 of 150."""
 PAIR_MAX_RANK = 5
 """... and ranks up to this: it tries every root of (R-1)^2 quadratics, 2^16 combinations at rank 5
 (2^25 at rank 6)."""
