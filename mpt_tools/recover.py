@@ -524,7 +524,9 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
     (what step 2 needs), from ``L`` on the pivot rows and the ``c`` columns ``picked`` (``core``,
     [R, c]): each row ``t`` fits its ``L[t, picked]`` to the core's row space
     (``L[t, picked[0]] = 1``), then each column ``j`` its ``L[S, j]`` to the column space of a few
-    rows ``S`` on ``picked`` (``L[i1, j] = 1``), both linear."""
+    rows ``S`` on ``picked`` (``L[i1, j] = 1``), then the rows outside ``S`` their ``L`` on the
+    first ``c`` pivot columns to the rank-R row space of ``S`` there; all linear, solved by
+    orthogonal factorisations (``_row_fit(..., exact=True)``)."""
     import torch
 
     t, d = p.shape[1:]
@@ -556,9 +558,9 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
 KERNEL_MARGIN = 2
 """The kernel route (:func:`_kernels_cross`) takes at least (R+1)! + this many equations (columns;
 its unknowns are (R+1)! - 1): 26 at rank 3, 122 at rank 4, 722 at rank 5, 5042 at rank 6. Float32
-prompts at ranks 3 and 4 with exactly (R+1)! + 1 columns or rows: 100 of 100 adapters round-trip, with
-(R+1)!: 99 of 100. (Without :func:`_refined_kernels`, rank 5 at 728 and 760 columns gave starts off by
-factors of 100 and more in 4 of 6.)"""
+prompts at ranks 3 and 4 with exactly (R+1)! + 2 columns or rows: 200 of 200 adapters round-trip; with
+(R+1)! + 1, 100 of 100; with (R+1)!, 99 of 100. (Without :func:`_refined_kernels`, rank 5 at 728
+and 760 columns gave starts off by factors of 100 and more in 4 of 6.)"""
 
 
 KERNEL_STEPS = 4
