@@ -381,6 +381,17 @@ def _search_shape(n: int, rank: int) -> tuple[int, int]:
     return c, n * (c - rank) - (c - 1)
 
 
+def _least_squares(a: Any, b: Any, pinv: bool | None = None) -> Any:
+    """Least-squares solutions of a batch ``a x = b`` (``a`` [..., m, u], ``b`` [..., m, k]), rank
+    deficient or not: LAPACK's SVD-based solver on the CPU, the pseudo-inverse elsewhere (CUDA's
+    ``lstsq`` takes full-rank systems only; ``pinv`` forces either, for the tests)."""
+    import torch
+
+    if pinv if pinv is not None else a.device.type != "cpu":
+        return torch.linalg.pinv(a) @ b
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution
+
+
 def _row_fit(core: Any, extra: Any, fixed_at: Any, exact: bool = False) -> tuple[Any, Any]:
     """For each row ``t`` of ``extra`` [N, rho, c], the ``q`` [rho, c] (``q[t, fixed_at[t]] = 1``;
     ``fixed_at``: an index per row, or one for all) that brings ``extra[:, t] * q`` nearest to the
@@ -409,10 +420,7 @@ def _row_fit(core: Any, extra: Any, fixed_at: Any, exact: bool = False) -> tuple
     if exact:  # on the c - 1 free columns of each row
         order = torch.argsort(gauge, dim=1, stable=True)[:, : c - 1]
         sub = torch.gather(free, 2, order[:, None, :].expand(-1, n * c, -1))
-        if sub.device.type == "cpu":
-            got = torch.linalg.lstsq(sub, -fixed[..., None], driver="gelsd").solution[..., 0]
-        else:  # (CUDA's lstsq takes full-rank systems only)
-            got = (torch.linalg.pinv(sub) @ -fixed[..., None])[..., 0]
+        got = _least_squares(sub, -fixed[..., None])[..., 0]
         q = torch.ones(rho, c, dtype=core.dtype, device=core.device).scatter(1, order, got)
     else:
         q = _solve_normal(free, -fixed)  # the gauge's column of free is zero: its q is damped to 0
