@@ -151,8 +151,8 @@ class PackOptions(NamedTuple):
     PEFT release adapter_config.json is written for. ``chunk_bytes``: the bound on the fit's two
     work buffers (default per device: :data:`CHUNK_BYTES`). ``start``: ``auto`` (also try ``P*``
     recovered by :mod:`mpt_tools.recover` and start from the better) or ``baseline`` (the
-    baseline alone: no recovery, whose search costs seconds on prompts that are not of the form,
-    such as teacher prompts trained one by one)."""
+    baseline alone: no recovery, whose search, on prompts too small for its linear routes, costs
+    seconds on prompts that are not of the form, such as teacher prompts trained one by one)."""
 
     num_ranks: int | None = None
     shared: str | os.PathLike[str] | None = None

@@ -648,6 +648,16 @@ def _distinct_tasks(p: Any, k: int) -> list[int] | None:
     return taken
 
 
+def _even_columns(pk: Any) -> Any:
+    """The pivot rows of the chosen tasks ``[tasks, rows, d]`` with each column scaled to rms 1:
+    in the kernel and pair routes each term of a column's equation has one factor from every row,
+    so this scales the equation as a whole, and float32 round-off then weighs alike in each."""
+    import torch
+
+    size = pk.square().mean((0, 1)).sqrt()
+    return pk / torch.where(size > 0, size, torch.ones_like(size))
+
+
 def _kernels_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
     """``L`` on the pivot rows and a few columns, from R + 1 tasks with the columns as equations
     (d >= (R+1)! - 1), then spread to what step 2 needs (:func:`_spread`).
@@ -671,10 +681,7 @@ def _kernels_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any |
     if tasks is None:
         return None
     pk = p[tasks][:, piv, :]  # [m tasks, m rows, d]
-    # one equation per column; each term has one factor from every task and every row, so scaling a
-    # column's block scales its equation: to rms 1, so that float32 round-off weighs alike in each
-    size = pk.square().mean((0, 1)).sqrt()
-    even = pk / torch.where(size > 0, size, torch.ones_like(size))
+    even = _even_columns(pk)
     kernels = _block_values(even.permute(2, 0, 1)[None])[0]  # [task, row]: c_k up to scalings
     if not bool(torch.isfinite(kernels).all()):
         return None
@@ -878,8 +885,7 @@ def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | No
     if tasks is None:
         return None
     pk = p[tasks][:, piv, :]  # [2 tasks, 2R rows, d]
-    size = pk.square().mean((0, 1)).sqrt()  # each term has one factor from every row: as in the kernel route
-    even = pk / torch.where(size > 0, size, torch.ones_like(size))
+    even = _even_columns(pk)
     subsets, rest, signs = _pair_terms(rank)
     system = torch.stack(
         [sign * even[0, list(s)].prod(0) * even[1, c].prod(0) for s, c, sign in zip(subsets, rest, signs, strict=True)],
@@ -965,33 +971,29 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
         and 2 <= rank <= PAIR_MAX_RANK
         and ((d >= pair_need and t >= 2 * rank) or (t >= pair_need and d >= 2 * rank))
     )
-    searched = n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
+    searched = rank >= 2 and not monomial and n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
     if rank >= min(t, d) or rank > MAX_RANK or not (rank == 1 or lifted or kernels or paired or monomial or searched):
         return None
     p = prompts
     rows, cols = _pivots(p)
     piv_r, piv_c = rows[:rank], cols[:rank]
     t0, j0 = rows[rank], cols[rank]
-    lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
-    if lifted or kernels or paired or (rank > 1 and not monomial):
-        crossed = None
-        if lifted:
-            crossed = _rank2_cross(p, rows, cols)
-            if crossed is None:  # too few columns for the lifted system: the same on the transpose
-                crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
-                crossed = None if crossed_t is None else crossed_t.T.contiguous()
-        if crossed is None and kernels:  # the columns as equations, or the rows, on the transpose
-            crossed = _oriented(_kernels_cross, p, rank, rows, cols, d >= need)
-        if crossed is None and paired:  # (also where the kernel route's tasks were not distinct)
-            crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank)
-        if crossed is None and searched and not monomial:  # no linear route, or it found nothing
-            crossed = _searched_cross(p, rank, rows, cols)
-        if crossed is None and not monomial:
-            return None
-        if crossed is not None:
-            lam = crossed
-            monomial = False
-    if monomial:
+    crossed = None  # step 1 by a route other than the monomial system; first the one that applies
+    if lifted:
+        crossed = _rank2_cross(p, rows, cols)
+        if crossed is None:  # too few columns for the lifted system: the same on the transpose
+            crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
+            crossed = None if crossed_t is None else crossed_t.T.contiguous()
+    if crossed is None and kernels:  # the columns as equations, or the rows, on the transpose
+        crossed = _oriented(_kernels_cross, p, rank, rows, cols, d >= need)
+    if crossed is None and paired:  # (also where the kernel route's tasks were not distinct)
+        crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank)
+    if crossed is None and searched:  # no linear route, or it found nothing
+        crossed = _searched_cross(p, rank, rows, cols)
+    if crossed is None and rank > 1 and not monomial:
+        return None
+    lam = crossed if crossed is not None else torch.ones(t, d, dtype=p.dtype, device=p.device)
+    if crossed is None and rank > 1:  # the monomial system
         other_c = [j for j in range(d) if j not in piv_c]
         other_r = [i for i in range(t) if i not in piv_r]
         # the pivot rows, every column: blocks I0 + [t0] x J0 + [j]
@@ -1005,7 +1007,7 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     num = torch.zeros(t, d, dtype=p.dtype, device=p.device)
     den = torch.zeros(t, d, dtype=p.dtype, device=p.device)
     sign = [(-1) ** (rank + c) for c in range(rank + 1)]
-    used = n if monomial or rank == 1 else min(n, FIT_TASKS)
+    used = n if crossed is None else min(n, FIT_TASKS)  # (rank 1 and the monomial system: all)
     step = max(1, min(chunk or used, used))
     for a in range(0, used, step):
         pk = p[a : a + step]

@@ -109,6 +109,24 @@ def gauge_free(got: np.ndarray, pe: np.ndarray) -> np.ndarray:
     return ratio / ratio[:1, :] / ratio[:, :1] * ratio[0, 0]
 
 
+def exact_prompts(
+    rng: np.random.Generator, n: int, t: int, d: int, r: int, std: float
+) -> tuple[np.ndarray, torch.Tensor]:
+    """``P*`` N(0, 1) [t, d] and the prompts ``P* * (U_k @ V_k)`` of factors N(0, std), rounded to
+    float32 as baked prompts are (float64 torch [n, t, d])."""
+    pe = rng.standard_normal((t, d))
+    exact = pe * ((std * rng.standard_normal((n, t, r))) @ (std * rng.standard_normal((n, r, d))))
+    return pe, torch.from_numpy(exact.astype(np.float32).astype(np.float64))
+
+
+def assert_round_trips(p: torch.Tensor, r: int, below: float = 1e-5) -> None:
+    """The fit at rank ``r`` starts from the recovered P* and brings every prompt back within
+    ``below`` (relative error)."""
+    fit = als_fit(p, r)
+    assert fit.start == "recovered"
+    assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < below
+
+
 # --- the fit: the objective never increases -----------------------------------------------------------
 
 
@@ -722,9 +740,7 @@ def test_two_tasks_at_rank_2_are_recovered(shape: tuple[int, int], seed: int) ->
         if max(cut.shape[1:]) < 7:
             assert recover_shared(small, 2) is None
         else:
-            fit = als_fit(small, 2)
-            assert fit.start == "recovered"
-            assert float((fit.fit_sq / small.square().sum((1, 2))).sqrt().max()) < 1e-6
+            assert_round_trips(small, 2, below=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 20), (5, 10, 16), (10, 8, 20), (22, 6, 16)], ids=str)
@@ -779,10 +795,7 @@ def test_wrong_signs_at_23_tasks_still_round_trip(seed: int) -> None:
     got = recover_shared(p, r)
     assert got is not None
     assert np.abs(gauge_free(got.numpy(), pe) - 1).max() > 1  # not P* up to scaling
-    p32 = p.float().double()
-    fit = als_fit(p32, r)
-    assert fit.start == "recovered"
-    assert float((fit.fit_sq / p32.square().sum((1, 2))).sqrt().max()) < 1e-5
+    assert_round_trips(p.float().double(), r)
 
 
 def test_a_recovery_that_gives_nothing_names_start_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -858,17 +871,12 @@ def test_the_kernel_route_recovers_p_star_from_r_plus_1_tasks(
     rng = np.random.default_rng(seed)
     n = r + 1 + extra
     short, long = r + 1 + small, math.factorial(r + 1) + 2 + over
-    t, d = (long, short) if tall else (short, long)
-    pe = rng.standard_normal((t, d))
-    exact = pe * ((std * rng.standard_normal((n, t, r))) @ (std * rng.standard_normal((n, r, d))))
-    p = torch.from_numpy(exact.astype(np.float32).astype(np.float64))
+    pe, p = exact_prompts(rng, n, *((long, short) if tall else (short, long)), r, std)
     got = recover_shared(p, r)
     assert got is not None
     scale = gauge_free(got.numpy(), pe)
     assert (scale > 0).all() and np.abs(scale - 1).max() < 5e-2, np.abs(scale - 1).max()
-    fit = als_fit(p, r)
-    assert fit.start == "recovered"
-    assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < 1e-5
+    assert_round_trips(p, r)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -897,18 +905,13 @@ def test_the_pair_route_recovers_p_star_from_2_tasks(
     rng = np.random.default_rng(seed)
     n = min(2 + extra, r)
     short, long = 2 * r + small, math.comb(2 * r, r) + 1 + over
-    t, d = (long, short) if tall else (short, long)
-    pe = rng.standard_normal((t, d))
-    exact = pe * ((std * rng.standard_normal((n, t, r))) @ (std * rng.standard_normal((n, r, d))))
-    p = torch.from_numpy(exact.astype(np.float32).astype(np.float64))
+    pe, p = exact_prompts(rng, n, *((long, short) if tall else (short, long)), r, std)
     got = recover_shared(p, r)
     assert got is not None
     if not (n == 2 and short == 2 * r):
         scale = gauge_free(got.numpy(), pe)
         assert (scale > 0).all() and np.abs(scale - 1).max() < 1, np.abs(scale - 1).max()
-    fit = als_fit(p, r)
-    assert fit.start == "recovered"
-    assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < 1e-5
+    assert_round_trips(p, r)
 
 
 def test_two_tasks_at_rank_5_through_the_pair_route(tmp_path: Path) -> None:
@@ -924,14 +927,8 @@ def test_a_task_packed_twice_still_round_trips(order: list[int]) -> None:
     """The same task twice among the prompts (``--tasks 0,0,1``): the kernel and pair routes take
     their tasks least alike, and where too few distinct ones are left for the kernel route (3 of 4
     at rank 3) the pair route takes over; every prompt comes back within 1e-5 at rank 3."""
-    rng = np.random.default_rng(3)
-    r, t, d = 3, 12, 40
-    pe = rng.standard_normal((t, d))
-    base = pe * (0.02 * rng.standard_normal((4, t, r)) @ (0.02 * rng.standard_normal((4, r, d))))
-    p = torch.from_numpy(base[order].astype(np.float32).astype(np.float64))
-    fit = als_fit(p, r)
-    assert fit.start == "recovered"
-    assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < 1e-5
+    _pe, base = exact_prompts(np.random.default_rng(3), 4, 12, 40, 3, 0.02)
+    assert_round_trips(base[order], 3)
 
 
 @settings(max_examples=50, deadline=None)
@@ -966,11 +963,5 @@ def test_the_routes_round_trip_with_the_gpu_branch_of_least_squares(monkeypatch:
 
     monkeypatch.setattr(recover, "_least_squares", on_pinv)
     for n, r, t, d in [(2, 3, 12, 40), (5, 4, 10, 130)]:
-        rng = np.random.default_rng(n * r)
-        pe = rng.standard_normal((t, d))
-        exact = pe * (0.02 * rng.standard_normal((n, t, r)) @ (0.02 * rng.standard_normal((n, r, d))))
-        p = torch.from_numpy(exact.astype(np.float32).astype(np.float64))
-        fit = als_fit(p, r)
-        assert fit.start == "recovered"
-        assert float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max()) < 1e-5
+        assert_round_trips(exact_prompts(np.random.default_rng(n * r), n, t, d, r, 0.02)[1], r)
     assert calls  # the fits went through it

@@ -674,7 +674,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     default="auto",
     show_default=True,
     help="auto: also try P* recovered by linear algebra and start from the better; baseline: the mean"
-    " prompt alone (skips the recovery's search: seconds on prompts trained one by one).",
+    " prompt alone (skips the recovery: seconds where it searches, on small prompts trained one by one).",
 )
 @option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @OUT
