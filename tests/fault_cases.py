@@ -45,6 +45,12 @@ FAULT_CASES: list[FaultCase] = [
         "test_faults.py::test_interrupted_message_says_what_was_written",
     ),
     FaultCase(
+        "signal-during-native-import",
+        "SIGTERM while convert imports torch (sent from import events spread over torch's import)",
+        "held back until the import ends, then `error: interrupted by SIGTERM; nothing was written`; exit 143",
+        "test_faults.py::test_a_signal_while_torch_imports_takes_effect_after_the_import",
+    ),
+    FaultCase(
         "sigkill-leftovers",
         "SIGKILL mid-write leaves `.<out>.mpt-tools-<pid>-<hex>.tmp` (beside a new DIR, inside with --force)",
         "the next writer of DIR removes it (and says so on stderr); `stale_staging(DIR)` lists it",
