@@ -56,10 +56,10 @@ column spaces), and step 2.
 
 So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
 or more, rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4), rank R >= 3 with
-R + 1 tasks or more on prompts with (R+1)! + 2 rows or columns, and ranks 2 to 5 with 2 tasks or
+R + 1 tasks or more on prompts with (R+1)! + 2 rows or columns, and ranks 2 to 6 with 2 tasks or
 more on prompts of C(2R, R) + 1 by 2R; the search found it for 2 tasks at rank 2 in every case
 measured, and at rank 3 with fewer tasks in most (the README has the counts). Otherwise (smaller
-prompts, rank 6 with 6 tasks or fewer, rank 7 and up), or where the prompts are not of that form,
+prompts, rank 7 and up), or where the prompts are not of that form,
 :func:`recover_shared` returns ``None`` or a start whose objective pack compares with the
 baseline's; it iterates from the better of the two.
 """
@@ -74,8 +74,9 @@ from typing import Any
 import numpy as np
 
 MAX_RANK = 6
-"""The linear systems have (R+1)! columns (5040 at rank 6, whose kernel route needs d >= 5042 and
-took 13 s at [10, 5100]; rank 7's would need 40328 columns); above this rank nothing is tried."""
+"""Above this rank nothing is tried: the kernel route's system has (R+1)! columns (5040 at rank 6,
+40320 at rank 7) and the pair route's C(2R, R) (924 at rank 6, 3432 at rank 7, whose roots would
+come in rows of 2^6 combinations)."""
 BLOCK_VALUES = 1 << 22
 """Step 1 works on chunks of blocks holding at most this many ``[N, (R+1)!]`` values."""
 
@@ -728,9 +729,12 @@ PAIR_MARGIN = 1
 unknowns are C(2R, R) - 1): 7 at rank 2, 21 at rank 3, 71 at rank 4, 253 at rank 5. Float32 prompts
 at ranks 2 to 4 with exactly C(2R, R) + 1 columns or rows: 350 of 350 adapters round-trip; with
 C(2R, R), 450 of 450 (one spare equation kept all the same); with C(2R, R) - 1, 21 of 150."""
-PAIR_MAX_RANK = 5
-"""... and ranks up to this: it tries every root of (R-1)^2 quadratics, 2^16 combinations at rank 5
-(2^25 at rank 6)."""
+PAIR_MAX_RANK = 6
+"""... and ranks up to this (its system has C(2R, R) - 1 unknowns: 923 at rank 6, 3431 at rank 7)."""
+PAIR_BEAM = 4096
+"""... and the combinations of roots it keeps after each row of ``x`` (each row has R - 1 quadratics,
+2^(R-1) combinations of their roots), those that come closest on the products of 2 x 2 minors within
+the rows so far: every combination up to rank 5 (2^16 at the last row), 4096 of 2^25 at rank 6."""
 PAIR_SHORTLIST = 64
 """... and the combinations it scores on every monomial, those that come closest on the products of
 2 x 2 minors first (at rank 5, 2^16 combinations on all 252 monomials took 8 s)."""
@@ -768,7 +772,10 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
     column 1: the scaling of the pivot rows). With ``w`` scaled so that ``w_top = 1``, the subsets
     that swap one row give the products ``E[b, a] = x[b, a] y[a, b]``, and those that swap two,
     rows ``0, b`` and columns ``0, a``, a quadratic in ``x[b, a]`` whose two roots are the only
-    candidates; every combination of roots is tried."""
+    candidates. The combinations of roots are built row by row of ``x``, keeping the
+    :data:`PAIR_BEAM` that come closest on the products of 2 x 2 minors within the rows so far
+    (every combination up to rank 5), then the :data:`PAIR_SHORTLIST` best on all of them, then
+    the best on every monomial."""
     import torch
 
     subsets, _rest, _signs = _pair_terms(rank)
@@ -804,23 +811,33 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
             root = (qb * qb - 4 * qa * qc).clamp_min(0).sqrt()
             keys.append((b, a))
             roots.append(torch.stack([(-qb + root) / (2 * qa), (-qb - root) / (2 * qa)]))
-    choice = torch.tensor(list(itertools.product((0, 1), repeat=len(keys))), device=w.device)  # [K, u]
-    x = torch.ones(len(choice), rank, rank, dtype=w.dtype, device=w.device)
-    for u, (b, a) in enumerate(keys):
-        x[:, b, a] = roots[u][choice[:, u]]
-    y = (prod / x).transpose(1, 2)  # y[a, b] = E[b, a] / x[b, a]
-    if rank > 2:  # first on every subset that swaps two rows (2 x 2 minors: cheap), then on all
+    if rank > 2:  # the subsets that swap two rows: products of 2 x 2 minors of x and y (cheap)
         pairs = [(a, b) for a in itertools.combinations(range(rank), 2) for b in itertools.combinations(range(rank), 2)]
         a1, a2, b1, b2 = (torch.tensor([q[i][j] for q in pairs], device=w.device) for i in (0, 1) for j in (0, 1))
         index2 = torch.tensor([subset(list(a), list(b)) for a, b in pairs], device=w.device)
         sign2 = torch.sign(wr[index2] * (xr[b1, a1] * xr[b2, a2] - xr[b1, a2] * xr[b2, a1]))
         sign2 = sign2 * (yr[a1, b1] * yr[a2, b2] - yr[a1, b2] * yr[a2, b1]).sign()
-        minors = (x[:, b1, a1] * x[:, b2, a2] - x[:, b1, a2] * x[:, b2, a1]) * (
-            y[:, a1, b1] * y[:, a2, b2] - y[:, a1, b2] * y[:, a2, b1]
+
+    def cheap(x: Any, upto: int) -> Any:
+        """How far the products of 2 x 2 minors within x's rows 0..upto are from w: [K]."""
+        y = (prod / x).transpose(1, 2)  # y[a, b] = E[b, a] / x[b, a]
+        m = b2 <= upto
+        i1, i2, j1, j2 = a1[m], a2[m], b1[m], b2[m]
+        got = (x[:, j1, i1] * x[:, j2, i2] - x[:, j1, i2] * x[:, j2, i1]) * (
+            y[:, i1, j1] * y[:, i2, j2] - y[:, i1, j2] * y[:, i2, j1]
         )
-        cheap = torch.nan_to_num((minors * sign2 - w[index2]).square().sum(-1), nan=math.inf)
-        kept = torch.argsort(cheap)[:PAIR_SHORTLIST]
-        x, y = x[kept], y[kept]
+        return torch.nan_to_num((got * sign2[m] - w[index2[m]]).square().sum(-1), nan=math.inf)
+
+    # the roots row by row; past PAIR_BEAM combinations only the best of them go on to the next row
+    row_choice = torch.tensor(list(itertools.product((0, 1), repeat=rank - 1)), device=w.device)  # [C, R-1]
+    x = torch.ones(1, rank, rank, dtype=w.dtype, device=w.device)
+    for b in range(1, rank):
+        values = torch.stack([roots[keys.index((b, a))][row_choice[:, a - 1]] for a in range(1, rank)], 1)
+        x = x.repeat_interleave(len(row_choice), 0)
+        x[:, b, 1:] = values.repeat(len(x) // len(row_choice), 1)
+        if rank > 2 and len(x) > (PAIR_SHORTLIST if b == rank - 1 else PAIR_BEAM):
+            x = x[torch.argsort(cheap(x, b))[: PAIR_SHORTLIST if b == rank - 1 else PAIR_BEAM]]
+    y = (prod / x).transpose(1, 2)
     cost = torch.nan_to_num((_pair_monomials(x, y, rank) - w).square().sum(-1), nan=math.inf)
     order = torch.argsort(cost)[:PAIR_KEEP]
     order = order[torch.isfinite(cost[order])]

@@ -922,6 +922,23 @@ def test_two_tasks_at_rank_5_through_the_pair_route(tmp_path: Path) -> None:
     assert result["start"] == "recovered" and result["max_relative_error"] < 1e-5, result["history"][-3:]
 
 
+@pytest.mark.parametrize(("n", "t", "d", "std"), [(2, 13, 925, 0.02), (4, 931, 13, 1.0)], ids=str)
+def test_rank_6_through_the_pair_route(n: int, t: int, d: int, std: float) -> None:
+    """Rank 6, the pair route's highest (2^25 combinations of roots, of which it keeps 4096 after
+    each row), with 2 tasks on [13, 925] (its fewest columns, one row more than its fewest: on
+    exactly 2R rows the mirror image fits as exactly, and the prompts come back but P* need not)
+    and 4 on the transpose (too few for the kernel route, which needs 7 tasks and 5042 columns):
+    P* comes back up to the scaling, every sign right, and every prompt within 1e-5."""
+    from mpt_tools.recover import recover_shared
+
+    pe, p = exact_prompts(np.random.default_rng(6), n, t, d, 6, std)
+    got = recover_shared(p, 6)
+    assert got is not None
+    scale = gauge_free(got.numpy(), pe)
+    assert (scale > 0).all() and np.abs(scale - 1).max() < 1, np.abs(scale - 1).max()
+    assert_round_trips(p, 6)
+
+
 @pytest.mark.parametrize("order", [[0, 0, 1], [0, 0, 1, 2], [0, 1, 0, 2, 3]], ids=str)
 def test_a_task_packed_twice_still_round_trips(order: list[int]) -> None:
     """The same task twice among the prompts (``--tasks 0,0,1``): the kernel and pair routes take
