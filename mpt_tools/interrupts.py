@@ -74,23 +74,30 @@ def _signals() -> list[int]:
     return [getattr(_signal, name) for name in HANDLED if hasattr(_signal, name)]
 
 
+def _held() -> contextlib.AbstractContextManager[None]:
+    """:func:`deferred` on the main thread, where the handlers run; nothing on another (an import
+    there is never interrupted, and its deferral would hold the main thread's signal for it)."""
+    return deferred() if threading.current_thread() is threading.main_thread() else contextlib.nullcontext()
+
+
 class _DeferredLoader:
-    """Runs another loader's ``create_module``/``exec_module`` inside :func:`deferred`; once the
-    module is executed, its spec and ``__loader__`` name the original loader again."""
+    """Runs another loader's ``create_module``/``exec_module`` with the signals held back (on the
+    main thread); once the module is executed, its spec and ``__loader__`` name the original
+    loader again."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
 
     def create_module(self, spec: Any) -> Any:
         """The original loader's module (or None for the default one), signals held back."""
-        with deferred():
+        with _held():
             return self.loader.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
         """Execute the module with the original loader, signals held back."""
         spec = module.__spec__
         try:
-            with deferred():
+            with _held():
                 self.loader.exec_module(module)
         finally:
             if spec is not None and spec.loader is self:
@@ -112,7 +119,7 @@ class _NativeImportFinder:
         if fullname.partition(".")[0] not in NATIVE_PACKAGES:
             return None
         for finder in sys.meta_path:
-            if finder is self or isinstance(finder, _NativeImportFinder) or not hasattr(finder, "find_spec"):
+            if isinstance(finder, _NativeImportFinder) or not hasattr(finder, "find_spec"):
                 continue
             spec: Any = finder.find_spec(fullname, path, target)
             if spec is None:

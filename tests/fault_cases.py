@@ -51,6 +51,12 @@ FAULT_CASES: list[FaultCase] = [
         "test_faults.py::test_a_signal_while_torch_imports_takes_effect_after_the_import",
     ),
     FaultCase(
+        "signal-while-a-thread-imports",
+        "SIGTERM while a worker thread imports torch",
+        "the main thread is interrupted at once (the hold is the main thread's only); the worker's import completes",
+        "test_faults.py::test_a_signal_while_another_thread_imports_torch_reaches_the_main_thread",
+    ),
+    FaultCase(
         "sigkill-leftovers",
         "SIGKILL mid-write leaves `.<out>.mpt-tools-<pid>-<hex>.tmp` (beside a new DIR, inside with --force)",
         "the next writer of DIR removes it (and says so on stderr); `stale_staging(DIR)` lists it",

@@ -179,6 +179,39 @@ def test_a_signal_while_torch_imports_takes_effect_after_the_import(tmp_path: Pa
         assert not out.exists() and not _staging_left(tmp_path)
 
 
+_SIGNAL_WHILE_A_THREAD_IMPORTS = r"""
+import os, signal, sys, threading, time
+from mpt_tools.interrupts import Interrupted, install
+install()
+done = []
+def worker():
+    import torch
+    done.append(torch.__name__)
+thread = threading.Thread(target=worker)
+thread.start()
+while "torch" not in sys.modules:  # the worker's import has begun
+    time.sleep(0.001)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    print("lost")
+except Interrupted:
+    print("main thread interrupted")
+thread.join()
+print("worker imported", done)
+"""
+
+
+def test_a_signal_while_another_thread_imports_torch_reaches_the_main_thread() -> None:
+    """The hold on native imports is the main thread's only: SIGTERM while a worker thread imports
+    torch interrupts the main thread at once, and the worker's import completes. (Held on every
+    thread, the worker's hold took the signal: it was raised in the worker and lost to the main
+    thread.)"""
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_A_THREAD_IMPORTS], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.stdout.splitlines() == ["main thread interrupted", "worker imported ['torch']"], proc.stderr
+
+
 @pytest.mark.slow
 def test_sigkill_leftovers_are_removed_by_the_next_writer(tmp_path: Path) -> None:
     """After SIGKILL nothing can clean up; the next writer of that output removes the dead run's
