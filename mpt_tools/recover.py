@@ -537,22 +537,22 @@ step 2 took 4.2 s with all of them, 0.74 s with 16."""
 
 def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, picked: list[int]) -> Any:
     """``L`` on every row of the first ``c`` pivot columns and every column of a few pivot rows
-    (what step 2 needs), from ``L`` on the pivot rows and the ``c`` columns ``picked`` (``core``,
-    [R, c]): each row ``t`` fits its ``L[t, picked]`` to the core's row space
-    (``L[t, picked[0]] = 1``), then each column ``j`` its ``L[S, j]`` to the column space of a few
-    rows ``S`` on ``picked`` (``L[i1, j] = 1``), then the rows outside ``S`` their ``L`` on the
-    first ``c`` pivot columns to the rank-R row space of ``S`` there; all linear, solved by
-    orthogonal factorisations (``_row_fit(..., exact=True)``)."""
+    (what step 2 needs), from ``L`` on the first ``m >= R`` pivot rows and the ``c`` columns
+    ``picked`` (``core``, [m, c]): each other row ``t`` fits its ``L[t, picked]`` to the rank-R
+    row space of those rows (``L[t, picked[0]] = 1``), then each column ``j`` its ``L[S, j]`` to
+    the column space of a few rows ``S`` on ``picked`` (``L[i1, j] = 1``), then the rows outside
+    ``S`` their ``L`` on the first ``c`` pivot columns to the rank-R row space of ``S`` there; all
+    linear, solved by orthogonal factorisations (``_row_fit(..., exact=True)``)."""
     import torch
 
     p = p[:FIT_TASKS]
     t, d = p.shape[1:]
     c = len(picked)
     lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
-    piv = torch.tensor(rows[:rank], device=p.device)
+    known = torch.tensor(rows[: len(core)], device=p.device)
     cs = torch.tensor(picked, device=p.device)
-    lam[piv[:, None], cs[None, :]] = core
-    _fill_rows(p, lam, rows[:rank], rows[rank:], picked)
+    lam[known[:, None], cs[None, :]] = core
+    _fill_rows(p, lam, rank, rows[: len(core)], rows[len(core) :], picked)
     # the columns: rows S (pivot order), their column space on C has rank R
     s_rows = torch.tensor(rows[: min(t, 2 * rank + 4)], device=p.device)
     block = p[:, s_rows][:, :, cs] * lam[s_rows[:, None], cs[None, :]]  # [N, S, c]
@@ -561,14 +561,10 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
     for a in range(0, len(rest), 1024):
         js = torch.tensor(rest[a : a + 1024], device=p.device)
         lam[s_rows[:, None], js[None, :]] = _row_fit(basis, p[:, s_rows][:, :, js].transpose(1, 2), 0, True)[0].T
-    others = [i for i in range(t) if i not in set(s_rows.tolist())]
-    if others and picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them
-        # too, to the rank-R row space of all the rows S there (R rows alone gave some rows 100% off)
-        first = torch.tensor(cols[:c], device=p.device)
-        block = p[:, s_rows][:, :, first] * lam[s_rows[:, None], first[None, :]]
-        space = torch.linalg.svd(block, full_matrices=False)[2][:, :rank]  # [N, R, c]
-        rest_rows = torch.tensor(others, device=p.device)
-        lam[rest_rows[:, None], first[None, :]] = _row_fit(space, p[:, rest_rows][:, :, first], 0, True)[0]
+    if picked != cols[:c]:  # step 2 takes every row of the first pivot columns: fit them too, to
+        # the rank-R row space of all the rows S there (R rows alone gave some rows 100% off)
+        s_list = s_rows.tolist()
+        _fill_rows(p, lam, rank, s_list, [i for i in range(t) if i not in set(s_list)], cols[:c])
     return lam
 
 
@@ -600,30 +596,44 @@ def _refined_kernels(even: Any, kernels: Any) -> Any:
     sign = torch.tensor(signs, dtype=even.dtype, device=even.device)
     tasks = torch.arange(m, device=even.device)
     system = sign[None, :] * even[tasks[None, :], index, :].prod(1).T  # [d, m!]
-    free = [(k, q) for k in range(1, m) for q in range(1, m)]
+    free = [(k, q) for k in range(1, m) for q in range(1, m)]  # the order of c[1:, 1:].reshape(-1)
     hits = torch.stack([(index[:, k] == q) for k, q in free], dim=1).to(even.dtype)  # [m!, u]
 
-    def measure(c: Any) -> tuple[Any, Any, float]:
-        y = c[tasks[None, :], index].prod(1)  # [m!]
-        res = system @ y
-        return y, res, float(res.norm() / y.norm().clamp_min(torch.finfo(even.dtype).tiny))
+    def unpack(v: Any) -> Any:
+        return torch.cat([kernels[:1], torch.cat([kernels[1:, :1], v.reshape(m - 1, m - 1)], 1)])
 
-    c = kernels.clone()
-    y, res, cost = measure(c)
+    def monomials(v: Any) -> Any:
+        return unpack(v)[tasks[None, :], index].prod(1)  # [m!]
+
+    def jacobian(v: Any) -> Any:  # d y / d c[k, q] = y / c[k, q] where pi(k) = q
+        return system @ (hits * monomials(v)[:, None] / v[None, :])
+
+    def residual(v: Any) -> Any:
+        return system @ monomials(v)
+
+    return unpack(_gauss_newton(kernels[1:, 1:].reshape(-1), residual, jacobian, monomials))
+
+
+def _gauss_newton(v: Any, residual: Any, jacobian: Any, unknowns: Any) -> Any:
+    """``v`` after up to :data:`KERNEL_STEPS` Gauss-Newton steps on ``residual(v)`` (a homogeneous
+    system's residual, ``jacobian(v)`` its Jacobian), each kept only where it lowers
+    ``|residual(v)| / |unknowns(v)|`` (the system's unknowns, whose scale it is blind to)."""
+    import torch
+
+    def cost(v: Any) -> float:
+        return float(residual(v).norm() / unknowns(v).norm().clamp_min(torch.finfo(v.dtype).tiny))
+
+    best = cost(v)
     for _ in range(KERNEL_STEPS):
-        at = torch.stack([c[k, q] for k, q in free])
-        jac = system @ (hits * y[:, None] / at[None, :])  # d y / d c[k, q] = y / c[k, q] where pi(k) = q
-        step = torch.linalg.lstsq(jac, -res[:, None]).solution[:, 0]
-        moved = c.clone()
-        for (k, q), s in zip(free, step, strict=True):
-            moved[k, q] = c[k, q] + s
-        if not bool(torch.isfinite(moved).all()):
+        try:
+            moved = v + _least_squares(jacobian(v), -residual(v)[:, None])[:, 0]
+        except RuntimeError:  # (LAPACK refuses a Jacobian that is not finite)
             break
-        y_new, res_new, new = measure(moved)
-        if not new < cost:
+        new = cost(moved) if bool(torch.isfinite(moved).all()) else math.inf
+        if not new < best:
             break
-        c, y, res, cost = moved, y_new, res_new, new
-    return c
+        v, best = moved, new
+    return v
 
 
 DISTINCT_FROM = 16
@@ -691,7 +701,7 @@ def _kernels_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any |
     core, picked = _columns_core(per_col, rank)
     if core is None:
         return None
-    return _spread(p, rank, rows, cols, core[:rank], picked)
+    return _spread(p, rank, rows, cols, core, picked)
 
 
 def _columns_core(per_col: Any, rank: int) -> tuple[Any | None, list[int]]:
@@ -798,7 +808,7 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
         for b in range(rank):
             i = subset([a], [b])
             prod[b, a] = w[i] * torch.sign(wr[i] * xr[b, a] * yr[a, b])
-    keys, roots = [], []
+    roots = torch.ones(rank, rank, 2, dtype=w.dtype, device=w.device)  # x[b, a]'s two candidates
     for b in range(1, rank):
         for a in range(1, rank):
             i = subset([0, a], [0, b])
@@ -809,8 +819,7 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
             qb = prod[0, 0] * prod[b, a] + prod[b, 0] * prod[0, a] - value
             qc = -prod[0, 0] * prod[b, a]
             root = (qb * qb - 4 * qa * qc).clamp_min(0).sqrt()
-            keys.append((b, a))
-            roots.append(torch.stack([(-qb + root) / (2 * qa), (-qb - root) / (2 * qa)]))
+            roots[b, a] = torch.stack([(-qb + root) / (2 * qa), (-qb - root) / (2 * qa)])
     if rank > 2:  # the subsets that swap two rows: products of 2 x 2 minors of x and y (cheap)
         pairs = [(a, b) for a in itertools.combinations(range(rank), 2) for b in itertools.combinations(range(rank), 2)]
         a1, a2, b1, b2 = (torch.tensor([q[i][j] for q in pairs], device=w.device) for i in (0, 1) for j in (0, 1))
@@ -830,13 +839,14 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
 
     # the roots row by row; past PAIR_BEAM combinations only the best of them go on to the next row
     row_choice = torch.tensor(list(itertools.product((0, 1), repeat=rank - 1)), device=w.device)  # [C, R-1]
+    columns = torch.arange(1, rank, device=w.device)
     x = torch.ones(1, rank, rank, dtype=w.dtype, device=w.device)
     for b in range(1, rank):
-        values = torch.stack([roots[keys.index((b, a))][row_choice[:, a - 1]] for a in range(1, rank)], 1)
         x = x.repeat_interleave(len(row_choice), 0)
-        x[:, b, 1:] = values.repeat(len(x) // len(row_choice), 1)
-        if rank > 2 and len(x) > (PAIR_SHORTLIST if b == rank - 1 else PAIR_BEAM):
-            x = x[torch.argsort(cheap(x, b))[: PAIR_SHORTLIST if b == rank - 1 else PAIR_BEAM]]
+        x[:, b, 1:] = roots[b, columns, row_choice].repeat(len(x) // len(row_choice), 1)
+        keep = PAIR_SHORTLIST if b == rank - 1 else PAIR_BEAM
+        if rank > 2 and len(x) > keep:
+            x = x[torch.argsort(cheap(x, b))[:keep]]
     y = (prod / x).transpose(1, 2)
     cost = torch.nan_to_num((_pair_monomials(x, y, rank) - w).square().sum(-1), nan=math.inf)
     order = torch.argsort(cost)[:PAIR_KEEP]
@@ -857,28 +867,14 @@ def _refined_pair(system: Any, x: Any, y: Any, rank: int) -> Any:
         inner = torch.cat([x[1:, :1], v[:k].reshape(rank - 1, rank - 1)], 1)
         return torch.cat([x[:1], inner], 0), v[k:].reshape(rank, rank)
 
-    def residual(v: Any) -> Any:
-        xs, ys = unpack(v)
-        return system @ _pair_monomials(xs, ys, rank)
+    def monomials(v: Any) -> Any:
+        return _pair_monomials(*unpack(v), rank)
 
-    def cost(v: Any) -> float:
-        xs, ys = unpack(v)
-        w = _pair_monomials(xs, ys, rank)
-        return float((system @ w).norm() / w.norm().clamp_min(torch.finfo(w.dtype).tiny))
+    def residual(v: Any) -> Any:
+        return system @ monomials(v)
 
     v = torch.cat([x[1:, 1:].reshape(-1), y.reshape(-1)])
-    best = cost(v)
-    for _ in range(KERNEL_STEPS):
-        try:
-            step = torch.linalg.lstsq(jacfwd(residual)(v), -residual(v)[:, None]).solution[:, 0]
-        except RuntimeError:
-            break
-        moved = v + step
-        new = cost(moved) if bool(torch.isfinite(moved).all()) else math.inf
-        if not new < best:
-            break
-        v, best = moved, new
-    return torch.stack(unpack(v))
+    return torch.stack(unpack(_gauss_newton(v, residual, jacfwd(residual), monomials)))
 
 
 def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
@@ -937,23 +933,24 @@ def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | No
             misfit = _row_fit(block / norm * core, p[:, extra][:, :, cs] / norm, fixed_at, exact=True)[1]
             cost += float(misfit.square().mean())
         if math.isfinite(cost) and (best is None or cost < best[0]):
-            best = (cost, core, picked)
+            best = (cost, full, picked)
     if best is None:
         return None
     return _spread(p, rank, rows, cols, best[1], best[2])
 
 
-def _fill_rows(p: Any, lam: Any, core_rows: list[int], others: list[int], cols: list[int]) -> None:
-    """``lam[t, cols]`` for the rows ``others``, each fitted to the row space of the rows
-    ``core_rows`` on ``cols`` (known in ``lam``), ``lam[t, cols[0]] = 1``: in place."""
+def _fill_rows(p: Any, lam: Any, rank: int, known: list[int], others: list[int], cols: list[int]) -> None:
+    """``lam[t, cols]`` for the rows ``others``, each fitted to the rank-R row space of the rows
+    ``known`` on ``cols`` (known in ``lam``), ``lam[t, cols[0]] = 1``: in place."""
     import torch
 
     if not others:
         return
     cs = torch.tensor(cols, device=p.device)
     rest = torch.tensor(others, device=p.device)
-    top = p[:, core_rows][:, :, cs] * lam[torch.tensor(core_rows, device=p.device)[:, None], cs[None, :]]
-    lam[rest[:, None], cs[None, :]] = _row_fit(top, p[:, rest][:, :, cs], 0, exact=True)[0]
+    block = p[:, known][:, :, cs] * lam[torch.tensor(known, device=p.device)[:, None], cs[None, :]]
+    space = block if len(known) == rank else torch.linalg.svd(block, full_matrices=False)[2][:, :rank]
+    lam[rest[:, None], cs[None, :]] = _row_fit(space, p[:, rest][:, :, cs], 0, exact=True)[0]
 
 
 def _oriented(route: Any, p: Any, rank: int, rows: list[int], cols: list[int], columns: bool) -> Any | None:

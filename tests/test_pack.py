@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES, run_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mpt_tools.checkpoint import load_source
@@ -117,6 +117,17 @@ def exact_prompts(
     pe = rng.standard_normal((t, d))
     exact = pe * ((std * rng.standard_normal((n, t, r))) @ (std * rng.standard_normal((n, r, d))))
     return pe, torch.from_numpy(exact.astype(np.float32).astype(np.float64))
+
+
+def assert_recovers_p_star(p: torch.Tensor, pe: np.ndarray, r: int, within: float) -> None:
+    """``recover_shared`` gives ``pe`` up to the scaling of its rows and columns: every sign right
+    and every value within ``within`` (relative)."""
+    from mpt_tools.recover import recover_shared
+
+    got = recover_shared(p, r)
+    assert got is not None
+    scale = gauge_free(got.numpy(), pe)
+    assert (scale > 0).all() and np.abs(scale - 1).max() < within, np.abs(scale - 1).max()
 
 
 def assert_round_trips(p: torch.Tensor, r: int, below: float = 1e-5) -> None:
@@ -316,10 +327,7 @@ def test_recover_shared_is_p_star_up_to_row_and_column_scaling(r: int, extra: in
         t, d = max(t, 2), max(d, 6)
     pe = rng.standard_normal((t + r, d + r))
     p = pe * (rng.standard_normal((n, t + r, r)) @ rng.standard_normal((n, r, d + r)))
-    got = recover_shared(torch.from_numpy(p), r)
-    assert got is not None
-    scale = gauge_free(got.numpy(), pe)
-    assert (scale > 0).all() and np.abs(scale - 1).max() < 1e-2, np.abs(scale - 1).max()
+    assert_recovers_p_star(torch.from_numpy(p), pe, r, 1e-2)
     assert recover_shared(torch.from_numpy(p[:, :r, :]), r) is None  # T = R: every P* fits
     if r == 2:  # too few tasks: one at rank 2
         assert recover_shared(torch.from_numpy(p[:1]), r) is None
@@ -731,10 +739,7 @@ def test_two_tasks_at_rank_2_are_recovered(shape: tuple[int, int], seed: int) ->
     rng = np.random.default_rng(seed * 1000 + t * d)
     pe = rng.standard_normal((t, d))
     p = pe * (rng.standard_normal((2, t, 2)) @ rng.standard_normal((2, 2, d)))
-    got = recover_shared(torch.from_numpy(p), 2)
-    assert got is not None
-    scale = gauge_free(got.numpy(), pe)
-    assert (scale > 0).all() and np.abs(scale - 1).max() < 1e-4, np.abs(scale - 1).max()
+    assert_recovers_p_star(torch.from_numpy(p), pe, 2, 1e-4)
     for cut in (np.ascontiguousarray(p[:, :4, :]), np.ascontiguousarray(p[:, :, :4])):
         small = torch.from_numpy(cut)
         if max(cut.shape[1:]) < 7:
@@ -864,18 +869,14 @@ def test_the_kernel_route_recovers_p_star_from_r_plus_1_tasks(
     """Rank R in {3, 4} with R + 1 to R + 4 tasks (far fewer than the monomial system's 23 or
     119), float32 prompts of R + 1 to R + 9 rows and (R+1)! + 2 to 40 more columns, or the other
     way round (the rows as equations): the recovered P* is P* up to row and column scaling, every
-    sign right, within 5e-2 (measured over 300 such cases: worst 1e-3), and the fit brings every
+    sign right, within 5e-2 (measured over 300 such cases: worst 5e-5), and the fit brings every
     prompt back within 1e-5 (300 of 300 measured)."""
-    from mpt_tools.recover import recover_shared
 
     rng = np.random.default_rng(seed)
     n = r + 1 + extra
     short, long = r + 1 + small, math.factorial(r + 1) + 2 + over
     pe, p = exact_prompts(rng, n, *((long, short) if tall else (short, long)), r, std)
-    got = recover_shared(p, r)
-    assert got is not None
-    scale = gauge_free(got.numpy(), pe)
-    assert (scale > 0).all() and np.abs(scale - 1).max() < 5e-2, np.abs(scale - 1).max()
+    assert_recovers_p_star(p, pe, r, 5e-2)
     assert_round_trips(p, r)
 
 
@@ -889,28 +890,30 @@ def test_the_kernel_route_recovers_p_star_from_r_plus_1_tasks(
     std=st.sampled_from([0.02, 1.0]),
     seed=st.integers(0, 2**16),
 )
+@example(r=4, extra=0, small=8, over=20, tall=True, std=0.02, seed=20)
 def test_the_pair_route_recovers_p_star_from_2_tasks(
     r: int, extra: int, small: int, over: int, tall: bool, std: float, seed: int
 ) -> None:
     """Rank R in {2, 3, 4} with 2 tasks up to R (too few for the kernel route), float32 prompts of
     2R to 2R + 9 rows and C(2R, R) + 1 to 40 more columns, or the other way round: the recovered
-    P* is P* up to row and column scaling, every sign right, within 1 (measured over 300 such
-    cases from 2R + 2 rows: worst 0.42, median 1e-5; float32 round-off, which ALS then removes),
-    and the fit brings every prompt back within 1e-5 (300 of 300 such random adapters measured,
-    100 of them on exactly 2R or 2R + 1 rows or columns). With 2 tasks on exactly 2R rows two
-    exact factorisations exist; either brings the prompts back, so only the round trip is
-    checked there."""
+    P* is P* up to row and column scaling, every sign right, within 5e-2 (measured over 300 such
+    cases from 2R + 2 rows: worst 1.3e-3, median 1e-5; float32 round-off, which ALS then removes;
+    before the rows outside the first R were fitted to the row space of all 2R, one case,
+    r=4, 91 x 16, seed 20, came out 55 off with signs wrong and did not round-trip), and the fit
+    brings every prompt back within 1e-5 (300 of 300 such random adapters measured, 100 of them
+    on exactly 2R or 2R + 1 rows or columns). With 2 tasks on exactly 2R rows two exact
+    factorisations exist; either brings the prompts back, so only the round trip is checked
+    there."""
     from mpt_tools.recover import recover_shared
 
     rng = np.random.default_rng(seed)
     n = min(2 + extra, r)
     short, long = 2 * r + small, math.comb(2 * r, r) + 1 + over
     pe, p = exact_prompts(rng, n, *((long, short) if tall else (short, long)), r, std)
-    got = recover_shared(p, r)
-    assert got is not None
-    if not (n == 2 and short == 2 * r):
-        scale = gauge_free(got.numpy(), pe)
-        assert (scale > 0).all() and np.abs(scale - 1).max() < 1, np.abs(scale - 1).max()
+    if n == 2 and short == 2 * r:
+        assert recover_shared(p, r) is not None
+    else:
+        assert_recovers_p_star(p, pe, r, 5e-2)
     assert_round_trips(p, r)
 
 
@@ -929,13 +932,9 @@ def test_rank_6_through_the_pair_route(n: int, t: int, d: int, std: float) -> No
     exactly 2R rows the mirror image fits as exactly, and the prompts come back but P* need not)
     and 4 on the transpose (too few for the kernel route, which needs 7 tasks and 5042 columns):
     P* comes back up to the scaling, every sign right, and every prompt within 1e-5."""
-    from mpt_tools.recover import recover_shared
 
     pe, p = exact_prompts(np.random.default_rng(6), n, t, d, 6, std)
-    got = recover_shared(p, 6)
-    assert got is not None
-    scale = gauge_free(got.numpy(), pe)
-    assert (scale > 0).all() and np.abs(scale - 1).max() < 1, np.abs(scale - 1).max()
+    assert_recovers_p_star(p, pe, 6, 5e-2)
     assert_round_trips(p, 6)
 
 
