@@ -538,9 +538,11 @@ step 2 took 4.2 s with all of them, 0.74 s with 16."""
 def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, picked: list[int]) -> Any:
     """``L`` on every row of the first ``c`` pivot columns and every column of a few pivot rows
     (what step 2 needs), from ``L`` on the first ``m >= R`` pivot rows and the ``c`` columns
-    ``picked`` (``core``, [m, c]): each other row ``t`` fits its ``L[t, picked]`` to the rank-R
-    row space of those rows (``L[t, picked[0]] = 1``), then each column ``j`` its ``L[S, j]`` to
-    the column space of a few rows ``S`` on ``picked`` (``L[i1, j] = 1``), then the rows outside
+    ``picked`` (``core``, [m, c]): each row ``t`` after the first R fits its ``L[t, picked]`` to
+    the rank-R row space of those m rows (``L[t, picked[0]] = 1``; rows R to m too: the first R
+    rows' space alone left 2 tasks at rank 4 on [91, 16] with P* 55 off, and keeping rows R to m
+    as recovered cost some starts accuracy), then each column ``j`` its ``L[S, j]`` to the
+    column space of a few rows ``S`` on ``picked`` (``L[i1, j] = 1``), then the rows outside
     ``S`` their ``L`` on the first ``c`` pivot columns to the rank-R row space of ``S`` there; all
     linear, solved by orthogonal factorisations (``_row_fit(..., exact=True)``)."""
     import torch
@@ -552,7 +554,7 @@ def _spread(p: Any, rank: int, rows: list[int], cols: list[int], core: Any, pick
     known = torch.tensor(rows[: len(core)], device=p.device)
     cs = torch.tensor(picked, device=p.device)
     lam[known[:, None], cs[None, :]] = core
-    _fill_rows(p, lam, rank, rows[: len(core)], rows[len(core) :], picked)
+    _fill_rows(p, lam, rank, rows[: len(core)], rows[rank:], picked)
     # the columns: rows S (pivot order), their column space on C has rank R
     s_rows = torch.tensor(rows[: min(t, 2 * rank + 4)], device=p.device)
     block = p[:, s_rows][:, :, cs] * lam[s_rows[:, None], cs[None, :]]  # [N, S, c]

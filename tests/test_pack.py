@@ -897,7 +897,7 @@ def test_the_pair_route_recovers_p_star_from_2_tasks(
     """Rank R in {2, 3, 4} with 2 tasks up to R (too few for the kernel route), float32 prompts of
     2R to 2R + 9 rows and C(2R, R) + 1 to 40 more columns, or the other way round: the recovered
     P* is P* up to row and column scaling, every sign right, within 5e-2 (measured over 300 such
-    cases from 2R + 2 rows: worst 1.3e-3, median 1e-5; float32 round-off, which ALS then removes;
+    cases from 2R + 2 rows: worst 2.1e-3, median 1e-5; float32 round-off, which ALS then removes;
     before the rows outside the first R were fitted to the row space of all 2R, one case,
     r=4, 91 x 16, seed 20, came out 55 off with signs wrong and did not round-trip), and the fit
     brings every prompt back within 1e-5 (300 of 300 such random adapters measured, 100 of them
