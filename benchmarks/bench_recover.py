@@ -10,7 +10,7 @@ tries. Per case: how many adapters come back within 1e-5 relative error (every t
 median time of the whole fit (``als_fit``, float64, torch's default threads), with and without the
 recovered start.
 
-    python benchmarks/bench_recover.py            # about 7 minutes on 2 cores
+    python benchmarks/bench_recover.py            # about 4 minutes on 2 cores
     python benchmarks/bench_recover.py --quick    # 2 adapters per case, small shapes
 """
 
@@ -39,6 +39,7 @@ FULL = [
     ("2 tasks, rank 4, [20, 256] (pair route)", 2, 20, 256, 4, 5, True),
     ("2 tasks, rank 5, [16, 1024] (pair route)", 2, 16, 1024, 5, 3, True),
     ("2 tasks, rank 6, [16, 1024] (pair route)", 2, 16, 1024, 6, 3, True),
+    ("2 tasks, rank 7, [16, 4096] (pair route)", 2, 16, 4096, 7, 2, True),
     ("5 tasks, rank 3, [40, 40] (kernel route)", 5, 40, 40, 3, 10, True),
     ("5 tasks, rank 4, [20, 256] (kernel route)", 5, 20, 256, 4, 5, True),
     ("6 tasks, rank 5, [16, 1024] (kernel route)", 6, 16, 1024, 5, 3, True),

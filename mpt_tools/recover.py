@@ -33,8 +33,8 @@ taken as unknowns of their own, one homogeneous system over a few rows and colum
 values as its only null vector (from 3 tasks on; with 2 tasks there are as many equations as
 products, never enough).
 
-At rank R >= 3 with R + 1 tasks or more, where T or d is at least (R+1)! + :data:`KERNEL_MARGIN`
-(26 at rank 3, 122 at rank 4, 722 at rank 5, 5042 at rank 6), step 1 takes the kernel route
+At ranks 3 to :data:`SYSTEM_MAX_RANK` with R + 1 tasks or more, where T or d is at least (R+1)! +
+:data:`KERNEL_MARGIN` (26 at rank 3, 122 at rank 4, 722 at rank 5, 5042 at rank 6), step 1 takes the kernel route
 (:func:`_kernels_cross`): the same (R+1)! monomials, but of the left null vectors of R + 1 tasks'
 pivot rows, with the columns as equations instead of the tasks, so R + 1 tasks suffice (the rows
 as equations, on the transpose, where d is the small side).
@@ -55,11 +55,11 @@ the one where all rows fit. Then each column's ``L[S, j]`` on a few rows ``S`` (
 column spaces), and step 2.
 
 So the start is exact up to round-off for rank 1 with any number of tasks, rank 2 with 3 tasks
-or more, rank R >= 3 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4), rank R >= 3 with
-R + 1 tasks or more on prompts with (R+1)! + 2 rows or columns, and ranks 2 to 6 with 2 tasks or
+or more, rank R = 3 to 6 with N >= (R+1)! - 1 (23 tasks at rank 3, 119 at rank 4), rank R = 3 to 6 with
+R + 1 tasks or more on prompts with (R+1)! + 2 rows or columns, and ranks 2 to 7 with 2 tasks or
 more on prompts of C(2R, R) + 1 by 2R; the search found it for 2 tasks at rank 2 in every case
 measured, and at rank 3 with fewer tasks in most (the README has the counts). Otherwise (smaller
-prompts, rank 7 and up), or where the prompts are not of that form,
+prompts, rank 8 and up), or where the prompts are not of that form,
 :func:`recover_shared` returns ``None`` or a start whose objective pack compares with the
 baseline's; it iterates from the better of the two.
 """
@@ -73,10 +73,12 @@ from typing import Any
 
 import numpy as np
 
-MAX_RANK = 6
-"""Above this rank nothing is tried: the kernel route's system has (R+1)! columns (5040 at rank 6,
-40320 at rank 7) and the pair route's C(2R, R) (924 at rank 6, 3432 at rank 7, whose roots would
-come in rows of 2^6 combinations)."""
+MAX_RANK = 7
+"""Above this rank nothing is tried: the pair route's system has C(2R, R) columns (3432 at rank 7,
+12870 at rank 8, more than a d = 4096 model has rows for its equations)."""
+SYSTEM_MAX_RANK = 6
+"""The kernel route and the monomial system stop at this rank: their systems have (R+1)! columns
+(5040 at rank 6, 40320 at rank 7: 13 GB in float64 over its 40322 equations)."""
 BLOCK_VALUES = 1 << 22
 """Step 1 works on chunks of blocks holding at most this many ``[N, (R+1)!]`` values."""
 
@@ -578,14 +580,27 @@ prompts at ranks 3 and 4 with exactly (R+1)! + 2 columns or rows: 200 of 200 ada
 and 760 columns gave starts off by factors of 100 and more in 4 of 6.)"""
 
 
-KERNEL_STEPS = 4
-"""Gauss-Newton steps that refine the ``c_k`` of the kernel route on its own system. From the
-monomials' ratios they came out 1.3% off in an adapter of float32 prompts (rank 3, 4 tasks) and its
-columns' ``L`` up to 13%; after 2 steps, 0.15% and 3e-6."""
+LM_STEPS = 40
+"""Levenberg-Marquardt steps (at most) that refine the kernel route's ``c_k`` and the pair route's
+null vectors on their own systems (:func:`_levenberg_marquardt`). From the monomials' ratios the
+``c_k`` came out 1.3% off in an adapter of float32 prompts (rank 3, 4 tasks) and its columns' ``L``
+up to 13%; after 2 steps, 0.15% and 3e-6. The pair route's roots can come out farther off where the
+null vectors span orders of magnitude: 2 tasks at rank 5 on [10, 253] (its fewest columns, on
+exactly 2R rows) started at a cost of 3.3e-2 with the true one at 6e-9, and at rank 7 (2 tasks on
+[14, 3434]) at 2.6e-3; Gauss-Newton, even with halved steps, stopped at 3e-2 in the first (the start
+was then the baseline's), and this reached 1e-8 in about 15 steps."""
+LM_DAMPING = 1e-3
+"""... the damping it starts from (relative to the squared norm of each unknown's column of the
+Jacobian; a step that does not lower the cost is tried again with 10 times more, up to
+:data:`LM_TRIES` times, and a step that does divides it by 10) ..."""
+LM_TRIES = 12
+"""... (see :data:`LM_DAMPING`) ..."""
+LM_STALL = 0.5
+"""... and the factor by which three steps must lower the cost for it to go on."""
 
 
 def _refined_kernels(even: Any, kernels: Any) -> Any:
-    """The ``c_k`` (``kernels`` [task, row], first row and column 1) refined by Gauss-Newton on the
+    """The ``c_k`` (``kernels`` [task, row], first row and column 1) refined by Levenberg-Marquardt on the
     kernel route's system ``A y(c) = 0`` (``even`` [task, row, d]; ``y_pi = prod_k c_k[pi(k)]``),
     over the entries that are not 1; a step is kept only where it lowers ``|A y| / |y|``. The
     ratios of the null vector's monomials weigh the small ones, whose relative error is large, as
@@ -613,28 +628,48 @@ def _refined_kernels(even: Any, kernels: Any) -> Any:
     def residual(v: Any) -> Any:
         return system @ monomials(v)
 
-    return unpack(_gauss_newton(kernels[1:, 1:].reshape(-1), residual, jacobian, monomials))
+    return unpack(_levenberg_marquardt(kernels[1:, 1:].reshape(-1), residual, jacobian, monomials))
 
 
-def _gauss_newton(v: Any, residual: Any, jacobian: Any, unknowns: Any) -> Any:
-    """``v`` after up to :data:`KERNEL_STEPS` Gauss-Newton steps on ``residual(v)`` (a homogeneous
-    system's residual, ``jacobian(v)`` its Jacobian), each kept only where it lowers
-    ``|residual(v)| / |unknowns(v)|`` (the system's unknowns, whose scale it is blind to)."""
+def _levenberg_marquardt(v: Any, residual: Any, jacobian: Any, unknowns: Any) -> Any:
+    """``v`` after up to :data:`LM_STEPS` Levenberg-Marquardt steps on ``residual(v)`` (a
+    homogeneous system's residual, ``jacobian(v)`` its Jacobian), each kept only where it lowers
+    ``|residual(v)| / |unknowns(v)|`` (the system's unknowns, whose scale it is blind to); it stops
+    where no step does or the cost stalls (:data:`LM_STALL`). Each step solves the damped system
+    ``[J; sqrt(lam) D] step = [-r; 0]`` (``D``: the norms of J's columns) by least squares
+    (:func:`_least_squares`, as on CUDA)."""
     import torch
 
     def cost(v: Any) -> float:
         return float(residual(v).norm() / unknowns(v).norm().clamp_min(torch.finfo(v.dtype).tiny))
 
     best = cost(v)
-    for _ in range(KERNEL_STEPS):
-        try:
-            moved = v + _least_squares(jacobian(v), -residual(v)[:, None])[:, 0]
-        except RuntimeError:  # (LAPACK refuses a Jacobian that is not finite)
-            break
-        new = cost(moved) if bool(torch.isfinite(moved).all()) else math.inf
-        if not new < best:
+    history = [best]
+    damping = LM_DAMPING
+    zeros = torch.zeros(len(v), 1, dtype=v.dtype, device=v.device)
+    for _ in range(LM_STEPS):
+        jac, res = jacobian(v), residual(v)
+        norms = torch.linalg.vector_norm(jac, dim=0)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        moved = None
+        for _ in range(LM_TRIES):
+            damped = torch.cat([jac, math.sqrt(damping) * torch.diag(norms)])
+            try:
+                step = _least_squares(damped, torch.cat([-res[:, None], zeros]))[:, 0]
+            except RuntimeError:  # (LAPACK refuses a Jacobian that is not finite)
+                return v
+            tried = v + step
+            new = cost(tried) if bool(torch.isfinite(tried).all()) else math.inf
+            if new < best:
+                moved, damping = tried, damping / 10
+                break
+            damping *= 10
+        if moved is None:
             break
         v, best = moved, new
+        history.append(best)
+        if len(history) > 3 and best > LM_STALL * history[-4]:
+            break
     return v
 
 
@@ -741,18 +776,32 @@ PAIR_MARGIN = 1
 unknowns are C(2R, R) - 1): 7 at rank 2, 21 at rank 3, 71 at rank 4, 253 at rank 5. Float32 prompts
 at ranks 2 to 4 with exactly C(2R, R) + 1 columns or rows: 350 of 350 adapters round-trip; with
 C(2R, R), 450 of 450 (one spare equation kept all the same); with C(2R, R) - 1, 21 of 150."""
-PAIR_MAX_RANK = 6
-"""... and ranks up to this (its system has C(2R, R) - 1 unknowns: 923 at rank 6, 3431 at rank 7)."""
+PAIR_MAX_RANK = 7
+"""... and ranks up to this (its system has C(2R, R) - 1 unknowns: 923 at rank 6, 3431 at rank 7;
+2 tasks [20, 4096] at rank 7 recovered in 19 s on two cores, 25 s in all)."""
 PAIR_BEAM = 4096
 """... and the combinations of roots it keeps after each row of ``x`` (each row has R - 1 quadratics,
 2^(R-1) combinations of their roots), those that come closest on the products of 2 x 2 minors within
-the rows so far: every combination up to rank 5 (2^16 at the last row), 4096 of 2^25 at rank 6."""
+the rows so far: every combination up to rank 5 (2^16 at the last row), 4096 of 2^25 at rank 6 and
+of 2^36 at rank 7 (so 2^18 scored per row, in chunks)."""
+PAIR_CHUNK = 1 << 15
+"""... and how many combinations it scores at once."""
 PAIR_SHORTLIST = 64
 """... and the combinations it scores on every monomial, those that come closest on the products of
 2 x 2 minors first (at rank 5, 2^16 combinations on all 252 monomials took 8 s)."""
-PAIR_KEEP = 4
-"""... and the combinations whose monomials come closest that it fits to more rows (the true one
-and its mirror image fit the monomials alike; the other rows tell them apart)."""
+PAIR_KEEP = 16
+"""... and the combinations whose monomials come closest that it refines and fits to more rows. The
+roots come from single monomials, so the true one need not come closest before refining: 2 tasks
+at rank 6 on [13, 925] (float32 prompts; the system's null vector 3e5 times below its next
+singular value) had it 6th of 16 (|A w| / |w| = 5e-2, two pairs before it at 5e-3 and 0.14), and
+refined it reached 1.4e-9 where the others stopped at 1.6e-7 and above. (The combinations come in
+pairs, each with its mirror image.)"""
+PAIR_SAME = 1e-6
+"""... and how close (relative) two refined candidates must be to count as one: at rank 6 on [12, 925]
+all 16 refined to the true one or its mirror image, and the first 4 were all the mirror's."""
+PAIR_STARTS = 4
+"""... and on exactly 2R rows, the distinct candidates it gives pack (the true one and its mirror
+image fit alike there), best first."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -768,14 +817,81 @@ def _pair_terms(rank: int) -> tuple[list[tuple[int, ...]], list[list[int]], list
 def _pair_monomials(x: Any, y: Any, rank: int) -> Any:
     """``w_S = det K1[S] det K2[S^c]`` for every R-subset ``S``, with ``K1 = [I; x]`` and
     ``K2 = [y; I]`` (``x``, ``y``: [..., R, R]): [..., C(2R, R)]."""
+    first, second = _pair_minors(x, y, rank)
+    return first * second
+
+
+def _pair_minors(x: Any, y: Any, rank: int) -> tuple[Any, Any]:
+    """``det K1[S]`` and ``det K2[S^c]`` for every R-subset ``S`` (:func:`_pair_monomials`)."""
     import torch
 
     eye = torch.eye(rank, dtype=x.dtype, device=x.device).expand(x.shape)
     k1, k2 = torch.cat([eye, x], -2), torch.cat([y, eye], -2)
+    top, bottom = (torch.from_numpy(rows).to(x.device) for rows in _pair_rows(rank))  # [C, R] each
+    return _det(k1[..., top, :]), _det(k2[..., bottom, :])  # [..., C, R, R] -> [..., C]
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_rows(rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_pair_terms`' subsets and complements as arrays [C(2R, R), R]."""
     subsets, rest, _signs = _pair_terms(rank)
-    top = torch.tensor(subsets, device=x.device)  # [C, R]
-    bottom = torch.tensor(rest, device=x.device)
-    return _det(k1[..., top, :]) * _det(k2[..., bottom, :])  # [..., C, R, R] -> [..., C]
+    return np.array(subsets, dtype=np.int64), np.array(rest, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_derivatives(rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each minor of :func:`_pair_minors` has a nonzero derivative, as another of them:
+    the rows ``(i, b, a, j, sign)`` [5, terms] of ``d det K1[S_i] / d x[b, a] = sign det K1[S_j]``, then for
+    ``det K2[S_i^c]`` and ``y[b, a]``. (The cofactor of row ``p`` and column ``a`` of ``K1[S]``,
+    where row ``R + b`` of ``K1`` is its ``p``-th, is zero where ``S`` holds ``I``'s row ``a``, else
+    ``K1[S']``'s determinant expanded along that row, with ``S' = S - {R + b} + {a}`` holding it
+    ``q``-th: ``(-1)^(p+q) det K1[S']``. So with ``K2``'s rows ``b`` and ``R + a``.)"""
+    subsets, _rest, _signs = _pair_terms(rank)
+    index = {s: i for i, s in enumerate(subsets)}
+    every = set(range(2 * rank))
+
+    def terms(minor: Any, row: Any, spare: Any) -> list[tuple[int, int, int, int, int]]:
+        # minor(i): the rows of minor i; row(b) and spare(a): K's rows for x[b, .] and I's row a
+        found = []
+        for i in range(len(subsets)):
+            held = minor(i)
+            for b in range(rank):
+                if row(b) not in held:
+                    continue
+                for a in range(rank):
+                    if spare(a) in held:
+                        continue
+                    moved = sorted(set(held) - {row(b)} | {spare(a)})
+                    j = index[tuple(sorted(every - set(moved)))] if minor is second else index[tuple(moved)]
+                    found.append((i, b, a, j, (-1) ** (held.index(row(b)) + moved.index(spare(a)))))
+        return found
+
+    def first(i: int) -> list[int]:
+        return list(subsets[i])
+
+    def second(i: int) -> list[int]:
+        return sorted(every - set(subsets[i]))
+
+    return (
+        np.array(terms(first, lambda b: rank + b, lambda a: a), dtype=np.int64).T,
+        np.array(terms(second, lambda b: b, lambda a: rank + a), dtype=np.int64).T,
+    )
+
+
+def _pair_jacobian(x: Any, y: Any, rank: int) -> Any:
+    """The Jacobian of :func:`_pair_monomials` (``x``, ``y``: [R, R]) with respect to ``x`` then
+    ``y``, flattened: [C(2R, R), 2 R^2], from the minors themselves (:func:`_pair_derivatives`):
+    one evaluation of the monomials, where automatic differentiation took one per unknown."""
+    import torch
+
+    first, second = _pair_minors(x, y, rank)
+    count = len(first)
+    jac = torch.zeros(count, 2, rank, rank, dtype=x.dtype, device=x.device)
+    for side, terms in enumerate(_pair_derivatives(rank)):
+        i, b, a, j, sign = torch.from_numpy(terms).to(x.device)
+        other = second[i] * first[j] if side == 0 else first[i] * second[j]
+        jac[i, side, b, a] = sign.to(x.dtype) * other
+    return jac.reshape(count, -1)
 
 
 def _pair_candidates(w: Any, rank: int) -> Any | None:
@@ -829,10 +945,11 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
         sign2 = torch.sign(wr[index2] * (xr[b1, a1] * xr[b2, a2] - xr[b1, a2] * xr[b2, a1]))
         sign2 = sign2 * (yr[a1, b1] * yr[a2, b2] - yr[a1, b2] * yr[a2, b1]).sign()
 
-    def cheap(x: Any, upto: int) -> Any:
-        """How far the products of 2 x 2 minors within x's rows 0..upto are from w: [K]."""
+    def cheap(x: Any, row: int) -> Any:
+        """How far the products of 2 x 2 minors of x's row ``row`` and each row above it are from
+        w: [K] (the rows above among themselves were scored before)."""
         y = (prod / x).transpose(1, 2)  # y[a, b] = E[b, a] / x[b, a]
-        m = b2 <= upto
+        m = b2 == row
         i1, i2, j1, j2 = a1[m], a2[m], b1[m], b2[m]
         got = (x[:, j1, i1] * x[:, j2, i2] - x[:, j1, i2] * x[:, j2, i1]) * (
             y[:, i1, j1] * y[:, i2, j2] - y[:, i1, j2] * y[:, i2, j1]
@@ -843,12 +960,18 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
     row_choice = torch.tensor(list(itertools.product((0, 1), repeat=rank - 1)), device=w.device)  # [C, R-1]
     columns = torch.arange(1, rank, device=w.device)
     x = torch.ones(1, rank, rank, dtype=w.dtype, device=w.device)
+    score = torch.zeros(1, dtype=w.dtype, device=w.device)  # cheap() of each row so far, summed
     for b in range(1, rank):
         x = x.repeat_interleave(len(row_choice), 0)
         x[:, b, 1:] = roots[b, columns, row_choice].repeat(len(x) // len(row_choice), 1)
+        if rank == 2:
+            continue
+        score = score.repeat_interleave(len(row_choice), 0)
+        score += torch.cat([cheap(x[c : c + PAIR_CHUNK], b) for c in range(0, len(x), PAIR_CHUNK)])
         keep = PAIR_SHORTLIST if b == rank - 1 else PAIR_BEAM
-        if rank > 2 and len(x) > keep:
-            x = x[torch.argsort(cheap(x, b))[:keep]]
+        if len(x) > keep:
+            best = torch.argsort(score)[:keep]
+            x, score = x[best], score[best]
     y = (prod / x).transpose(1, 2)
     cost = torch.nan_to_num((_pair_monomials(x, y, rank) - w).square().sum(-1), nan=math.inf)
     order = torch.argsort(cost)[:PAIR_KEEP]
@@ -857,11 +980,10 @@ def _pair_candidates(w: Any, rank: int) -> Any | None:
 
 
 def _refined_pair(system: Any, x: Any, y: Any, rank: int) -> Any:
-    """``(x, y)`` [2, R, R] refined by Gauss-Newton on the pair route's system ``A w(x, y) = 0``
+    """``(x, y)`` [2, R, R] refined by Levenberg-Marquardt on the pair route's system ``A w(x, y) = 0``
     (``x``'s first row and column stay 1), as :func:`_refined_kernels` does for the kernel route;
-    a step is kept only where it lowers ``|A w| / |w|``."""
+    a step is kept only where it lowers ``|A w| / |w|``; its Jacobian is :func:`_pair_jacobian`'s."""
     import torch
-    from torch.func import jacfwd
 
     k = (rank - 1) ** 2
 
@@ -869,19 +991,31 @@ def _refined_pair(system: Any, x: Any, y: Any, rank: int) -> Any:
         inner = torch.cat([x[1:, :1], v[:k].reshape(rank - 1, rank - 1)], 1)
         return torch.cat([x[:1], inner], 0), v[k:].reshape(rank, rank)
 
+    last: list[Any] = [None, None]  # (the cost asks for the residual and the monomials of one v)
+
     def monomials(v: Any) -> Any:
-        return _pair_monomials(*unpack(v), rank)
+        if last[0] is not v:
+            last[:] = [v, _pair_monomials(*unpack(v), rank)]
+        return last[1]
 
     def residual(v: Any) -> Any:
         return system @ monomials(v)
 
+    free = torch.ones(2, rank, rank, dtype=torch.bool, device=x.device)
+    free[0, 0], free[0, :, 0] = False, False  # (x's first row and column)
+    free = free.reshape(-1)
+
+    def jacobian(v: Any) -> Any:
+        return system @ _pair_jacobian(*unpack(v), rank)[:, free]
+
     v = torch.cat([x[1:, 1:].reshape(-1), y.reshape(-1)])
-    return torch.stack(unpack(_gauss_newton(v, residual, jacfwd(residual), monomials)))
+    return torch.stack(unpack(_levenberg_marquardt(v, residual, jacobian, monomials)))
 
 
-def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | None:
+def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> list[Any]:
     """``L`` on the pivot rows and a few columns from 2 tasks, with the columns as equations
-    (d >= C(2R, R) + :data:`PAIR_MARGIN`), then spread to what step 2 needs (:func:`_spread`).
+    (d >= C(2R, R) + :data:`PAIR_MARGIN`), then spread to what step 2 needs (:func:`_spread`):
+    the best candidate, or each of them where nothing tells them apart (empty: none).
 
     With ``I = rows[:2R]``, each of the two tasks' ``L[I, :] * P_k[I, :]`` (2R rows of rank R) has
     R left null vectors, the columns of ``K_k`` [2R, R], so column ``j``'s unknowns ``L[I, j]``
@@ -898,7 +1032,7 @@ def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | No
     piv = torch.tensor(rows[:m], device=p.device)
     tasks = _distinct_tasks(p, 2)
     if tasks is None:
-        return None
+        return []
     pk = p[tasks][:, piv, :]  # [2 tasks, 2R rows, d]
     even = _even_columns(pk)
     subsets, rest, signs = _pair_terms(rank)
@@ -911,12 +1045,17 @@ def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | No
     w = torch.linalg.svd(system / scale, full_matrices=False)[2][-1] / scale
     found = _pair_candidates(w, rank)
     if found is None:
-        return None
-    found = torch.stack([_refined_pair(system, x, y, rank) for x, y in found])
+        return []
+    distinct: list[Any] = []  # (several combinations often refine to one root)
+    for x, y in found:
+        got = _refined_pair(system, x, y, rank)
+        if all(float((got - seen).norm()) > PAIR_SAME * float(seen.norm()) for seen in distinct):
+            distinct.append(got)
+    found = distinct
     eye = torch.eye(rank, dtype=p.dtype, device=p.device)
     extra = rows[m : m + min(t - m, SEARCH_ROWS)]
     tiny = torch.finfo(p.dtype).tiny
-    best: tuple[float, Any, list[int]] | None = None
+    kept: list[tuple[float, Any, list[int]]] = []
     for x, y in found:
         k1, k2 = torch.cat([eye, x]), torch.cat([y, eye])
         per_col = torch.cat([pk[0].T[:, :, None] * k1[None], pk[1].T[:, :, None] * k2[None]], 2)  # [d, 2R, 2R]
@@ -934,11 +1073,14 @@ def _pair_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any | No
             fixed_at = torch.arange(len(extra), device=p.device) % len(picked)
             misfit = _row_fit(block / norm * core, p[:, extra][:, :, cs] / norm, fixed_at, exact=True)[1]
             cost += float(misfit.square().mean())
-        if math.isfinite(cost) and (best is None or cost < best[0]):
-            best = (cost, full, picked)
-    if best is None:
-        return None
-    return _spread(p, rank, rows, cols, best[1], best[2])
+        if math.isfinite(cost):
+            kept.append((cost, full, picked))
+    kept.sort(key=lambda c: c[0])
+    # on exactly 2R rows no further row tells the true K from its mirror image, and with 2 tasks
+    # (or their copies) both give every task rank R there: each goes on, best first, and pack keeps
+    # the one whose start fits best (the mirror's L can be far worse conditioned: at rank 7 it
+    # spanned 12 orders of magnitude and its start fitted worse than the baseline)
+    return [_spread(p, rank, rows, cols, full, picked) for _cost, full, picked in kept[: 1 if extra else PAIR_STARTS]]
 
 
 def _fill_rows(p: Any, lam: Any, rank: int, known: list[int], others: list[int], cols: list[int]) -> None:
@@ -955,13 +1097,13 @@ def _fill_rows(p: Any, lam: Any, rank: int, known: list[int], others: list[int],
     lam[rest[:, None], cs[None, :]] = _row_fit(space, p[:, rest][:, :, cs], 0, exact=True)[0]
 
 
-def _oriented(route: Any, p: Any, rank: int, rows: list[int], cols: list[int], columns: bool) -> Any | None:
+def _oriented(route: Any, p: Any, rank: int, rows: list[int], cols: list[int], columns: bool) -> list[Any]:
     """``route(p, rank, rows, cols)`` with the columns as its equations, or (``columns`` false)
-    the same on the transpose, the rows as its equations, transposed back."""
-    if columns:
-        return route(p, rank, rows, cols)
-    got = route(p.transpose(1, 2), rank, cols, rows)
-    return None if got is None else got.T.contiguous()
+    the same on the transpose, the rows as its equations, transposed back: its candidates (a
+    route gives one or ``None``, or a list)."""
+    got = route(p, rank, rows, cols) if columns else route(p.transpose(1, 2), rank, cols, rows)
+    found = got if isinstance(got, list) else [] if got is None else [got]
+    return found if columns else [lam.T.contiguous() for lam in found]
 
 
 def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | None:
@@ -970,16 +1112,22 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     module docstring); ``None`` where the method does not apply (rank >= min(T, d): any ``P*``
     fits; one task at rank 2 or more; prompts smaller than every route takes, see the module
     docstring; rank above :data:`MAX_RANK`) or gives no finite answer. Work arrays are
-    ``[chunk, T, d]`` (tasks per chunk; default all)."""
-    import torch
+    ``[chunk, T, d]`` (tasks per chunk; default all). The first of :func:`recover_starts`."""
+    starts = recover_starts(prompts, rank, chunk)
+    return starts[0] if starts else None
 
+
+def recover_starts(prompts: Any, rank: int, chunk: int | None = None) -> list[Any]:
+    """The candidates for :func:`recover_shared`, best first: one, or more where the prompts
+    leave them equally likely (2 tasks on exactly 2R rows: pack keeps the one whose start fits
+    best); empty where it gives ``None``."""
     n, t, d = prompts.shape
     # rank 2: the lifted route up to LIFT_TASKS tasks (the monomial one at 5 tasks solves an N x 6
     # null space, at times ill-conditioned), the monomial one beyond
     lifted = rank == 2 and 3 <= n <= LIFT_TASKS
     need = math.factorial(rank + 1) + KERNEL_MARGIN
-    kernels = rank >= 3 and n >= rank + 1 and max(t, d) >= need
-    monomial = rank >= 2 and n >= math.factorial(rank + 1) - 1
+    kernels = 3 <= rank <= SYSTEM_MAX_RANK and n >= rank + 1 and max(t, d) >= need
+    monomial = 2 <= rank <= SYSTEM_MAX_RANK and n >= math.factorial(rank + 1) - 1
     pair_need = math.comb(2 * rank, rank) + PAIR_MARGIN
     paired = (
         n >= 2
@@ -989,41 +1137,69 @@ def recover_shared(prompts: Any, rank: int, chunk: int | None = None) -> Any | N
     )
     searched = rank >= 2 and not monomial and n >= 2 and (rank - 1) * (_search_shape(n, rank)[0] - 1) <= SEARCH_SIGNS
     if rank >= min(t, d) or rank > MAX_RANK or not (rank == 1 or lifted or kernels or paired or monomial or searched):
-        return None
+        return []
     p = prompts
     rows, cols = _pivots(p)
+    crossed: list[Any] = []  # step 1 by a route other than the monomial system; first the one that applies
+    if lifted:
+
+        def lifted_route(q: Any, _rank: int, r: list[int], c: list[int]) -> Any | None:
+            return _rank2_cross(q, r, c)
+
+        crossed = _oriented(lifted_route, p, rank, rows, cols, True)
+        if not crossed:  # too few columns for the lifted system: the same on the transpose
+            crossed = _oriented(lifted_route, p, rank, rows, cols, False)
+    if not crossed and kernels:  # the columns as equations, or the rows, on the transpose
+        crossed = _oriented(_kernels_cross, p, rank, rows, cols, d >= need)
+    if not crossed and paired:  # (also where the kernel route's tasks were not distinct)
+        crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank)
+    if not crossed and searched:  # no linear route, or it found nothing
+        crossed = _oriented(_searched_cross, p, rank, rows, cols, True)
+    if crossed:
+        starts = [_completed(p, rank, rows, cols, lam, min(n, FIT_TASKS), chunk) for lam in crossed]
+    elif rank == 1 or monomial:
+        starts = [_completed(p, rank, rows, cols, _monomial_cross(p, rank, rows, cols), n, chunk)]
+    else:
+        return []
+    return [shared for shared in starts if shared is not None]
+
+
+def _monomial_cross(p: Any, rank: int, rows: list[int], cols: list[int]) -> Any:
+    """Step 1 by the monomial system (ones at rank 1): ``L`` on the pivot rows, every column,
+    and on the pivot columns, every row."""
+    import torch
+
+    t, d = p.shape[1:]
+    lam = torch.ones(t, d, dtype=p.dtype, device=p.device)
+    if rank == 1:
+        return lam
     piv_r, piv_c = rows[:rank], cols[:rank]
     t0, j0 = rows[rank], cols[rank]
-    crossed = None  # step 1 by a route other than the monomial system; first the one that applies
-    if lifted:
-        crossed = _rank2_cross(p, rows, cols)
-        if crossed is None:  # too few columns for the lifted system: the same on the transpose
-            crossed_t = _rank2_cross(p.transpose(1, 2), cols, rows)
-            crossed = None if crossed_t is None else crossed_t.T.contiguous()
-    if crossed is None and kernels:  # the columns as equations, or the rows, on the transpose
-        crossed = _oriented(_kernels_cross, p, rank, rows, cols, d >= need)
-    if crossed is None and paired:  # (also where the kernel route's tasks were not distinct)
-        crossed = _oriented(_pair_cross, p, rank, rows, cols, d >= pair_need and t >= 2 * rank)
-    if crossed is None and searched:  # no linear route, or it found nothing
-        crossed = _searched_cross(p, rank, rows, cols)
-    if crossed is None and rank > 1 and not monomial:
-        return None
-    lam = crossed if crossed is not None else torch.ones(t, d, dtype=p.dtype, device=p.device)
-    if crossed is None and rank > 1:  # the monomial system
-        other_c = [j for j in range(d) if j not in piv_c]
-        other_r = [i for i in range(t) if i not in piv_r]
-        # the pivot rows, every column: blocks I0 + [t0] x J0 + [j]
-        got = _blocks_step(p, [[*piv_r, t0]] * len(other_c), [[*piv_c, j] for j in other_c])
-        lam[torch.tensor(piv_r)[:, None], torch.tensor(other_c)[None, :]] = got[:, :rank, rank].T
-        lam[torch.tensor(piv_r)[:, None], torch.tensor(piv_c)[None, :]] = got[:, :rank, :rank].mean(0)
-        # the pivot columns, every row: blocks I0 + [t] x J0 + [j0]
-        got = _blocks_step(p, [[*piv_r, i] for i in other_r], [[*piv_c, j0]] * len(other_r))
-        lam[torch.tensor(other_r)[:, None], torch.tensor(piv_c)[None, :]] = got[:, rank, :rank]
+    other_c = [j for j in range(d) if j not in piv_c]
+    other_r = [i for i in range(t) if i not in piv_r]
+    # the pivot rows, every column: blocks I0 + [t0] x J0 + [j]
+    got = _blocks_step(p, [[*piv_r, t0]] * len(other_c), [[*piv_c, j] for j in other_c])
+    lam[torch.tensor(piv_r)[:, None], torch.tensor(other_c)[None, :]] = got[:, :rank, rank].T
+    lam[torch.tensor(piv_r)[:, None], torch.tensor(piv_c)[None, :]] = got[:, :rank, :rank].mean(0)
+    # the pivot columns, every row: blocks I0 + [t] x J0 + [j0]
+    got = _blocks_step(p, [[*piv_r, i] for i in other_r], [[*piv_c, j0]] * len(other_r))
+    lam[torch.tensor(other_r)[:, None], torch.tensor(piv_c)[None, :]] = got[:, rank, :rank]
+    return lam
+
+
+def _completed(
+    p: Any, rank: int, rows: list[int], cols: list[int], lam: Any, used: int, chunk: int | None
+) -> Any | None:
+    """Step 2: every entry of ``L`` off the pivot rows and columns from ``lam`` there, from the
+    first ``used`` tasks, then ``P* = 1 / L``; ``None`` if not finite."""
+    import torch
+
+    t, d = p.shape[1:]
+    piv_r, piv_c = rows[:rank], cols[:rank]
     # every other entry: one unknown per block, a_k L[t, j] + b_k = 0 in least squares
     num = torch.zeros(t, d, dtype=p.dtype, device=p.device)
     den = torch.zeros(t, d, dtype=p.dtype, device=p.device)
     sign = [(-1) ** (rank + c) for c in range(rank + 1)]
-    used = n if crossed is None else min(n, FIT_TASKS)  # (rank 1 and the monomial system: all)
     step = max(1, min(chunk or used, used))
     for a in range(0, used, step):
         pk = p[a : a + step]

@@ -771,8 +771,8 @@ def test_start_baseline_skips_the_recovery(tmp_path: Path, monkeypatch: pytest.M
     auto = run_cli("pack", "--from", src, "--num-ranks", "2", "--out", tmp_path / "auto", "--json")
     assert auto.exit_code == 0 and json.loads(auto.stdout)["start"] == "recovered"
     calls: list[int] = []
-    real = pack_module.recover_shared
-    monkeypatch.setattr(pack_module, "recover_shared", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pack_module.recover_starts
+    monkeypatch.setattr(pack_module, "recover_starts", lambda *a, **k: calls.append(1) or real(*a, **k))
     base = run_cli("pack", "--from", src, "--num-ranks", "2", "--start", "baseline", "--out", tmp_path / "b", "--json")
     assert base.exit_code == 0, base.stderr
     report = json.loads(base.stdout)
@@ -835,15 +835,16 @@ def test_a_recovery_that_gives_nothing_names_start_baseline(tmp_path: Path, monk
 
 @pytest.mark.parametrize(
     ("n", "t", "d", "r"),
-    [(5, 12, 70, 4), (5, 70, 12, 4), (4, 7, 200, 4), (2, 9, 20, 3), (2, 5, 40, 3), (8, 7, 9, 7)],
+    [(5, 12, 70, 4), (5, 70, 12, 4), (4, 7, 200, 4), (2, 9, 20, 3), (2, 5, 40, 3), (2, 14, 3432, 7), (3, 9, 60, 8)],
     ids=str,
 )
 def test_where_no_route_applies_the_fit_starts_from_the_baseline(n: int, t: int, d: int, r: int) -> None:
     """The README's limits, one step short of each route: rank 4 with R + 1 tasks but T and d
     under 71 (the pair route's C(8, 4) + 1; the kernel route's is 5! + 2 = 122), rank 4 with 4
     tasks and 200 columns but 7 rows (the pair route's other side needs 2R = 8), rank 3 with
-    2 tasks on 20 columns (its 21) or 5 rows (its 6), and rank 7 (above MAX_RANK: its systems would have
-    40320 columns). No start is recovered; the fit starts from the baseline."""
+    2 tasks on 20 columns (its 21) or 5 rows (its 6), rank 7 on 3432 columns (its 3433), and
+    rank 8 (above MAX_RANK: the pair route's system would have 12870 columns). No start is
+    recovered; the fit starts from the baseline."""
     from mpt_tools.recover import recover_shared
 
     rng = np.random.default_rng(n + t + d)
@@ -918,16 +919,25 @@ def test_the_pair_route_recovers_p_star_from_2_tasks(
 
 
 def test_two_tasks_at_rank_5_through_the_pair_route(tmp_path: Path) -> None:
-    """Rank 5, the pair route's highest (2^16 combinations of roots), with 2 zero-mean tasks on
+    """Rank 5, the pair route's last that keeps every combination of roots (2^16), with 2 zero-mean tasks on
     [10, 253] (its fewest rows and columns): every prompt comes back within 1e-5."""
     src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(5), 2, 10, 253, 5, 0.02)
     result = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=5))
     assert result["start"] == "recovered" and result["max_relative_error"] < 1e-5, result["history"][-3:]
 
 
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_the_pair_route_at_its_fewest_rows_and_columns(std: float) -> None:
+    """2 tasks at rank 5 on [10, 253], the pair route's fewest rows and columns at once: its roots
+    came out far enough off that Gauss-Newton stopped short of the true null vectors (the fit then
+    stopped at 8e-4 and 9e-2); Levenberg-Marquardt reaches them, and every prompt comes back."""
+    _pe, p = exact_prompts(np.random.default_rng(2), 2, 10, 253, 5, std)
+    assert_round_trips(p, 5)
+
+
 @pytest.mark.parametrize(("n", "t", "d", "std"), [(2, 13, 925, 0.02), (4, 931, 13, 1.0)], ids=str)
 def test_rank_6_through_the_pair_route(n: int, t: int, d: int, std: float) -> None:
-    """Rank 6, the pair route's highest (2^25 combinations of roots, of which it keeps 4096 after
+    """Rank 6 through the pair route (2^25 combinations of roots, of which it keeps 4096 after
     each row), with 2 tasks on [13, 925] (its fewest columns, one row more than its fewest: on
     exactly 2R rows the mirror image fits as exactly, and the prompts come back but P* need not)
     and 4 on the transpose (too few for the kernel route, which needs 7 tasks and 5042 columns):
@@ -938,6 +948,69 @@ def test_rank_6_through_the_pair_route(n: int, t: int, d: int, std: float) -> No
     assert_round_trips(p, 6)
 
 
+@pytest.mark.parametrize(("t", "std", "transpose"), [(13, 0.02, False), (12, 1.0, True)], ids=str)
+def test_rank_6_where_the_true_roots_do_not_come_first(t: int, std: float, transpose: bool) -> None:
+    """2 tasks at rank 6 on [t, 925] (seed 3). On 13 rows the true combination of roots is only
+    6th of the pair route's 16 by its monomials (float32 prompts put the roots off) and only
+    refining tells it apart (1.4e-9 against 1.6e-7 at best): with 4 kept the start was 88 off and
+    the fit stopped at 6e-3. On exactly 2R rows (here on the transpose) all 16 refine to the true
+    one or its mirror image, and until copies counted as one the 4 handed to pack were all the
+    mirror's (the fit stopped at 5e-5). Now every prompt comes back within 1e-5."""
+    _pe, p = exact_prompts(np.random.default_rng(3), 2, t, 925, 6, std)
+    assert_round_trips(p.transpose(1, 2).contiguous() if transpose else p, 6)
+
+
+def test_the_pair_jacobian_is_the_derivative_of_its_monomials() -> None:
+    """The pair route's refinement takes its Jacobian from the minors themselves
+    (``_pair_jacobian``, 50 times faster at rank 6 than automatic differentiation): it is torch's
+    own ``jacfwd`` of ``_pair_monomials`` at random ``x`` and ``y``, ranks 2 to 6."""
+    from torch.func import jacfwd
+
+    from mpt_tools.recover import _pair_jacobian, _pair_monomials
+
+    for r in range(2, 7):
+        g = torch.Generator().manual_seed(r)
+        x, y = torch.randn(2, r, r, generator=g, dtype=torch.float64)
+        auto = jacfwd(lambda v, r=r: _pair_monomials(v[: r * r].reshape(r, r), v[r * r :].reshape(r, r), r))(
+            torch.cat([x.reshape(-1), y.reshape(-1)])
+        )
+        assert torch.allclose(_pair_jacobian(x, y, r), auto, rtol=1e-12, atol=1e-12 * float(auto.abs().max()))
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_two_tasks_on_exactly_2r_rows_start_from_the_best_fit(std: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 tasks on exactly 2R rows (rank 4 on [8, 71]): nothing in the prompts tells the pair
+    route's true null vectors from their mirror image, so ``recover_starts`` gives each candidate
+    and pack starts from the one that fits best. Here the route's first candidate alone fits worse
+    than the baseline (so the fit would start from the mean prompt), and another fits exactly."""
+    import mpt_tools.pack as pack_module
+    from mpt_tools.recover import recover_starts
+
+    _pe, p = exact_prompts(np.random.default_rng(3), 2, 8, 71, 4, std)
+    total = float(p.square().sum())
+    starts = recover_starts(p, 4)
+    assert len(starts) > 1
+    fit = als_fit(p, 4, settings=FitSettings(max_iters=0))
+    assert fit.start == "recovered" and fit.history[0] < 1e-12 * total
+    monkeypatch.setattr(pack_module, "recover_starts", lambda *_a, **_k: starts[:1])
+    first = als_fit(p, 4, settings=FitSettings(max_iters=0))
+    assert first.start == "baseline" or first.history[0] > 1e-6 * total
+    monkeypatch.undo()
+    assert_round_trips(p, 4)
+
+
+@pytest.mark.parametrize(("n", "t", "d", "std"), [(2, 15, 3433, 0.02), (3, 3440, 14, 1.0)], ids=str)
+def test_rank_7_through_the_pair_route(n: int, t: int, d: int, std: float) -> None:
+    """Rank 7, the pair route's highest (2^36 combinations of roots, 4096 kept after each row;
+    its system [d, 3432] takes most of the time), with 2 tasks on [15, 3433] (its fewest
+    columns, as a d = 4096 model's prompts have more) and 3 on the transpose at its fewest rows:
+    P* comes back up to the scaling, every sign right, and every prompt within 1e-5."""
+
+    pe, p = exact_prompts(np.random.default_rng(7), n, t, d, 7, std)
+    assert_recovers_p_star(p, pe, 7, 5e-2)
+    assert_round_trips(p, 7)
+
+
 @pytest.mark.parametrize("order", [[0, 0, 1], [0, 0, 1, 2], [0, 1, 0, 2, 3]], ids=str)
 def test_a_task_packed_twice_still_round_trips(order: list[int]) -> None:
     """The same task twice among the prompts (``--tasks 0,0,1``): the kernel and pair routes take
@@ -945,6 +1018,25 @@ def test_a_task_packed_twice_still_round_trips(order: list[int]) -> None:
     at rank 3) the pair route takes over; every prompt comes back within 1e-5 at rank 3."""
     _pe, base = exact_prompts(np.random.default_rng(3), 4, 12, 40, 3, 0.02)
     assert_round_trips(base[order], 3)
+
+
+@pytest.mark.parametrize("start", [2.0, -3.0, 10.0])
+def test_the_refinement_damps_a_step_that_overshoots(start: float) -> None:
+    """The routes' refinement (``_levenberg_marquardt``) on ``atan(v) = 0``: from |v| >= 2 the
+    Gauss-Newton step lands farther from the root than it started (from 2: at -3.5), which ended
+    the refinement where it began before; damped steps reach the root."""
+    from mpt_tools.recover import _levenberg_marquardt
+
+    v = torch.tensor([start], dtype=torch.float64)
+    full = v - torch.atan(v) * (1 + v.square())
+    assert float(torch.atan(full).abs()) > float(torch.atan(v).abs())  # the overshoot
+    got = _levenberg_marquardt(
+        v,
+        lambda x: torch.atan(x),
+        lambda x: torch.diag(1 / (1 + x.square())),
+        lambda x: torch.ones(1, dtype=x.dtype),
+    )
+    assert float(got.abs()) < 1e-9
 
 
 @settings(max_examples=50, deadline=None)

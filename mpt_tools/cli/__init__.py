@@ -713,7 +713,7 @@ def pack_cmd(
     tasks of MPT adapters. Task i of the adapter is the i-th prompt, then the --from tasks.
     Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
     SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
-    (exact for baked adapters of rank 1, and of rank 2 to 6 from 2 tasks where T or d is at
+    (exact for baked adapters of rank 1, and of rank 2 to 7 from 2 tasks where T or d is at
     least C(2R, R) + 1 and the other 2R; on smaller prompts at ranks 2 and 3, by a search
     that most often finds it; --start baseline skips it), on the GPU when there is one; the
     objective never increases, so the fit is never worse than the baseline. Prints each task's
