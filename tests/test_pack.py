@@ -960,6 +960,29 @@ def test_rank_6_where_the_true_roots_do_not_come_first(t: int, std: float, trans
     assert_round_trips(p.transpose(1, 2).contiguous() if transpose else p, 6)
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-9], ids=str)
+def test_the_null_vector_by_qr_is_the_svds(noise: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From 3432 columns (the pair route at rank 7) the null vector comes from a QR factorisation
+    and inverse iteration (10 times faster there than the SVD): here from 40 columns on, it is the
+    SVD's on a system with a planted null vector (exact, or under noise), and ``e_j`` where column
+    ``j`` is zero (R's zero diagonal is raised to a floor, so nothing divides by zero)."""
+    import mpt_tools.recover as recover
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(40, generator=g, dtype=torch.float64)
+    z = z / z.norm()
+    a = torch.randn(60, 40, generator=g, dtype=torch.float64)
+    a = a - (a @ z)[:, None] * z[None] + noise * torch.randn(60, 40, generator=g, dtype=torch.float64)
+    reference = torch.linalg.svd(a)[2][-1]
+    monkeypatch.setattr(recover, "NULL_QR_COLUMNS", 40)
+    got = recover._null_vector(a)
+    assert float(got.norm() - 1) < 1e-12
+    assert min(float((got - reference).norm()), float((got + reference).norm())) < 1e-9
+    a[:, 7] = 0.0
+    got = recover._null_vector(a)
+    assert bool(torch.isfinite(got).all()) and abs(float(got[7].abs()) - 1) < 1e-12
+
+
 def test_the_pair_jacobian_is_the_derivative_of_its_monomials() -> None:
     """The pair route's refinement takes its Jacobian from the minors themselves
     (``_pair_jacobian``, 50 times faster at rank 6 than automatic differentiation): it is torch's
