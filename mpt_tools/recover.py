@@ -850,32 +850,21 @@ def _pair_derivatives(rank: int) -> tuple[np.ndarray, np.ndarray]:
     index = {s: i for i, s in enumerate(subsets)}
     every = set(range(2 * rank))
 
-    def terms(minor: Any, row: Any, spare: Any) -> list[tuple[int, int, int, int, int]]:
-        # minor(i): the rows of minor i; row(b) and spare(a): K's rows for x[b, .] and I's row a
+    def terms(of_k2: bool) -> np.ndarray:
+        # x[b, .] is K1's row R + b and I's row a is K1's row a; y[b, .] is K2's row b, I's row a its R + a
+        row, spare = (0, rank) if of_k2 else (rank, 0)
         found = []
-        for i in range(len(subsets)):
-            held = minor(i)
-            for b in range(rank):
-                if row(b) not in held:
+        for i, s in enumerate(subsets):
+            held = sorted(every - set(s)) if of_k2 else list(s)
+            for b, a in itertools.product(range(rank), repeat=2):
+                if row + b not in held or spare + a in held:
                     continue
-                for a in range(rank):
-                    if spare(a) in held:
-                        continue
-                    moved = sorted(set(held) - {row(b)} | {spare(a)})
-                    j = index[tuple(sorted(every - set(moved)))] if minor is second else index[tuple(moved)]
-                    found.append((i, b, a, j, (-1) ** (held.index(row(b)) + moved.index(spare(a)))))
-        return found
+                moved = sorted(set(held) - {row + b} | {spare + a})
+                j = index[tuple(sorted(every - set(moved)) if of_k2 else moved)]
+                found.append((i, b, a, j, (-1) ** (held.index(row + b) + moved.index(spare + a))))
+        return np.array(found, dtype=np.int64).T
 
-    def first(i: int) -> list[int]:
-        return list(subsets[i])
-
-    def second(i: int) -> list[int]:
-        return sorted(every - set(subsets[i]))
-
-    return (
-        np.array(terms(first, lambda b: rank + b, lambda a: a), dtype=np.int64).T,
-        np.array(terms(second, lambda b: b, lambda a: rank + a), dtype=np.int64).T,
-    )
+    return terms(False), terms(True)
 
 
 def _pair_jacobian(x: Any, y: Any, rank: int) -> Any:
