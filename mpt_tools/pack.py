@@ -48,7 +48,9 @@ the GPU when there is one): memory is the prompts themselves plus two chunks of
 ``[tasks, T, d]`` (``chunk_bytes``), whatever N is. The fit is deterministic for a given
 ``seed`` (which only seeds the unused rank directions) and device. It stops when the relative
 decrease of ``f`` over an iteration is at most ``tol``, when ``f`` is exact to float64 round-off,
-or after ``max_iters`` iterations. The factors are then balanced per task (the product's SVD split
+when every task's relative error is within a quarter of the unit round-off of its input's dtype and
+of the written dtype (:func:`round_off_floors`: more iterations would be lost in the cast), or after
+``max_iters`` iterations. The factors are then balanced per task (the product's SVD split
 evenly, exact up to round-off), cast to ``dtype`` and written as an MPT adapter that ``validate``,
 ``init`` and ``verify`` accept; the relative errors reported are those of the written values.
 
@@ -111,6 +113,11 @@ PROX = 1e-10
 proximal term): it keeps rank-deficient blocks solvable and can only lower the objective."""
 EXACT = 1e-20
 """The fit stops as exact when ``f <= EXACT * sum_k ||P_k||^2`` (relative error 1e-10)."""
+UNIT_ROUND_OFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+"""Half the spacing of a dtype's values around 1: its relative rounding error, at most."""
+ROUND_OFF_SHARE = 0.25
+"""The fit stops as "round-off" once every task's relative error is at most this share of the
+coarser unit round-off of its input's dtype and of the written dtypes (:func:`round_off_floors`)."""
 CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 """The default bound on the fit's two work buffers of ``[tasks, T, d]`` per device type."""
 SMALL_RANK = 8
@@ -185,6 +192,7 @@ class _Prompt(NamedTuple):
     nts: int | None
     task_type: str | None
     config: dict[str, Any] | None
+    dtype: str = "F32"  # the stored dtype tag (the coarser of TGIS's two files; F32 for an MPT task, baked in float32)
 
 
 class _Shape(NamedTuple):
@@ -266,19 +274,22 @@ def _peft_folder(folder: Path) -> _Prompt:
     if task_type is not None and task_type not in TASK_TYPES:
         raise ConfigError(f"unknown task_type {task_type!r}", cfg.path)
     files = [str(folder / CONFIG_NAME), str(weights)]
-    return _Prompt(str(folder), "peft", files, array, nts, task_type, dict(cfg.raw))
+    return _Prompt(str(folder), "peft", files, array, nts, task_type, dict(cfg.raw), raw.dtype)
 
 
 def _tgis_folder(folder: Path) -> _Prompt:
     """A TGIS prefix folder: ``decoder.pt`` (decoder-only), ``encoder.pt`` + ``decoder.pt``
     (encoder-decoder, 2 submodules: encoder rows first) or ``encoder.pt`` (encoder only)."""
     parts: dict[str, np.ndarray] = {}
+    tags: list[str] = []
     for name in TGIS_FILES:
         path = folder / name
         if os.path.lexists(path):
             raw = _tensor_of(open_tensor_file(path, bare=True), str(path))
             parts[name] = _finite(to_float32(raw) if raw.dtype != "F64" else raw.array.reshape(raw.shape), str(path))
+            tags.append(raw.dtype)
     files = [str(folder / n) for n in TGIS_FILES if n in parts]
+    tag = max(tags, key=UNIT_ROUND_OFF.__getitem__)
     if len(parts) == 2:
         enc, dec = parts["encoder.pt"], parts["decoder.pt"]
         if enc.shape != dec.shape:
@@ -287,10 +298,10 @@ def _tgis_folder(folder: Path) -> _Prompt:
                 "encoder-decoder prompt have the same shape",
                 str(folder),
             )
-        return _Prompt(str(folder), "tgis", files, np.concatenate([enc, dec]), 2, "SEQ_2_SEQ_LM", None)
+        return _Prompt(str(folder), "tgis", files, np.concatenate([enc, dec]), 2, "SEQ_2_SEQ_LM", None, tag)
     if "encoder.pt" in parts:
-        return _Prompt(str(folder), "tgis", files, parts["encoder.pt"], 1, "SEQ_2_SEQ_LM", None)
-    return _Prompt(str(folder), "tgis", files, parts["decoder.pt"], 1, None, None)
+        return _Prompt(str(folder), "tgis", files, parts["encoder.pt"], 1, "SEQ_2_SEQ_LM", None, tag)
+    return _Prompt(str(folder), "tgis", files, parts["decoder.pt"], 1, None, None, tag)
 
 
 def read_prompt(path: str | os.PathLike[str]) -> _Prompt:
@@ -315,7 +326,7 @@ def read_prompt(path: str | os.PathLike[str]) -> _Prompt:
         )
     raw = _tensor_of(open_tensor_file(p, bare=True), where)
     array = _finite(to_float32(raw) if raw.dtype != "F64" else raw.array.reshape(raw.shape), where)
-    return _Prompt(where, "tensor", [where], array, None, None, None)
+    return _Prompt(where, "tensor", [where], array, None, None, None, raw.dtype)
 
 
 def _is_mpt(path: str | os.PathLike[str]) -> bool:
@@ -401,7 +412,8 @@ def _bake(ckpt: Checkpoint, tasks: Sequence[int], out: Any, start: int) -> None:
 class FitSettings(NamedTuple):
     """The fit's stopping rule, seed and chunking (see :class:`PackOptions`); ``chunk_tasks``:
     tasks per chunk of the work buffers (default: all); ``line_search`` off: plain ALS (the
-    benchmark's comparison)."""
+    benchmark's comparison); ``round_off``: per task, the relative error at or below which the fit
+    stops as "round-off" once every task is there (:func:`round_off_floors`; None: never)."""
 
     seed: int = 0
     tol: float = 1e-6
@@ -409,14 +421,15 @@ class FitSettings(NamedTuple):
     chunk_tasks: int | None = None
     line_search: bool = True
     recover: bool = True
+    round_off: tuple[float, ...] | None = None
 
 
 class FitResult(NamedTuple):
     """What :func:`als_fit` found: ``shared`` [T, d], ``cols`` [N, T, R], ``rows`` [N, R, d]
     (float64, on the prompts' device), per task the squared errors of the baseline and of the
     fit, the objective after each iteration (``history[0]``: the start's), the iterations run,
-    how many of them took the extrapolated step, why the fit stopped ("tol", "exact" or
-    "max-iters"), where it started ("baseline" or "recovered", the algebraic start of
+    how many of them took the extrapolated step, why the fit stopped ("tol", "exact",
+    "round-off" or "max-iters"), where it started ("baseline" or "recovered", the algebraic start of
     :mod:`mpt_tools.recover` where its objective is lower), and the seconds the recovery took (0
     where it was not tried)."""
 
@@ -431,6 +444,30 @@ class FitResult(NamedTuple):
     stopped: str
     start: str
     recover_seconds: float = 0.0
+
+
+def round_off_floors(inputs: Sequence[str], written: Sequence[str]) -> tuple[float, ...]:
+    """Per input prompt (its dtype tag in ``inputs``: F64, F32, F16 or BF16), the relative error
+    at which more fitting is lost in rounding: :data:`ROUND_OFF_SHARE` times the coarser unit
+    round-off of that input's dtype and of the ``written`` tensors' dtypes. Below it the fit
+    matches the prompt closer than the prompt's own rounding tells (the values it was rounded
+    from are not known better), and casting ``P*`` and the factors to the written dtype costs
+    about its unit round-off anyway (0.75 to 0.85 of it measured for float32 adapters): a fit
+    error of a quarter of that adds about 4% to the written error, in quadrature, which is all
+    that further iterations could take off (``test_the_round_off_stop_costs_little``)."""
+    out = max(UNIT_ROUND_OFF[tag] for tag in written)
+    return tuple(ROUND_OFF_SHARE * max(UNIT_ROUND_OFF[tag], out) for tag in inputs)
+
+
+def _floors_sq(prompts: Any, round_off: Sequence[float] | None) -> Any:
+    """Per task, the squared error at which the fit stops as "round-off" (``round_off[k]^2
+    ||P_k||^2``; None: never)."""
+    import torch
+
+    if round_off is None:
+        return None
+    share = torch.tensor(round_off, dtype=prompts.dtype, device=prompts.device)
+    return torch.linalg.vector_norm(prompts, dim=(1, 2)).square() * share.square()
 
 
 @contextmanager
@@ -652,20 +689,20 @@ class _Als:
             moved = den > 0
             self.shared = torch.where(moved, num / torch.where(moved, den, torch.ones_like(den)), ps)
 
-    def extrapolate(self, before: Any, step: float, f: float) -> float:
+    def extrapolate(self, before: Any, step: float, errors: Any) -> Any:
         """The line search of ALS (Bro, 1998): try ``before + step * (now - before)`` for every
         variable (P* only when it is fitted) and keep it only when its objective is lower than
-        ``f``, the current one (so the objective still never increases); returns the objective
-        kept and sets ``moved``."""
+        the current one (``errors``: per task, so the objective still never increases); returns
+        the per-task errors of the state kept and sets ``moved``."""
         self.moved = False
         shared = self.shared if self.fixed else before[0] + step * (self.shared - before[0])
         cols = before[1] + step * (self.cols - before[1])
         rows = before[2] + step * (self.rows - before[2])
-        tried = float(prompt_errors(self.p, shared, cols, rows, chunk=self.chunk, buffer=self.buf_w).sum())
-        if tried < f:
+        tried = prompt_errors(self.p, shared, cols, rows, chunk=self.chunk, buffer=self.buf_w)
+        if float(tried.sum()) < float(errors.sum()):
             self.shared, self.cols, self.rows, self.moved = shared, cols, rows, True
             return tried
-        return f
+        return errors
 
     def balance(self) -> None:
         """Per task, the product's SVD split evenly (``U sqrt(S)``, ``sqrt(S) V^T``): the same
@@ -788,18 +825,23 @@ def _fit(
         trace.append(("start", history[0]))
     stopped = "max-iters"
     iterations = extrapolated = 0
+    floors = _floors_sq(prompts, settings.round_off)
     if history[0] <= EXACT * total:
         stopped = "exact"
+    elif floors is not None and bool((als.errors() <= floors).all()):
+        stopped = "round-off"
     else:
         for _ in range(settings.max_iters):
             before = (als.shared, als.cols.clone(), als.rows.clone()) if settings.line_search else None
             als.sweep(trace)
             iterations += 1
-            f = float(als.errors().sum())
+            errors = als.errors()
+            f = float(errors.sum())
             if trace is not None:
                 trace.append(("-" if als.fixed else "P*", f))
             if settings.line_search:
-                f = als.extrapolate(before, iterations ** (1 / 3), f)
+                errors = als.extrapolate(before, iterations ** (1 / 3), errors)
+                f = float(errors.sum())
                 extrapolated += als.moved
                 if trace is not None:
                     trace.append(("extrapolate", f))
@@ -809,6 +851,9 @@ def _fit(
                 advance(1)
             if f <= EXACT * total:
                 stopped = "exact"
+                break
+            if floors is not None and bool((errors <= floors).all()):
+                stopped = "round-off"
                 break
             if previous - f <= settings.tol * previous:
                 stopped = "tol"
@@ -1141,7 +1186,8 @@ def pack_prompts(
     shared = torch.from_numpy(np.array(plan.fixed, dtype=np.float64)).to(dev) if plan.fixed is not None else None
     budget = opts.chunk_bytes or CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cpu"])
     chunks = plan_chunks(2 * shape.rows * shape.cols * 8, budget)
-    settings = FitSettings(opts.seed, opts.tol, opts.max_iters, chunks, recover=opts.start == "auto")
+    floors = round_off_floors([item.dtype for item in read], list(tags.values()))
+    settings = FitSettings(opts.seed, opts.tol, opts.max_iters, chunks, recover=opts.start == "auto", round_off=floors)
     fit_started = time.perf_counter()
     with progress(opts.max_iters, "pack", unit="iter") as advance:
         fit = als_fit(p, rank, shared=shared, settings=settings, advance=advance)

@@ -418,7 +418,8 @@ class PackResult(TypedDict):
     (float64), ``history`` its value after each iteration (``history[0]``: the start's);
     ``start`` is baseline or recovered (the algebraic start, where its objective is lower than the
     baseline's); ``recover_seconds`` the time that recovery took (0 with ``--start baseline`` or a
-    fixed P*); ``stopped`` is tol, exact or max-iters; ``kept_tasks`` the tasks of ``append_to``
+    fixed P*); ``stopped`` is tol, exact, round-off (every task within a quarter of the
+    unit round-off of its input's dtype and of the written one) or max-iters; ``kept_tasks`` the tasks of ``append_to``
     kept first."""
 
     schema: str

@@ -659,7 +659,8 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     type=click.FloatRange(min=0),
     default=1e-6,
     show_default=True,
-    help="Stop when an iteration lowers the objective by at most this fraction.",
+    help="Stop when an iteration lowers the objective by at most this fraction (or when every task's error"
+    " is within a quarter of the round-off of its input's dtype and the written one).",
 )
 @option(
     "--max-iters",

@@ -484,6 +484,7 @@ def export_all_view(result: ExportResult) -> None:
 PACK_STOPS = {
     "tol": "converged (--tol)",
     "exact": "exact (float64 round-off)",
+    "round-off": "within the dtypes' round-off",
     "max-iters": "--max-iters reached",
 }
 
