@@ -23,6 +23,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .dtypes import DTYPE_CHOICES as DTYPE_CHOICES  # re-exported: the dtype names live in .dtypes
+from .dtypes import DTYPE_NAMES as DTYPE_NAMES
+from .dtypes import canonical_dtype as canonical_dtype
 from .errors import FormatError
 from .options import max_tensor_bytes
 from .paths import open_regular, open_regular_fd
@@ -67,17 +70,6 @@ _NP_TO_TAG = {
     "complex64": "C64",
     "complex128": "C128",
 }
-DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-# what a user may write for the three dtypes adapters are trained in (also fp16, half, torch.bfloat16, ...)
-DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def canonical_dtype(text: str) -> str:
-    """``float32``, ``bfloat16`` or ``float16`` for a dtype name or alias (``fp16``, ``half``,
-    ``torch.bfloat16``, any case); other text comes back lower-cased, for the caller to refuse."""
-    key = text.strip().lower().removeprefix("torch.")
-    return _DTYPE_ALIASES.get(key, key)
 
 
 class Raw(NamedTuple):

@@ -419,8 +419,9 @@ class PackResult(TypedDict):
     ``start`` is baseline or recovered (the algebraic start, where its objective is lower than the
     baseline's); ``recover_seconds`` the time that recovery took (0 with ``--start baseline`` or a
     fixed P*); ``stopped`` is tol, exact, round-off (every task within a quarter of the
-    unit round-off of its input's dtype and of the written one) or max-iters; ``kept_tasks`` the tasks of ``append_to``
-    kept first."""
+    unit round-off of its input's dtype and of the written one) or max-iters; ``extrapolated``
+    and ``accelerated`` count the iterations that took the line search's step and Anderson's;
+    ``kept_tasks`` the tasks of ``append_to`` kept first."""
 
     schema: str
     out: str
@@ -440,6 +441,7 @@ class PackResult(TypedDict):
     seed: int
     iterations: int
     extrapolated: int
+    accelerated: int
     stopped: str
     objective: float
     baseline_objective: float

@@ -17,8 +17,8 @@ PACKAGE = ROOT / "mpt_tools"
 # Bottom to top. A module may import only from its own layer or a lower one.
 LAYERS: list[list[str]] = [
     # leaves (hub: the package, imports nothing; paths: opening files to read, without blocking;
-    # progress: the bars of long loops, off unless the CLI turns them on)
-    ["version", "errors", "interrupts", "paths", "options", "results", "hub", "progress"],
+    # progress: the bars of long loops, off unless the CLI turns them on; dtypes: their names and aliases)
+    ["version", "errors", "interrupts", "paths", "options", "results", "hub", "progress", "dtypes"],
     ["config", "formats", "peft_releases"],  # adapter config and file names, tensor files, PEFT's fields
     ["files"],  # sha256, atomic and staged writes, the output guard
     ["hub.download", "hub.listing"],  # a Hub source into the cache; listings and headers (audit): no checks

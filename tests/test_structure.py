@@ -105,7 +105,35 @@ def test_validate_and_inspect_stream_in_bounded_chunks(tmp_path: Path, monkeypat
 
 
 def test_cli_dtype_choices_match_the_library() -> None:
+    """Every command's --dtype takes the library's names and aliases (bf16, fp16, half,
+    torch.bfloat16, any case), as the library does, and refuses anything else as a usage error."""
+    import click
+
+    from mpt_tools.cli import cli
     from mpt_tools.cli.options import TRAINING_DTYPES
-    from mpt_tools.formats import DTYPE_CHOICES
+    from mpt_tools.formats import DTYPE_CHOICES, canonical_dtype
 
     assert list(DTYPE_CHOICES) == TRAINING_DTYPES
+    commands = {name: cmd for name, cmd in cli.commands.items() if any(p.name == "dtype" for p in cmd.params)}
+    assert {"convert", "export", "pack", "verify"} <= set(commands)
+    for cmd in commands.values():
+        param = next(p for p in cmd.params if p.name == "dtype")
+        for text in ("float32", "bf16", "BF16", "fp16", "half", "torch.bfloat16", "FP32", "bfloat16"):
+            assert param.type.convert(text, param, None) == canonical_dtype(text) in TRAINING_DTYPES
+        with pytest.raises(click.BadParameter):
+            param.type.convert("int8", param, None)
+
+
+def test_convert_takes_a_dtype_alias(tmp_path: Path) -> None:
+    """``--dtype bf16`` on the command line writes bfloat16, as ``--dtype bfloat16`` does."""
+    from conftest import run_cli
+
+    from mpt_tools.checkpoint import load_source
+
+    src = write_random_source(tmp_path / "src.safetensors", 2, 4, 1, 8)
+    for text, out in (("bf16", "a"), ("bfloat16", "b")):
+        result = run_cli("convert", str(src), "--out", str(tmp_path / out), "--dtype", text)
+        assert result.exit_code == 0, result.output
+    a, b = (tmp_path / "a" / "adapter_model.safetensors"), (tmp_path / "b" / "adapter_model.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    assert load_source(tmp_path / "a").info("prefix_task_cols").dtype == "BF16"

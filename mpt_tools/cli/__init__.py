@@ -24,8 +24,8 @@ from .options import (
     OUT,
     PEFT_COMPAT,
     SEED,
-    TRAINING_DTYPES,
     Command,
+    DtypeChoice,
     ModeChoice,
     NumberList,
     PathText,
@@ -431,7 +431,7 @@ def rerank(source: SourceSpec, num_ranks: int, out: str, force: bool, as_json: b
     type=PathText(),
     help="A file ending in .safetensors, or a folder (adapter_model.safetensors + adapter_config.json).",
 )
-@option("--dtype", type=click.Choice(TRAINING_DTYPES), help="Cast every tensor.")
+@option("--dtype", type=DtypeChoice(), help="Cast every tensor.")
 @FORCE
 @JSON
 @PEFT_COMPAT
@@ -537,7 +537,7 @@ def _task_selection(ctx: click.Context, param: click.Parameter, value: str) -> l
 )
 @option(
     "--dtype",
-    type=click.Choice(TRAINING_DTYPES),
+    type=DtypeChoice(),
     default="float32",
     show_default=True,
     help="Stored dtype (peft, tgis, vllm) or the engine's (trtllm, npy stay float32); values must be finite in it.",
@@ -682,7 +682,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @option(
     "--dtype",
     section="Output",
-    type=click.Choice(TRAINING_DTYPES),
+    type=DtypeChoice(),
     help="Stored dtype [default: float32; with --append-to the adapter's].",
 )
 @FORCE
@@ -973,7 +973,7 @@ def diff(a: str, b: str, as_json: bool, hub: HubOptions) -> None:
 @option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @option(
     "--dtype",
-    type=click.Choice(TRAINING_DTYPES),
+    type=DtypeChoice(),
     default="float32",
     show_default=True,
     help="Dtype of the rebuild (compared against float64).",

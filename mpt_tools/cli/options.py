@@ -5,8 +5,9 @@
   :func:`hub_options` does the same for commands that read two sources (one
   :class:`~mpt_tools.options.HubOptions`).
 - :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`NumberList`,
-  :class:`ModeChoice`, :class:`PathText` (no empty path) and :data:`COUNT` / :data:`SEED` (no
-  size below 1, no negative seed) are parameter types with clear errors.
+  :class:`ModeChoice`, :class:`DtypeChoice` (names and aliases), :class:`PathText` (no empty path)
+  and :data:`COUNT` / :data:`SEED` (no size below 1, no negative seed) are parameter types with
+  clear errors.
 - :class:`Command` also refuses a garbage value in one of mpt-tools' own environment variables
   (:func:`environment_problem`: one line, exit 1) before the command runs.
 - :class:`Command` prints options in titled sections (:class:`Option`'s ``section``) and ends every
@@ -27,13 +28,14 @@ from typing import Any
 
 import click
 
+from ..dtypes import DTYPE_CHOICES, canonical_dtype
 from ..errors import ConfigError
 from ..options import ConfigOverrides, HubOptions, SourceSpec, max_tensor_bytes
 from ..progress import enable
 
 F = Callable[..., Any]
-# the dtypes adapters are trained in (mpt_tools.formats.DTYPE_CHOICES; not imported: numpy at start-up)
-TRAINING_DTYPES = ["float32", "bfloat16", "float16"]
+TRAINING_DTYPES = list(DTYPE_CHOICES)
+"""The dtypes adapters are trained in: ``--dtype``'s choices (:class:`DtypeChoice`)."""
 
 
 SECTIONS = ("Options", "Source", "Target", "Output", "Hub", "Checks")  # the order of --help's sections
@@ -169,6 +171,18 @@ class Text(click.ParamType):
         if isinstance(value, str) and value.strip() == "":
             self.fail("empty value (an unset shell variable?)", param, ctx)
         return value
+
+
+class DtypeChoice(click.Choice):  # type: ignore[type-arg]
+    """``--dtype``: float32, bfloat16 or float16, or an alias of one (``fp32``, ``bf16``, ``fp16``,
+    ``half``, ``torch.bfloat16``, any case), as the library takes them; converts to the name."""
+
+    def __init__(self) -> None:
+        super().__init__(TRAINING_DTYPES)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The dtype's name, or click's usage error listing the choices."""
+        return super().convert(canonical_dtype(value) if isinstance(value, str) else value, param, ctx)
 
 
 COUNT = click.IntRange(min=1)

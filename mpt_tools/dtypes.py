@@ -1,0 +1,23 @@
+"""The names of the float dtypes mpt-tools reads and writes, and what a user may type for them.
+
+Safetensors' tags (``F32``, ``BF16``, ...) are what files hold; :data:`DTYPE_NAMES` gives their
+torch-style names, :data:`DTYPE_CHOICES` the three dtypes adapters are trained in (what ``--dtype``
+takes), and :func:`canonical_dtype` turns an alias (``bf16``, ``fp16``, ``half``,
+``torch.bfloat16``, any case) into its name. Nothing here imports numpy or torch: the command line
+takes these at start-up.
+"""
+
+from __future__ import annotations
+
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+"""The torch-style name of each float safetensors tag."""
+DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+"""The three dtypes adapters are trained in, by name, with their tags (``--dtype``'s choices)."""
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def canonical_dtype(text: str) -> str:
+    """``float32``, ``bfloat16`` or ``float16`` for a dtype name or alias (``fp16``, ``half``,
+    ``torch.bfloat16``, any case); other text comes back lower-cased, for the caller to refuse."""
+    key = text.strip().lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(key, key)
