@@ -483,6 +483,8 @@ def _floors_sq(prompts: Any, round_off: Sequence[float] | None) -> Any:
 
     if round_off is None:
         return None
+    if len(round_off) != prompts.shape[0]:
+        raise ValueError(f"round_off has {len(round_off)} floors for {prompts.shape[0]} prompts: one per prompt")
     share = torch.tensor(round_off, dtype=prompts.dtype, device=prompts.device)
     return torch.linalg.vector_norm(prompts, dim=(1, 2)).square() * share.square()
 

@@ -267,6 +267,8 @@ def test_round_off_floors_take_the_coarser_dtype() -> None:
     assert round_off_floors(["F32", "BF16", "F64", "F16"], ["F32"]) == (2.0**-26, 2.0**-10, 2.0**-26, 2.0**-13)
     assert round_off_floors(["F32", "F64"], ["F32", "BF16"]) == (2.0**-10, 2.0**-10)
     assert round_off_floors(["F64"], ["F64"]) == (2.0**-55,)
+    with pytest.raises(ValueError, match="one per prompt"):
+        als_fit(torch.ones(3, 4, 5, dtype=torch.float64), 1, settings=FitSettings(round_off=(1e-8,)))
 
 
 ROUND_OFF_CASES = [(2, 3, 40, 40, 1), (2, 4, 20, 256, 0), (2, 4, 20, 256, 1), (2, 5, 16, 1024, 0)]
