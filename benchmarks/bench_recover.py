@@ -1,7 +1,7 @@
 """Benchmark pack's recovered start with few tasks (issue 13's round trip): the routes of
 ``mpt_tools.recover`` that need few tasks (the pair route from 2 tasks, the kernel route from R + 1,
 and the search on prompts too small for them), against the fit from the mean prompt alone
-(``FitSettings(recover=False)``), measured in the same run on the same prompts.
+(``FitSettings(recover=False, signs=False)``), measured in the same run on the same prompts.
 
 Each case is a set of seeded adapters: P* N(0, 1), factors N(0, 0.02) (mean zero, as PEFT
 initialises them), baked to float32 prompts; and prompts that are not of the form (N(0, 1), as
@@ -79,7 +79,7 @@ def run_case(n: int, t: int, d: int, r: int, adapters: int, form: bool) -> dict[
         for seed in range(adapters):
             p = prompts(n, t, d, r, seed, form)
             start = time.perf_counter()
-            fit = als_fit(p, r, settings=FitSettings(recover=recover, round_off=floors))
+            fit = als_fit(p, r, settings=FitSettings(recover=recover, round_off=floors, signs=recover))
             times.append(time.perf_counter() - start)
             err = float((fit.fit_sq / p.square().sum((1, 2))).sqrt().max())
             ok += err < 1e-5

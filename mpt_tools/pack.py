@@ -41,8 +41,10 @@ ALS cannot flip the sign of an entry of ``P*``, and the mean prompt has about ha
 when the factors have mean zero (as PEFT initialises them). So where ``P*`` is fitted the fit also
 tries ``P*`` recovered by linear algebra (:mod:`mpt_tools.recover`: exact for baked rank-1
 adapters, rank 2 with 2 tasks or more and rank R with (R+1)! - 1 tasks or more; a search at rank 3
-with fewer), scaled to the prompts' magnitude, with factors as for the baseline, and starts from
-whichever has the lower ``f`` (``start``). The written ``P*`` is scaled, rows and columns by
+with fewer), scaled to the prompts' magnitude, with factors as for the baseline; and ``P*`` with
+the signs of the recovered one, and with those of the mean prompt, and the prompts' rms as
+magnitudes (:meth:`_Als.signs_start`; the mean prompt's also with ``start`` ``baseline``). It
+starts from whichever has the lowest ``f`` (``start``). The written ``P*`` is scaled, rows and columns by
 positive factors the task factors absorb, to the prompts' magnitude (:meth:`_Als.scale_like_prompts`).
 
 Every update is vectorised over the tasks in chunks (batched small solves in torch, float64, on
@@ -121,6 +123,9 @@ UNIT_ROUND_OFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0
 ROUND_OFF_SHARE = 0.25
 """The fit stops as "round-off" once every task's relative error is at most this share of the
 coarser unit round-off of its input's dtype and of the written dtypes (:func:`round_off_floors`)."""
+SIGNS_SKIP = 1e-6
+"""The starts from P*'s signs (:meth:`_Als.signs_start`) are not tried where a start's objective is
+at most this times ``sum_k ||P_k||^2`` already (relative error 1e-3: theirs is far coarser)."""
 CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 """The default bound on the fit's two work buffers of ``[tasks, T, d]`` per device type."""
 ANDERSON_DEPTH = 5
@@ -169,9 +174,10 @@ class PackOptions(NamedTuple):
     baseline itself). ``device``: auto (CUDA when available), cuda or cpu. ``peft_compat``: the
     PEFT release adapter_config.json is written for. ``chunk_bytes``: the bound on the fit's two
     work buffers (default per device: :data:`CHUNK_BYTES`). ``start``: ``auto`` (also try ``P*``
-    recovered by :mod:`mpt_tools.recover` and start from the better) or ``baseline`` (the
-    baseline alone: no recovery, whose search, on prompts too small for its linear routes, costs
-    seconds on prompts that are not of the form, such as teacher prompts trained one by one)."""
+    recovered by :mod:`mpt_tools.recover` and its signs, and start from the best) or ``baseline``
+    (no recovery, whose search, on prompts too small for its linear routes, costs seconds on
+    prompts that are not of the form, such as teacher prompts trained one by one: the mean prompt
+    or its signs with the prompts' rms magnitudes, whichever fits better)."""
 
     num_ranks: int | None = None
     shared: str | os.PathLike[str] | None = None
@@ -425,8 +431,10 @@ class FitSettings(NamedTuple):
     """The fit's stopping rule, seed and chunking (see :class:`PackOptions`); ``chunk_tasks``:
     tasks per chunk of the work buffers (default: all); ``line_search`` off: plain ALS (the
     benchmark's comparison; no Anderson acceleration either); ``anderson``: the depth of
-    Anderson acceleration (0: none); ``round_off``: per task, the relative error at or below which the fit
-    stops as "round-off" once every task is there (:func:`round_off_floors`; None: never)."""
+    Anderson acceleration (0: none); ``signs`` off: no start from P*'s signs with the prompts'
+    rms magnitudes (:meth:`_Als.signs_start`; the benchmark's "mean prompt alone");
+    ``round_off``: per task, the relative error at or below which the fit stops as "round-off"
+    once every task is there (:func:`round_off_floors`; None: never)."""
 
     seed: int = 0
     tol: float = 1e-6
@@ -436,6 +444,7 @@ class FitSettings(NamedTuple):
     recover: bool = True
     round_off: tuple[float, ...] | None = None
     anderson: int = ANDERSON_DEPTH
+    signs: bool = True
 
 
 class FitResult(NamedTuple):
@@ -443,9 +452,10 @@ class FitResult(NamedTuple):
     (float64, on the prompts' device), per task the squared errors of the baseline and of the
     fit, the objective after each iteration (``history[0]``: the start's), the iterations run,
     how many of them took the extrapolated step, why the fit stopped ("tol", "exact",
-    "round-off" or "max-iters"), where it started ("baseline" or "recovered", the algebraic start of
-    :mod:`mpt_tools.recover` where its objective is lower), and the seconds the recovery took (0
-    where it was not tried), and how many iterations took Anderson's step."""
+    "round-off" or "max-iters"), where it started (the one of lowest objective: "baseline";
+    "recovered", the algebraic start of :mod:`mpt_tools.recover`; "signs", its signs with the
+    prompts' rms as magnitudes; "mean-signs", the mean prompt's signs so), the seconds the
+    recovery took (0 where it was not tried), and how many iterations took Anderson's step."""
 
     shared: Any
     cols: Any
@@ -740,6 +750,26 @@ class _Als:
         rows[:, :k] = root[:, :, None] * (vh @ qr_.transpose(1, 2))
         self.cols, self.rows = cols, rows
 
+    def prompt_rms(self) -> Any:
+        """``sqrt(mean_k P_k^2)`` [T, d], in chunks of tasks."""
+        import torch
+
+        rms = torch.zeros_like(self.shared)
+        for a, b in self.chunks():
+            rms += self.p[a:b].square().sum(0)
+        return (rms / self.n).sqrt()
+
+    @staticmethod
+    def signs_start(shared: Any, rms: Any) -> Any:
+        """``P*`` with the signs of ``shared`` (+ where it is 0) and magnitudes ``rms`` (the
+        prompts', :meth:`prompt_rms`): ALS cannot flip a sign, so the signs are what a start
+        decides, and magnitudes near the prompts' keep the ratios ``P_k / P*`` of the baseline's
+        factors of order one (the mean of prompts whose signs differ is small, and the ratios to
+        it are large and noisy)."""
+        import torch
+
+        return torch.where(shared < 0, -1.0, 1.0).to(shared.dtype) * rms
+
     def scale_like_prompts(self) -> None:
         """Fix the gauge: ``P*`` is defined up to a positive scaling of each row and each column,
         ``P* * (a b^T)``, that the factors absorb (``U_k / a``, ``V_k / b``). Choose the one whose
@@ -751,10 +781,7 @@ class _Als:
         magnitude.)"""
         import torch
 
-        rms = torch.zeros_like(self.shared)
-        for a, b in self.chunks():
-            rms += self.p[a:b].square().sum(0)
-        rms = (rms / self.n).sqrt()
+        rms = self.prompt_rms()
         mag = self.shared.abs()
         used = (mag > 0) & (rms > 0)
         gap = torch.where(used, torch.log(torch.where(used, rms, 1.0)) - torch.log(torch.where(used, mag, 1.0)), 0.0)
@@ -893,7 +920,17 @@ def _fit(
     with _threads(prompts.device, threads):
         found = recover_starts(prompts, num_ranks, chunk) if recovers else []
     recover_seconds = time.perf_counter() - recover_started if recovers else 0.0
-    for candidate in found:  # (more than one where the recovery could not tell them apart)
+    # the recovered candidates (more than one where the recovery could not tell them apart), then
+    # the signs of the first and of the mean prompt with the prompts' rms as magnitudes (not tried
+    # where a start is within SIGNS_SKIP already: they start far coarser)
+    starts = [("recovered", candidate) for candidate in found]
+    if settings.signs and not als.fixed:
+        rms = als.prompt_rms()
+        starts += [("signs", als.signs_start(found[0], rms))] if found else []
+        starts += [("mean-signs", als.signs_start(als.shared, rms))]
+    for name, candidate in starts:
+        if name != "recovered" and history[0] <= SIGNS_SKIP * total:
+            continue
         kept = als.shared, als.cols.clone(), als.rows.clone()  # baseline() fills the factors in place
         als.shared = candidate
         # its gauge (1 on a row and a column) can be far from the prompts' magnitudes, and
@@ -902,10 +939,10 @@ def _fit(
         als.baseline(settings.seed)
         tried = float(als.errors().sum())
         if tried < history[0]:
-            start, history[0] = "recovered", tried
+            start, history[0] = name, tried
         else:
             als.shared, als.cols, als.rows = kept
-    if found and trace is not None:
+    if starts and trace is not None:
         trace.append(("start", history[0]))
     stopped = "max-iters"
     iterations = extrapolated = accelerated = 0
@@ -1345,9 +1382,9 @@ def pack_prompts(
     if fit.stopped == "max-iters" and opts.max_iters > 0:
         notes.append(f"stopped after --max-iters {opts.max_iters} iterations, still improving by more than --tol")
     tried = fit.recover_seconds > 0  # 0: not tried (--start baseline, a fixed P*)
-    if tried and fit.start == "baseline" and fit.recover_seconds >= RECOVER_NOTE_SECONDS:
+    if tried and fit.start in ("baseline", "mean-signs") and fit.recover_seconds >= RECOVER_NOTE_SECONDS:
         notes.append(
-            f"the recovery of P* took {fit.recover_seconds:.1f} s and gave no better start than the baseline"
+            f"the recovery of P* took {fit.recover_seconds:.1f} s and gave no better start"
             " (the prompts are not P* * (U_k V_k) at this rank, or its search missed): --start baseline skips it"
         )
     files = write_adapter(out, tensors, fitted.config, meta, force=force, protected=plan.protected)

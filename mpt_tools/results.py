@@ -416,8 +416,9 @@ class PackedTask(TypedDict):
 class PackResult(TypedDict):
     """``mpt-tools/pack/1``: ``objective`` is sum_k ||P_k - P* * (U_k V_k)||^2 of the fit
     (float64), ``history`` its value after each iteration (``history[0]``: the start's);
-    ``start`` is baseline or recovered (the algebraic start, where its objective is lower than the
-    baseline's); ``recover_seconds`` the time that recovery took (0 with ``--start baseline`` or a
+    ``start`` is the start of lowest objective: baseline (the mean prompt), recovered (the
+    algebraic start), signs (its signs with the prompts' rms as magnitudes) or mean-signs (the
+    mean prompt's signs so); ``recover_seconds`` the time that recovery took (0 with ``--start baseline`` or a
     fixed P*); ``stopped`` is tol, exact, round-off (every task within a quarter of the
     unit round-off of its input's dtype and of the written one) or max-iters; ``extrapolated``
     and ``accelerated`` count the iterations that took the line search's step and Anderson's;

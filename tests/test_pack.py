@@ -831,7 +831,7 @@ def test_a_local_minimum_with_two_tasks_at_rank_3(tmp_path: Path, seed: int) -> 
     recovered start) stop at a local minimum, still under the baseline's error."""
     src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(seed), 2, 10, 16, 3)
     report = pack_prompts([], tmp_path / "packed", sources=[TaskSource(src)], options=PackOptions(num_ranks=3))
-    assert report["start"] == "baseline"
+    assert report["start"] in ("baseline", "mean-signs")  # nothing recovered
     assert 1e-3 < report["max_relative_error"] < report["max_baseline_error"]
 
 
@@ -888,12 +888,58 @@ def test_start_baseline_skips_the_recovery(tmp_path: Path, monkeypatch: pytest.M
     base = run_cli("pack", "--from", src, "--num-ranks", "2", "--start", "baseline", "--out", tmp_path / "b", "--json")
     assert base.exit_code == 0, base.stderr
     report = json.loads(base.stdout)
-    assert calls == [] and report["start"] == "baseline" and report["max_relative_error"] > 1e-3
+    assert calls == [] and report["start"] in ("baseline", "mean-signs") and report["max_relative_error"] > 1e-3
     bad = run_cli("pack", "--from", src, "--num-ranks", "2", "--start", "mean", "--out", tmp_path / "c")
     assert bad.exit_code == 2 and "--start" in bad.stderr and not (tmp_path / "c").exists()
     with pytest.raises(ValidationError, match="start"):
         pack_prompts([], tmp_path / "d", sources=[TaskSource(src)], options=PackOptions(num_ranks=2, start="mean"))
     assert not (tmp_path / "d").exists()
+
+
+SIGNS_CASES = [
+    (2, 20, 256, 4, 0.0),
+    (3, 40, 40, 3, 0.0),
+    (2, 40, 40, 3, 0.0),
+    (8, 20, 64, 2, 0.0),
+    (3, 40, 40, 3, 1e-2),
+]
+
+
+@pytest.mark.parametrize(("n", "t", "d", "r", "noise"), SIGNS_CASES, ids=str)
+def test_the_signs_starts_fit_better(n: int, t: int, d: int, r: int, noise: float) -> None:
+    """Prompts with no exact fit: random ones (teacher prompts trained one by one; ``noise`` 0) and
+    a zero-mean rank-3 adapter's plus 1% noise. The starts from P*'s signs (the recovered one's and
+    the mean prompt's, with the prompts' rms as magnitudes) end lower than the mean prompt's and
+    the recovered start alone: measured over 16 random sets, 0.82 to 0.97 times the error (median
+    0.92); over 16 noisy ones, 0.14 to 1 times (median 0.81; here 0.40 -> 0.15). Exact prompts keep
+    their recovered start, to the bit."""
+    rng = np.random.default_rng(0)
+    if noise:
+        exact = rng.standard_normal((t, d)) * (
+            0.02 * rng.standard_normal((n, t, r)) @ (0.02 * rng.standard_normal((n, r, d)))
+        )
+        p = torch.from_numpy(exact + noise * exact.std() * rng.standard_normal(exact.shape))
+    else:
+        p = torch.from_numpy(rng.standard_normal((n, t, d))).float().double()
+    norms = p.square().sum((1, 2))
+
+    def worst(fit: FitResult) -> float:
+        return float((fit.fit_sq / norms).sqrt().max())
+
+    plain = als_fit(p, r, settings=FitSettings(signs=False))
+    signs = als_fit(p, r)
+    assert plain.start in ("baseline", "recovered") and signs.start in ("signs", "mean-signs")
+    assert signs.history[0] < plain.history[0]
+    assert worst(signs) < (0.5 if noise else 0.97) * worst(plain), (worst(signs), worst(plain))
+
+
+def test_exact_prompts_keep_their_recovered_start_to_the_bit() -> None:
+    """Where the recovered start is within 1e-3 (relative error) the starts from signs are not
+    even tried: the fit is the one without them, bitwise."""
+    _pe, p = exact_prompts(np.random.default_rng(3), 3, 20, 64, 2, 0.02)
+    plain, signs = als_fit(p, 2, settings=FitSettings(signs=False)), als_fit(p, 2)
+    assert signs.start == plain.start == "recovered"
+    assert signs.history == plain.history and torch.equal(signs.cols, plain.cols)
 
 
 @pytest.mark.parametrize("seed", [67, 80])
@@ -963,7 +1009,7 @@ def test_where_no_route_applies_the_fit_starts_from_the_baseline(n: int, t: int,
     pe = rng.standard_normal((t, d))
     p = torch.from_numpy(pe * (rng.standard_normal((n, t, r)) @ rng.standard_normal((n, r, d))))
     assert recover_shared(p, r) is None
-    assert als_fit(p, r, settings=FitSettings(max_iters=0)).start == "baseline"
+    assert als_fit(p, r, settings=FitSettings(max_iters=0)).start in ("baseline", "mean-signs")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

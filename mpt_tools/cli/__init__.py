@@ -674,8 +674,9 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     type=click.Choice(["auto", "baseline"]),
     default="auto",
     show_default=True,
-    help="auto: also try P* recovered by linear algebra and start from the better; baseline: the mean"
-    " prompt alone (skips the recovery: seconds where it searches, on small prompts trained one by one).",
+    help="auto: also try P* recovered by linear algebra and start from the best; baseline: skip the"
+    " recovery (seconds where it searches, on small prompts trained one by one) and start from the mean"
+    " prompt or its signs with the prompts' rms magnitudes.",
 )
 @option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @OUT

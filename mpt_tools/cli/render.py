@@ -499,7 +499,7 @@ def pack_view(result: PackResult) -> None:
         f"fit: {result['iterations']} iteration(s) on {result['device']} in {_duration(result['fit_seconds'])}, "
         f"{PACK_STOPS.get(result['stopped'], result['stopped'])}; objective {result['objective']:.4g} "
         f"(baseline {result['baseline_objective']:.4g}"
-        + (f", recovered start {result['start_objective']:.4g})" if result["start"] == "recovered" else ")")
+        + (f", {result['start']} start {result['start_objective']:.4g})" if result["start"] != "baseline" else ")")
     )
     echo(f"{'task':>6} {'rel. error':>11} {'baseline':>11}  input")
     for item in result["tasks"][:EXPORT_ROWS_SHOWN]:
