@@ -2,9 +2,9 @@
 
 Safetensors' tags (``F32``, ``BF16``, ...) are what files hold; :data:`DTYPE_NAMES` gives their
 torch-style names, :data:`DTYPE_CHOICES` the three dtypes adapters are trained in (what ``--dtype``
-takes), and :func:`canonical_dtype` turns an alias (``bf16``, ``fp16``, ``half``,
-``torch.bfloat16``, any case) into its name. Nothing here imports numpy or torch: the command line
-takes these at start-up.
+takes), :data:`UNIT_ROUND_OFF` their precision, and :func:`canonical_dtype` turns an alias
+(``bf16``, ``fp16``, ``half``, ``torch.bfloat16``, any case) into its name. Nothing here imports
+numpy or torch: the command line takes these at start-up.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bf
 DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 """The three dtypes adapters are trained in, by name, with their tags (``--dtype``'s choices)."""
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+UNIT_ROUND_OFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+"""Half the spacing of each float tag's values around 1: its relative rounding error, at most."""
 
 
 def canonical_dtype(text: str) -> str:

@@ -66,6 +66,7 @@ fitted.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -80,6 +81,7 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
 from .config import CONFIG_NAME, PEFT_TYPE, TASK_TYPES, WEIGHTS_NAMES, MptConfig, read_config, target_config
+from .dtypes import UNIT_ROUND_OFF
 from .errors import ConfigError, FormatError, SourceError, ValidationError
 from .files import guard_output
 from .findings import Finding
@@ -118,8 +120,6 @@ PROX = 1e-10
 proximal term): it keeps rank-deficient blocks solvable and can only lower the objective."""
 EXACT = 1e-20
 """The fit stops as exact when ``f <= EXACT * sum_k ||P_k||^2`` (relative error 1e-10)."""
-UNIT_ROUND_OFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
-"""Half the spacing of a dtype's values around 1: its relative rounding error, at most."""
 ROUND_OFF_SHARE = 0.25
 """The fit stops as "round-off" once every task's relative error is at most this share of the
 coarser unit round-off of its input's dtype and of the written dtypes (:func:`round_off_floors`)."""
@@ -750,11 +750,12 @@ class _Als:
         rows[:, :k] = root[:, :, None] * (vh @ qr_.transpose(1, 2))
         self.cols, self.rows = cols, rows
 
+    @functools.cached_property
     def prompt_rms(self) -> Any:
-        """``sqrt(mean_k P_k^2)`` [T, d], in chunks of tasks."""
+        """``sqrt(mean_k P_k^2)`` [T, d], in chunks of tasks (once: the prompts do not change)."""
         import torch
 
-        rms = torch.zeros_like(self.shared)
+        rms = torch.zeros(self.t, self.d, dtype=self.p.dtype, device=self.p.device)
         for a, b in self.chunks():
             rms += self.p[a:b].square().sum(0)
         return (rms / self.n).sqrt()
@@ -762,7 +763,7 @@ class _Als:
     @staticmethod
     def signs_start(shared: Any, rms: Any) -> Any:
         """``P*`` with the signs of ``shared`` (+ where it is 0) and magnitudes ``rms`` (the
-        prompts', :meth:`prompt_rms`): ALS cannot flip a sign, so the signs are what a start
+        prompts', :attr:`prompt_rms`): ALS cannot flip a sign, so the signs are what a start
         decides, and magnitudes near the prompts' keep the ratios ``P_k / P*`` of the baseline's
         factors of order one (the mean of prompts whose signs differ is small, and the ratios to
         it are large and noisy)."""
@@ -781,7 +782,7 @@ class _Als:
         magnitude.)"""
         import torch
 
-        rms = self.prompt_rms()
+        rms = self.prompt_rms
         mag = self.shared.abs()
         used = (mag > 0) & (rms > 0)
         gap = torch.where(used, torch.log(torch.where(used, rms, 1.0)) - torch.log(torch.where(used, mag, 1.0)), 0.0)
@@ -818,6 +819,7 @@ class _Anderson:
         self.xs: list[Any] = []
         self.gs: list[Any] = []
         self.pause = self.wait = 0
+        self.kept = 0  # the steps that lowered the objective
 
     def _flat(self, als: _Als, state: tuple[Any, Any, Any]) -> Any:
         import torch
@@ -858,10 +860,23 @@ class _Anderson:
         shared = als.shared if als.fixed else x[:a].reshape(als.shared.shape)
         return shared, x[a:b].reshape(als.cols.shape), x[b:].reshape(als.rows.shape)
 
-    def judged(self, kept: bool) -> None:
-        """After a step: kept (no pause) or not (pause twice as long, at most the cap)."""
-        self.pause = 0 if kept else min(ANDERSON_PAUSE, max(1, 2 * self.pause))
+    def attempt(self, als: _Als, errors: Any) -> tuple[bool, Any]:
+        """Try :meth:`step` from ``als`` (whose per-task errors are ``errors``): moves ``als`` there
+        where the objective is lower; returns whether a step was tried and the per-task errors of
+        the state kept. A rejected step pauses the tries twice as long as the last (at most
+        :data:`ANDERSON_PAUSE`), a kept one ends the pause."""
+        jump = self.step(als)
+        if jump is None:
+            return False, errors
+        tried = prompt_errors(als.p, *jump, chunk=als.chunk, buffer=als.buf_w)
+        better = float(tried.sum()) < float(errors.sum())
+        self.pause = 0 if better else min(ANDERSON_PAUSE, max(1, 2 * self.pause))
         self.wait = self.pause
+        if not better:
+            return True, errors
+        als.shared, als.cols, als.rows = jump
+        self.kept += 1
+        return True, tried
 
 
 def als_fit(
@@ -910,7 +925,7 @@ def _fit(
     als = _Als(prompts, num_ranks, shared, chunk)
     als.baseline(settings.seed)
     total = float(torch.linalg.vector_norm(prompts)) ** 2  # (einsum: 50x slower on the CPU)
-    baseline_sq = als.errors()
+    baseline_sq = errors = als.errors()
     history = [float(baseline_sq.sum())]
     if trace is not None:
         trace.append(("baseline", history[0]))
@@ -925,7 +940,7 @@ def _fit(
     # where a start is within SIGNS_SKIP already: they start far coarser)
     starts = [("recovered", candidate) for candidate in found]
     if settings.signs and not als.fixed:
-        rms = als.prompt_rms()
+        rms = als.prompt_rms
         starts += [("signs", als.signs_start(found[0], rms))] if found else []
         starts += [("mean-signs", als.signs_start(als.shared, rms))]
     for name, candidate in starts:
@@ -937,23 +952,28 @@ def _fit(
         # baseline() counts as zero what is small against P*'s rms
         als.scale_like_prompts()
         als.baseline(settings.seed)
-        tried = float(als.errors().sum())
-        if tried < history[0]:
-            start, history[0] = name, tried
+        tried = als.errors()
+        if float(tried.sum()) < history[0]:
+            start, history[0], errors = name, float(tried.sum()), tried
         else:
             als.shared, als.cols, als.rows = kept
     if starts and trace is not None:
         trace.append(("start", history[0]))
-    stopped = "max-iters"
-    iterations = extrapolated = accelerated = 0
+    iterations = extrapolated = 0
     anderson_bytes = ANDERSON_BYTES.get(prompts.device.type, ANDERSON_BYTES["cpu"])
     anderson = _Anderson(als, settings.anderson if settings.line_search else 0, anderson_bytes)
     floors = _floors_sq(prompts, settings.round_off)
-    if history[0] <= EXACT * total:
-        stopped = "exact"
-    elif floors is not None and bool((als.errors() <= floors).all()):
-        stopped = "round-off"
-    else:
+
+    def done(errors: Any, f: float) -> str | None:
+        """Why the fit is done at per-task ``errors`` (objective ``f``), if it is."""
+        if f <= EXACT * total:
+            return "exact"
+        if floors is not None and bool((errors <= floors).all()):
+            return "round-off"
+        return None
+
+    stopped = done(errors, history[0]) or "max-iters"
+    if stopped == "max-iters":
         for _ in range(settings.max_iters):
             before = (als.shared, als.cols.clone(), als.rows.clone()) if settings.line_search else None
             als.sweep(trace)
@@ -970,29 +990,17 @@ def _fit(
                 extrapolated += als.moved
                 if trace is not None:
                     trace.append(("extrapolate", f))
-                jump = anderson.step(als)
-                if jump is not None:
-                    tried = prompt_errors(prompts, *jump, chunk=als.chunk, buffer=als.buf_w)
-                    better = float(tried.sum()) < f
-                    anderson.judged(better)
-                    if better:
-                        als.shared, als.cols, als.rows = jump
-                        errors, f = tried, float(tried.sum())
-                        accelerated += 1
-                    if trace is not None:
-                        trace.append(("anderson", f))
+                tried_step, errors = anderson.attempt(als, errors)
+                f = float(errors.sum())
+                if tried_step and trace is not None:
+                    trace.append(("anderson", f))
             previous = history[-1]
             history.append(f)
             if advance is not None:
                 advance(1)
-            if f <= EXACT * total:
-                stopped = "exact"
-                break
-            if floors is not None and bool((errors <= floors).all()):
-                stopped = "round-off"
-                break
-            if previous - f <= settings.tol * previous:
-                stopped = "tol"
+            reason = done(errors, f) or ("tol" if previous - f <= settings.tol * previous else None)
+            if reason is not None:
+                stopped = reason
                 break
     if not als.fixed:
         als.scale_like_prompts()
@@ -1009,7 +1017,7 @@ def _fit(
         stopped,
         start,
         recover_seconds,
-        accelerated,
+        anderson.kept,
     )
 
 
