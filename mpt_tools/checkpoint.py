@@ -145,6 +145,23 @@ def _weights_in_dir(folder: Path) -> Path:
     raise SourceError(f"no adapter_model.safetensors or adapter_model.bin in this directory{hint}", str(folder))
 
 
+def download_missing(text: str, subfolder: str | None, hub: HubOptions) -> tuple[Path, HubInfo]:
+    """A SOURCE that is not a local path, from the Hub: its snapshot folder and Hub info (see
+    :func:`mpt_tools.hub.download.download_source`). SourceError, without a Hub call, where the text
+    reads as a local path (:func:`mpt_tools.hub.download.local_path_reason`); a Hub error on a bare
+    ``org/name`` says that no local path of that name exists either."""
+    from .hub.download import download_source, local_path_reason
+
+    if local_path_reason(text) is not None:
+        raise _missing(text)  # no Hub call: offline it would say "not in the cache", without network wait
+    try:
+        return download_source(text, subfolder=subfolder, hub=hub)
+    except MptToolsError as exc:
+        if not text.startswith("hf://"):  # `runs/sources` may have been meant as a local path
+            exc.message += f" (read as a Hub repo id: there is no local file or folder {text!r} either)"
+        raise
+
+
 Source = Union["Checkpoint", SourceSpec, str, os.PathLike[str]]
 """What every library function that reads a source takes: a loaded checkpoint, a spec or a path."""
 
@@ -167,16 +184,7 @@ def load_source(source: Source) -> Checkpoint:
     path = Path(text)
     hub_info: HubInfo | None = None
     if not os.path.lexists(path):
-        from .hub.download import download_source, local_path_reason
-
-        if local_path_reason(text) is not None:
-            raise _missing(text)  # no Hub call: offline it would say "not in the cache", without network wait
-        try:
-            path, hub_info = download_source(text, subfolder=subfolder, hub=spec.hub)
-        except MptToolsError as exc:
-            if not text.startswith("hf://"):  # `runs/sources` may have been meant as a local path
-                exc.message += f" (read as a Hub repo id: there is no local file or folder {text!r} either)"
-            raise
+        path, hub_info = download_missing(text, subfolder, spec.hub)
         subfolder = None
     if os.path.islink(path) and not os.path.exists(path):
         raise SourceError("broken symlink or symlink loop", text)

@@ -78,11 +78,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
-from .checkpoint import Checkpoint, Source, load_source
+from .checkpoint import Checkpoint, Source, download_missing, load_source
 from .checks import require_valid
 from .config import CONFIG_NAME, PEFT_TYPE, TASK_TYPES, WEIGHTS_NAMES, MptConfig, read_config, target_config
 from .dtypes import UNIT_ROUND_OFF
-from .errors import ConfigError, FormatError, SourceError, ValidationError
+from .errors import ConfigError, FormatError, MptToolsError, SourceError, ValidationError
 from .files import guard_output
 from .findings import Finding
 from .formats import (
@@ -101,7 +101,7 @@ from .formats import (
     to_float64,
     to_torch,
 )
-from .options import SourceSpec
+from .options import HubOptions, SourceSpec
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .recover import recover_starts
@@ -177,7 +177,9 @@ class PackOptions(NamedTuple):
     recovered by :mod:`mpt_tools.recover` and its signs, and start from the best) or ``baseline``
     (no recovery, whose search, on prompts too small for its linear routes, costs seconds on
     prompts that are not of the form, such as teacher prompts trained one by one: the mean prompt
-    or its signs with the prompts' rms magnitudes, whichever fits better)."""
+    or its signs with the prompts' rms magnitudes, whichever fits better). ``hub``: how every
+    input that is a Hub repo id or ``hf://`` URL is downloaded (PROMPTS, sources, ``shared``,
+    ``append_to``)."""
 
     num_ranks: int | None = None
     shared: str | os.PathLike[str] | None = None
@@ -191,6 +193,7 @@ class PackOptions(NamedTuple):
     peft_compat: str | None = None
     chunk_bytes: int | None = None
     start: str = "auto"
+    hub: HubOptions = HubOptions()
 
 
 class TaskSource(NamedTuple):
@@ -266,7 +269,7 @@ def _peft_folder(folder: Path) -> _Prompt:
     cfg = read_config(folder / CONFIG_NAME)
     peft_type = cfg.raw.get("peft_type")
     if peft_type == PEFT_TYPE:
-        raise SourceError("is a Multitask Prompt Tuning adapter: give it as --from DIR (--tasks LIST)", str(folder))
+        raise SourceError("is a Multitask Prompt Tuning adapter: give it as --from SOURCE (--tasks LIST)", str(folder))
     if peft_type != "PROMPT_TUNING":
         raise SourceError(f"peft_type is {peft_type!r}: expected a PROMPT_TUNING adapter", str(folder))
     weights = next((folder / n for n in WEIGHTS_NAMES if os.path.lexists(folder / n)), None)
@@ -322,15 +325,49 @@ def _tgis_folder(folder: Path) -> _Prompt:
     return _Prompt(str(folder), "tgis", files, parts["decoder.pt"], 1, None, None, tag)
 
 
-def read_prompt(path: str | os.PathLike[str]) -> _Prompt:
-    """One single-task prompt from a PEFT PROMPT_TUNING folder, a TGIS prefix folder or a tensor
-    file (``.npy``, ``.pt``/``.bin``/``.pth``, ``.safetensors``: one [T, d] tensor, or
-    ``prompt_embeddings``), read through :func:`mpt_tools.formats.open_tensor_file` (bounds-checked,
-    weights-only). Raises MptToolsError, naming the file, for anything else."""
-    p = Path(path)
-    where = os.fspath(path)
-    if not os.path.lexists(p):
-        raise SourceError("no such file or folder", where)
+def locate_prompt(path: str | os.PathLike[str], hub: HubOptions | None = None) -> tuple[str, str]:
+    """Where an input is read and how it is named: a local path as it is (twice), or a Hub repo
+    id / ``hf://`` URL downloaded as :func:`~mpt_tools.checkpoint.load_source` downloads a source
+    (``adapter_config.json`` and one weights file, their hashes checked): its snapshot folder and
+    ``hf://org/name@commit[/subfolder]``. Raises MptToolsError (one line) where neither exists."""
+    text = os.fspath(path)
+    if os.path.lexists(text):
+        return text, text
+    folder, info = download_missing(text, None, hub or HubOptions())
+    return str(folder), info["url"]
+
+
+@contextmanager
+def _named_as(local: str, label: str) -> Iterator[None]:
+    """Errors raised inside name ``label`` where they named ``local`` (a Hub input's cache folder:
+    its ``hf://`` URL is what the user gave)."""
+    try:
+        yield
+    except MptToolsError as exc:
+        if local != label and exc.path is not None and exc.path.startswith(local):
+            exc.path = label + exc.path[len(local) :]
+        raise
+
+
+def read_prompt(path: str | os.PathLike[str], *, hub: HubOptions | None = None) -> _Prompt:
+    """One single-task prompt from a PEFT PROMPT_TUNING folder (local, or a Hub repo id or
+    ``hf://`` URL: :func:`locate_prompt`; labelled with its URL at the commit read), a TGIS prefix
+    folder or a tensor file (``.npy``, ``.pt``/``.bin``/``.pth``, ``.safetensors``: one [T, d]
+    tensor, or ``prompt_embeddings``), read through :func:`mpt_tools.formats.open_tensor_file`
+    (bounds-checked, weights-only). Raises MptToolsError, naming the file, for anything else."""
+    return _read_at(*locate_prompt(path, hub))
+
+
+def _read_at(local: str, label: str) -> _Prompt:
+    """The prompt at the local path ``local`` (:func:`locate_prompt`), named ``label``."""
+    with _named_as(local, label):
+        item = _read_local(local)
+    return item if label == local else item._replace(label=label)
+
+
+def _read_local(where: str) -> _Prompt:
+    """:func:`read_prompt` of a local path (``where``, as given: it labels the prompt)."""
+    p = Path(where)
     if os.path.islink(p) and not os.path.exists(p):
         raise SourceError("broken symlink or symlink loop", where)
     if p.is_dir():
@@ -347,18 +384,19 @@ def read_prompt(path: str | os.PathLike[str]) -> _Prompt:
     return _Prompt(where, "tensor", [where], array, None, None, None, raw.dtype)
 
 
-def _is_mpt(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` (a local folder or file) holds an MPT adapter rather than one prompt."""
-    p = Path(path)
-    if not os.path.lexists(p):
-        return True  # a Hub repo id: only MPT adapters are read from the Hub
-    if p.is_dir():
-        if not os.path.lexists(p / CONFIG_NAME):
-            return False
-        return read_config(p / CONFIG_NAME).raw.get("peft_type") == PEFT_TYPE
-    tfile = open_tensor_file(p, bare=True)
-    keymap, _notes, _ignored = normalise_keys(tfile.infos, str(p))
-    return "prefix_task_cols" in keymap or "prefix_task_rows" in keymap
+def _is_mpt(path: str | os.PathLike[str], hub: HubOptions) -> bool:
+    """Whether ``path`` (a local folder or file, or a Hub repo: downloaded to tell) holds an MPT
+    adapter rather than one prompt."""
+    local, label = locate_prompt(path, hub)
+    p = Path(local)
+    with _named_as(local, label):
+        if p.is_dir():
+            if not os.path.lexists(p / CONFIG_NAME):
+                return False
+            return read_config(p / CONFIG_NAME).raw.get("peft_type") == PEFT_TYPE
+        tfile = open_tensor_file(p, bare=True)
+        keymap, _notes, _ignored = normalise_keys(tfile.infos, str(p))
+        return "prefix_task_cols" in keymap or "prefix_task_rows" in keymap
 
 
 def _task_findings(tasks: Sequence[int], n: int) -> list[Finding]:
@@ -379,9 +417,10 @@ def _task_findings(tasks: Sequence[int], n: int) -> list[Finding]:
     return []
 
 
-def _load_mpt(source: Source, tasks: Sequence[int] | None = None) -> Checkpoint:
-    """An MPT adapter, checked (and ``tasks`` against its task count)."""
-    ckpt = load_source(source if isinstance(source, (Checkpoint, SourceSpec)) else SourceSpec.of(source))
+def _load_mpt(source: Source, hub: HubOptions, tasks: Sequence[int] | None = None) -> Checkpoint:
+    """An MPT adapter, checked (and ``tasks`` against its task count); a path or repo id given
+    alone is read with ``hub``."""
+    ckpt = load_source(source if isinstance(source, (Checkpoint, SourceSpec)) else SourceSpec.of(source, hub=hub))
     extra: list[Finding] = []
     cols = ckpt.shapes.get("prefix_task_cols")
     if tasks is not None and cols and len(cols) == 3:
@@ -1151,10 +1190,12 @@ def _check_shape(shape: _Shape | None, dims: tuple[int, ...], where: str) -> _Sh
 
 
 class _Plan(NamedTuple):
-    """The inputs besides the prompt files, loaded and checked: the adapter appended to, the fixed
-    P* and where it came from, the MPT sources with their tasks, every input path (for the output
-    guard) and the [T, d] they fix."""
+    """The inputs, located and (besides the prompt files) loaded and checked: per prompt where it
+    is read and its label (:func:`locate_prompt`: a Hub one is downloaded), the adapter appended
+    to, the fixed P* and where it came from, the MPT sources with their tasks, every input path
+    (for the output guard) and the [T, d] they fix."""
 
+    located: list[tuple[str, str]]
     append: Checkpoint | None
     fixed: np.ndarray | None
     shared_label: str
@@ -1164,8 +1205,9 @@ class _Plan(NamedTuple):
 
 
 def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], opts: PackOptions) -> _Plan:
-    protected = [os.fspath(p) for p in prompts]
-    append = _load_mpt(opts.append_to) if opts.append_to is not None else None
+    located = [locate_prompt(p, opts.hub) for p in prompts]
+    protected = [local for local, _label in located]
+    append = _load_mpt(opts.append_to, opts.hub) if opts.append_to is not None else None
     fixed: np.ndarray | None = None
     shared_label = "fitted"
     shape: _Shape | None = None
@@ -1175,11 +1217,11 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
         shared_label = append.location
     elif opts.shared is not None:
         shared_label = os.fspath(opts.shared)
-        if _is_mpt(shared_label):
-            ckpt = _load_mpt(shared_label)
+        if _is_mpt(shared_label, opts.hub):
+            ckpt = _load_mpt(shared_label, opts.hub)
             fixed, files = to_float64(ckpt.read("prompt_embeddings")), ckpt.source_paths
         else:
-            item = read_prompt(shared_label)
+            item = read_prompt(shared_label, hub=opts.hub)
             assert item.array is not None
             fixed, files = item.array, item.files
         protected += files
@@ -1188,19 +1230,19 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
     checkpoints = []
     for source in sources:
         tasks = None if source.tasks is None else [int(t) for t in source.tasks]
-        ckpt = _load_mpt(source.source, tasks)
+        ckpt = _load_mpt(source.source, opts.hub, tasks)
         protected += ckpt.source_paths
         checkpoints.append((ckpt, tasks if tasks is not None else list(range(ckpt.shapes["prefix_task_cols"][0]))))
-    return _Plan(append, fixed, shared_label, checkpoints, protected, shape)
+    return _Plan(located, append, fixed, shared_label, checkpoints, protected, shape)
 
 
-def _read_all(prompts: Sequence[str | os.PathLike[str]], plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
+def _read_all(plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
     """Every prompt, in order (the files, then the sources' tasks), into one float64 tensor
     [N, T, d] on ``dev``, each checked against the shape of the first (or of the fixed P*) as it
     is read; the tensor is allocated once the shape is known, after a memory check."""
     import torch
 
-    n = len(prompts) + sum(len(tasks) for _, tasks in plan.checkpoints)
+    n = len(plan.located) + sum(len(tasks) for _, tasks in plan.checkpoints)
     shape = plan.shape
     held: list[Any] = []
 
@@ -1218,13 +1260,13 @@ def _read_all(prompts: Sequence[str | os.PathLike[str]], plan: _Plan, dev: Any) 
         return held[0]
 
     items: list[_Prompt] = []
-    for i, path in enumerate(prompts):
-        item = read_prompt(path)
+    for i, (local, label) in enumerate(plan.located):
+        item = _read_at(local, label)
         assert item.array is not None
         shape = _check_shape(shape, item.array.shape, item.label)
         tensor(item.label)[i] = torch.from_numpy(np.array(item.array, dtype=np.float64)).to(dev)
         items.append(item._replace(array=None))
-    position = len(prompts)
+    position = len(plan.located)
     for ckpt, tasks in plan.checkpoints:
         shape = _check_shape(shape, ckpt.shapes["prompt_embeddings"], ckpt.location)
         _bake(ckpt, tasks, tensor(ckpt.location), position)
@@ -1313,7 +1355,7 @@ def pack_prompts(
     dev = resolve_device(opts.device)
     plan = _plan(prompts, task_sources, opts)
     guard_output(out, force=force, protected=plan.protected)
-    p, read, shape = _read_all(prompts, plan, dev)
+    p, read, shape = _read_all(plan, dev)
     append = plan.append
     model = _model(read, opts, shape, append)
     kept = append.shapes["prefix_task_cols"][0] if append is not None else 0

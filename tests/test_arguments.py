@@ -538,6 +538,25 @@ def test_a_missing_path_says_no_such_file_at_once(text: str, tmp_path: Path, mon
     assert "not in the local cache" not in result.stderr
 
 
+@pytest.mark.parametrize("text", ["teachers/qa.npy", "qa.npy", "./teachers/qa", "a/b/c", "x.pt"])
+def test_a_missing_prompt_for_pack_says_no_such_file_at_once(
+    text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pack reads Hub prompts too, by the same rule: a missing tensor file (``.npy`` included) or
+    folder is a missing local path, without a Hub call."""
+    import mpt_tools.hub.download as download
+
+    def no_hub(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("asked the Hub about a local path")
+
+    monkeypatch.setattr(download, "download_source", no_hub)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("pack", text, "--num-ranks", "1", "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "no such file or folder" in result.stderr, result.stderr
+    assert text in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_path_or_repo_id_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mpt_tools.hub.download import local_path_reason
 

@@ -811,3 +811,116 @@ def test_an_existing_local_path_wins_over_a_repo_id(hub, src, tmp_path, monkeypa
     shutil.rmtree(tmp_path / "org")
     data = inspect_json("org/src")
     assert data["hub"]["repo_id"] == "org/src" and data["config"]["task_type"] == "CAUSAL_LM"
+
+
+# --------------------------------------------------------------------------- pack from the Hub
+
+
+@pytest.fixture
+def prompt_repos(hub, tmp_path) -> dict[str, Path]:
+    """PEFT prompt-tuning adapters as export-prompt bakes them: tasks 0-2 of the causal fixture
+    (pt0-pt2) and task 0 of its float16 copy (pt3), on the Hub as org/pt0 (main), org/pt1 (pt1 at
+    tag v1, then main moved on to pt3) and org/pt2 (in the subfolder `named`, private); the local
+    folders by name."""
+    local = {}
+    for k, fixture in enumerate(["causal"] * 3 + ["causal_fp16"]):
+        folder = tmp_path / f"pt{k}"
+        result = run_cli("export-prompt", FIXTURES / fixture, "--task", str(k % 3), "--out", folder)
+        assert result.exit_code == 0, result.stderr
+        local[f"pt{k}"] = folder
+    files = {k: {p.name: p.read_bytes() for p in f.iterdir() if p.name != "README.md"} for k, f in local.items()}
+    hub.add_repo("org/pt0", files["pt0"])
+    hub.add_tag("org/pt1", "v1", hub.add_repo("org/pt1", files["pt1"]))
+    hub.add_commit("org/pt1", files["pt3"])
+    hub.add_repo("org/pt2", {f"named/{name}": data for name, data in files["pt2"].items()}, private=True)
+    return local
+
+
+def test_pack_reads_prompt_tuning_adapters_from_the_hub(hub, prompt_repos, tmp_path):
+    """PROMPTS may be Hub repos (org/name, hf://org/name@rev, hf://org/name/sub; --token for a
+    private one): the adapter is byte for byte the one packed from the same folders on disk, each
+    task's input is its URL at the commit read, and --offline packs them again from the cache."""
+    from_disk = run_cli(
+        "pack", prompt_repos["pt0"], prompt_repos["pt1"], prompt_repos["pt2"], "--num-ranks", "2",
+        "--out", tmp_path / "disk", "--json",
+    )  # fmt: skip
+    assert from_disk.exit_code == 0, from_disk.stderr
+    inputs = ["org/pt0", "hf://org/pt1@v1", "hf://org/pt2/named"]
+    result = run_cli("pack", *inputs, "--num-ranks", "2", "--token", TOKEN, "--out", tmp_path / "hub", "--json")
+    assert result.exit_code == 0, result.stderr
+    data, disk = json.loads(result.stdout), json.loads(from_disk.stdout)
+    commits = [hub.head("org/pt0"), hub.head("org/pt1", "v1"), hub.head("org/pt2")]
+    assert [t["input"] for t in data["tasks"]] == [
+        f"hf://org/pt0@{commits[0]}",
+        f"hf://org/pt1@{commits[1]}",
+        f"hf://org/pt2@{commits[2]}/named",
+    ]
+    assert [t["kind"] for t in data["tasks"]] == ["peft"] * 3
+    assert [t["relative_error"] for t in data["tasks"]] == [t["relative_error"] for t in disk["tasks"]]
+    assert tensors(tmp_path / "hub") == tensors(tmp_path / "disk")
+    disk_cfg = json.loads((tmp_path / "disk" / CONFIG).read_text())
+    assert json.loads((tmp_path / "hub" / CONFIG).read_text()) == disk_cfg
+    assert {r.authorization for r in hub.requests} == {f"Bearer {TOKEN}"}
+    assert TOKEN not in result.stdout + result.stderr
+    meta = safe_open(str(tmp_path / "hub" / WEIGHTS), "np").metadata()
+    assert f"hf://org/pt1@{commits[1]}" in meta["mpt_tools.inputs"]
+
+    hub.clear_requests()
+    again = run_cli(
+        "pack", f"hf://org/pt0@{commits[0]}", "hf://org/pt1@v1", "hf://org/pt2/named", "--num-ranks", "2",
+        "--offline", "--out", tmp_path / "offline", "--json",
+    )  # fmt: skip
+    assert again.exit_code == 0, again.stderr
+    assert hub.requests == []
+    assert tensors(tmp_path / "offline") == tensors(tmp_path / "disk")
+
+
+def test_pack_takes_hub_adapters_for_every_input(hub, src, prompt_repos, tmp_path):
+    """--from, --shared and --append-to read Hub MPT adapters, --shared a Hub prompt too (its P* is
+    then that prompt, bitwise): the same bytes as from the local folders."""
+    local_src = FIXTURES / "causal"
+    for flags, local_flags in (
+        (["--from", src], ["--from", local_src]),
+        (["--append-to", src], ["--append-to", local_src]),
+        (["--shared", src, "--num-ranks", "2"], ["--shared", local_src, "--num-ranks", "2"]),
+        (["--shared", "org/pt0", "--num-ranks", "2"], ["--shared", prompt_repos["pt0"], "--num-ranks", "2"]),
+    ):
+        name = flags[0].strip("-") + flags[1].replace("/", "-")
+        hub_run = run_cli("pack", "org/pt1", *flags, "--num-ranks", "2", "--out", tmp_path / name, "--json")
+        local_run = run_cli(
+            "pack", prompt_repos["pt3"], *local_flags, "--num-ranks", "2", "--out", tmp_path / f"{name}-local"
+        )  # org/pt1's main is pt3
+        assert hub_run.exit_code == 0, (flags, hub_run.stderr)
+        assert local_run.exit_code == 0, (flags, local_run.stderr)
+        assert tensors(tmp_path / name) == tensors(tmp_path / f"{name}-local"), flags
+    pe = tensors(FIXTURES / "causal")["prompt_embeddings"][2]
+    assert tensors(tmp_path / f"shared{src.replace('/', '-')}")["prompt_embeddings"][2] == pe
+    assert tensors(tmp_path / f"append-to{src.replace('/', '-')}")["prompt_embeddings"][2] == pe
+
+
+def test_pack_hub_errors_are_one_line_and_write_nothing(hub, src, prompt_repos, tmp_path):
+    """Missing, private, offline, an MPT adapter given as a prompt; and hostile weights on the Hub
+    (a pickle that would run code, a truncated safetensors file, their hashes right): one line
+    naming the repo at its commit and the file, nothing written, nothing run."""
+    from corpus import exec_payload
+
+    config = (prompt_repos["pt0"] / CONFIG).read_bytes()
+    sentinel = tmp_path / "pwned"
+    evil = hub.add_repo("org/evil", {CONFIG: config, "adapter_model.bin": exec_payload(sentinel)})
+    good = (prompt_repos["pt0"] / WEIGHTS).read_bytes()
+    short = hub.add_repo("org/short", {CONFIG: config, WEIGHTS: good[: len(good) - 8]})
+    out = tmp_path / "out"
+    cases = [
+        (["org/evil"], [f"hf://org/evil@{evil}/adapter_model.bin"]),
+        (["org/short"], [f"hf://org/short@{short}/{WEIGHTS}"]),
+        (["org/missing"], ["hf://org/missing@main", "repository not found"]),
+        (["hf://org/pt2/named"], ["org/pt2", "repository not found", "--token"]),  # private, no token
+        ([src], [f"hf://{src}@{hub.head(src)}", "Multitask Prompt Tuning", "--from SOURCE"]),
+        (["org/pt0", "--offline", "--cache-dir", str(tmp_path / "empty")], ["org/pt0", "not in the local cache"]),
+        (["hf://org/pt1@nope"], ["hf://org/pt1@nope", "revision not found"]),
+    ]
+    for args, needles in cases:
+        result = run_cli("pack", *args, "--num-ranks", "2", "--out", out)
+        assert_one_error_line(result, *needles)
+        assert not out.exists(), args
+    assert not sentinel.exists()

@@ -611,6 +611,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
         "mpt-tools pack new-task/ --append-to sources --out sources-plus   # sources' tasks kept bitwise",
         "mpt-tools pack a.npy b.npy --shared sources --num-ranks 2 --task-type CAUSAL_LM --out ab",
         "mpt-tools pack teachers/* --num-ranks 2 --start baseline --out packed  # prompts trained one by one",
+        "mpt-tools pack org/qa-prompt hf://org/nli-prompt@v1 --num-ranks 2 --out packed  # from the Hub",
     ],
 )
 @click.argument("prompts", metavar="[PROMPTS]...", nargs=-1, type=Text())
@@ -689,6 +690,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @FORCE
 @JSON
 @PEFT_COMPAT
+@hub_options
 def pack_cmd(
     prompts: tuple[str, ...],
     from_sources: tuple[str, ...],
@@ -707,12 +709,14 @@ def pack_cmd(
     force: bool,
     as_json: bool,
     peft_compat: str | None,
+    hub: HubOptions,
 ) -> None:
     """Fit one MPT adapter to single-task prompts: P_k ~ P* * (U_k @ V_k), into --out.
 
-    PROMPTS are PEFT prompt-tuning folders, TGIS prefix folders (decoder.pt, + encoder.pt for
-    encoder-decoder models) or [T, d] tensor files (.npy, .pt, .safetensors); --from adds the
-    tasks of MPT adapters. Task i of the adapter is the i-th prompt, then the --from tasks.
+    PROMPTS are PEFT prompt-tuning adapters (folders, or Hub repos: org/name or
+    hf://org/name@rev/sub), TGIS prefix folders (decoder.pt, + encoder.pt for encoder-decoder
+    models) or [T, d] tensor files (.npy, .pt, .safetensors); --from adds the tasks of MPT
+    adapters. The Hub flags apply to every Hub input. Task i of the adapter is the i-th prompt, then the --from tasks.
     Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
     SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
     (exact for baked adapters of rank 1, and of rank 2 to 7 from 2 tasks where T or d is at
@@ -730,7 +734,7 @@ def pack_cmd(
     if not prompts and not from_sources:
         raise click.UsageError("give PROMPTS to pack, or --from SOURCE")
     lists = task_lists or [None] * len(from_sources)
-    sources = [TaskSource(SourceSpec(s), t) for s, t in zip(from_sources, lists, strict=True)]
+    sources = [TaskSource(SourceSpec(s, hub=hub), t) for s, t in zip(from_sources, lists, strict=True)]
     options = PackOptions(
         num_ranks=num_ranks,
         shared=shared,
@@ -743,6 +747,7 @@ def pack_cmd(
         device=device,
         peft_compat=peft_compat,
         start=start,
+        hub=hub,
     )
     result = pack_prompts(prompts, out, sources=sources, options=options, force=force)
     _render().show_json(result) if as_json else _render().pack_view(result)

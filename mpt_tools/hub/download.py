@@ -54,7 +54,7 @@ class HubSpec:
         return text
 
 
-_PATH_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+_PATH_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npy", ".json")
 
 
 def local_path_reason(text: str) -> str | None:
