@@ -23,3 +23,12 @@ def write_section(name: str, text: str) -> None:
     else:
         current = current.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(current)
+
+
+def read_section(name: str) -> str | None:
+    """The text of the section ``name`` of RESULTS.md (without its markers), or None."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    current = RESULTS.read_text() if RESULTS.exists() else ""
+    if start not in current or end not in current:
+        return None
+    return current.split(start, 1)[1].split(end, 1)[0].strip("\n")
