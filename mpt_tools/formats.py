@@ -1186,6 +1186,7 @@ def _pickle_tensors(p: str, obj: Any, torch: Any) -> dict[str, Raw]:
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # every tensor file mpt-tools reads
+PROMPT_SUFFIXES = (*TENSOR_SUFFIXES, ".npy")  # and a single prompt (pack: open_tensor_file(bare=True))
 
 
 BARE_KEY = ""

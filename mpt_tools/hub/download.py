@@ -23,6 +23,7 @@ from urllib.parse import unquote
 from ..config import CONFIG_NAME, WEIGHTS_NAMES
 from ..errors import HubError, debug
 from ..files import file_sha256, hash_file
+from ..formats import PROMPT_SUFFIXES
 from ..options import HubOptions
 from ..results import HubInfo
 from ..version import __version__
@@ -54,7 +55,7 @@ class HubSpec:
         return text
 
 
-_PATH_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npy", ".json")
+_PATH_SUFFIXES = (*PROMPT_SUFFIXES, ".json")
 
 
 def local_path_reason(text: str) -> str | None:
