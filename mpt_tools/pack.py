@@ -1205,7 +1205,13 @@ class _Plan(NamedTuple):
 
 
 def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], opts: PackOptions) -> _Plan:
-    located = [locate_prompt(p, opts.hub) for p in prompts]
+    located: list[tuple[str, str]] = []
+    remote = sum(not os.path.lexists(os.fspath(p)) for p in prompts)
+    with progress(remote, "download", unit="prompt") as advance:  # a bar where 2 or more are Hub repos
+        for path in prompts:
+            located.append(locate_prompt(path, opts.hub))
+            if located[-1][0] != located[-1][1]:
+                advance(1)
     protected = [local for local, _label in located]
     append = _load_mpt(opts.append_to, opts.hub) if opts.append_to is not None else None
     fixed: np.ndarray | None = None

@@ -875,6 +875,19 @@ def test_pack_reads_prompt_tuning_adapters_from_the_hub(hub, prompt_repos, tmp_p
     assert tensors(tmp_path / "offline") == tensors(tmp_path / "disk")
 
 
+def test_pack_shows_a_bar_while_it_downloads_prompts(hub, prompt_repos, tmp_path, capsys):
+    """Hub prompts are downloaded under a bar (bars on, as on a terminal), one step per prompt."""
+    from mpt_tools import PackOptions, pack_prompts, progress
+
+    progress.enable(True)
+    try:
+        pack_prompts(["org/pt0", "org/pt1"], tmp_path / "out", options=PackOptions(num_ranks=2, max_iters=1))
+    finally:
+        progress.enable(False)
+    err = capsys.readouterr().err
+    assert "download:" in err and "/2" in err and "prompt/s" in err
+
+
 def test_pack_takes_hub_adapters_for_every_input(hub, src, prompt_repos, tmp_path):
     """--from, --shared and --append-to read Hub MPT adapters, --shared a Hub prompt too (its P* is
     then that prompt, bitwise): the same bytes as from the local folders."""
