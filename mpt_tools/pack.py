@@ -429,11 +429,16 @@ def _load_mpt(source: Source, hub: HubOptions, tasks: Sequence[int] | None = Non
     return ckpt
 
 
+def _where(ckpt: Checkpoint) -> str:
+    """How an MPT input is named: its Hub URL at the commit read, or its location as given."""
+    return ckpt.hub["url"] if ckpt.hub else ckpt.location
+
+
 def _mpt_prompt(ckpt: Checkpoint, task: int) -> _Prompt:
     cfg = ckpt.config
     raw = dict(cfg.raw) if ckpt.config_from_file else None
     nts = None if "num_transformer_submodules" in cfg.assumed else cfg.num_transformer_submodules
-    label = f"{ckpt.location}#task{task}"
+    label = f"{_where(ckpt)}#task{task}"
     return _Prompt(label, "mpt", [ckpt.weights_path], None, nts, cfg.task_type, raw)
 
 
@@ -1225,11 +1230,13 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
         shared_label = os.fspath(opts.shared)
         if _is_mpt(shared_label, opts.hub):
             ckpt = _load_mpt(shared_label, opts.hub)
-            fixed, files = to_float64(ckpt.read("prompt_embeddings")), ckpt.source_paths
+            fixed, files, shared_label = to_float64(ckpt.read("prompt_embeddings")), ckpt.source_paths, _where(ckpt)
         else:
-            item = read_prompt(shared_label, hub=opts.hub)
+            local, label = locate_prompt(shared_label, opts.hub)
+            item = _read_at(local, label)
             assert item.array is not None
             fixed, files = item.array, item.files
+            shared_label = shared_label if local == label else label
         protected += files
     if fixed is not None:
         shape = _Shape(int(fixed.shape[0]), int(fixed.shape[1]), shared_label)

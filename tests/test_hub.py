@@ -890,7 +890,8 @@ def test_pack_shows_a_bar_while_it_downloads_prompts(hub, prompt_repos, tmp_path
 
 def test_pack_takes_hub_adapters_for_every_input(hub, src, prompt_repos, tmp_path):
     """--from, --shared and --append-to read Hub MPT adapters, --shared a Hub prompt too (its P* is
-    then that prompt, bitwise): the same bytes as from the local folders."""
+    then that prompt, bitwise): the same bytes as from the local folders; Hub inputs are named by
+    their URL at the commit read (tasks and the fixed P*)."""
     local_src = FIXTURES / "causal"
     for flags, local_flags in (
         (["--from", src], ["--from", local_src]),
@@ -906,6 +907,18 @@ def test_pack_takes_hub_adapters_for_every_input(hub, src, prompt_repos, tmp_pat
         assert hub_run.exit_code == 0, (flags, hub_run.stderr)
         assert local_run.exit_code == 0, (flags, local_run.stderr)
         assert tensors(tmp_path / name) == tensors(tmp_path / f"{name}-local"), flags
+    commit, pt0 = hub.head(src), hub.head("org/pt0")
+    labels = json.loads(
+        run_cli("pack", "org/pt1", "--from", src, "--num-ranks", "2", "--out", tmp_path / "l", "--json").stdout
+    )
+    assert [t["input"] for t in labels["tasks"]] == [f"hf://org/pt1@{hub.head('org/pt1')}"] + [
+        f"hf://{src}@{commit}#task{k}" for k in range(3)
+    ]
+    for shared, label in ((src, f"hf://{src}@{commit}"), ("org/pt0", f"hf://org/pt0@{pt0}")):
+        result = run_cli(
+            "pack", "org/pt1", "--shared", shared, "--num-ranks", "2", "--out", tmp_path / "s", "--force", "--json"
+        )
+        assert json.loads(result.stdout)["shared"] == label
     pe = tensors(FIXTURES / "causal")["prompt_embeddings"][2]
     assert tensors(tmp_path / f"shared{src.replace('/', '-')}")["prompt_embeddings"][2] == pe
     assert tensors(tmp_path / f"append-to{src.replace('/', '-')}")["prompt_embeddings"][2] == pe
