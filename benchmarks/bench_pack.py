@@ -6,7 +6,7 @@ fit exists and the fit converges to the noise floor (relative objective about 1e
 
 Rows (CPU now; the GPU rows in their own section, when a CUDA device is there):
 
-- pack's fit (``mpt_tools.pack.als_fit``, float64): the baseline, the median time per iteration,
+- pack's fit (``mpt_tools.als.als_fit``, float64): the baseline, the median time per iteration,
   and iterations and time to convergence at ``--tol 1e-6``, with and without the line search and
   Anderson acceleration;
 - ``mpt-tools pack`` end to end on the command line from 100 ``.npy`` files (read, fit, write),
@@ -67,7 +67,7 @@ def make_prompts(n: int, t: int, d: int, r: int, seed: int = 0) -> np.ndarray:
 
 def fit_rows(p: Any, r: int, line_search: bool) -> dict[str, Any]:
     """pack's fit on the tensor ``p``: baseline time, per-iteration times, iterations, total."""
-    from mpt_tools.pack import CHUNK_BYTES, FitSettings, als_fit
+    from mpt_tools.als import CHUNK_BYTES, FitSettings, als_fit
     from mpt_tools.prompts import plan_chunks
 
     marks: list[float] = []
@@ -108,7 +108,7 @@ def naive_als(p: Any, r: int, max_iters: int) -> dict[str, Any]:
     """Plain-torch ALS the obvious way (see the module docstring), from pack's own baseline."""
     import torch
 
-    from mpt_tools.pack import _Als
+    from mpt_tools.als import _Als
 
     als = _Als(p, r, None, p.shape[0])
     als.baseline(0)

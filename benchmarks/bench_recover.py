@@ -70,7 +70,7 @@ def prompts(n: int, t: int, d: int, r: int, seed: int, form: bool) -> Any:
 def run_case(n: int, t: int, d: int, r: int, adapters: int, form: bool) -> dict[str, tuple[int, float, float, float]]:
     """Per start ("recovered", "mean"): adapters back within 1e-5, median fit time, worst error,
     median iterations."""
-    from mpt_tools.pack import FitSettings, als_fit, round_off_floors
+    from mpt_tools.als import FitSettings, als_fit, round_off_floors
 
     floors = round_off_floors(["F32"] * n, ["F32"])  # what pack stops at: float32 prompts and adapter
     out: dict[str, tuple[int, float, float, float]] = {}

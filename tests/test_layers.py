@@ -23,8 +23,9 @@ LAYERS: list[list[str]] = [
     ["files"],  # sha256, atomic and staged writes, the output guard
     ["hub.download", "hub.listing"],  # a Hub source into the cache; listings and headers (audit): no checks
     ["checkpoint"],  # a source, loaded
-    # findings; factor math (torch's mean in numpy); prompt math; P* recovered from exact prompts (pack)
-    ["findings", "factors", "torchmean", "prompts", "recover"],
+    # findings; factor math (torch's mean in numpy); prompt math; P* recovered from exact prompts and
+    # the ALS fit of P* * (U_k V_k) to prompts (pack)
+    ["findings", "factors", "torchmean", "prompts", "recover", "als"],
     ["modes"],  # the table of target modes
     ["checks", "hazards", "writer", "hub.base_model", "hub.card", "verification.engine"],  # hazards: serving layouts
     ["hub.push", "verification.target"],

@@ -21,19 +21,11 @@ from conftest import FIXTURES, run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mpt_tools.als import FitResult, FitSettings, als_fit, prompt_errors, round_off_floors
 from mpt_tools.checkpoint import load_source
 from mpt_tools.errors import ValidationError
 from mpt_tools.formats import from_numpy, safetensors_bytes, to_float32
-from mpt_tools.pack import (
-    FitResult,
-    FitSettings,
-    PackOptions,
-    TaskSource,
-    als_fit,
-    pack_prompts,
-    prompt_errors,
-    round_off_floors,
-)
+from mpt_tools.pack import PackOptions, TaskSource, pack_prompts
 from mpt_tools.surgery import task_prompt
 
 CUDA = torch.cuda.is_available()
@@ -239,7 +231,7 @@ def test_anderson_fits_its_history_in_the_budget() -> None:
     """The history of Anderson acceleration stays within its bound: a smaller depth where the
     variables are large, none where not even depth 1 fits (the fit then is ALS with its line
     search, as before)."""
-    from mpt_tools.pack import _Als, _Anderson
+    from mpt_tools.als import _Als, _Anderson
 
     als = _Als(torch.zeros(4, 10, 30, dtype=torch.float64), 2, None, 4)
     size = als.shared.numel() + als.cols.numel() + als.rows.numel()
@@ -873,14 +865,14 @@ def test_start_baseline_skips_the_recovery(tmp_path: Path, monkeypatch: pytest.M
     are not of the form): on the two rank-2 tasks the search finds, the fit starts from the mean
     prompt and stops at its local minimum; ``auto`` (the default) starts from the recovered P*.
     An unknown start is one line, exit 2 on the command line."""
-    import mpt_tools.pack as pack_module
+    import mpt_tools.als as als_module
 
     src = zero_mean_adapter(tmp_path / "src", np.random.default_rng(0), 2, 10, 16, 2)
     auto = run_cli("pack", "--from", src, "--num-ranks", "2", "--out", tmp_path / "auto", "--json")
     assert auto.exit_code == 0 and json.loads(auto.stdout)["start"] == "recovered"
     calls: list[int] = []
-    real = pack_module.recover_starts
-    monkeypatch.setattr(pack_module, "recover_starts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = als_module.recover_starts
+    monkeypatch.setattr(als_module, "recover_starts", lambda *a, **k: calls.append(1) or real(*a, **k))
     base = run_cli("pack", "--from", src, "--num-ranks", "2", "--start", "baseline", "--out", tmp_path / "b", "--json")
     assert base.exit_code == 0, base.stderr
     report = json.loads(base.stdout)
@@ -1158,7 +1150,7 @@ def test_two_tasks_on_exactly_2r_rows_start_from_the_best_fit(std: float, monkey
     route's true null vectors from their mirror image, so ``recover_starts`` gives each candidate
     and pack starts from the one that fits best. Here the route's first candidate alone fits worse
     than the baseline (so the fit would start from the mean prompt), and another fits exactly."""
-    import mpt_tools.pack as pack_module
+    import mpt_tools.als as als_module
     from mpt_tools.recover import recover_starts
 
     _pe, p = exact_prompts(np.random.default_rng(3), 2, 8, 71, 4, std)
@@ -1167,7 +1159,7 @@ def test_two_tasks_on_exactly_2r_rows_start_from_the_best_fit(std: float, monkey
     assert len(starts) > 1
     fit = als_fit(p, 4, settings=FitSettings(max_iters=0))
     assert fit.start == "recovered" and fit.history[0] < 1e-12 * total
-    monkeypatch.setattr(pack_module, "recover_starts", lambda *_a, **_k: starts[:1])
+    monkeypatch.setattr(als_module, "recover_starts", lambda *_a, **_k: starts[:1])
     first = als_fit(p, 4, settings=FitSettings(max_iters=0))
     assert first.start == "baseline" or first.history[0] > 1e-6 * total
     monkeypatch.undo()
