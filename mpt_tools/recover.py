@@ -2,11 +2,12 @@
 
 ALS cannot change the sign of an entry of ``P*``: a sign flip of ``P*[t, j]`` needs every task's
 product ``(U_k V_k)[t, j]`` to flip with it, which the rank-R structure resists, so the fit stops
-where the start put the signs. Magnitudes do not matter (a start off by a factor e^N(0, 1) per
-entry converges); the signs do. The mean prompt gets them right when every task's product keeps
-one sign (products around one), and about half of them wrong when the factors have mean zero, as
-PEFT initialises them (normal, mean 0, std 0.02). This module finds the signs, and the values, by
-linear algebra instead.
+where the start put the signs. Given the right signs, magnitudes off by a factor e^N(0, 1) per
+entry still converge on exact prompts (where there is no exact fit they decide which local minimum
+the fit reaches: pack's sign starts take the prompts' rms). The mean prompt gets the signs right
+when every task's product keeps one sign (products around one), and about half of them wrong when
+the factors have mean zero, as PEFT initialises them (normal, mean 0, std 0.02). This module finds
+the signs, and the values, by linear algebra instead.
 
 Write ``L = 1 / P*`` (elementwise). Every ``L * P_k = U_k V_k`` has rank R, so every (R+1) x (R+1)
 minor of ``L * P_k`` vanishes, for every task. ``L`` is defined up to a positive or negative
