@@ -94,7 +94,24 @@ def _pick(infos: dict[str, TensorInfo], d: int, vocab_needed: int) -> TensorInfo
     return None
 
 
-def _no_matrix(d: int, where: str) -> ValidationError:
+def _other_widths(infos: dict[str, TensorInfo], d: int) -> list[str]:
+    """The 2-D tensors of ``infos`` named like an input embedding matrix but not ``d`` wide, as
+    ``name [rows, cols]``."""
+    return [
+        f"{name} {list(info.shape)}"
+        for name, info in sorted(infos.items())
+        if name.endswith(EMBED_SUFFIXES) and len(info.shape) == 2 and info.shape[1] != d
+    ]
+
+
+def _no_matrix(d: int, where: str, others: list[str]) -> ValidationError:
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        return ValidationError(
+            f"the input embedding matrix is not {d} wide, the adapter's token_dim (found {shown}): "
+            "the adapter was trained for another base model",
+            where,
+        )
     return ValidationError(
         f"no input embedding matrix of width {d} (the adapter's token_dim) named *{', *'.join(EMBED_SUFFIXES)}",
         where,
@@ -123,12 +140,14 @@ def _local_matrix(folder: Path, d: int, vocab_needed: int) -> _Matrix:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise SourceError("no .safetensors weights in the model folder (embed reads safetensors only)", str(folder))
+    others: list[str] = []
     for name in files:
         tfile = open_safetensors(folder / name)
         info = _pick(tfile.infos, d, vocab_needed)
         if info is not None:
             return _Matrix(tfile.path, info, lambda a, b, t=tfile, n=info.name: t.read_rows(n, a, b).array)
-    raise _no_matrix(d, str(folder))
+        others += _other_widths(tfile.infos, d)
+    raise _no_matrix(d, str(folder), others)
 
 
 def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Matrix, list[int], str]:
@@ -148,10 +167,13 @@ def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Ma
         files = sorted(p for p in repo.files if p.endswith(".safetensors") and "/" not in p)
     if not files:
         raise SourceError("no .safetensors weights in the model repo (embed reads safetensors only)", base)
+    others: list[str] = []
     for name in files:
         blob, size = hl.read_header(repo_id, repo.commit, name, hub)
-        info = _pick(parse_header(f"{base}/{name}", blob, size, check_memory=False).infos, d, max(ids) + 1)
+        infos = parse_header(f"{base}/{name}", blob, size, check_memory=False).infos
+        info = _pick(infos, d, max(ids) + 1)
         if info is None:
+            others += _other_widths(infos, d)
             continue
         itemsize, storage = DTYPES[info.dtype]
         row = info.shape[1] * itemsize
@@ -163,7 +185,7 @@ def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Ma
             return np.frombuffer(data, dtype=storage).reshape(b - a, info.shape[1])
 
         return _Matrix(f"{base}/{name}", info, rows), ids, repo.commit
-    raise _no_matrix(d, base)
+    raise _no_matrix(d, base, others)
 
 
 def _rows(matrix: _Matrix, ids: list[int]) -> tuple[np.ndarray, int]:

@@ -139,7 +139,8 @@ def _layout(fmt: str, ckpt: Checkpoint, opts: ExportOptions, extra: list[Finding
     enc = (0, nvt) if split else (0, t)
     if fmt == "peft":
         if split and not opts.encoder_only:
-            fix = "pass --encoder-only to export the encoder half (what generate() uses), or --to tgis"
+            fix = "pass --encoder-only to export the encoder half (what generate() uses)"
+            fix += ", or --to tgis" if nvt % 2 == 0 else ""  # TGIS refuses an odd prefix length
             extra.append(seq2seq_decoder_finding(fix))
         a, b = enc if opts.encoder_only else (0, t)
         return _Layout([(f"{{name}}/{WEIGHTS_NAME}", a, b), (f"{{name}}/{CONFIG_NAME}", a, b)], opts.dtype, seq2seq)
@@ -233,7 +234,8 @@ def _names_findings(fmt: str, tasks: list[int], names: list[str], n: int) -> lis
             )
         )
     if len(set(names)) != len(names):
-        out.append(_usage("names", "names must be distinct", len(names) - len(set(names)), "rename the repeats"))
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        out.append(_usage("names", "names must be distinct", repeated[:5], "rename the repeats"))
     return out
 
 
@@ -470,11 +472,20 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def serve_lines(fmt: str, out: str, names: list[str], tasks: list[int], rows: int, d: int, longest: int) -> list[str]:
+def serve_lines(
+    fmt: str, out: str, names: list[str], tasks: list[int], rows: int, d: int, longest: int, seq2seq: bool = False
+) -> list[str]:
     """How to serve what was written, with the first exported task as the example (``rows`` per
-    prompt, ``longest``: the most rows one file holds)."""
+    prompt, ``longest``: the most rows one file holds; ``seq2seq``: an encoder-decoder model's,
+    which PEFT serves from a prompt-tuning folder and TGIS from its own files only)."""
     k, name = tasks[0], names[0]
     store, prefix = os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out))
+    if fmt == "peft" and seq2seq:
+        return [
+            f'PEFT: PeftModel.from_pretrained(base_model, "{out}/{name}") serves task {k} (no task_ids)',
+            "an encoder-decoder prompt: TGIS reads one from decoder.pt/encoder.pt (--to tgis), not from a PEFT"
+            " folder; vLLM and TensorRT-LLM serve decoder-only models",
+        ]
     if fmt == "peft":
         return [
             f'PEFT: PeftModel.from_pretrained(base_model, "{out}/{name}") serves task {k} (no task_ids)',
@@ -580,7 +591,7 @@ def export_prompts(
         finally:
             writer.close()
         longest = max(b - a for _p, a, b in layout.parts)
-        serve = serve_lines(to, str(out), labels, chosen, rows, d, longest)
+        serve = serve_lines(to, str(out), labels, chosen, rows, d, longest, layout.seq2seq)
         notes = list(ckpt.notes)
         if to == "trtllm":
             notes.append(
@@ -679,7 +690,9 @@ def _manifest(
         "d": d,
         "dtype": opts.dtype,
         "file_dtype": layout.file_dtype,
-        "rows_of_each_file": {p.replace("{name}", "<name>"): [a, b] for p, a, b in layout.parts},
+        "rows_of_each_file": {
+            p.replace("{name}", "<name>"): [a, b] for p, a, b in layout.parts if not p.endswith(CONFIG_NAME)
+        },
         "tasks": [{"task": it["task"], "name": it["name"], "index": it["index"], "files": it["files"]} for it in items],
         "serve": serve,
         "mpt_tools_version": __version__,

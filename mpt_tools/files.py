@@ -337,6 +337,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return value
 
 
+def _within(path: Path, folders: set[Path]) -> bool:
+    """Whether ``path`` (resolved) is one of ``folders`` or lies anywhere below one."""
+    return any(path.is_relative_to(folder) for folder in folders)
+
+
 def source_folders(protected: list[str]) -> set[Path]:
     """The folders mpt-tools must not write into, given the source paths in ``protected``.
 
@@ -360,9 +365,10 @@ def guard_output(
     """The one output guard: refuse an output that would clobber files without ``force`` or touch
     a source, before any work is done. Nothing is created here.
 
-    ``kind="dir"``: an adapter folder (refused when it is a file, a source's folder, or already
-    holds adapter files without ``force``). ``kind="file"``: one file (refused when it is not a
-    file, is a source file, lies in a source's folder, or exists without ``force``). ``protected``
+    ``kind="dir"``: an adapter folder (refused when it is a file, a source's folder or inside one,
+    or already holds adapter files without ``force``). ``kind="file"``: one file (refused when it
+    is not a file, is a source file, lies in a source's folder or below it, or exists without
+    ``force``). ``protected``
     are source paths (files or folders) that must never be written.
     """
     out = Path(path)
@@ -371,15 +377,18 @@ def guard_output(
             raise WriteError("exists and is not a file", str(out))
         if out.resolve() in {Path(p).resolve() for p in protected}:
             raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out))
-        if out.resolve().parent in source_folders(protected):
+        if _within(out.resolve().parent, source_folders(protected)):
             raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
         if os.path.lexists(out) and not force:
             raise WriteError("already exists; pass --force to overwrite it", str(out))
         return out
     if out.exists() and not out.is_dir():
         raise WriteError("exists and is not a directory", str(out))
-    if out.resolve() in source_folders(protected):
+    folders = source_folders(protected)
+    if out.resolve() in folders:
         raise WriteError("is the source's own folder; mpt-tools never writes into a source", str(out))
+    if _within(out.resolve(), folders):
+        raise WriteError("is inside the source's folder; mpt-tools never writes into a source", str(out))
     if not force:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if os.path.lexists(out / name):

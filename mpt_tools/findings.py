@@ -86,11 +86,12 @@ class Finding:
         return cast("FindingItem", {n: getattr(self, n) for n in self._FIELDS})
 
     def brief(self) -> str:
-        """``field: message (expected X, found Y)``: the finding without its level and fix."""
+        """``field: message (expected X, found Y)``: the finding without its level and fix (either
+        part left out where it is None)."""
         text = f"{self.field}: {self.message}"
-        if self.expected is not None or self.found is not None:
-            text += f" (expected {self.expected}, found {self.found})"
-        return text
+        pairs = (("expected", self.expected), ("found", self.found))
+        shown = [f"{name} {value}" for name, value in pairs if value is not None]
+        return f"{text} ({', '.join(shown)})" if shown else text
 
     def line(self) -> str:
         """One human-readable line."""
@@ -103,12 +104,22 @@ def errors(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.level == "error"]
 
 
+REFUSAL_SHOWS = 2
+"""A refusal's line names this many problems after the first in brief; it counts the rest."""
+
+
 def refusal(location: str, problems: list[Finding]) -> ValidationError:
-    """One error for a list of error findings: the first in full, then how many more there are."""
+    """One error for a list of error findings: the first in full, then up to
+    :data:`REFUSAL_SHOWS` more in brief, then how many more there are (``validate`` lists those of
+    a source; the others are a command's own options)."""
     first = problems[0]
     msg = first.brief()
     if first.fix:
         msg += f"; fix: {first.fix}"
-    if len(problems) > 1:
-        msg += f" [and {len(problems) - 1} more problem(s): run `mpt-tools validate`]"
+    rest = problems[1:]
+    if rest:
+        shown = "; ".join(f.brief() for f in rest[:REFUSAL_SHOWS])
+        more = len(rest) - REFUSAL_SHOWS
+        tail = f"; and {more} more (`mpt-tools validate` lists the source's)" if more > 0 else ""
+        msg += f" [also {shown}{tail}]"
     return ValidationError(msg, location, problems)

@@ -1221,7 +1221,8 @@ def open_tensor_file(path: str | os.PathLike[str], *, bare: bool = False) -> Ten
         return open_safetensors(p)
     if bare and head.startswith(NPY_MAGIC):
         return open_npy(p)
-    raise FormatError("unknown file type: expected .safetensors, .bin, .pt or .pth", str(p))
+    kinds = ".safetensors, .bin, .pt, .pth or .npy (a [T, d] prompt)" if bare else ".safetensors, .bin, .pt or .pth"
+    raise FormatError(f"unknown file type: expected {kinds}", str(p))
 
 
 def _npy_header(p: str, fh: Any, size: int) -> tuple[str, bool, tuple[int, ...], int]:

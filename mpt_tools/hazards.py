@@ -25,6 +25,9 @@ MAX_ENTRIES = 4096
 """The most entries of the parent folder looked at (a prefix store is a folder of prefixes)."""
 MAX_SIBLINGS = 64
 """The most sibling folders whose TGIS files are looked for."""
+MAX_NESTED = 16
+"""In a sibling without TGIS files, the most of its subfolders looked into (TGIS takes nested
+prefix ids, ``sources/task_0``: what ``mpt-tools export --to tgis --out STORE/sources`` writes)."""
 
 
 def _names(folder: Path, limit: int = MAX_ENTRIES) -> list[os.DirEntry[str]]:
@@ -48,21 +51,31 @@ def _inside(path: Path, root: str) -> bool:
         return False
 
 
+def _has_tgis_files(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in TGIS_FILES)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _prefix_folders(parent: Path) -> tuple[list[str], list[str]]:
     """The first ``MAX_SIBLINGS + 1`` subfolders of ``parent`` (sorted), and those of them that
-    hold TGIS files."""
+    hold TGIS files, or whose subfolders do (the first :data:`MAX_NESTED` of them: nested prefix
+    ids)."""
     folders: list[str] = []
     prefixes: list[str] = []
     for entry in sorted(_names(parent), key=lambda e: e.name):
         if len(folders) > MAX_SIBLINGS:
             break
-        try:
-            if not entry.is_dir():
-                continue
-        except OSError:
+        if not _is_dir(entry):
             continue
         folders.append(entry.name)
-        if any(os.path.exists(os.path.join(entry.path, name)) for name in TGIS_FILES):
+        nested = [e for e in _names(Path(entry.path), MAX_ENTRIES) if _is_dir(e)][:MAX_NESTED]
+        if _has_tgis_files(entry.path) or any(_has_tgis_files(e.path) for e in nested):
             prefixes.append(entry.name)
     return folders, prefixes
 
@@ -99,7 +112,7 @@ def hazard_evidence(
         shown = ", ".join(prefixes[:3]) + (", ..." if len(prefixes) > 3 else "")
         evidence.append(
             f"its parent folder looks like a TGIS prefix store ({len(prefixes)} sibling folder(s) "
-            f"with decoder.pt/encoder.pt: {shown})"
+            f"with decoder.pt/encoder.pt, in them or in their subfolders: {shown})"
         )
     return evidence
 

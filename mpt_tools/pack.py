@@ -764,6 +764,13 @@ def pack_prompts(
         }
     )
     notes: list[str] = []
+    above = [t["task"] for t in tasks_out if (t["relative_error"] or 0.0) > (t["baseline_error"] or 0.0)]
+    if above:  # the fit never is (in float64): the cast to the stored dtype is
+        notes.append(
+            f"{len(above)} task(s) written with a larger error than the baseline's: the baseline's errors are of"
+            f" float64 values, the written ones include the cast to {DTYPE_NAMES[tags['prefix_task_cols']]}"
+            " (about its unit round-off, relative)"
+        )
     if fitted.exact:
         notes.append(fit_note(fitted))
     if fit.stopped == "max-iters" and opts.max_iters > 0:

@@ -61,6 +61,9 @@ EMPTY_PATHS = {
     "init --push": ["init", CAUSAL, "--mode", "average", "--out", "t", "--push", ""],
     "compat --out": ["compat", CAUSAL, "--peft", "0.10.0", "--out", ""],
     "compat ADAPTER": ["compat", "", "--peft", "0.10.0", "--out", "t"],
+    "embed --text": ["embed", CAUSAL, "--task", "0", "--text", "", "--base-model", "m", "--out", "e.pt"],
+    "embed --out": ["embed", CAUSAL, "--task", "0", "--text", "hi", "--base-model", "m", "--out", ""],
+    "pack --out": ["pack", "a.npy", "--num-ranks", "1", "--out", ""],
 }
 
 
@@ -71,6 +74,45 @@ def test_an_empty_path_is_a_usage_error(case: str, tmp_path: Path, monkeypatch: 
     assert result.exit_code == 2, (case, result.stdout, result.stderr)
     assert len(error_lines(result.stderr)) == 1 and "empty" in result.stderr, result.stderr
     assert files_under(tmp_path) == []  # nothing written into the current directory
+
+
+def test_a_file_output_ending_in_a_slash_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output that must be a file (``embed --out``, ``inspect --plot``) given with a trailing
+    slash names a folder: a usage error, not a file written under the folder's name."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (
+        ["embed", CAUSAL, "--task", "0", "--text", "hi", "--base-model", "m", "--out", "newdir/"],
+        ["inspect", CAUSAL, "--similarity", "--plot", "plots/"],
+    ):
+        result = run_cli(*argv)
+        assert result.exit_code == 2, (argv, result.stderr)
+        assert len(error_lines(result.stderr)) == 1 and "ends in a slash" in result.stderr, result.stderr
+    assert files_under(tmp_path) == []
+
+
+def test_pack_without_a_rank_is_a_usage_error(tmp_path: Path) -> None:
+    """pack needs --num-ranks unless --append-to gives the rank: a missing required option, exit 2
+    (was a refusal, exit 1), before any input is read."""
+    result = run_cli("pack", tmp_path / "missing.npy", "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.stderr
+    assert len(error_lines(result.stderr)) == 1 and "--num-ranks" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refusal_names_its_other_problems_without_python_words(tmp_path: Path) -> None:
+    """A refusal with several problems names the next ones in brief on the same line (``validate``
+    would not list an option's), and no message says ``expected None``."""
+    result = run_cli("export", CAUSAL, "--to", "npy", "--tasks", "0,0", "--out", tmp_path / "x")
+    assert result.exit_code == 1
+    line = error_lines(result.stderr)[0]
+    assert "listed more than once (found [0])" in line and "[also names: names must be distinct" in line, line
+    assert "None" not in result.stderr and "mpt-tools validate" not in result.stderr
+    seq2seq = run_cli("export", FIXTURES / "seq2seq", "--to", "tgis", "--out", tmp_path / "s")
+    assert seq2seq.exit_code == 1 and "encoder.pt" in seq2seq.stderr and "also" in seq2seq.stderr
+    assert "decoder.pt" in seq2seq.stderr, seq2seq.stderr
+    names = run_cli("export", CAUSAL, "--to", "npy", "--names", "qa,qa,nli", "--out", tmp_path / "y")
+    assert "names must be distinct (found ['qa'])" in names.stderr, names.stderr
+    assert files_under(tmp_path) == []
 
 
 # --- sizes and seeds -----------------------------------------------------------------------------------

@@ -106,6 +106,31 @@ def test_never_writes_into_source(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
+def test_never_writes_inside_a_source_folder(tmp_path: Path) -> None:
+    """Nor anywhere below it: every command that writes refuses an output in a subfolder of the
+    source's folder (one line, exit 1), and the source's folder is left as it was."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "causal", src)
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    sub = src / "sub"
+    commands = [
+        ["init", src, "--mode", "average", "--out", sub / "target"],
+        ["tasks", src, "--select", "0", "--out", sub / "tasks"],
+        ["rerank", src, "--num-ranks", "1", "--out", sub / "reranked"],
+        ["convert", src, "--out", sub / "converted.safetensors"],
+        ["export-prompt", src, "--task", "0", "--out", sub / "qa"],
+        ["export", src, "--to", "tgis", "--out", sub / "store"],
+        ["pack", "--from", src, "--num-ranks", "2", "--out", sub / "packed"],
+        ["compat", src, "--peft", "0.10.0", "--out", sub / "old"],
+        ["inspect", src, "--similarity", "--plot", sub / "sim.png"],
+    ]
+    for argv in commands:
+        result = run_cli(*argv)
+        assert result.exit_code == 1, (argv[0], result.stderr)
+        assert "never writes into a source" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
+
+
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mpt_tools.files as files
 

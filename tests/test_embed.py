@@ -167,7 +167,7 @@ def test_refusals_are_one_line(setup: dict[str, Path], tmp_path: Path, monkeypat
     cases = {
         "task 3 of 3": (["embed", setup["adapter"], "--task", "3", *base], "the source has 3 tasks"),
         "seq2seq": (["embed", FIXTURES / "seq2seq", "--task", "0", *base], "decoder-only"),
-        "width": (["embed", FIXTURES / "causal", "--task", "0", *base], "no input embedding matrix of width 16"),
+        "width": (["embed", FIXTURES / "causal", "--task", "0", *base], "is not 16 wide, the adapter's token_dim"),
         "no tokenizer": (
             ["embed", setup["adapter"], "--task", "0", "--text", "w1", "--base-model", FIXTURES / "causal",
              "--out", tmp_path / "x.pt"],
@@ -186,6 +186,16 @@ def test_refusals_are_one_line(setup: dict[str, Path], tmp_path: Path, monkeypat
     result = run_cli("embed", setup["adapter"], "--task", "0", "--text", "w1", "--base-model", broken,
                      "--out", tmp_path / "x.pt")  # fmt: skip
     assert result.exit_code == 1 and "model.safetensors" in result.stderr and "header" in result.stderr
+    assert not (tmp_path / "x.pt").exists()
+    nameless = tmp_path / "nameless-model"  # no tensor named like an input embedding matrix
+    nameless.mkdir()
+    (nameless / "tokenizer.json").write_bytes((setup["model"] / "tokenizer.json").read_bytes())
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(20, 16)}, str(nameless / "model.safetensors"))
+    result = run_cli("embed", setup["adapter"], "--task", "0", "--text", "w1", "--base-model", nameless,
+                     "--out", tmp_path / "x.pt")  # fmt: skip
+    assert result.exit_code == 1 and "no input embedding matrix of width" in result.stderr, result.stderr
     assert not (tmp_path / "x.pt").exists()
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # the optional extra not installed
     result = run_cli("embed", setup["adapter"], "--task", "0", *base)

@@ -130,6 +130,7 @@ def test_peft_folders_are_bitwise_peft_for_every_task(tmp_path: Path, fixture: s
     export(src, "--to", "peft", "--out", out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["task_0", "task_1", "task_2"]
+    assert manifest["rows_of_each_file"] == {"<name>/adapter_model.safetensors": [0, 4]}  # the config holds none
     for k in range(3):
         folder = out / f"task_{k}"
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -252,6 +253,23 @@ def test_tgis_seq2seq_splits_encoder_and_decoder_halves(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "enc" / "task_2")) == ["encoder.pt"]
     enc = tgis_load(tmp_path / "enc" / "task_2", encoder_decoder=True, embed_size=16, dtype=torch.float32, max_length=8)
     assert torch.equal(enc["encoder.pt"], mpt_prompt(src, "SEQ_2_SEQ_LM", 2)[:4])
+
+
+def test_seq2seq_hints_name_only_what_serves_them(tmp_path: Path) -> None:
+    """An encoder-decoder prompt exported --to peft --encoder-only: the serving lines name PEFT and
+    TGIS's own files, not the decoder-only engines; the refusal without --encoder-only offers --to
+    tgis only where TGIS takes the prefix length (even: 4 here; the fixture's 3 is odd)."""
+    even = _seq2seq_source(tmp_path)  # nvt 4
+    res = run_cli("export", even, "--to", "peft", "--encoder-only", "--out", tmp_path / "p", "--json")
+    assert res.exit_code == 0, res.stderr
+    serve = " ".join(json.loads(res.stdout)["serve"])
+    assert "PeftModel.from_pretrained" in serve and "--to tgis" in serve
+    assert "--enable-prompt-adapter" not in serve and "PromptAdapterRequest" not in serve
+    assert "--to tgis" in run_cli("export", even, "--to", "peft", "--out", tmp_path / "q").stderr
+    odd = run_cli("export", SEQ2SEQ, "--to", "peft", "--out", tmp_path / "r")
+    assert odd.exit_code == 1 and "--encoder-only" in odd.stderr and "--to tgis" not in odd.stderr, odd.stderr
+    causal = json.loads(run_cli("export", CAUSAL, "--to", "peft", "--out", tmp_path / "c", "--json").stdout)
+    assert any("--enable-prompt-adapter" in line for line in causal["serve"])
 
 
 def test_tgis_causal_caikit_config(tmp_path: Path) -> None:
@@ -480,6 +498,19 @@ def test_serving_hazard_in_validate_and_inspect(tmp_path: Path, monkeypatch: pyt
         assert len(hazard) == 1 and hazard[0]["level"] == "warning"
         assert "sibling folder(s) with decoder.pt" in hazard[0]["found"]
         assert f"mpt-tools export {store / 'mpt'} --to tgis" in hazard[0]["fix"]
+    # the README's layout: the prefixes one level down (nested prefix ids, store2/sources/task_0), the
+    # MPT folder beside them; a sibling whose subfolders hold no TGIS file is no sign
+    store2 = tmp_path / "store2"
+    export(CAUSAL, "--to", "tgis", "--out", store2 / "sources")
+    shutil.copytree(CAUSAL, store2 / "mpt")
+    hazard = json.loads(run_cli("validate", store2 / "mpt", "--json").stdout)["findings"]
+    assert [f["code"] for f in hazard].count("serving-hazard") == 1
+    assert "in their subfolders: sources" in next(f for f in hazard if f["code"] == "serving-hazard")["found"]
+    quiet = tmp_path / "quiet"
+    (quiet / "runs" / "a").mkdir(parents=True)
+    (quiet / "runs" / "a" / "notes.pt").write_bytes(b"")
+    shutil.copytree(CAUSAL, quiet / "mpt")
+    assert "serving-hazard" not in _codes(json.loads(run_cli("validate", quiet / "mpt", "--json").stdout))
     # decoder.pt beside the MPT adapter
     solo = tmp_path / "solo" / "m"
     shutil.copytree(CAUSAL, solo)

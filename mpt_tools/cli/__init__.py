@@ -504,9 +504,9 @@ def _task_selection(ctx: click.Context, param: click.Parameter, value: str) -> l
     "export",
     cls=Command,
     examples=[
-        "mpt-tools export sources --to tgis --out store/sources     # prefix_id sources/task_3 picks task 3",
+        "mpt-tools export sources --to tgis --out store/sources     # prefix_id sources/task_2 picks task 2",
         "mpt-tools export sources --to peft --tasks 0,2 --names qa,nli --out prompts",
-        "mpt-tools export sources --to vllm --dtype bfloat16 --out embeds   # embeds/task_3.b64 for prompt_embeds",
+        "mpt-tools export sources --to vllm --dtype bfloat16 --out embeds   # embeds/task_2.b64 for prompt_embeds",
         "mpt-tools export sources --to trtllm --out table            # prompt_table.npy, row k = task k",
         "mpt-tools export t5-sources --to tgis --caikit --max-prefix-len 64 --out store/t5",
     ],
@@ -610,7 +610,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
         "mpt-tools pack --from mpt-a --from mpt-b --tasks all --tasks 0,2 --num-ranks 4 --out merged",
         "mpt-tools pack new-task/ --append-to sources --out sources-plus   # sources' tasks kept bitwise",
         "mpt-tools pack a.npy b.npy --shared sources --num-ranks 2 --task-type CAUSAL_LM --out ab",
-        "mpt-tools pack teachers/* --num-ranks 2 --start baseline --out packed  # prompts trained one by one",
+        "mpt-tools pack teachers/* --num-ranks 2 --start baseline --out packed  # PEFT folders trained one by one",
         "mpt-tools pack org/qa-prompt hf://org/nli-prompt@v1 --num-ranks 2 --out packed  # from the Hub",
     ],
 )
@@ -733,6 +733,8 @@ def pack_cmd(
         raise click.UsageError(f"give one --tasks per --from ({len(from_sources)} --from, {len(task_lists)} --tasks)")
     if not prompts and not from_sources:
         raise click.UsageError("give PROMPTS to pack, or --from SOURCE")
+    if num_ranks is None and append_to is None:
+        raise click.UsageError("give --num-ranks R (or --append-to SOURCE, whose rank the new tasks take)")
     lists = task_lists or [None] * len(from_sources)
     sources = [TaskSource(SourceSpec(s, hub=hub), t) for s, t in zip(from_sources, lists, strict=True)]
     options = PackOptions(
@@ -804,7 +806,7 @@ def compat(
 )
 @click.argument("source", type=Text())
 @option("--task", required=True, type=click.IntRange(min=0), help="The MPT task whose prompt goes first.")
-@option("--text", required=True, help="The request's text, tokenized by the base model's tokenizer.json.")
+@option("--text", required=True, type=Text(), help="The request's text, tokenized by the base model's tokenizer.json.")
 @option(
     "--base-model",
     "base_model",

@@ -22,6 +22,7 @@ Nothing here imports numpy, torch or huggingface_hub: ``--help`` stays instant.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -151,12 +152,15 @@ class NumberList(click.ParamType):
 
 class PathText(click.Path):
     """A path (``click.Path``) that may not be empty: ``--out "$UNSET"`` would otherwise mean the
-    current directory. A usage error naming the option."""
+    current directory; nor, where it names a file (``dir_okay=False``), end in a slash, which
+    names a folder. A usage error naming the option."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        """The path, or a usage error when it is empty or only blanks."""
+        """The path, or a usage error when it is empty or only blanks, or a file's ends in a slash."""
         if isinstance(value, str) and value.strip() == "":
             self.fail("empty path (an unset shell variable?): give a file or folder name", param, ctx)
+        if isinstance(value, str) and not self.dir_okay and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} ends in a slash, so it names a folder: give a file name", param, ctx)
         return super().convert(value, param, ctx)
 
 
