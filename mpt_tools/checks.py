@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
 from .errors import ValidationError
 from .findings import Finding, errors, refusal
-from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, to_float32
+from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, memory_name, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
 from .progress import tracked
 from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, task_prompt_overflow
@@ -247,9 +247,11 @@ def _against_config(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Ite
                 f"config says {want} but {name} has {got}",
                 expected=want,
                 found=got,
-                fix=f"fix the config or pass the right --{label.replace('_', '-')}"
+                fix=f"fix {label} in adapter_config.json (or override it with --{label.replace('_', '-')} where the"
+                " command takes the source's config flags: validate, inspect, verify, tasks, convert, export)"
                 if label != "T"
-                else "pass the right --num-virtual-tokens / --num-transformer-submodules or --task-type",
+                else "fix num_virtual_tokens / num_transformer_submodules / task_type in adapter_config.json (or"
+                " override them with the source's config flags: --num-virtual-tokens, ...)",
             )
 
 
@@ -496,6 +498,17 @@ def check_target(
                 fix=f"drop --tasks/--weights or use --mode {selecting}",
             )
         )
+    if plan.task is not None and not mode.takes_task:
+        taking = ", ".join(m.name for m in MODES.values() if m.takes_task)
+        out.append(
+            Finding.warning(
+                "unused-option",
+                "task",
+                f"--task applies to --mode {taking} only: ignored by {mode.name}",
+                found=plan.task,
+                fix="drop --task",
+            )
+        )
     out += _size_rules(mode, plan, src_t, src_d, src_r)
     return out
 
@@ -549,7 +562,7 @@ def _size_rules(mode: Mode, plan: TargetPlan, src_t: int | None, src_d: int | No
                 "too-large",
                 "target_tasks" if plan.num_tasks is not None else "target_ranks",
                 f"a target of {num_tasks} task(s) x rank {num_ranks} needs {need:,} bytes of memory, "
-                f"more than this machine's {limit:,}",
+                f"more than {memory_name()} ({limit:,} bytes)",
                 expected=f"<= {limit:,} bytes",
                 found=f"{need:,} bytes",
                 fix="ask for fewer --target-tasks or a lower --target-ranks",
@@ -619,4 +632,4 @@ def require_valid(
         if refusing:
             err = ValidationError(f"refusing to {refusing}: {err.message}", err.path, problems)
         raise err
-    return [f.line() for f in found if f.level == "warning"]
+    return [f.text() for f in found if f.level == "warning"]  # the caller says "warning: "

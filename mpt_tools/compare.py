@@ -61,14 +61,14 @@ def check_similarity_size(num_tasks: int, location: str | None = None) -> None:
     """Refuse, before anything is computed, a similarity matrix of more than
     :data:`MAX_SIMILARITY_TASKS` tasks (or one bigger than this machine's memory), naming the size."""
     from .errors import ValidationError
-    from .formats import memory_limit
+    from .formats import memory_limit, memory_name
 
     need = num_tasks * num_tasks * 8
     if num_tasks > MAX_SIMILARITY_TASKS or 4 * need > memory_limit():
         raise ValidationError(
             f"--similarity compares every pair of tasks: {num_tasks} tasks need a {num_tasks} x {num_tasks} "
             f"matrix ({need:,} bytes as float64); the limit is {MAX_SIMILARITY_TASKS} tasks "
-            f"(and a quarter of this machine's {memory_limit():,} bytes)",
+            f"(and a quarter of {memory_name()}, {memory_limit():,} bytes)",
             location,
         )
 

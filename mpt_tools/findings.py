@@ -95,8 +95,11 @@ class Finding:
 
     def line(self) -> str:
         """One human-readable line."""
-        text = f"{self.level}: {self.brief()}"
-        return f"{text}; fix: {self.fix}" if self.fix else text
+        return f"{self.level}: {self.text()}"
+
+    def text(self) -> str:
+        """:meth:`line` without the level (for a list the caller prefixes itself)."""
+        return f"{self.brief()}; fix: {self.fix}" if self.fix else self.brief()
 
 
 def errors(findings: list[Finding]) -> list[Finding]:

@@ -600,6 +600,12 @@ def memory_limit() -> int:
         return 1 << 40
 
 
+def memory_name() -> str:
+    """What :func:`memory_limit` is, for a message: "this machine's memory", or the variable that
+    overrides it."""
+    return "this machine's memory" if max_tensor_bytes() is None else "MPT_TOOLS_MAX_TENSOR_BYTES"
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -769,7 +775,7 @@ def parse_header(
     for info in infos.values():
         if info.nbytes > limit:
             raise FormatError(
-                f"tensor {info.name!r} claims {info.nbytes:,} bytes, more than this machine's memory "
+                f"tensor {info.name!r} claims {info.nbytes:,} bytes, more than {memory_name()} "
                 f"({limit:,} bytes); refusing before reading it",
                 p,
             )
@@ -992,7 +998,7 @@ def _check_claims(p: str, claims: _Claims, size: int, torch: Any) -> None:
             what_claims = f"tensor{label} of shape {list(shape)} claims" if claimed > limit else "its tensors claim"
             amount = claimed if claimed > limit else total_tensors
             raise FormatError(
-                f"{what_claims} {amount:,} bytes, more than this machine's memory ({limit:,} bytes); "
+                f"{what_claims} {amount:,} bytes, more than {memory_name()} ({limit:,} bytes); "
                 "refusing before allocating it",
                 p,
             )
@@ -1178,7 +1184,7 @@ def _pickle_tensors(p: str, obj: Any, torch: Any) -> dict[str, Raw]:
             raise FormatError(
                 f"tensor {key!r} of shape {list(value.shape)} claims {claimed:,} bytes"
                 + (f" ({total:,} with the tensors before it)" if claimed <= limit else "")
-                + f", more than this machine's memory ({limit:,} bytes); refusing before allocating it",
+                + f", more than {memory_name()} ({limit:,} bytes); refusing before allocating it",
                 p,
             )
     return {key: from_torch(value) for key, value in obj.items()}
@@ -1274,7 +1280,7 @@ def open_npy(path: str | os.PathLike[str]) -> TensorFile:
             nbytes = math.prod(shape) * DTYPES[tag][0]
             if nbytes > memory_limit():
                 raise FormatError(
-                    f".npy array of shape {list(shape)} claims {nbytes:,} bytes, more than this machine's memory "
+                    f".npy array of shape {list(shape)} claims {nbytes:,} bytes, more than {memory_name()} "
                     f"({memory_limit():,} bytes); refusing before allocating it",
                     p,
                 )

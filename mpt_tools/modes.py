@@ -108,7 +108,9 @@ class Mode(NamedTuple):
     ``copies_factors`` returns one task's factors and init repeats them ``num_tasks`` times.
     ``plan_rules`` returns the findings of a plan (and may add warnings); ``read_record`` parses
     what init recorded (raising :class:`RecordError`); ``expect`` says what ``verify`` holds a
-    target to; ``describe`` is init's one-line account of the result.
+    target to; ``describe`` is init's one-line account of the result. ``selects_tasks``: it takes
+    ``--tasks``/``--weights``; ``takes_task``: it reads ``--task`` (elsewhere a warning says it is
+    ignored, as PEFT ignores ``prompt_tuning_init_task``).
     """
 
     name: str
@@ -122,6 +124,7 @@ class Mode(NamedTuple):
     read_record: RecordFn = _no_record
     selects_tasks: bool = False
     aliases: tuple[str, ...] = ()
+    takes_task: bool = False
 
     def sizes(self, plan: TargetPlan, source_ranks: int | None) -> tuple[int, int | None]:
         """The target's (num_tasks, num_ranks): the plan's, else 1 task and the source's rank (1
@@ -374,7 +377,7 @@ def _exact_rules(ckpt: Checkpoint, plan: TargetPlan, warnings: list[str]) -> lis
                 + (f"task {resolved} (counting from the end)" if resolved >= 0 else "nothing"),
                 expected=f"0..{src_n - 1}",
                 found=task,
-                fix=f"pass --task {resolved} (or --allow-negative-task to count from the end)"
+                fix=f"pass --task {resolved} (or, to init, --allow-negative-task to count from the end)"
                 if resolved >= 0
                 else f"pass a task in 0..{src_n - 1}",
             )
@@ -471,6 +474,7 @@ register(
         read_record=_exact_record,
         expect=_exact_expect,
         describe=lambda result: f"source task {result['task']}",
+        takes_task=True,
     )
 )
 register(

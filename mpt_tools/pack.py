@@ -50,6 +50,7 @@ from .formats import (
     from_torch,
     json_float,
     memory_limit,
+    memory_name,
     normalise_keys,
     open_tensor_file,
     to_float32,
@@ -589,8 +590,8 @@ def _read_all(plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
             need = n * shape.rows * shape.cols * 8
             if need > memory_limit():
                 raise ValidationError(
-                    f"{n} prompts of [{shape.rows}, {shape.cols}] need {need:,} bytes in float64, more than this "
-                    f"machine's memory ({memory_limit():,} bytes)",
+                    f"{n} prompts of [{shape.rows}, {shape.cols}] need {need:,} bytes in float64, more than "
+                    f"{memory_name()} ({memory_limit():,} bytes)",
                     where,
                 )
             held.append(torch.empty(n, shape.rows, shape.cols, dtype=torch.float64, device=dev))

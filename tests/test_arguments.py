@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,101 @@ def test_a_file_output_ending_in_a_slash_is_a_usage_error(tmp_path: Path, monkey
         assert result.exit_code == 2, (argv, result.stderr)
         assert len(error_lines(result.stderr)) == 1 and "ends in a slash" in result.stderr, result.stderr
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", CAUSAL, "--tasks", ""],
+        ["verify", CAUSAL, "--tasks", "0,,1"],
+        ["init", CAUSAL, "--mode", "average", "--tasks", "0,1,", "--out", "t"],
+        ["init", CAUSAL, "--mode", "average", "--weights", "", "--out", "t"],
+        ["tasks", CAUSAL, "--select", "", "--out", "t"],
+        ["export", CAUSAL, "--to", "npy", "--tasks", "0,,2", "--out", "t"],
+        ["pack", "--from", CAUSAL, "--tasks", "", "--num-ranks", "1", "--out", "t"],
+    ],
+    ids=lambda argv: " ".join(str(a) for a in argv[:1] + argv[2:4]),
+)
+def test_an_empty_list_or_item_is_a_usage_error(
+    argv: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--tasks ""`` (an unset variable) checked nothing and passed in verify; ``0,,1`` and ``0,1,``
+    were read as ``0,1``: each is a malformed list, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*argv)
+    assert result.exit_code == 2, (argv, result.stdout, result.stderr)
+    assert len(error_lines(result.stderr)) == 1 and ("empty list" in result.stderr or "empty item" in result.stderr)
+    assert files_under(tmp_path) == []
+
+
+def test_a_limit_set_by_the_variable_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MPT_TOOLS_MAX_TENSOR_BYTES set, a refusal over the limit names the variable, not this
+    machine's memory."""
+    monkeypatch.setenv("MPT_TOOLS_MAX_TENSOR_BYTES", "2000")
+    result = run_cli("init", CAUSAL, "--mode", "average", "--target-tasks", "1000", "--out", tmp_path / "t")
+    assert result.exit_code == 1 and "more than MPT_TOOLS_MAX_TENSOR_BYTES (2,000 bytes)" in result.stderr
+    assert "machine" not in result.stderr and not (tmp_path / "t").exists()
+
+
+def test_no_python_none_in_human_output(tmp_path: Path) -> None:
+    """A bare tensor file has no task_type or base model: inspect says "not set", not Python's None;
+    validate's negative-task hint names the flag only where the command has it (init)."""
+    shutil.copy(CAUSAL / "adapter_model.safetensors", tmp_path / "bare.safetensors")
+    result = run_cli("inspect", tmp_path / "bare.safetensors", "--no-norms")
+    assert result.exit_code == 0 and "None" not in result.stdout and "- (not set)" in result.stdout
+    hint = run_cli("validate", CAUSAL, "--mode", "exact", "--task", "-1")
+    assert "to init, --allow-negative-task" in hint.stdout + hint.stderr
+
+
+def test_init_says_num_tasks_is_a_deprecated_spelling(tmp_path: Path) -> None:
+    """init's --num-tasks still works as --target-tasks, with a note on stderr (JSON untouched)."""
+    result = run_cli("init", CAUSAL, "--mode", "average", "--num-tasks", "2", "--out", tmp_path / "t", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["num_tasks"] == 2
+    assert "--num-tasks is the deprecated spelling of --target-tasks" in result.stderr
+
+
+def test_a_usage_error_under_json_prints_the_error_object(tmp_path: Path) -> None:
+    """``--json`` promises a JSON object on stdout even when the command fails: a usage error too
+    (exit 2, click's usage on stderr as always); without --json stdout stays empty."""
+    for argv, kind in (
+        (["init", CAUSAL, "--mode", "bogus", "--out", tmp_path / "t", "--json"], "BadParameter"),
+        (["verify", CAUSAL, "--tasks", "", "--json"], "BadParameter"),
+        (["pack", "a.npy", "--out", tmp_path / "p", "--json"], "UsageError"),
+        (["export", CAUSAL, "--out", tmp_path / "e", "--json"], "MissingParameter"),
+    ):
+        result = run_cli(*argv)
+        assert result.exit_code == 2, (argv, result.stderr)
+        report = json.loads(result.stdout)
+        assert report["schema"] == "mpt-tools/error/1" and report["ok"] is False, report
+        assert report["command"] == argv[0] and report["error"]["type"] == kind and report["written"] == []
+        assert "Usage:" in result.stderr
+    plain = run_cli("init", CAUSAL, "--mode", "bogus", "--out", tmp_path / "t")
+    assert plain.exit_code == 2 and plain.stdout == ""
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_number_that_is_no_integer_says_so(tmp_path: Path) -> None:
+    """Click's IntRange says "not a valid integer range" of "1.5"; ours says "not a valid integer"."""
+    for argv in (
+        ["init", CAUSAL, "--mode", "shared", "--seed", "1.5", "--out", tmp_path / "t"],
+        ["rerank", CAUSAL, "--num-ranks", "x", "--out", tmp_path / "r"],
+    ):
+        result = run_cli(*argv)
+        assert result.exit_code == 2 and "is not a valid integer." in result.stderr, result.stderr
+        assert "integer range" not in result.stderr
+
+
+def test_an_option_the_mode_ignores_is_a_warning(tmp_path: Path) -> None:
+    """--task with a mode other than exact is ignored (as PEFT ignores prompt_tuning_init_task):
+    init and validate say so, once per warning line ("warning: warning:" was printed before)."""
+    result = run_cli("init", CAUSAL, "--mode", "shared", "--task", "1", "--out", tmp_path / "t")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: task: --task applies to --mode exact only: ignored by shared" in result.stderr
+    assert "warning: warning" not in result.stderr
+    report = json.loads(run_cli("validate", CAUSAL, "--mode", "average", "--task", "1", "--json").stdout)
+    assert [f["code"] for f in report["findings"] if f["level"] == "warning"] == ["unused-option"]
+    assert report["valid"] is True
 
 
 def test_pack_without_a_rank_is_a_usage_error(tmp_path: Path) -> None:

@@ -175,6 +175,9 @@ def test_table_csv_and_markdown(tree: Path) -> None:
     assert lines[0].split() == header
     assert all(line.split()[1] in ("MPT", "LORA") for line in lines[1:8])
     assert "adapter(s)" in lines[-1] and "MPT" in lines[-1]
+    # the table's dashes and its hazard column are explained under it
+    assert f"note: {tree / 'exp4' / 'bin'}: weights not read (.bin: --deep reads them)" in lines
+    assert any(line.startswith("note: hazard P*: a prompt-tuning server") for line in lines)
     rows = list(csv.DictReader(io.StringIO(run_cli("audit", str(tree), "--csv").stdout)))
     assert {r["peft_type"] for r in rows} == {MPT, "LORA"}
     assert all(r["valid"] in ("true", "false", "") for r in rows)

@@ -643,7 +643,7 @@ def test_init_push_json_and_pr(hub, adapter, tmp_path):
     assert data["push"]["pr_url"] == f"{hub.url}/alice/target/discussions/1"
     card = hub.files("alice/target", "refs/pr/1")["README.md"].decode()
     assert "| seed | `3` |" in card and "ONLY_SOURCE_SHARED" in card
-    assert "a local file (causal)" in card and str(FIXTURES) not in card
+    assert "a local source (causal)" in card and str(FIXTURES) not in card
 
 
 def test_init_push_failure_says_the_adapter_was_written(hub, tmp_path):

@@ -26,6 +26,7 @@ from .options import (
     SEED,
     Command,
     DtypeChoice,
+    IntRange,
     ModeChoice,
     NumberList,
     PathText,
@@ -74,6 +75,11 @@ def _note_stale() -> None:
 class Group(click.Group):
     """A Click group that turns library errors into one line and exit 1."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Keep the command line: a usage error under ``--json`` still prints the error object."""
+        ctx.meta["mpt_tools.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; map MptToolsError (and anything unexpected) to exit 1, a signal to
         128+signal, and a reader that left early to the command's own status."""
@@ -89,6 +95,12 @@ class Group(click.Group):
                 _render().show_error(ctx.meta.get("mpt_tools.command", ""), exc)
             _render().echo(f"error: {_render().one_line(str(exc))}", err=True)
             ctx.exit(1)
+        except click.UsageError as exc:  # exit 2; with --json, the error object on stdout too
+            argv = ctx.meta.get("mpt_tools.argv", [])
+            if "--json" in argv and not debug():
+                command = next((a for a in argv if not a.startswith("-")), "")
+                _render().show_error(command, exc)
+            raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt as exc:
@@ -219,6 +231,8 @@ def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None
     """A target size given by its own flag or by the deprecated spelling (both: they must agree)."""
     if value is not None and legacy is not None and value != legacy:
         raise click.UsageError(f"{flag} {value} and {old_flag} {legacy} disagree")
+    if legacy is not None:
+        _render().echo(f"note: {old_flag} is the deprecated spelling of {flag} (the target's size)", err=True)
     return value if value is not None else legacy
 
 
@@ -495,9 +509,9 @@ def _task_selection(ctx: click.Context, param: click.Parameter, value: str) -> l
     if value.strip().lower() == "all":
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip() != ""]
-    except ValueError:
-        raise click.BadParameter(f"expected all or comma-separated integers, got {value!r}") from None
+        return NumberList(int).convert(value, param, ctx)
+    except click.BadParameter as exc:
+        raise click.BadParameter(f"{exc.message} (or all)", ctx, param) from None
 
 
 @cli.command(
@@ -665,7 +679,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 )
 @option(
     "--max-iters",
-    type=click.IntRange(min=0),
+    type=IntRange(min=0),
     default=1000,
     show_default=True,
     help="The most iterations (0: write the start).",
@@ -805,7 +819,7 @@ def compat(
     ],
 )
 @click.argument("source", type=Text())
-@option("--task", required=True, type=click.IntRange(min=0), help="The MPT task whose prompt goes first.")
+@option("--task", required=True, type=IntRange(min=0), help="The MPT task whose prompt goes first.")
 @option("--text", required=True, type=Text(), help="The request's text, tokenized by the base model's tokenizer.json.")
 @option(
     "--base-model",
@@ -877,7 +891,7 @@ def embed(
 )
 @option(
     "--jobs",
-    type=click.IntRange(1, 256),
+    type=IntRange(1, 256),
     help="Adapters audited at once [default: the number of CPUs; at most 8 Hub requests at once].",
 )
 @option(

@@ -131,8 +131,9 @@ class Command(click.Command):
 
 
 class NumberList(click.ParamType):
-    """A comma-separated list of numbers of one ``kind`` (``0,3,5``; ``1,0.5``); empty items are
-    skipped; anything else is a usage error naming the value."""
+    """A comma-separated list of numbers of one ``kind`` (``0,3,5``; ``1,0.5``); blanks around
+    items are allowed; an empty list (an unset shell variable), an empty item (``0,,1``, ``0,1,``)
+    or anything else is a usage error naming the value."""
 
     name = "LIST"
 
@@ -143,10 +144,15 @@ class NumberList(click.ParamType):
         """The list, or a usage error naming the value."""
         if isinstance(value, list):
             return value
+        what = "integers" if self.kind is int else "numbers"
+        items = str(value).split(",")
+        if str(value).strip() == "":
+            self.fail(f"empty list (an unset shell variable?): give comma-separated {what}", param, ctx)
+        if any(v.strip() == "" for v in items):
+            self.fail(f"an empty item in {value!r}: give comma-separated {what}, e.g. 0,3,5", param, ctx)
         try:
-            return [self.kind(v) for v in str(value).split(",") if v.strip() != ""]
+            return [self.kind(v) for v in items]
         except ValueError:
-            what = "integers" if self.kind is int else "numbers"
             self.fail(f"expected comma-separated {what}, got {value!r}", param, ctx)
 
 
@@ -189,9 +195,16 @@ class DtypeChoice(click.Choice):  # type: ignore[type-arg]
         return super().convert(canonical_dtype(value) if isinstance(value, str) else value, param, ctx)
 
 
-COUNT = click.IntRange(min=1)
+class IntRange(click.IntRange):
+    """``click.IntRange`` whose error for a value that is no integer says "not a valid integer"
+    (click's own says "not a valid integer range")."""
+
+    name = "integer"
+
+
+COUNT = IntRange(min=1)
 """A size a flag asks for (tasks, ranks, virtual tokens, token_dim): an integer >= 1."""
-SEED = click.IntRange(min=0)
+SEED = IntRange(min=0)
 """A seed: a non-negative integer (numpy's generators refuse negative seeds; init records it)."""
 
 
@@ -287,7 +300,7 @@ _CONFIG_OPTIONS = (
     option(
         "--num-transformer-submodules",
         section="Source",
-        type=click.IntRange(1, 2),
+        type=IntRange(1, 2),
         help="Give or override nts (1 or 2).",
     ),
     option("--task-type", section="Source", help="Give or override task_type (e.g. CAUSAL_LM, SEQ_2_SEQ_LM)."),

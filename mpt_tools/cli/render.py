@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..config import PEFT_TYPE
 from ..findings import Finding
 
 if TYPE_CHECKING:  # types only: --help does not import them
@@ -373,7 +374,8 @@ def inspect_view(report: InspectResult, *, similarity: bool) -> None:
     cfg = report["config"]
     echo(f"config: {report['config_source']}")
     for key in _CONFIG_SHOWN:
-        echo(f"  {key:<27} {cfg.get(key)}")
+        value = cfg.get(key)
+        echo(f"  {key:<27} {'- (not set)' if value is None else value}")
     p = report["parameters"]
     if p:
         echo("parameters: " + ", ".join(f"{k} {v}" for k, v in p.items()))
@@ -611,6 +613,16 @@ def audit_view(result: AuditResult) -> None:
         echo(f"note: staging left by an interrupted mpt-tools run (the next writer removes it): {path}")
     for reason, count in result["skipped"].items():
         echo(f"note: {count} {reason}")
+    for row in result["rows"]:  # an MPT row left unchecked (.bin weights without --deep): say why
+        if row["valid"] is None and not row["error"] and row["peft_type"] == PEFT_TYPE:
+            for note in row["notes"]:
+                echo(f"note: {row['where']}: {note}")
+    if any(r["serving_hazard"] for r in result["rows"]):
+        echo(
+            "note: hazard P*: a prompt-tuning server (TGIS, vLLM 0.5-0.9, TensorRT-LLM's LLM API) given this MPT"
+            " folder serves P* for every task: serve `mpt-tools export` outputs; `serving-hazard` in findings:"
+            " it is laid out where one reads it"
+        )
     echo(_audit_summary_line(result))
 
 

@@ -34,7 +34,7 @@ def _safe_source(value: str) -> str:
     """A source for the card: Hub URLs as they are, local paths reduced to their file name."""
     if value.startswith("hf://"):
         return value
-    return f"a local file ({os.path.basename(value.rstrip('/')) or value})"
+    return f"a local source ({os.path.basename(value.rstrip('/')) or value})"  # a file or a folder: not said
 
 
 def model_card(

@@ -70,7 +70,10 @@ def verify(
     else:
         bad = [k for k in tasks if not 0 <= k < n]
         if bad:
-            raise ValidationError(f"--tasks {bad} out of range: the adapter has {n} tasks (0..{n - 1})", ckpt.location)
+            tasks_word = "task" if n == 1 else "tasks"
+            raise ValidationError(
+                f"--tasks {bad} out of range: the adapter has {n} {tasks_word} (0..{n - 1})", ckpt.location
+            )
         selected = sorted(set(tasks))
     budget = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(dev)
     if budget <= 0:
