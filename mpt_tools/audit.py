@@ -432,7 +432,12 @@ def _discover(
             try:
                 out.extend(future.result())
             except Exception as exc:
-                found.rows.append(_failed(_row(f"hf://{item[0]}", "hub"), exc))
+                repo_id, revision, subfolder = item
+                where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+                where += f"/{subfolder}" if subfolder else ""
+                if isinstance(exc, MptToolsError) and exc.path == repo_id:  # the row names it already
+                    exc.path = where
+                found.rows.append(_failed(_row(where, "hub"), exc))
     return out
 
 

@@ -607,7 +607,8 @@ def _copy_rules(
                 f"PEFT's {mode.peft_name} makes a 1-task target",
                 expected=1,
                 found=config_tasks,
-                fix="set the target num_tasks to 1",
+                fix=f"set the target num_tasks to 1, or plan the {config_tasks} copies as init makes them:"
+                f" --target-tasks {config_tasks}",
             )
         )
     return out
