@@ -463,6 +463,8 @@ def audit_adapters(
     number of adapters.
     """
     hub = hub or HubOptions()
+    targets = [targets] if isinstance(targets, (str, os.PathLike)) else targets  # one, not its characters
+    authors = [authors] if isinstance(authors, str) else authors
     jobs = max(1, jobs or os.cpu_count() or 1)
     _LISTINGS.clear()  # folder listings are kept for one audit only
     found = _Found()

@@ -14,7 +14,7 @@ from .config import CONFIG_NAME, WEIGHTS_NAMES, MptConfig, bare_config, read_con
 from .errors import MptToolsError, SourceError
 from .files import file_sha256
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
-from .options import HubOptions, SourceSpec
+from .options import HubOptions, SourceSpec, checked_path
 from .paths import not_regular_message
 
 if TYPE_CHECKING:  # types only: importing them costs start-up time
@@ -179,7 +179,7 @@ def load_source(source: Source) -> Checkpoint:
     if isinstance(source, Checkpoint):
         return source
     spec = SourceSpec.of(source)
-    text, subfolder = spec.location, spec.subfolder
+    text, subfolder = checked_path(spec.location, "the source"), spec.subfolder
     overrides = spec.overrides.as_dict()
     path = Path(text)
     hub_info: HubInfo | None = None

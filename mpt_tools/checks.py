@@ -14,10 +14,11 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
-from .errors import ValidationError
+from .errors import ConfigError, ValidationError
 from .findings import Finding, errors, refusal
 from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, memory_name, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
+from .options import checked_index, checked_indices, checked_numbers
 from .progress import tracked
 from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, task_prompt_overflow
 
@@ -434,6 +435,27 @@ def target_config_findings(target: MptConfig) -> list[Finding]:
     return out
 
 
+def checked_plan(plan: Any) -> TargetPlan:
+    """``plan``'s fields of the right types (ConfigError, one line, naming the field, for a string
+    where a list or an integer belongs, a bool or a float task, a negative seed): the library's
+    version of the command line's parameter checks."""
+    if not isinstance(plan, TargetPlan):
+        raise ConfigError(f"the plan must be a mode name or a TargetPlan, not {type(plan).__name__}")
+    if not isinstance(plan.mode, str):
+        raise ConfigError(f"the mode must be a name such as 'average', not {plan.mode!r:.40}")
+    seed = checked_index(plan.seed, "seed") if plan.seed is not None else None
+    if seed is not None and seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seed), not {seed}")
+    return plan._replace(
+        task=None if plan.task is None else checked_index(plan.task, "task"),
+        tasks=None if plan.tasks is None else checked_indices(plan.tasks, "tasks"),
+        weights=None if plan.weights is None else checked_numbers(plan.weights, "weights"),
+        num_tasks=None if plan.num_tasks is None else checked_index(plan.num_tasks, "num_tasks"),
+        num_ranks=None if plan.num_ranks is None else checked_index(plan.num_ranks, "num_ranks"),
+        seed=seed,
+    )
+
+
 def check_target(
     ckpt: Checkpoint,
     plan: TargetPlan | str,
@@ -450,6 +472,7 @@ def check_target(
     """
     if isinstance(plan, str):
         plan = TargetPlan(plan)
+    plan = checked_plan(plan)
     mode = get_mode(plan.mode)
     out: list[Finding] = []
     shapes = ckpt.shapes

@@ -18,7 +18,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
-from .errors import MptToolsError, WriteError
+from .errors import ConfigError, MptToolsError, WriteError
 from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
 from .peft_releases import is_default
@@ -168,6 +168,12 @@ def plot_similarity(
     matplotlib is missing. ``protected`` are source paths whose folders are never written.
     """
     out = check_plot_path(path, force=force, protected=protected)
+    shape = getattr(matrix, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+        raise ConfigError(
+            "the similarity matrix must be a square 2-D array (task_similarity's), not "
+            f"{shape or type(matrix).__name__}"
+        )
     import matplotlib
 
     matplotlib.use("Agg", force=True)

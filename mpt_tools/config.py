@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .options import checked_path
 from .paths import read_small
 
 CONFIG_NAME = "adapter_config.json"
@@ -145,7 +146,7 @@ def read_config(path: str | os.PathLike[str]) -> MptConfig:
     Raises ConfigError when the file is missing, not a regular file (a FIFO, device or folder is
     refused without blocking), too large, not UTF-8 JSON or not an object.
     """
-    p = Path(path)
+    p = Path(checked_path(path, "the config path"))
     if p.is_dir() and p.name != CONFIG_NAME:  # a folder named adapter_config.json is refused below
         p = p / CONFIG_NAME
     where = str(p)

@@ -41,10 +41,12 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import config_findings, prompt_findings, require_valid, tensor_findings, value_findings
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
-from .errors import WriteError
+from .dtypes import canonical_dtype
+from .errors import ConfigError, WriteError
 from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
+from .options import checked_indices, checked_path
 from .progress import progress
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .surgery import prompt_tuning_config, seq2seq_decoder_finding
@@ -539,6 +541,14 @@ def export_prompts(
     would refuse, WriteError for an output that exists without ``force``.
     """
     opts = options or ExportOptions()
+    if not isinstance(opts, ExportOptions):
+        raise ConfigError(f"options must be an ExportOptions, not {type(opts).__name__}")
+    if isinstance(opts.dtype, str) and canonical_dtype(opts.dtype) in DTYPE_CHOICES:
+        opts = opts._replace(dtype=canonical_dtype(opts.dtype))  # the aliases every --dtype takes
+    chosen_tasks = None if tasks is None else checked_indices(tasks, "tasks")
+    if names is not None and (isinstance(names, str) or not all(isinstance(x, str) for x in names)):
+        raise ConfigError(f"names must be a list of names, e.g. ['qa', 'nli'], not {names!r:.40}")
+    checked_path(out, "the output")
     ckpt = load_source(source)
     extra: list[Finding] = []
     if to not in FORMATS:
@@ -554,8 +564,8 @@ def export_prompts(
             extra.append(_usage(flag, f"applies to --to {fmt}", to, f"drop --{flag.replace('_', '-')}"))
     cols = ckpt.shapes.get("prefix_task_cols")
     n = cols[0] if cols and len(cols) == 3 else 0
-    chosen = list(range(n)) if tasks is None else [int(k) for k in tasks]
-    labels = [f"task_{k}" for k in chosen] if names is None else [str(x) for x in names]
+    chosen = list(range(n)) if chosen_tasks is None else chosen_tasks
+    labels = [f"task_{k}" for k in chosen] if names is None else list(names)
     layout = _layout(to, ckpt, opts, extra) if to in FORMATS else None
     if cols and len(cols) == 3:
         extra += _names_findings(to, chosen, labels, n)

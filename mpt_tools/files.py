@@ -26,6 +26,7 @@ from typing import Any, Literal
 from .config import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME
 from .errors import MptToolsError, WriteError
 from .interrupts import deferred
+from .options import checked_path
 from .paths import open_regular, read_small
 
 try:
@@ -371,7 +372,7 @@ def guard_output(
     ``force``). ``protected``
     are source paths (files or folders) that must never be written.
     """
-    out = Path(path)
+    out = Path(checked_path(path, "the output"))
     if kind == "file":
         if out.exists() and not out.is_file():
             raise WriteError("exists and is not a file", str(out))

@@ -16,6 +16,7 @@ from .files import stale_staging
 from .findings import errors
 from .formats import DTYPE_NAMES, json_float, to_float32
 from .hazards import serving_hazards
+from .options import checked_path
 from .paths import read_small
 from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, MAX_TASK_ROWS, plan_chunks
@@ -153,6 +154,8 @@ def inspect_source(
     the source cannot give one); ``plot`` also draws it as a heatmap PNG (``force`` overwrites an
     existing file), unless the source has errors (then a note says so and nothing is written).
     """
+    if plot is not None:
+        plot = checked_path(plot, "plot")  # "" is an unset variable, not "no plot"
     ckpt = load_source(source)
     cols_shape = ckpt.shapes.get("prefix_task_cols")
     if (similarity or plot) and cols_shape and len(cols_shape) == 3:

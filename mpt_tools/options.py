@@ -8,8 +8,9 @@ it reads a source, and hands the spec unchanged to
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
@@ -61,7 +62,54 @@ class SourceSpec(NamedTuple):
         """``source`` as a spec; a plain path or repo id gets ``hub`` (default: no Hub options)."""
         if isinstance(source, SourceSpec):
             return source
-        return cls(os.fspath(source), hub=hub or HubOptions())
+        return cls(checked_path(source, "the source"), hub=hub or HubOptions())
+
+
+# The library's own argument checks: what the command line's parameter types refuse (an empty path,
+# a list that is a string), refused the same way, as one-line ConfigErrors, for library callers.
+
+
+def checked_path(value: Any, what: str) -> str:
+    """``os.fspath(value)``; ConfigError naming ``what`` where it is not a path (None, a number) or
+    is empty (an unset variable: never the current directory)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a path (str or os.PathLike), not {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be a text path, not bytes")
+    if text.strip() == "":
+        raise ConfigError(f"{what} is an empty path (an unset variable?): give a file or folder name")
+    return text
+
+
+def checked_index(value: Any, what: str) -> int:
+    """``value`` as an int; ConfigError naming ``what`` for a bool, a float, a string (``"2"``)..."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be an integer, not {value!r:.40}") from None
+
+
+def checked_indices(value: Any, what: str) -> list[int]:
+    """``value`` (a list, tuple, range...) as a list of ints; ConfigError naming ``what`` for a
+    string (``"0,2"``: the command line's spelling), a single number or a non-integer item."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{what} must be a list of integers, e.g. [0, 2], not {value!r:.40}")
+    return [checked_index(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+
+def checked_numbers(value: Any, what: str) -> list[float]:
+    """``value`` as a list of floats; ConfigError naming ``what`` for a string or a non-number."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{what} must be a list of numbers, e.g. [1, 0.5], not {value!r:.40}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or (not isinstance(v, (int, float)) and not hasattr(v, "__float__")):
+            raise ConfigError(f"{what}[{i}] must be a number, not {v!r:.40}")
+        out.append(float(v))
+    return out
 
 
 def max_tensor_bytes(environ: Mapping[str, str] | None = None) -> int | None:

@@ -57,7 +57,7 @@ from .formats import (
     to_float64,
     to_torch,
 )
-from .options import HubOptions, SourceSpec
+from .options import HubOptions, SourceSpec, checked_indices, checked_path
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .version import __version__
@@ -254,7 +254,7 @@ def locate_prompt(path: str | os.PathLike[str], hub: HubOptions | None = None) -
     id / ``hf://`` URL downloaded as :func:`~mpt_tools.checkpoint.load_source` downloads a source
     (``adapter_config.json`` and one weights file, their hashes checked): its snapshot folder and
     ``hf://org/name@commit[/subfolder]``. Raises MptToolsError (one line) where neither exists."""
-    text = os.fspath(path)
+    text = checked_path(path, "a prompt")
     if os.path.lexists(text):
         return text, text
     folder, info = download_missing(text, None, hub or HubOptions())
@@ -552,7 +552,7 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
         fixed = to_float64(append.read("prompt_embeddings"))
         shared_label = append.location
     elif opts.shared is not None:
-        shared_label = os.fspath(opts.shared)
+        shared_label = checked_path(opts.shared, "shared")
         if _is_mpt(shared_label, opts.hub):
             ckpt = _load_mpt(shared_label, opts.hub)
             fixed, files, shared_label = to_float64(ckpt.read("prompt_embeddings")), ckpt.source_paths, _where(ckpt)
@@ -659,6 +659,17 @@ def _rel(sq: float, norm_sq: float) -> float | None:
     return 0.0 if sq == 0 else None
 
 
+def _task_source(item: Any) -> TaskSource:
+    """A ``sources`` item: a :class:`TaskSource`, a ``(source, tasks)`` pair, or a source alone
+    (all its tasks); tasks checked as a list of integers."""
+    if isinstance(item, (str, os.PathLike, SourceSpec, Checkpoint)):
+        return TaskSource(item, None)
+    if isinstance(item, tuple) and len(item) == 2:
+        source, tasks = item
+        return TaskSource(source, None if tasks is None else checked_indices(tasks, f"the tasks of {source}"))
+    raise ConfigError(f"a source to pack must be a path, a SourceSpec or a (source, tasks) pair, not {item!r:.60}")
+
+
 def pack_prompts(
     prompts: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -684,7 +695,11 @@ def pack_prompts(
 
     started = time.perf_counter()
     opts = options or PackOptions()
-    task_sources = [TaskSource(*s) for s in sources]
+    if not isinstance(opts, PackOptions):
+        raise ConfigError(f"options must be a PackOptions, not {type(opts).__name__}")
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = [prompts]  # one prompt, not its characters
+    task_sources = [_task_source(s) for s in sources]
     problems = _option_findings(opts, len(prompts) + len(task_sources))
     if problems:
         from .findings import refusal

@@ -29,6 +29,7 @@ from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
+from .options import checked_index, checked_indices
 from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .results import ExportPromptResult, RerankResult, TasksResult
@@ -125,8 +126,8 @@ def select_tasks(
     ``peft_compat`` writes the config for exactly that PEFT release (default: every release; see
     :func:`mpt_tools.writer.fit_for_peft`).
     """
+    select = checked_indices(select, "select")
     ckpt = load_source(source)
-    select = [int(s) for s in select]
     extra: list[Finding] = []
     cols_shape = ckpt.shapes.get("prefix_task_cols")
     if cols_shape and len(cols_shape) == 3:
@@ -210,6 +211,7 @@ def rerank(
     ``|P* * (approx - exact)|_F / |P* * exact|_F`` (float64; 0 when exact). ``peft_compat``: as
     in :func:`select_tasks`.
     """
+    num_ranks = checked_index(num_ranks, "num_ranks")
     ckpt = load_source(source)
     extra: list[Finding] = []
     if num_ranks < 1:
@@ -392,6 +394,7 @@ def export_prompt(
     1), which is exactly what ``generate()`` uses for MPT too, but not what MPT's forward (training loss) sees.
     ``peft_compat``: as in :func:`select_tasks`.
     """
+    task = checked_index(task, "task")
     ckpt = load_source(source)
     extra: list[Finding] = []
     cols_shape = ckpt.shapes.get("prefix_task_cols")

@@ -797,3 +797,99 @@ def test_validate_reads_the_factors_once(monkeypatch: pytest.MonkeyPatch, tmp_pa
     check_source(ckpt)
     rows_read = [r for r in ckpt.file.reads if r[0] in ("prefix_task_cols", "prefix_task_rows")]
     assert sum(stop - start for _, start, stop, _ in rows_read) == 2 * 6, rows_read
+
+
+# --- the library's own arguments -------------------------------------------------------------------------
+
+
+def _library_calls(tmp: Path) -> dict[str, Any]:
+    """Library calls with an argument of the wrong kind, each a ConfigError naming it (they were
+    TypeErrors, ValueErrors, or a read of the current folder), by what is wrong."""
+    import numpy as np
+
+    from mpt_tools import (
+        ExportOptions,
+        PackOptions,
+        TargetPlan,
+        export_prompt,
+        export_prompts,
+        init_adapter,
+        inspect_source,
+        pack_prompts,
+        rerank,
+        select_tasks,
+        validate,
+        verify,
+    )
+    from mpt_tools.compare import plot_similarity
+
+    out = tmp / "out"
+    return {
+        "init out ''": lambda: init_adapter(CAUSAL, "average", ""),
+        "init out None": lambda: init_adapter(CAUSAL, "average", None),
+        "export out ''": lambda: export_prompts(CAUSAL, "npy", ""),
+        "validate ''": lambda: validate(""),
+        "validate 123": lambda: validate(123),
+        "validate against ''": lambda: validate(CAUSAL, against=""),
+        "inspect None": lambda: inspect_source(None),
+        "inspect plot ''": lambda: inspect_source(CAUSAL, similarity=True, plot=""),
+        "pack shared ''": lambda: pack_prompts([CAUSAL], out, options=PackOptions(num_ranks=1, shared="")),
+        "select '2,0'": lambda: select_tasks(CAUSAL, "2,0", out),
+        "select 2": lambda: select_tasks(CAUSAL, 2, out),
+        "select [2.5, 0]": lambda: select_tasks(CAUSAL, [2.5, 0], out),
+        "select [True, False]": lambda: select_tasks(CAUSAL, [True, False], out),
+        "export tasks '0,1'": lambda: export_prompts(CAUSAL, "npy", out, tasks="0,1"),
+        "export names 'abc'": lambda: export_prompts(CAUSAL, "npy", out, names="abc"),
+        "export options dict": lambda: export_prompts(CAUSAL, "npy", out, options={"dtype": "float16"}),
+        "verify tasks '0,1'": lambda: verify(CAUSAL, tasks="0,1"),
+        "verify tasks 1": lambda: verify(CAUSAL, tasks=1),
+        "rerank '2'": lambda: rerank(CAUSAL, "2", out),
+        "rerank 2.0": lambda: rerank(CAUSAL, 2.0, out),
+        "export_prompt 1.0": lambda: export_prompt(CAUSAL, 1.0, out),
+        "plan tasks '0,2'": lambda: init_adapter(CAUSAL, TargetPlan("average", tasks="0,2"), out),
+        "plan weights str": lambda: init_adapter(CAUSAL, TargetPlan("average", weights="0.5,0.5,0"), out),
+        "plan task '1'": lambda: validate(CAUSAL, mode="exact", task="1"),
+        "plan seed -1": lambda: init_adapter(CAUSAL, TargetPlan("shared", seed=-1), out),
+        "plan seed 1.5": lambda: init_adapter(CAUSAL, TargetPlan("shared", seed=1.5), out),
+        "plan 123": lambda: init_adapter(CAUSAL, 123, out),
+        "pack options dict": lambda: pack_prompts([CAUSAL], out, options={"num_ranks": 2}),
+        "pack sources (c, '0,1')": lambda: pack_prompts([], out, sources=[(CAUSAL, "0,1")]),
+        "pack sources 5": lambda: pack_prompts([], out, sources=[5]),
+        "plot a list": lambda: plot_similarity(np.eye(3).tolist(), tmp / "s.png"),
+        "plot a row": lambda: plot_similarity(np.eye(3)[0], tmp / "s.png"),
+        "export options ok": lambda: ExportOptions(),  # not an error: a control
+    }
+
+
+def test_the_library_refuses_arguments_of_the_wrong_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpt_tools.errors import ConfigError
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # an empty path must never mean this folder
+    calls = _library_calls(tmp_path)
+    for name, call in calls.items():
+        if name == "export options ok":
+            call()
+            continue
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert "\n" not in str(info.value), name
+    assert files_under(work) == [] and not (tmp_path / "out").exists()
+
+
+def test_the_library_takes_one_path_where_it_takes_many(tmp_path: Path) -> None:
+    """A single path where a list of paths is taken is that one path (audit walked the characters of
+    the string: "/", "f", ...); a source alone in pack's ``sources`` is all its tasks; and export
+    takes the dtype aliases every --dtype takes."""
+    from mpt_tools import PackOptions, audit_adapters, export_prompts, pack_prompts
+
+    one = audit_adapters(str(CAUSAL))
+    assert [r["where"] for r in one["rows"]] == [str(CAUSAL)]
+    packed = pack_prompts([], tmp_path / "p", sources=[CAUSAL], options=PackOptions(num_ranks=2))
+    assert packed["num_tasks"] == 3
+    from mpt_tools import ExportOptions
+
+    export_prompts(CAUSAL, "npy", tmp_path / "a", options=ExportOptions(dtype="fp16"))
+    export_prompts(CAUSAL, "npy", tmp_path / "b", options=ExportOptions(dtype="float16"))
+    assert (tmp_path / "a" / "task_0.npy").read_bytes() == (tmp_path / "b" / "task_0.npy").read_bytes()

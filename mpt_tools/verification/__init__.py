@@ -9,6 +9,7 @@ from ..checkpoint import Source, load_source
 from ..checks import require_valid
 from ..errors import ValidationError, VerificationFailed
 from ..formats import DTYPE_NAMES, canonical_dtype
+from ..options import checked_indices
 from ..results import TargetReport, VerifyResult
 from . import engine
 from .engine import (
@@ -68,6 +69,7 @@ def verify(
     if tasks is None:
         selected = list(range(n))
     else:
+        tasks = checked_indices(tasks, "tasks")
         bad = [k for k in tasks if not 0 <= k < n]
         if bad:
             tasks_word = "task" if n == 1 else "tasks"
