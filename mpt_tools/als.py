@@ -65,6 +65,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from .dtypes import UNIT_ROUND_OFF
+from .factors import on_torch_threads
 from .recover import recover_starts
 
 NEAR_ZERO = 1e-6
@@ -178,26 +179,8 @@ def _small_linalg(device: Any, small: bool = True) -> Iterator[None]:
     whole fit of small prompts when ``small``): with torch's OpenMP threads on each tiny
     operation, two cores ran them 2-10x slower than one (a [6, 8, 2] @ [6, 2, 32] bmm: 9 ms with
     two threads, 0.01 ms with one). Nothing changes on a GPU."""
-    import torch
-
-    with _threads(device, 1 if small else torch.get_num_threads()):
+    with on_torch_threads(1 if small and device.type == "cpu" else None):
         yield
-
-
-@contextmanager
-def _threads(device: Any, count: int) -> Iterator[None]:
-    """``count`` CPU threads for torch inside (nothing changes on a GPU)."""
-    import torch
-
-    if device.type != "cpu" or count == torch.get_num_threads():
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _prox_step(a: Any, c: Any, x: Any) -> Any:
@@ -605,7 +588,7 @@ def _fit(
     start = "baseline"
     recovers = settings.recover and not als.fixed
     recover_started = time.perf_counter()
-    with _threads(prompts.device, threads):
+    with on_torch_threads(threads if prompts.device.type == "cpu" else None):
         found = recover_starts(prompts, num_ranks, chunk) if recovers else []
     recover_seconds = time.perf_counter() - recover_started if recovers else 0.0
     # the recovered candidates (more than one where the recovery could not tell them apart), then

@@ -72,12 +72,17 @@ class Checkpoint:
         no command may write over or beside (see :func:`mpt_tools.writer.source_folders`)."""
         return [self.weights_path] + ([self.config.path] if self.config.path else [])
 
+    @property
+    def where(self) -> str:
+        """How the source is named: its Hub URL at the resolved commit, or the location as given."""
+        return self.hub["url"] if self.hub else self.location
+
     def provenance(self) -> dict[str, Any]:
         """Where an output came from, for its ``mpt_tools.*`` metadata: the source (its Hub URL at
         the resolved commit, or the location as given), weights file name, sha256, dtype, revision."""
         info = self.info("prompt_embeddings")
         return {
-            "source": self.hub["url"] if self.hub else self.location,
+            "source": self.where,
             "source_file": os.path.basename(self.weights_path),
             "source_sha256": self.sha256(),
             "source_dtype": DTYPE_NAMES.get(info.dtype, info.dtype) if info else None,

@@ -435,25 +435,24 @@ def target_config_findings(target: MptConfig) -> list[Finding]:
     return out
 
 
-def checked_plan(plan: Any) -> TargetPlan:
-    """``plan``'s fields of the right types (ConfigError, one line, naming the field, for a string
-    where a list or an integer belongs, a bool or a float task, a negative seed): the library's
-    version of the command line's parameter checks."""
+def check_plan_types(plan: Any) -> None:
+    """ConfigError (one line, naming the field) where ``plan`` is not a TargetPlan or a field has the
+    wrong type: a string where a list or an integer belongs, a bool or a float task, a negative
+    seed (the library's version of the command line's parameter checks; init and validate call it
+    before they use the plan)."""
     if not isinstance(plan, TargetPlan):
         raise ConfigError(f"the plan must be a mode name or a TargetPlan, not {type(plan).__name__}")
     if not isinstance(plan.mode, str):
         raise ConfigError(f"the mode must be a name such as 'average', not {plan.mode!r:.40}")
-    seed = checked_index(plan.seed, "seed") if plan.seed is not None else None
-    if seed is not None and seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seed), not {seed}")
-    return plan._replace(
-        task=None if plan.task is None else checked_index(plan.task, "task"),
-        tasks=None if plan.tasks is None else checked_indices(plan.tasks, "tasks"),
-        weights=None if plan.weights is None else checked_numbers(plan.weights, "weights"),
-        num_tasks=None if plan.num_tasks is None else checked_index(plan.num_tasks, "num_tasks"),
-        num_ranks=None if plan.num_ranks is None else checked_index(plan.num_ranks, "num_ranks"),
-        seed=seed,
-    )
+    for name in ("task", "num_tasks", "num_ranks", "seed"):
+        if getattr(plan, name) is not None:
+            checked_index(getattr(plan, name), name)
+    if plan.seed is not None and plan.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer (numpy's generators take none), not {plan.seed}")
+    if plan.tasks is not None:
+        checked_indices(plan.tasks, "tasks")
+    if plan.weights is not None:
+        checked_numbers(plan.weights, "weights")
 
 
 def check_target(
@@ -472,7 +471,6 @@ def check_target(
     """
     if isinstance(plan, str):
         plan = TargetPlan(plan)
-    plan = checked_plan(plan)
     mode = get_mode(plan.mode)
     out: list[Finding] = []
     shapes = ckpt.shapes

@@ -277,7 +277,7 @@ def embed_request(
     info = matrix.info
     return {
         "schema": "mpt-tools/embed/1",
-        "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
+        "source": ckpt.where,
         "task": task,
         "base_model": base_model,
         "base_model_commit": commit,

@@ -46,7 +46,7 @@ from .errors import ConfigError, WriteError
 from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
-from .options import checked_indices, checked_path
+from .options import checked_indices
 from .progress import progress
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .surgery import prompt_tuning_config, seq2seq_decoder_finding
@@ -548,7 +548,6 @@ def export_prompts(
     chosen_tasks = None if tasks is None else checked_indices(tasks, "tasks")
     if names is not None and (isinstance(names, str) or not all(isinstance(x, str) for x in names)):
         raise ConfigError(f"names must be a list of names, e.g. ['qa', 'nli'], not {names!r:.40}")
-    checked_path(out, "the output")
     ckpt = load_source(source)
     extra: list[Finding] = []
     if to not in FORMATS:
@@ -688,7 +687,7 @@ def _manifest(
     data = {
         "schema": "mpt-tools/export-manifest/1",
         "format": fmt,
-        "source": ckpt.hub["url"] if ckpt.hub else ckpt.location,
+        "source": ckpt.where,
         "source_file": os.path.basename(ckpt.weights_path),
         "source_sha256": ckpt.sha256(),
         "base_model": ckpt.config.raw.get("base_model_name_or_path"),

@@ -373,22 +373,22 @@ def guard_output(
     are source paths (files or folders) that must never be written.
     """
     out = Path(checked_path(path, "the output"))
+    resolved, folders = out.resolve(), source_folders(protected)
     if kind == "file":
         if out.exists() and not out.is_file():
             raise WriteError("exists and is not a file", str(out))
-        if out.resolve() in {Path(p).resolve() for p in protected}:
+        if resolved in {Path(p).resolve() for p in protected}:
             raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out))
-        if _within(out.resolve().parent, source_folders(protected)):
+        if _within(resolved.parent, folders):
             raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
         if os.path.lexists(out) and not force:
             raise WriteError("already exists; pass --force to overwrite it", str(out))
         return out
     if out.exists() and not out.is_dir():
         raise WriteError("exists and is not a directory", str(out))
-    folders = source_folders(protected)
-    if out.resolve() in folders:
+    if resolved in folders:
         raise WriteError("is the source's own folder; mpt-tools never writes into a source", str(out))
-    if _within(out.resolve(), folders):
+    if _within(resolved, folders):
         raise WriteError("is inside the source's folder; mpt-tools never writes into a source", str(out))
     if not force:
         for name in (WEIGHTS_NAME, CONFIG_NAME):

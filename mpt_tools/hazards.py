@@ -12,7 +12,9 @@ calls on siblings, never a file's contents.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoint import Checkpoint
@@ -55,6 +57,11 @@ def _has_tgis_files(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, name)) for name in TGIS_FILES)
 
 
+def _subfolders(folder: str) -> Iterator[os.DirEntry[str]]:
+    """The first :data:`MAX_NESTED` subfolders of ``folder``, listed as they are asked for."""
+    return itertools.islice((e for e in _names(Path(folder)) if _is_dir(e)), MAX_NESTED)
+
+
 def _is_dir(entry: os.DirEntry[str]) -> bool:
     try:
         return entry.is_dir()
@@ -74,8 +81,7 @@ def _prefix_folders(parent: Path) -> tuple[list[str], list[str]]:
         if not _is_dir(entry):
             continue
         folders.append(entry.name)
-        nested = [e for e in _names(Path(entry.path), MAX_ENTRIES) if _is_dir(e)][:MAX_NESTED]
-        if _has_tgis_files(entry.path) or any(_has_tgis_files(e.path) for e in nested):
+        if _has_tgis_files(entry.path) or any(_has_tgis_files(e.path) for e in _subfolders(entry.path)):
             prefixes.append(entry.name)
     return folders, prefixes
 

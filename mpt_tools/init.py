@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checkpoint import Checkpoint, Source, load_source
-from .checks import check_source, check_target, checked_plan, require_valid, value_findings
+from .checks import check_plan_types, check_source, check_target, require_valid, value_findings
 from .config import target_config
 from .errors import HubError, ValidationError, VerificationFailed
 from .files import commit_staged, guard_output, staging_folder
 from .findings import Finding, errors, refusal
 from .formats import Raw, from_numpy, to_float32
 from .modes import Mode, TargetPlan, get_mode
-from .options import checked_path
 from .version import __version__
 from .writer import fit_for_peft, fit_note, provenance, write_adapter
 
@@ -142,8 +141,7 @@ def init_adapter(
         from .verification.engine import resolve_device
 
         resolve_device(verify)  # fail before reading or writing anything
-    checked_plan(TargetPlan(plan) if isinstance(plan, str) else plan)  # its types: one line, not a TypeError
-    checked_path(out, "the output")
+    check_plan_types(TargetPlan(plan) if isinstance(plan, str) else plan)  # one line, not a TypeError
     ckpt = load_source(source)
     if verify is not None:
         result = init_and_verify(
@@ -260,8 +258,7 @@ def init_and_verify(
 
     resolve_device(device)  # fail before writing anything
     ckpt = load_source(source)
-    folder = Path(out)
-    guard_output(folder, force=force, protected=ckpt.source_paths)
+    folder = guard_output(out, force=force, protected=ckpt.source_paths)
     plan = TargetPlan(plan) if isinstance(plan, str) else plan
     with staging_folder(folder) as staging:
         result = _init(ckpt, plan, staging, force, base_model, peft_compat)

@@ -308,19 +308,17 @@ def _read_local(where: str) -> _Prompt:
     return _Prompt(where, "tensor", [where], array, None, None, None, raw.dtype)
 
 
-def _is_mpt(path: str | os.PathLike[str], hub: HubOptions) -> bool:
-    """Whether ``path`` (a local folder or file, or a Hub repo: downloaded to tell) holds an MPT
-    adapter rather than one prompt."""
-    local, label = locate_prompt(path, hub)
+def _is_mpt(local: str) -> bool:
+    """Whether the local folder or file ``local`` (:func:`locate_prompt`) holds an MPT adapter
+    rather than one prompt."""
     p = Path(local)
-    with _named_as(local, label):
-        if p.is_dir():
-            if not os.path.lexists(p / CONFIG_NAME):
-                return False
-            return read_config(p / CONFIG_NAME).raw.get("peft_type") == PEFT_TYPE
-        tfile = open_tensor_file(p, bare=True)
-        keymap, _notes, _ignored = normalise_keys(tfile.infos, str(p))
-        return "prefix_task_cols" in keymap or "prefix_task_rows" in keymap
+    if p.is_dir():
+        if not os.path.lexists(p / CONFIG_NAME):
+            return False
+        return read_config(p / CONFIG_NAME).raw.get("peft_type") == PEFT_TYPE
+    tfile = open_tensor_file(p, bare=True)
+    keymap, _notes, _ignored = normalise_keys(tfile.infos, str(p))
+    return "prefix_task_cols" in keymap or "prefix_task_rows" in keymap
 
 
 def _task_findings(tasks: Sequence[int], n: int) -> list[Finding]:
@@ -353,16 +351,11 @@ def _load_mpt(source: Source, hub: HubOptions, tasks: Sequence[int] | None = Non
     return ckpt
 
 
-def _where(ckpt: Checkpoint) -> str:
-    """How an MPT input is named: its Hub URL at the commit read, or its location as given."""
-    return ckpt.hub["url"] if ckpt.hub else ckpt.location
-
-
 def _mpt_prompt(ckpt: Checkpoint, task: int) -> _Prompt:
     cfg = ckpt.config
     raw = dict(cfg.raw) if ckpt.config_from_file else None
     nts = None if "num_transformer_submodules" in cfg.assumed else cfg.num_transformer_submodules
-    label = f"{_where(ckpt)}#task{task}"
+    label = f"{ckpt.where}#task{task}"
     return _Prompt(label, "mpt", [ckpt.weights_path], None, nts, cfg.task_type, raw)
 
 
@@ -552,16 +545,16 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
         fixed = to_float64(append.read("prompt_embeddings"))
         shared_label = append.location
     elif opts.shared is not None:
-        shared_label = checked_path(opts.shared, "shared")
-        if _is_mpt(shared_label, opts.hub):
-            ckpt = _load_mpt(shared_label, opts.hub)
-            fixed, files, shared_label = to_float64(ckpt.read("prompt_embeddings")), ckpt.source_paths, _where(ckpt)
+        # one download where it is a Hub repo; named as given, or by its URL at the commit read
+        local, shared_label = locate_prompt(checked_path(opts.shared, "shared"), opts.hub)
+        if _is_mpt(local):
+            with _named_as(local, shared_label):
+                ckpt = _load_mpt(local, opts.hub)
+            fixed, files = to_float64(ckpt.read("prompt_embeddings")), ckpt.source_paths
         else:
-            local, label = locate_prompt(shared_label, opts.hub)
-            item = _read_at(local, label)
+            item = _read_at(local, shared_label)
             assert item.array is not None
             fixed, files = item.array, item.files
-            shared_label = shared_label if local == label else label
         protected += files
     if fixed is not None:
         shape = _Shape(int(fixed.shape[0]), int(fixed.shape[1]), shared_label)

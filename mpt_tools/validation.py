@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .checkpoint import Source, load_source
-from .checks import check_source, check_target
+from .checks import check_plan_types, check_source, check_target
 from .config import MptConfig, read_config
 from .findings import errors
 from .hazards import serving_hazards
@@ -47,6 +47,7 @@ def validate(
             mode = next((m.name for m in MODES.values() if m.peft_name == init), "average")
     if mode is not None:
         plan = TargetPlan(mode, task=task, num_tasks=num_tasks, num_ranks=num_ranks)
+        check_plan_types(plan)
         findings += check_target(ckpt, plan, target=target)
     if base_model is not None and base_model is not False:
         from .hub.base_model import base_model_findings
