@@ -34,7 +34,7 @@ from .findings import Finding, errors
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, normalise_keys, parse_header
 from .hazards import serving_hazards
 from .interrupts import deferred
-from .options import HubOptions
+from .options import HubOptions, checked_positive
 from .peft_releases import loading_releases
 from .progress import progress
 from .version import __version__
@@ -465,7 +465,7 @@ def audit_adapters(
     hub = hub or HubOptions()
     targets = [targets] if isinstance(targets, (str, os.PathLike)) else targets  # one, not its characters
     authors = [authors] if isinstance(authors, str) else authors
-    jobs = max(1, jobs or os.cpu_count() or 1)
+    jobs = (os.cpu_count() or 1) if jobs is None else checked_positive(jobs, "jobs")
     _LISTINGS.clear()  # folder listings are kept for one audit only
     found = _Found()
     result: AuditResult = {

@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
 from .errors import ConfigError, ValidationError
 from .findings import Finding, errors, refusal
-from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, memory_name, to_float32
+from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, more_than_memory, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
 from .options import checked_index, checked_indices, checked_numbers
 from .progress import tracked
@@ -583,7 +583,7 @@ def _size_rules(mode: Mode, plan: TargetPlan, src_t: int | None, src_d: int | No
                 "too-large",
                 "target_tasks" if plan.num_tasks is not None else "target_ranks",
                 f"a target of {num_tasks} task(s) x rank {num_ranks} needs {need:,} bytes of memory, "
-                f"more than {memory_name()} ({limit:,} bytes)",
+                + more_than_memory(limit),
                 expected=f"<= {limit:,} bytes",
                 found=f"{need:,} bytes",
                 fix="ask for fewer --target-tasks or a lower --target-ranks",

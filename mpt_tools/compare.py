@@ -21,6 +21,7 @@ from .checks import require_valid
 from .errors import ConfigError, MptToolsError, WriteError
 from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
+from .options import checked_positive
 from .peft_releases import is_default
 from .progress import chunk_starts, progress, tracked
 from .prompts import CHUNK_BYTES, MAX_TASK_ROWS, plan_chunks
@@ -95,7 +96,7 @@ def task_similarity(
     d = ckpt.shapes["prompt_embeddings"][1]
     pe = to_float64(ckpt.read("prompt_embeddings"))
     cols = to_float64(ckpt.read("prefix_task_cols"))  # N x T x r: small beside the rows
-    budget = max(1, chunk_bytes)
+    budget = checked_positive(chunk_bytes, "chunk_bytes")
     if n * d * 8 <= budget:  # whole token rows per block
         tokens, columns = min(t, budget // (n * d * 8)), d
     else:
@@ -291,6 +292,7 @@ def diff(
     Frobenius difference of the effective prompts. Safetensors metadata differences are listed but
     do not make the adapters different.
     """
+    chunk_bytes = checked_positive(chunk_bytes, "chunk_bytes")
     ca, cb = load_source(a), load_source(b)
     fa, fb = _file_sets(ca), _file_sets(cb)
     only_a = sorted(set(fa) - set(fb))

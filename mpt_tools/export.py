@@ -46,7 +46,7 @@ from .errors import ConfigError, WriteError
 from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
-from .options import checked_indices
+from .options import checked_indices, checked_positive
 from .progress import progress
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .surgery import prompt_tuning_config, seq2seq_decoder_finding
@@ -546,6 +546,7 @@ def export_prompts(
     if isinstance(opts.dtype, str) and canonical_dtype(opts.dtype) in DTYPE_CHOICES:
         opts = opts._replace(dtype=canonical_dtype(opts.dtype))  # the aliases every --dtype takes
     chosen_tasks = None if tasks is None else checked_indices(tasks, "tasks")
+    opts = opts._replace(chunk_bytes=checked_positive(opts.chunk_bytes, "chunk_bytes"))
     if names is not None and (isinstance(names, str) or not all(isinstance(x, str) for x in names)):
         raise ConfigError(f"names must be a list of names, e.g. ['qa', 'nli'], not {names!r:.40}")
     ckpt = load_source(source)

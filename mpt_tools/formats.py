@@ -606,6 +606,12 @@ def memory_name() -> str:
     return "this machine's memory" if max_tensor_bytes() is None else "MPT_TOOLS_MAX_TENSOR_BYTES"
 
 
+def more_than_memory(limit: int | None = None) -> str:
+    """ "more than <what the limit is> (<limit> bytes)", the end of every message that refuses a size
+    over :func:`memory_limit` (``limit``: that limit, already read)."""
+    return f"more than {memory_name()} ({memory_limit() if limit is None else limit:,} bytes)"
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -775,8 +781,8 @@ def parse_header(
     for info in infos.values():
         if info.nbytes > limit:
             raise FormatError(
-                f"tensor {info.name!r} claims {info.nbytes:,} bytes, more than {memory_name()} "
-                f"({limit:,} bytes); refusing before reading it",
+                f"tensor {info.name!r} claims {info.nbytes:,} bytes, {more_than_memory(limit)}; "
+                "refusing before reading it",
                 p,
             )
     pos = 8 + n
@@ -998,8 +1004,7 @@ def _check_claims(p: str, claims: _Claims, size: int, torch: Any) -> None:
             what_claims = f"tensor{label} of shape {list(shape)} claims" if claimed > limit else "its tensors claim"
             amount = claimed if claimed > limit else total_tensors
             raise FormatError(
-                f"{what_claims} {amount:,} bytes, more than {memory_name()} ({limit:,} bytes); "
-                "refusing before allocating it",
+                f"{what_claims} {amount:,} bytes, {more_than_memory(limit)}; refusing before allocating it",
                 p,
             )
 
@@ -1184,7 +1189,7 @@ def _pickle_tensors(p: str, obj: Any, torch: Any) -> dict[str, Raw]:
             raise FormatError(
                 f"tensor {key!r} of shape {list(value.shape)} claims {claimed:,} bytes"
                 + (f" ({total:,} with the tensors before it)" if claimed <= limit else "")
-                + f", more than {memory_name()} ({limit:,} bytes); refusing before allocating it",
+                + f", {more_than_memory(limit)}; refusing before allocating it",
                 p,
             )
     return {key: from_torch(value) for key, value in obj.items()}
@@ -1280,8 +1285,8 @@ def open_npy(path: str | os.PathLike[str]) -> TensorFile:
             nbytes = math.prod(shape) * DTYPES[tag][0]
             if nbytes > memory_limit():
                 raise FormatError(
-                    f".npy array of shape {list(shape)} claims {nbytes:,} bytes, more than {memory_name()} "
-                    f"({memory_limit():,} bytes); refusing before allocating it",
+                    f".npy array of shape {list(shape)} claims {nbytes:,} bytes, {more_than_memory()}; "
+                    "refusing before allocating it",
                     p,
                 )
             if offset + nbytes != st.st_size:

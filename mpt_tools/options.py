@@ -92,6 +92,15 @@ def checked_index(value: Any, what: str) -> int:
         raise ConfigError(f"{what} must be an integer, not {value!r:.40}") from None
 
 
+def checked_positive(value: Any, what: str) -> int:
+    """``value`` as an int of at least 1 (a byte budget, a number of workers); ConfigError naming
+    ``what`` otherwise (0 is not "the default": pass None for that)."""
+    number = checked_index(value, what)
+    if number < 1:
+        raise ConfigError(f"{what} must be at least 1, not {number}")
+    return number
+
+
 def checked_indices(value: Any, what: str) -> list[int]:
     """``value`` (a list, tuple, range...) as a list of ints; ConfigError naming ``what`` for a
     string (``"0,2"``: the command line's spelling), a single number or a non-integer item."""

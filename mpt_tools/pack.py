@@ -50,14 +50,14 @@ from .formats import (
     from_torch,
     json_float,
     memory_limit,
-    memory_name,
+    more_than_memory,
     normalise_keys,
     open_tensor_file,
     to_float32,
     to_float64,
     to_torch,
 )
-from .options import HubOptions, SourceSpec, checked_indices, checked_path
+from .options import HubOptions, SourceSpec, checked_indices, checked_path, checked_positive
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .version import __version__
@@ -409,6 +409,8 @@ def _option_findings(opts: PackOptions, count: int) -> list[Finding]:
         out.append(_usage("tol", "must be a finite number >= 0", opts.tol, "pass e.g. --tol 1e-6", ">= 0"))
     if opts.max_iters < 0:
         out.append(_usage("max_iters", "must be >= 0", opts.max_iters, "pass e.g. --max-iters 1000", ">= 0"))
+    if opts.chunk_bytes is not None:
+        checked_positive(opts.chunk_bytes, "chunk_bytes")
     if opts.seed < 0:
         out.append(_usage("seed", "must be >= 0", opts.seed, "pass a non-negative seed", ">= 0"))
     if opts.dtype is not None and canonical_dtype(opts.dtype) not in DTYPE_CHOICES:
@@ -583,8 +585,8 @@ def _read_all(plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
             need = n * shape.rows * shape.cols * 8
             if need > memory_limit():
                 raise ValidationError(
-                    f"{n} prompts of [{shape.rows}, {shape.cols}] need {need:,} bytes in float64, more than "
-                    f"{memory_name()} ({memory_limit():,} bytes)",
+                    f"{n} prompts of [{shape.rows}, {shape.cols}] need {need:,} bytes in float64, "
+                    + more_than_memory(),
                     where,
                 )
             held.append(torch.empty(n, shape.rows, shape.cols, dtype=torch.float64, device=dev))

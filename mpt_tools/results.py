@@ -170,7 +170,8 @@ class TaskCheck(TypedDict):
 class TargetCheck(TypedDict):
     check: str
     ok: bool
-    detail: str
+    detail: str  # what the mode promises
+    found: str | None  # on a failed bitwise check: how many values differ, and the largest difference
 
 
 class SimilarityRow(TypedDict):

@@ -29,7 +29,7 @@ from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
-from .options import checked_index, checked_indices
+from .options import checked_index, checked_indices, checked_positive
 from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .results import ExportPromptResult, RerankResult, TasksResult
@@ -212,6 +212,7 @@ def rerank(
     in :func:`select_tasks`.
     """
     num_ranks = checked_index(num_ranks, "num_ranks")
+    chunk_bytes = checked_positive(chunk_bytes, "chunk_bytes")
     ckpt = load_source(source)
     extra: list[Finding] = []
     if num_ranks < 1:

@@ -811,6 +811,8 @@ def _library_calls(tmp: Path) -> dict[str, Any]:
         ExportOptions,
         PackOptions,
         TargetPlan,
+        audit_adapters,
+        diff,
         export_prompt,
         export_prompts,
         init_adapter,
@@ -821,7 +823,7 @@ def _library_calls(tmp: Path) -> dict[str, Any]:
         validate,
         verify,
     )
-    from mpt_tools.compare import plot_similarity
+    from mpt_tools.compare import plot_similarity, task_similarity
 
     out = tmp / "out"
     return {
@@ -857,6 +859,16 @@ def _library_calls(tmp: Path) -> dict[str, Any]:
         "pack sources 5": lambda: pack_prompts([], out, sources=[5]),
         "plot a list": lambda: plot_similarity(np.eye(3).tolist(), tmp / "s.png"),
         "plot a row": lambda: plot_similarity(np.eye(3)[0], tmp / "s.png"),
+        # a budget or a worker count below 1 (0 was silently "the default" or "one item at a time")
+        "audit jobs 0": lambda: audit_adapters(CAUSAL, jobs=0),
+        "audit jobs '4'": lambda: audit_adapters(CAUSAL, jobs="4"),
+        "diff chunk_bytes 0": lambda: diff(CAUSAL, CAUSAL, chunk_bytes=0),
+        "diff chunk_bytes 1e6": lambda: diff(CAUSAL, CAUSAL, chunk_bytes=1e6),
+        "similarity chunk_bytes -1": lambda: task_similarity(CAUSAL, chunk_bytes=-1),
+        "verify chunk_bytes 0": lambda: verify(CAUSAL, chunk_bytes=0),
+        "rerank chunk_bytes 0": lambda: rerank(CAUSAL, 1, out, chunk_bytes=0),
+        "export chunk_bytes 0": lambda: export_prompts(CAUSAL, "npy", out, options=ExportOptions(chunk_bytes=0)),
+        "pack chunk_bytes 0": lambda: pack_prompts([CAUSAL], out, options=PackOptions(num_ranks=1, chunk_bytes=0)),
         "export options ok": lambda: ExportOptions(),  # not an error: a control
     }
 

@@ -315,15 +315,21 @@ def test_tampered_target_is_caught(
     init_adapter(FIXTURES / "causal", TargetPlan(mode, **kwargs), out)
     ckpt = load_source(out)
     old = float(ckpt.read(name).array[index])
+    size = ckpt.read(name).array.size
     tamper(out, name, index, np.nextafter(np.float32(old), np.float32(np.inf)))  # one ulp
     with pytest.raises(VerificationFailed) as info:
         verify(out, device="cpu", source=FIXTURES / "causal")
     failures = info.value.report["failures"]
     assert failures and all(f["check"] == "target-mismatch" for f in failures)
     assert any(name in f["message"] or "factors" in f["message"] for f in failures)
+    # what was found, not only what was expected: the one changed value, by its index
+    found = [c["found"] for c in info.value.report["target"]["checks"] if c["found"]]
+    at = "[" + ", ".join(str(i) for i in index) + "]"
+    assert any(f"1 of {size} values differ, the largest at {at}" in f for f in found), found
     assert "sha256" not in " ".join(info.value.report["notes"])  # the source is the one recorded
     res = run_cli("verify", out, "--device", "cpu")
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "target-mismatch" in res.stderr
+    assert ", found " in res.stderr and "; found " in res.stdout
 
 
 def test_target_against_another_source_is_caught(tmp_path: Path) -> None:
@@ -395,7 +401,7 @@ def set_metadata(folder: Path, **changes: str) -> None:
         ("average", {}, {"weights": "w"}, "recorded mpt_tools.weights 'w' is not a list of numbers"),
         ("shared", {"seed": 3}, {"seed": "zz"}, "seed: recorded mpt_tools.seed 'zz' is not an integer"),
         ("shared", {"seed": 3}, {"seed": "-5"}, "seed: recorded mpt_tools.seed -5 is negative"),
-        ("shared", {"seed": 3}, {"seed": "4"}, "factors: bitwise the N(0, 0.02) draws of seed 4"),
+        ("shared", {"seed": 3}, {"seed": "4"}, "draws of seed 4, found prefix_task_cols "),
     ],
 )
 def test_hostile_provenance_is_a_target_mismatch(

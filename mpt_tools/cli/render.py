@@ -157,7 +157,8 @@ def report_lines(report: VerifyResult) -> list[str]:
         task = f" task {target['task']}" if target.get("task") is not None else ""
         lines.append(f"target vs source {target['source']} ({target['mode']}{task}):")
         for c in target["checks"]:
-            lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']:<18} {c['detail']}")
+            found = f"; found {c['found']}" if c.get("found") else ""
+            lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['check']:<18} {c['detail']}{found}")
         if target.get("similarity"):
             lines.append(f"  {'source task':>11} {'cosine':>9} {'rel dist':>9}  averaged")
             for s in target["similarity"] or []:

@@ -9,7 +9,7 @@ from ..checkpoint import Source, load_source
 from ..checks import require_valid
 from ..errors import ValidationError, VerificationFailed
 from ..formats import DTYPE_NAMES, canonical_dtype
-from ..options import checked_indices
+from ..options import checked_indices, checked_positive
 from ..results import TargetReport, VerifyResult
 from . import engine
 from .engine import (
@@ -77,9 +77,7 @@ def verify(
                 f"--tasks {bad} out of range: the adapter has {n} {tasks_word} (0..{n - 1})", ckpt.location
             )
         selected = sorted(set(tasks))
-    budget = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(dev)
-    if budget <= 0:
-        raise ValidationError(f"chunk_bytes must be positive, got {budget}")
+    budget = checked_positive(chunk_bytes, "chunk_bytes") if chunk_bytes is not None else default_chunk_bytes(dev)
     notes: list[str] = []
     timer = _Timer(dev)
     target_report: TargetReport | None = None

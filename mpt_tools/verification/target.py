@@ -23,6 +23,31 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+def _difference(found: np.ndarray, expected: np.ndarray) -> str | None:
+    """None when ``found`` holds ``expected``'s bits (``expected`` broadcast over a leading task
+    axis); otherwise what differs: how many values, and the largest difference with its index."""
+    if found.dtype != expected.dtype:
+        return f"dtype {found.dtype} vs {expected.dtype}"
+    try:
+        want = np.broadcast_to(expected, found.shape)
+    except ValueError:
+        return f"shape {list(found.shape)} vs {list(expected.shape)}"
+    kind = f"u{found.dtype.itemsize}"
+    differ = found.view(kind) != want.view(kind)
+    count = int(np.count_nonzero(differ))
+    if count == 0:
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        gap = np.where(differ, np.abs(found.astype(np.float64) - want.astype(np.float64)), 0.0)
+    gap = np.nan_to_num(gap, nan=np.inf)  # a NaN on one side only is the largest difference there is
+    where = tuple(int(i) for i in np.unravel_index(int(np.argmax(gap)), found.shape))
+    index = ", ".join(str(i) for i in where)
+    return (
+        f"{count} of {found.size} values differ, the largest at [{index}]: "
+        f"{json_float(float(found[where])):.6g} vs {json_float(float(want[where])):.6g}"
+    )
+
+
 def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str]) -> Checkpoint | None:
     """The source to compare against: the given one, or the recorded one while it still matches.
 
@@ -101,8 +126,8 @@ def _find_local_source(
     return None
 
 
-def _cmp(name: str, ok: bool, detail: str) -> TargetCheck:
-    return {"check": name, "ok": ok, "detail": detail}
+def _cmp(name: str, ok: bool, detail: str, found: str | None = None) -> TargetCheck:
+    return {"check": name, "ok": ok, "detail": detail, "found": found}
 
 
 def _target_checks(
@@ -125,10 +150,15 @@ def _target_checks(
     failures: list[Failure] = []
     checks: list[TargetCheck] = result["checks"]
 
-    def add(name: str, ok: bool, detail: str) -> None:
-        checks.append(_cmp(name, ok, detail))
+    def add(name: str, ok: bool, detail: str, found: str | None = None) -> None:
+        checks.append(_cmp(name, ok, detail, found))
         if not ok:
-            failures.append({"task": None, "check": "target-mismatch", "message": f"{name}: {detail}"})
+            said = f"expected {detail}, found {found}" if found else detail
+            failures.append({"task": None, "check": "target-mismatch", "message": f"{name}: {said}"})
+
+    def compare(name: str, found: np.ndarray, want: np.ndarray, detail: str) -> None:
+        difference = _difference(found, want)
+        add(name, difference is None, detail, difference)
 
     if mode is None:
         add("mode", False, f"recorded mpt_tools.mode {_shown(recorded_mode)} is not one of init's modes")
@@ -139,14 +169,14 @@ def _target_checks(
         add(exc.key.removeprefix("mpt_tools."), False, exc.detail)
         return result, failures
     layout_t = _check_layout(target)
-    n_t, t_t, _, d_t = layout_t
+    _, t_t, _, d_t = layout_t
     pe_t = to_float32(target.read("prompt_embeddings"))
     src_pe_shape = src.shapes.get("prompt_embeddings")
     if src_pe_shape != (t_t, d_t):
         add("prompt_embeddings", False, f"shape {list(pe_t.shape)} vs the source's {src_pe_shape}")
         return result, failures
     pe_s = to_float32(src.read("prompt_embeddings"))
-    add("prompt_embeddings", _same_bits(pe_t, pe_s), "bitwise equal to the source's P*")
+    compare("prompt_embeddings", pe_t, pe_s, "bitwise equal to the source's P*")
     cols_t = to_float32(target.read("prefix_task_cols"))
     rows_t = to_float32(target.read("prefix_task_rows"))
     layout_s = layout_t
@@ -163,23 +193,25 @@ def _target_checks(
     if expected.failures or expected.cols is None or expected.rows is None:
         return result, failures
     if not expected.per_task:
-        same = _same_bits(cols_t, expected.cols) and _same_bits(rows_t, expected.rows)
-        add("factors", same, expected.what)
+        differ = {"prefix_task_cols": _difference(cols_t, expected.cols)}
+        differ["prefix_task_rows"] = _difference(rows_t, expected.rows)
+        found = "; ".join(f"{name} {said}" for name, said in differ.items() if said)
+        add("factors", not found, expected.what, found or None)
         return result, failures
-    same_cols = all(_same_bits(cols_t[i : i + 1], expected.cols) for i in range(n_t))
-    same_rows = all(_same_bits(rows_t[i : i + 1], expected.rows) for i in range(n_t))
+    cols_differ = _difference(cols_t, expected.cols)
+    rows_differ = _difference(rows_t, expected.rows)
     what = expected.what
-    if mode.name == "average" and not (same_cols and same_rows):
+    if mode.name == "average" and (cols_differ or rows_differ):
         what = _average_mismatch(src, record, cols_t[:1], rows_t[:1], what)
-    add("prefix_task_cols", same_cols, what)
-    add("prefix_task_rows", same_rows, what)
+    add("prefix_task_cols", cols_differ is None, what, cols_differ)
+    add("prefix_task_rows", rows_differ is None, what, rows_differ)
     dtype = _torch_dtype(dtype_name)
     pe_dev = _dev(pe_t, dev)
     p_target = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), dtype)
     if expected.prompt_equal:
         p_src = _rebuild(_dev(pe_s, dev), _dev(expected.cols, dev), _dev(expected.rows, dev), dtype)
         detail = f"{dtype_name} prompt bitwise equal to source task {expected.task}'s"
-        add("prompt", bool(torch.equal(p_target, p_src)), detail)
+        compare("prompt", p_target.cpu().float().numpy(), p_src.cpu().float().numpy(), detail)
     if expected.similarity_over is not None:
         p_t64 = _rebuild(pe_dev, _dev(cols_t[:1], dev), _dev(rows_t[:1], dev), torch.float64)
         result["similarity"] = _similarity(src, pe_s, p_t64, expected.similarity_over, dev, chunk_bytes)
