@@ -184,6 +184,11 @@ def test_table_csv_and_markdown(tree: Path) -> None:
     markdown = run_cli("audit", str(tree), "--markdown").stdout.splitlines()
     assert markdown[0].startswith("| where |") and markdown[1].startswith("|---|")
     assert len([m for m in markdown if m.startswith("| `")]) == len(rows)
+    # what the text view explains under its table, Markdown lists under its own
+    assert [f"- {line}" for line in lines[len(rows) + 1 : -1]] == markdown[len(rows) + 3 : -2]
+    assert f"- note: {tree / 'exp4' / 'bin'}: weights not read (.bin: --deep reads them)" in markdown
+    deep = run_cli("audit", str(tree), "--deep", "--markdown").stdout.splitlines()
+    assert any(m.startswith("- w1: identical weights: ") for m in deep), deep  # the dup column's labels
     assert run_cli("audit", str(tree), "--json", "--csv").exit_code == 2
     assert run_cli("audit").exit_code == 2
 

@@ -902,7 +902,9 @@ def embed(
     help="JSON Lines: one row per adapter as it is done, then a summary line.",
 )
 @option("--csv", "as_csv", is_flag=True, section="Output", help="CSV: every field, one line per adapter.")
-@option("--markdown", "as_markdown", is_flag=True, section="Output", help="A Markdown table and the summary.")
+@option(
+    "--markdown", "as_markdown", is_flag=True, section="Output", help="A Markdown table, its notes listed, the summary."
+)
 @hub_options
 def audit(
     targets: tuple[str, ...],

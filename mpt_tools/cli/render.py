@@ -597,6 +597,30 @@ def _audit_summary_line(result: AuditResult) -> str:
     return text
 
 
+def _audit_after_table(result: AuditResult) -> list[str]:
+    """What follows the audit table in text and Markdown: the errors, the duplicate groups (the
+    ``dup`` column's labels), stale staging, what was skipped or left unchecked, and the legend of
+    the ``hazard`` column."""
+    lines = [f"error: {row['where']}: {one_line(row['error'])}" for row in result["rows"] if row["error"]]
+    for i, group in enumerate(result["duplicates"], 1):
+        what = "identical weights" if group["kind"] == "weights" else "identical P* (shared prompt)"
+        lines.append(f"{'w' if group['kind'] == 'weights' else 'p'}{i}: {what}: {', '.join(group['adapters'])}")
+    for path in result["stale_staging"]:
+        lines.append(f"note: staging left by an interrupted mpt-tools run (the next writer removes it): {path}")
+    for reason, count in result["skipped"].items():
+        lines.append(f"note: {count} {reason}")
+    for row in result["rows"]:  # an MPT row left unchecked (.bin weights without --deep): say why
+        if row["valid"] is None and not row["error"] and row["peft_type"] == PEFT_TYPE:
+            lines.extend(f"note: {row['where']}: {note}" for note in row["notes"])
+    if any(r["serving_hazard"] for r in result["rows"]):
+        lines.append(
+            "note: hazard P*: a prompt-tuning server (TGIS, vLLM 0.5-0.9, TensorRT-LLM's LLM API) given this MPT"
+            " folder serves P* for every task: serve `mpt-tools export` outputs; `serving-hazard` in findings:"
+            " it is laid out where one reads it"
+        )
+    return lines
+
+
 def audit_view(result: AuditResult) -> None:
     """``audit``: an aligned table, the errors, duplicate groups, stale staging and a summary."""
     dups = _dup_labels(result)
@@ -604,26 +628,8 @@ def audit_view(result: AuditResult) -> None:
     widths = [max(len(_CONTROL.sub(_escape, row[i])) for row in table) for i in range(len(AUDIT_COLUMNS))]
     for cells in table:
         echo("  ".join(_CONTROL.sub(_escape, c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
-    for row in result["rows"]:
-        if row["error"]:
-            echo(f"error: {row['where']}: {one_line(row['error'])}")
-    for i, group in enumerate(result["duplicates"], 1):
-        what = "identical weights" if group["kind"] == "weights" else "identical P* (shared prompt)"
-        echo(f"{'w' if group['kind'] == 'weights' else 'p'}{i}: {what}: {', '.join(group['adapters'])}")
-    for path in result["stale_staging"]:
-        echo(f"note: staging left by an interrupted mpt-tools run (the next writer removes it): {path}")
-    for reason, count in result["skipped"].items():
-        echo(f"note: {count} {reason}")
-    for row in result["rows"]:  # an MPT row left unchecked (.bin weights without --deep): say why
-        if row["valid"] is None and not row["error"] and row["peft_type"] == PEFT_TYPE:
-            for note in row["notes"]:
-                echo(f"note: {row['where']}: {note}")
-    if any(r["serving_hazard"] for r in result["rows"]):
-        echo(
-            "note: hazard P*: a prompt-tuning server (TGIS, vLLM 0.5-0.9, TensorRT-LLM's LLM API) given this MPT"
-            " folder serves P* for every task: serve `mpt-tools export` outputs; `serving-hazard` in findings:"
-            " it is laid out where one reads it"
-        )
+    for line in _audit_after_table(result):
+        echo(line)
     echo(_audit_summary_line(result))
 
 
@@ -654,7 +660,8 @@ def audit_csv(result: AuditResult) -> None:
 
 
 def audit_markdown(result: AuditResult) -> None:
-    """``audit --markdown``: a GitHub table, for a model card or an issue, and the summary."""
+    """``audit --markdown``: a GitHub table, for a model card or an issue, what the text view says
+    under its table (as a list), and the summary."""
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
@@ -667,6 +674,11 @@ def audit_markdown(result: AuditResult) -> None:
         cells[0] = f"`{cells[0]}`"
         echo("| " + " | ".join(cell(c) for c in cells) + " |")
     echo("")
+    after = _audit_after_table(result)  # a list under the table: the dup labels, the legend...
+    for line in after:
+        echo(f"- {line}")
+    if after:
+        echo("")
     echo(_audit_summary_line(result))
 
 
