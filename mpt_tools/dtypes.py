@@ -16,6 +16,8 @@ DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 UNIT_ROUND_OFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
 """Half the spacing of each float tag's values around 1: its relative rounding error, at most."""
+DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float16": 65504.0}
+"""The largest finite value of each trained-in dtype."""
 
 
 def canonical_dtype(text: str) -> str:

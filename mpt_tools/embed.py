@@ -26,7 +26,9 @@ import numpy as np
 
 from .checkpoint import Source, load_source
 from .checks import require_valid
+from .dtypes import DTYPE_MAX
 from .errors import ConfigError, SourceError, ValidationError
+from .export import cast_overflow
 from .files import atomic_write, guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, DTYPES, TensorInfo, open_safetensors, parse_header
@@ -262,7 +264,21 @@ def embed_request(
         if tag == "BF16"
         else torch.from_numpy(rows.copy())
     )
-    prompt = task_prompt(ckpt, task).to(emb.dtype)  # as PEFT: prompts.to(inputs_embeds.dtype)
+    prompt32 = task_prompt(ckpt, task)
+    dtype_name = DTYPE_NAMES[tag]
+    peak = cast_overflow(prompt32, dtype_name)
+    if peak is not None:  # PEFT's cast would feed the model Inf too; a payload with Inf is never useful
+        raise ValidationError(
+            f"task {task}'s prompt holds {peak:.5g}, which is Inf in {dtype_name}, the base model's embedding "
+            f"dtype (largest finite {DTYPE_MAX[dtype_name]:.5g}): this model cannot take this task's prompt",
+            ckpt.where,
+        )
+    if not bool(torch.isfinite(emb).all()):
+        raise ValidationError(
+            f"the base model's embedding rows for these tokens hold NaN or Inf ({matrix.file}:{matrix.info.name})",
+            base_model,
+        )
+    prompt = prompt32.to(emb.dtype)  # as PEFT: prompts.to(inputs_embeds.dtype)
     full = torch.cat([prompt, emb], dim=0).contiguous()
     if to == "sglang":
         payload: bytes = json.dumps({"input_embeds": full.to(torch.float32).tolist()}).encode()
@@ -272,7 +288,8 @@ def embed_request(
 
         buffer = io.BytesIO()
         torch.save(full.clone(), buffer)
-        payload = buffer.getvalue() if to == "pt" else base64.b64encode(buffer.getvalue()) + b"\n"
+        # no newline after the base64: vLLM decodes it strictly (b64decode(validate=True))
+        payload = buffer.getvalue() if to == "pt" else base64.b64encode(buffer.getvalue())
     atomic_write(out, payload, replace=force)
     info = matrix.info
     return {

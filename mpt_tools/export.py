@@ -41,7 +41,7 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import config_findings, prompt_findings, require_valid, tensor_findings, value_findings
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
-from .dtypes import canonical_dtype
+from .dtypes import DTYPE_MAX, canonical_dtype
 from .errors import ConfigError, WriteError
 from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
@@ -74,7 +74,6 @@ TGIS_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
 # The smallest float32 magnitude that is Inf after the cast (round to nearest even: the halfway
 # point between the largest finite value and the next power of two rounds up).
 CAST_LIMITS = {"float16": 65520.0, "bfloat16": 2.0**128 - 2.0**119}
-DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float16": 65504.0}
 SEQ2SEQ = "SEQ_2_SEQ_LM"
 
 

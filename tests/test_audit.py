@@ -387,7 +387,7 @@ def test_offline_hub_audit_is_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
     result = run_cli("audit", "org/anything@v2", "hf://org/other/sub", "--json")
     rows, _ = jsonl(result.stdout)
     assert [r["where"] for r in rows] == ["hf://org/anything@v2", "hf://org/other/sub"]
-    assert all(r["error"].startswith("the Hub audit needs the network") for r in rows), rows
+    assert all(r["error"].startswith("listing a Hub repo and reading its files needs the network") for r in rows), rows
 
 
 def test_an_mpt_folder_in_a_prefix_store_has_the_hazard_code(tmp_path: Path) -> None:

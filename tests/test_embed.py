@@ -140,8 +140,9 @@ def test_formats(setup: dict[str, Path], tmp_path: Path) -> None:
     assert run_cli(*common, "--out", tmp_path / "a.pt").exit_code == 0
     tensor = torch.load(tmp_path / "a.pt", weights_only=True)
     assert run_cli(*common, "--to", "vllm", "--out", tmp_path / "a.b64").exit_code == 0
-    raw = base64.b64decode((tmp_path / "a.b64").read_text())
-    assert torch.equal(torch.load(io.BytesIO(raw), weights_only=True), tensor)  # what vLLM's server decodes
+    # vLLM's server decodes strictly (pybase64.b64decode(embed, validate=True)): no newline, nothing else
+    raw = base64.b64decode((tmp_path / "a.b64").read_bytes(), validate=True)
+    assert torch.equal(torch.load(io.BytesIO(raw), weights_only=True), tensor)
     assert run_cli(*common, "--to", "sglang", "--out", tmp_path / "a.json").exit_code == 0
     data = json.loads((tmp_path / "a.json").read_text())
     assert torch.equal(torch.tensor(data["input_embeds"], dtype=torch.float32), tensor)
@@ -160,6 +161,29 @@ def test_bfloat16_model_gets_a_bfloat16_input(tmp_path: Path) -> None:
     embeds = torch.load(out, weights_only=True)
     assert embeds.dtype == torch.bfloat16
     assert torch.equal(embeds[5:], model.transformer.wte.weight[[0, 9]].detach())
+
+
+def test_a_prompt_beyond_the_models_dtype_is_refused(tmp_path: Path) -> None:
+    """A float16 model cannot take a prompt value beyond 65504: refused (as export --dtype float16
+    refuses it), never a payload holding Inf."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model(tmp_path / "fp16", dtype=torch.float16)
+    mpt_adapter(tiny_model(tmp_path / "scratch"), tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    pe = next(k for k in tensors if "embedding" in k)
+    tensors[pe][0, 0] = 1e12  # times (cols @ rows)[0, 0]: far beyond 65504, finite in float32
+    save_file(tensors, weights, metadata={"format": "pt"})
+    argv = ["embed", tmp_path / "adapter", "--text", "w7", "--base-model", tmp_path / "fp16"]
+    result = run_cli(*argv, "--task", "0", "--out", tmp_path / "r.pt")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "which is Inf in float16, the base model's embedding dtype" in result.stderr
+    assert not (tmp_path / "r.pt").exists()
+    fine = run_cli("embed", tmp_path / "adapter", "--text", "w7", "--base-model", tmp_path / "scratch", "--task", "0",
+                   "--out", tmp_path / "f.pt")  # fmt: skip
+    assert fine.exit_code == 0, fine.stderr  # the same prompt for a float32 model
+    assert torch.isfinite(torch.load(tmp_path / "f.pt", weights_only=True)).all()
 
 
 def test_refusals_are_one_line(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

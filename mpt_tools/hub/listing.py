@@ -42,7 +42,11 @@ class RepoListing(NamedTuple):
 
 def _offline_check(hub: HubOptions, where: str) -> None:
     if is_offline(hub.offline):
-        raise HubError("the Hub audit needs the network, and offline mode is on (--offline or HF_HUB_OFFLINE=1)", where)
+        raise HubError(
+            "listing a Hub repo and reading its files needs the network, and offline mode is on "
+            "(--offline or HF_HUB_OFFLINE=1)",
+            where,
+        )
 
 
 def _api(hub: HubOptions) -> Any:

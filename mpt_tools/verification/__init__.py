@@ -7,6 +7,7 @@ import time
 
 from ..checkpoint import Source, load_source
 from ..checks import require_valid
+from ..dtypes import DTYPE_MAX
 from ..errors import ValidationError, VerificationFailed
 from ..formats import DTYPE_NAMES, canonical_dtype
 from ..options import checked_indices, checked_positive
@@ -14,7 +15,6 @@ from ..results import TargetReport, VerifyResult
 from . import engine
 from .engine import (
     ATOLS,
-    DTYPE_MAX,
     SCHEMA,
     TOLERANCES,
     _check_layout,

@@ -53,6 +53,7 @@ from typing import Any
 
 from .. import prompts
 from ..checkpoint import Checkpoint
+from ..dtypes import DTYPE_MAX
 from ..errors import DeviceError, ValidationError
 from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, json_float, to_torch, torch_dtype
 from ..progress import tracked
@@ -64,7 +65,6 @@ SCHEMA = "mpt-tools/verify/1"
 TOLERANCES: dict[str, float] = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 2e-2}
 # Absolute floor per element: 4x the smallest subnormal of the dtype (only matters for fp16).
 ATOLS: dict[str, float] = {"float32": 4 * 2.0**-149, "float16": 4 * 2.0**-24, "bfloat16": 4 * 2.0**-133}
-DTYPE_MAX: dict[str, float] = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 # Working set per chunk on the device: the prompts in the compute dtype plus the float64 reference
 # and error. The CPU default keeps the peak RSS well under 2x the file size of large sources.
 DEFAULT_CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
