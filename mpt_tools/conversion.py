@@ -1,14 +1,14 @@
 """``convert``: a .bin/.pt/.pth (read weights-only) or .safetensors source to safetensors, with
 canonical keys and an optional dtype cast, to one file or an adapter folder.
 
-The output is guarded before any work (:func:`mpt_tools.files.guard_output`), written atomically, and
-read back and compared: bitwise for a plain conversion, against the cast values for ``dtype`` (whose
-largest error is reported; a value beyond float16's range is refused, naming tensor and value).
+The output is guarded before any work (:func:`mpt_tools.files.guard_output`), written atomically,
+and read back from its staged copy (before anything is moved into place) and compared: bitwise for
+a plain conversion, against the cast values for ``dtype`` (whose largest error is reported; a value
+beyond float16's range is refused, naming tensor and value).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -146,10 +146,11 @@ def convert(
     (other keys are dropped, with a warning); ``dtype`` (float32, bfloat16, float16) casts every
     tensor. ``out`` ending in ``.safetensors`` is a file; anything else is a folder that receives
     ``adapter_model.safetensors`` plus, when the source has one, its adapter_config.json refreshed
-    (prompt_tuning_init RANDOM, null path, PEFT's fields filled in). After writing, the file is read
-    back and compared bitwise with what was meant to be written (a plain conversion is therefore
-    bitwise the source's values); for a cast the result reports the max cast error. A finite value
-    out of the target dtype's range is refused, naming the tensor and the value. The config loads
+    (prompt_tuning_init RANDOM, null path, PEFT's fields filled in). The staged file is read back,
+    before it is moved into place, and compared bitwise with what was meant to be written (a plain
+    conversion is therefore bitwise the source's values); for a cast the result reports the max cast
+    error. A finite value out of the target dtype's range is refused, naming the tensor and the
+    value. The config loads
     in every PEFT release mpt-tools knows, or in exactly ``peft_compat``
     (:func:`mpt_tools.writer.fit_for_peft`).
     """
@@ -203,29 +204,32 @@ def convert(
             "dtype": DTYPE_NAMES[tag] if tag else None,
         }
     )
+
+    def read_back(staged: Path) -> None:
+        """The staged weights, read back from disk and compared bitwise with what was meant to be
+        written, before they are moved into place (a failure replaces nothing)."""
+        back = open_safetensors(staged)
+        bad = [k for k in tensors if k not in back.infos or not _read_back_equal(back, k, tensors[k])]
+        if bad or set(back.infos) != set(tensors):
+            raise VerifyError(f"read-back differs from what was written for {bad or sorted(back.infos)}", str(out))
+
     written: list[str]
     config_written = False
     if as_file:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_path, safetensors_bytes(tensors, meta), replace=force)
+        atomic_write(out_path, safetensors_bytes(tensors, meta), replace=force, check=read_back)
         written = [str(out_path)]
-        weights_file = out_path
     elif fit is not None:
-        written = write_adapter(out_path, tensors, fit.config, meta, force=force, protected=protected)
-        weights_file = out_path / WEIGHTS_NAME
+        written = write_adapter(out_path, tensors, fit.config, meta, force=force, protected=protected, check=read_back)
         config_written = True
     else:
-        write_files(out_path, {WEIGHTS_NAME: safetensors_bytes(tensors, meta)}, force=force)
+        write_files(
+            out_path,
+            {WEIGHTS_NAME: safetensors_bytes(tensors, meta)},
+            force=force,
+            check=lambda staging: read_back(staging / WEIGHTS_NAME),
+        )
         written = [str(out_path / WEIGHTS_NAME)]
-        weights_file = out_path / WEIGHTS_NAME
-    # Read back what was written and compare bitwise with what was meant.
-    back = open_safetensors(weights_file)
-    bad = [k for k in tensors if k not in back.infos or not _read_back_equal(back, k, tensors[k])]
-    if bad or set(back.infos) != set(tensors):
-        for path in written:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise VerifyError(f"read-back differs from what was written for {bad or sorted(back.infos)}", str(out))
     notes = list(ckpt.notes)
     if not as_file and not config_written:
         notes.append("the source has no adapter_config.json: wrote the weights only")

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,18 +192,27 @@ def write_synced(tmp: str | os.PathLike[str], data: Payload) -> None:
         os.fsync(fh.fileno())
 
 
-def atomic_write(path: str | os.PathLike[str], data: Payload, *, replace: bool = True) -> None:
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: Payload,
+    *,
+    replace: bool = True,
+    check: Callable[[Path], None] | None = None,
+) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename.
 
     With ``replace=False`` the rename fails when ``path`` exists by then (another process wrote
-    it meanwhile): WriteError "already exists", and nothing is replaced. On any failure or signal
-    the temp file is removed and ``path`` is left as it was.
+    it meanwhile): WriteError "already exists", and nothing is replaced. ``check`` is called with
+    the temp file once it is synced, before the rename: what it raises stops the write. On any
+    failure or signal the temp file is removed and ``path`` is left as it was.
     """
     target = Path(path)
     tmp = os.path.join(target.parent, staging_name(target.name))  # named before it exists
     try:
         remove_stale_staging(target)
         write_synced(tmp, data)
+        if check is not None:
+            check(Path(tmp))
         with deferred():
             if replace:
                 os.replace(tmp, target)
@@ -433,13 +442,21 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
                 _rmtree(staging, ignore_errors=True)
 
 
-def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload], *, force: bool) -> None:
+def write_files(
+    out_dir: str | os.PathLike[str],
+    files: dict[str, Payload],
+    *,
+    force: bool,
+    check: Callable[[Path], None] | None = None,
+) -> None:
     """Write ``files`` (name to content) into ``out_dir`` as close to one atomic step as POSIX allows.
 
     Every file is written and fsynced in a :func:`staging_folder` first, then
     :func:`commit_staged` moves them into place: a new folder is either absent or complete, and in
     an existing one each file is always the old or the new one (they can disagree only between two
-    back-to-back renames). On a failure nothing is left behind and existing files are untouched.
+    back-to-back renames). ``check`` is called with the staging folder before anything is moved:
+    what it raises stops the write. On a failure nothing is left behind and existing files are
+    untouched.
     """
     out = Path(out_dir)
     try:
@@ -447,6 +464,8 @@ def write_files(out_dir: str | os.PathLike[str], files: dict[str, Payload], *, f
             for name, data in files.items():
                 write_synced(staging / name, data)
             _fsync_dir(staging)
+            if check is not None:
+                check(staging)
             commit_staged(staging, out, force=force)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
@@ -47,16 +49,19 @@ def write_adapter(
     *,
     force: bool = False,
     protected: list[str] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> list[str]:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir``.
 
     Written through :func:`write_files` (a new folder appears complete or not at all; in an existing
-    one each file is replaced atomically). Returns the written paths.
+    one each file is replaced atomically; ``check``: called with the staged weights file before
+    anything is moved into place). Returns the written paths.
     """
     out = guard_output(out_dir, force=force, protected=protected or [])
     blob = safetensors_parts(tensors, metadata)
     text = config_to_json(config)
-    write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text}, force=force)
+    staged_check = None if check is None else (lambda staging: check(staging / WEIGHTS_NAME))
+    write_files(out, {WEIGHTS_NAME: blob, CONFIG_NAME: text}, force=force, check=staged_check)
     return [str(out / WEIGHTS_NAME), str(out / CONFIG_NAME)]
 
 

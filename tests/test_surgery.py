@@ -475,6 +475,37 @@ def test_convert_refuses_into_the_source_folder(tmp_path: Path) -> None:
     assert not (copy / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "folder", "weights-only folder"])
+def test_convert_reads_back_before_replacing_anything(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back runs on the staged file, before it is moved into place: a mismatch replaces
+    nothing. (It used to run on the output after the rename and unlink it, so a concurrent --force
+    writer's finished output, or the old output of a --force run, was deleted.)"""
+    import mpt_tools.conversion as conversion
+    from mpt_tools.errors import VerifyError
+
+    src = FIXTURES / "causal"
+    if kind == "weights-only folder":
+        src = write_bare(tmp_path / "bare.safetensors", source_tensors(CAUSAL))
+    out = tmp_path / ("old.safetensors" if kind == "file" else "old")
+    convert(src, out, dtype="bfloat16")
+    before = {p: p.read_bytes() for p in ([out] if out.is_file() else sorted(out.iterdir()))}
+    seen: list[str] = []
+
+    def differs(back: object, name: str, meant: object, chunk_bytes: int = 0) -> bool:
+        seen.append(str(back.path))  # type: ignore[attr-defined]
+        return False
+
+    monkeypatch.setattr(conversion, "_read_back_equal", differs)
+    with pytest.raises(VerifyError, match="read-back differs"):
+        convert(src, out, force=True)
+    assert seen and all(".mpt-tools-" in path for path in seen)  # the staged file, not the output
+    assert {p: p.read_bytes() for p in before} == before  # the old output, bitwise
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".mpt-tools-" in p.name]
+    assert leftovers == []
+
+
 def test_convert_library_call_without_config(tmp_path: Path) -> None:
     src = write_bare(tmp_path / "bare.safetensors", source_tensors(CAUSAL))
     res = convert(src, tmp_path / "folder")
