@@ -43,7 +43,7 @@ from .checks import config_findings, prompt_findings, require_valid, tensor_find
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .dtypes import DTYPE_MAX, canonical_dtype
 from .errors import ConfigError, WriteError
-from .files import guard_output, replace_entries, staging_folder, write_synced
+from .files import guard_output, replace_entries, staging_folder, write_errors, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
 from .options import checked_indices, checked_positive
@@ -586,7 +586,7 @@ def export_prompts(
     d = ckpt.shapes["prompt_embeddings"][1]
     rows = _rows(layout)
     items: list[ExportedTask] = []
-    with staging_folder(target) as stage:
+    with write_errors(target), staging_folder(target) as stage:  # a full disk: one line, nothing left
         writer = _Writer(to, ckpt, stage, layout, opts, len(chosen))
         try:
             with progress(len(chosen), f"export --to {to}") as advance:

@@ -382,7 +382,15 @@ def guard_output(
     are source paths (files or folders) that must never be written.
     """
     out = Path(checked_path(path, "the output"))
-    resolved, folders = out.resolve(), source_folders(protected)
+    try:
+        resolved = out.resolve()
+    except (RuntimeError, OSError):  # RuntimeError (Python 3.11, 3.12) or ELOOP: a symlink loop
+        loop = "is or passes through a symbolic link that loops (or a chain of links too long to follow)"
+        raise WriteError(loop, str(out)) from None
+    blocker = _file_on_the_way(out)
+    if blocker is not None:
+        raise WriteError(f"cannot write: {blocker} is a file, not a folder", str(out))
+    folders = source_folders(protected)
     if kind == "file":
         if out.exists() and not out.is_file():
             raise WriteError("exists and is not a file", str(out))
@@ -404,6 +412,24 @@ def guard_output(
             if os.path.lexists(out / name):
                 raise WriteError(f"{name} already exists here; pass --force to overwrite it", str(out))
     return out
+
+
+@contextlib.contextmanager
+def write_errors(out: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError in the block (a full disk, a quota) as the one-line WriteError naming ``out``."""
+    try:
+        yield
+    except OSError as exc:
+        raise WriteError(f"cannot write: {exc.strerror or exc}", os.fspath(out)) from None
+
+
+def _file_on_the_way(out: Path) -> Path | None:
+    """The nearest existing folder above ``out`` that is not a folder (``plain/x`` where ``plain`` is
+    a file), or None: creating ``out``'s missing parents would fail there."""
+    for parent in out.parents:
+        if os.path.lexists(parent):
+            return None if parent.is_dir() else parent
+    return None
 
 
 def _fsync_dir(folder: str | os.PathLike[str]) -> None:

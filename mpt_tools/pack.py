@@ -38,6 +38,7 @@ from .checks import require_valid
 from .config import CONFIG_NAME, PEFT_TYPE, TASK_TYPES, WEIGHTS_NAMES, MptConfig, read_config, target_config
 from .dtypes import UNIT_ROUND_OFF
 from .errors import ConfigError, FormatError, MptToolsError, SourceError, ValidationError
+from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
 from .formats import (
@@ -529,6 +530,31 @@ class _Plan(NamedTuple):
     shape: _Shape | None
 
 
+FIT_COPIES = 4
+"""Float64 copies of the task factors the fit holds at once (current, previous, a trial point,
+work): what its memory check counts, with one task's normal equations ([R, R, max(T, d)])."""
+
+
+def _check_factor_size(tasks: int, fitted: int, rank: int, shape: Any) -> None:
+    """Refuse, before the fit, a rank whose factors cannot be written (more values than
+    :data:`MAX_TARGET_ELEMENTS`, as ``rerank`` refuses it) or fitted in memory."""
+    per_task = rank * (shape.rows + shape.cols)
+    if tasks * per_task > MAX_TARGET_ELEMENTS:
+        raise ValidationError(
+            f"num_ranks: {tasks} task(s) at rank {rank} would hold {tasks * per_task:,} factor values, more "
+            f"than {MAX_TARGET_ELEMENTS:,}: lower --num-ranks (rank {min(shape.rows, shape.cols)} fits any prompt)",
+            "pack",
+        )
+    need = (fitted * per_task * FIT_COPIES + rank * rank * max(shape.rows, shape.cols)) * 8
+    if need > memory_limit():
+        raise ValidationError(
+            f"num_ranks: fitting {fitted} task(s) at rank {rank} needs {need:,} bytes in float64, "
+            + more_than_memory()
+            + ": lower --num-ranks",
+            "pack",
+        )
+
+
 def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], opts: PackOptions) -> _Plan:
     located: list[tuple[str, str]] = []
     remote = sum(not os.path.lexists(os.fspath(p)) for p in prompts)
@@ -713,6 +739,7 @@ def pack_prompts(
             raise ValidationError(f"num_ranks is {rank}, not --num-ranks {opts.num_ranks}", append.location)
     else:
         rank = cast(int, opts.num_ranks)
+    _check_factor_size(kept + len(read), len(read), rank, shape)
     if plan.fixed is not None:
         _finite(plan.fixed, plan.shared_label)
     tags = _dtypes(opts, append)

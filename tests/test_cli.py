@@ -131,6 +131,64 @@ def test_never_writes_inside_a_source_folder(tmp_path: Path) -> None:
     assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
 
 
+FULL_DISK_COMMANDS = {
+    "init": ["init", "{fx}/causal", "--mode", "average", "--out", "{out}"],
+    "init --verify": ["init", "{fx}/causal", "--mode", "average", "--verify", "--out", "{out}"],
+    "tasks": ["tasks", "{fx}/causal", "--select", "1", "--out", "{out}"],
+    "rerank": ["rerank", "{fx}/causal", "--num-ranks", "1", "--out", "{out}"],
+    "convert": ["convert", "{fx}/causal", "--out", "{out}"],
+    "convert file": ["convert", "{fx}/causal", "--out", "{out}.safetensors"],
+    "export-prompt": ["export-prompt", "{fx}/causal", "--task", "0", "--out", "{out}"],
+    "export npy": ["export", "{fx}/causal", "--to", "npy", "--out", "{out}"],
+    "export tgis": ["export", "{fx}/causal", "--to", "tgis", "--out", "{out}"],
+    "compat": ["compat", "{fx}/causal", "--peft", "0.10.0", "--out", "{out}"],
+    "pack": ["pack", "--from", "{fx}/causal", "--num-ranks", "2", "--out", "{out}"],
+    "plot": ["inspect", "{fx}/causal", "--similarity", "--plot", "{out}.png"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_DISK_COMMANDS))
+def test_a_full_disk_is_one_line_for_every_writer(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every writing command on a full disk: one line naming the output, exit 1, nothing left (export
+    said "internal error (OSError: [Errno 28] ...)")."""
+    if name == "plot":
+        pytest.importorskip("matplotlib")
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "work" / "out"
+    (tmp_path / "work").mkdir()
+    argv = [a.replace("{fx}", str(FIXTURES)).replace("{out}", str(out)) for a in FULL_DISK_COMMANDS[name]]
+    result = run_cli(*argv)
+    assert result.exit_code == 1, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "No space left on device" in line and "internal error" not in line, line
+    assert line.startswith(f"error: {out}"), line
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", sorted(FULL_DISK_COMMANDS))
+def test_an_output_through_a_file_or_a_symlink_loop_is_one_line(name: str, tmp_path: Path) -> None:
+    """``--out plain/x`` where ``plain`` is a file, and an output that is (or passes through) a
+    symlink loop: one line naming the output, before any work (they were internal errors)."""
+    if name == "plot":
+        pytest.importorskip("matplotlib")
+    (tmp_path / "plain").write_text("a file")
+    (tmp_path / "loop").symlink_to("loop")
+    for out, needle in (
+        (tmp_path / "plain" / "x", "cannot write: " + str(tmp_path / "plain") + " is a file, not a folder"),
+        (tmp_path / "loop" / "x", "symbolic link that loops"),
+    ):
+        argv = [a.replace("{fx}", str(FIXTURES)).replace("{out}", str(out)) for a in FULL_DISK_COMMANDS[name]]
+        result = run_cli(*argv)
+        assert result.exit_code == 1, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and needle in line and line.startswith(f"error: {out}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "plain"]
+
+
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mpt_tools.files as files
 

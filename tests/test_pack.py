@@ -759,6 +759,21 @@ def test_float16_overflow_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "float16" in result.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("rank", "needle"),
+    [
+        (100_000_000, "would hold 6,000,000,000 factor values, more than 2,147,483,648"),
+        (10_000_000, "needs 12,800,019,200,000,000 bytes in float64, more than this machine's memory"),
+    ],
+)
+def test_a_rank_beyond_what_can_be_fitted_is_refused_before_the_fit(tmp_path: Path, rank: int, needle: str) -> None:
+    """A huge --num-ranks is one line before any allocation (it was an internal error from torch's
+    allocator, or a fit that never ends)."""
+    result = run_cli("pack", "--from", FIXTURES / "causal", "--num-ranks", rank, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and needle in result.stderr and "--num-ranks" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_library_takes_task_sources(tmp_path: Path) -> None:
     result = pack_prompts(
         [], tmp_path / "o", sources=[TaskSource(FIXTURES / "causal", [2, 0])], options=PackOptions(num_ranks=1)
