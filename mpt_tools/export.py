@@ -71,6 +71,8 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 """A name of an exported task (a file or folder name): no path, no leading dot."""
 TGIS_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
 """A TGIS prefix id part (TGIS takes ``[/\\w-]+``; the folder's name is the ``prefix_id``)."""
+TGIS_PREFIX_ID = re.compile(r"[/\w\-]+")
+"""The prefix ids TGIS accepts (``VALID_PREFIX_ID_PATTERN``, fullmatch)."""
 # The smallest float32 magnitude that is Inf after the cast (round to nearest even: the halfway
 # point between the largest finite value and the next power of two rounds up).
 CAST_LIMITS = {"float16": 65520.0, "bfloat16": 2.0**128 - 2.0**119}
@@ -495,6 +497,11 @@ def serve_lines(
             f"--prompt-adapters {name}={out}/{name}; request model={name!r}",
             f'TensorRT-LLM LLM API: PromptAdapterRequest("{name}", 1, "{out}/{name}")',
         ]
+    if fmt == "tgis" and not TGIS_PREFIX_ID.fullmatch(prefix):  # ids under the parent would be refused
+        return [
+            f"TGIS: PREFIX_STORE_PATH={os.path.abspath(out)} (and MAX_PROMPT_PREFIX_LENGTH >= {longest}); "
+            f"a request picks task {k} with prefix_id={name!r}",
+        ]
     if fmt == "tgis":
         return [
             f"TGIS: PREFIX_STORE_PATH={store} (and MAX_PROMPT_PREFIX_LENGTH >= {longest}); "
@@ -617,6 +624,13 @@ def export_prompts(
         replace_entries(stage, target, force=force)
     if to == "peft":
         warnings += writer.fit.warnings
+    prefix = os.path.basename(os.path.abspath(out))
+    if to == "tgis" and not TGIS_PREFIX_ID.fullmatch(prefix):
+        warnings.append(
+            f"the folder name {prefix!r} cannot be part of a TGIS prefix id (TGIS takes [/\\w-]+, so "
+            f"prefix_id={prefix + '/' + labels[0]!r} would be refused): serve the folder itself as "
+            f"PREFIX_STORE_PATH (prefix_id={labels[0]!r}), or name it without dots and spaces"
+        )
     written = [str(Path(out) / rel) for rel in writer.written] + [str(Path(out) / MANIFEST)]
     result: ExportResult = {
         "schema": "mpt-tools/export/1",

@@ -189,6 +189,19 @@ def test_chunks_change_no_byte_and_bound_the_reads(tmp_path: Path) -> None:
 # --- tgis (and caikit) ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["sources.v2", "my prompts"])
+def test_a_folder_name_tgis_cannot_take_in_a_prefix_id_is_a_warning(tmp_path: Path, name: str) -> None:
+    """TGIS fullmatches prefix ids against [/\\w-]+: under the parent, 'sources.v2/task_0' would be
+    refused at request time, so serve lines name the folder itself as the store, and a warning says why."""
+    out = tmp_path / "store" / name
+    res = export(CAUSAL, "--to", "tgis", "--out", out)
+    assert f"the folder name {name!r} cannot be part of a TGIS prefix id" in res.stderr
+    assert f"PREFIX_STORE_PATH={out}" in res.stdout and "prefix_id='task_0'" in res.stdout
+    assert f"{name}/task_0" not in res.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not any(f"{name}/task_0" in line for line in manifest["serve"])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_tgis_store_loads_as_tgis_loads_it(tmp_path: Path, dtype: str) -> None:
     out = tmp_path / "store" / "sources"
