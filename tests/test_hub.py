@@ -507,6 +507,35 @@ def test_hostile_provenance_cannot_reshape_the_card(hf_cache, adapter):
     assert "\n" not in data["commit_message"] and "`" not in data["commit_message"]
 
 
+@pytest.mark.parametrize(
+    ("operation", "argv"),
+    [
+        ("tasks", ["tasks", "{fx}/causal", "--select", "2,0", "--out", "{out}"]),
+        ("rerank", ["rerank", "{fx}/causal", "--num-ranks", "1", "--out", "{out}"]),
+        ("convert", ["convert", "{fx}/causal", "--dtype", "bfloat16", "--out", "{out}"]),
+        ("pack", ["pack", "--from", "{fx}/causal", "--num-ranks", "2", "--out", "{out}"]),
+    ],
+)
+def test_the_card_says_how_every_operation_made_the_adapter(hf_cache, tmp_path, operation, argv):
+    """Not only init's outputs: the card shows what every writer recorded (it said "Not recorded"
+    for a packed adapter), with local paths reduced to their last part."""
+    out = tmp_path / "made"
+    made = run_cli(*[a.replace("{fx}", str(FIXTURES)).replace("{out}", str(out)) for a in argv])
+    assert made.exit_code == 0, made.stderr
+    result = run_cli("push", out, "alice/made", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    card = json.loads(result.stdout)["card"]
+    assert f"(`mpt-tools {operation}`)" in card and "Not recorded" not in card
+    assert str(FIXTURES) not in card and str(tmp_path) not in card  # no local path is published
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    assert all(line.count("|") == 3 for line in rows), rows
+    if operation == "pack":
+        assert "| inputs | `causal#task0, causal#task1, causal#task2` |" in card
+        assert "| num ranks | `2` |" in card
+    else:
+        assert "| source | `a local source (causal)` |" in card
+
+
 def test_push_dry_run_without_any_server(hf_cache, adapter, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail
     result = run_cli("push", adapter, "alice/dry", "--dry-run")

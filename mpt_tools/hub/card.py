@@ -37,6 +37,21 @@ def _safe_source(value: str) -> str:
     return f"a local source ({os.path.basename(value.rstrip('/')) or value})"  # a file or a folder: not said
 
 
+def _safe_inputs(value: str) -> str:
+    """A recorded list of inputs (``pack``'s, comma-separated) for the card: Hub URLs as they are,
+    local paths reduced to their last part (``/home/me/qa#task0`` -> ``qa#task0``)."""
+    items = []
+    for item in value.split(","):
+        if not item.startswith("hf://") and ("/" in item or os.sep in item):
+            item = os.path.basename(item.rstrip("/" + os.sep)) or item
+        items.append(item)
+    return ", ".join(items)
+
+
+_PATH_FIELDS = {"source": _safe_source, "append_to": _safe_source, "inputs": _safe_inputs, "shared": _safe_inputs}
+"""Recorded fields that may hold local paths, with how the card shows them (never a local path)."""
+
+
 def model_card(
     repo_id: str,
     config: dict[str, Any],
@@ -96,6 +111,19 @@ def model_card(
             ("target tasks", prov.get("target_tasks")),
         ]
         lines += [f"| {k} | `{_plain(v)}` |" for k, v in rows if v is not None]
+    elif "operation" in prov:  # tasks, rerank, convert, export-prompt, compat, pack: what each recorded
+        lines += [
+            f"Made with mpt-tools {_plain(prov.get('version', ''), 40)} "
+            f"(`mpt-tools {_plain(prov['operation'], 40)}`).",
+            "",
+            "| field | value |",
+            "| --- | --- |",
+        ]
+        for key, value in prov.items():
+            if key in ("version", "operation"):
+                continue
+            shown = _PATH_FIELDS[key](value) if key in _PATH_FIELDS else value
+            lines.append(f"| {_plain(key.replace('_', ' '), 60)} | `{_plain(shown)}` |")
     else:
         lines.append("Not recorded: the weights carry no mpt-tools provenance metadata.")
         lines += ["", "| field | value |", "| --- | --- |"]
