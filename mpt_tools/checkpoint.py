@@ -77,13 +77,21 @@ class Checkpoint:
         """How the source is named: its Hub URL at the resolved commit, or the location as given."""
         return self.hub["url"] if self.hub else self.location
 
+    @property
+    def weights_name(self) -> str:
+        """The weights file as a path from :attr:`where`: its name, or ``sub/adapter_model.safetensors``
+        for a local folder's named adapter (``--subfolder sub``), so the two lead back to the file."""
+        if self.hub is None and os.path.isdir(self.location):
+            return os.path.relpath(self.weights_path, self.location)
+        return os.path.basename(self.weights_path)
+
     def provenance(self) -> dict[str, Any]:
         """Where an output came from, for its ``mpt_tools.*`` metadata: the source (its Hub URL at
         the resolved commit, or the location as given), weights file name, sha256, dtype, revision."""
         info = self.info("prompt_embeddings")
         return {
             "source": self.where,
-            "source_file": os.path.basename(self.weights_path),
+            "source_file": self.weights_name,
             "source_sha256": self.sha256(),
             "source_dtype": DTYPE_NAMES.get(info.dtype, info.dtype) if info else None,
             "source_revision": self.hub.get("commit") if self.hub else None,

@@ -226,7 +226,7 @@ def _names_findings(fmt: str, tasks: list[int], names: list[str], n: int) -> lis
             )
         )
     rule, what = (TGIS_NAME, "letters, digits, _ and -") if fmt == "tgis" else (NAME, "letters, digits, _, . and -")
-    wrong = [x for x in names if not rule.fullmatch(x) or x in (MANIFEST.split(".")[0], "prompt_table")]
+    wrong = [x for x in names if not rule.fullmatch(x) or x.casefold() in (MANIFEST.split(".")[0], "prompt_table")]
     if wrong:
         out.append(
             _usage(
@@ -236,9 +236,10 @@ def _names_findings(fmt: str, tasks: list[int], names: list[str], n: int) -> lis
                 "rename them",
             )
         )
-    if len(set(names)) != len(names):
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        out.append(_usage("names", "names must be distinct", repeated[:5], "rename the repeats"))
+    folded = [name.casefold() for name in names]  # QA and qa are one file on macOS and Windows
+    if len(set(folded)) != len(folded):
+        repeated = sorted({name for name, key in zip(names, folded, strict=True) if folded.count(key) > 1})
+        out.append(_usage("names", "names must be distinct, ignoring case", repeated[:5], "rename the repeats"))
     return out
 
 
@@ -702,7 +703,7 @@ def _manifest(
         "schema": "mpt-tools/export-manifest/1",
         "format": fmt,
         "source": ckpt.where,
-        "source_file": os.path.basename(ckpt.weights_path),
+        "source_file": ckpt.weights_name,
         "source_sha256": ckpt.sha256(),
         "base_model": ckpt.config.raw.get("base_model_name_or_path"),
         "task_type": ckpt.config.task_type,

@@ -207,7 +207,7 @@ def test_a_refusal_names_its_other_problems_without_python_words(tmp_path: Path)
     assert seq2seq.exit_code == 1 and "encoder.pt" in seq2seq.stderr and "also" in seq2seq.stderr
     assert "decoder.pt" in seq2seq.stderr, seq2seq.stderr
     names = run_cli("export", CAUSAL, "--to", "npy", "--names", "qa,qa,nli", "--out", tmp_path / "y")
-    assert "names must be distinct (found ['qa'])" in names.stderr, names.stderr
+    assert "names must be distinct, ignoring case (found ['qa'])" in names.stderr, names.stderr
     assert files_under(tmp_path) == []
 
 

@@ -13,6 +13,7 @@ own rules, with real PEFT as the oracle of each task's prompt.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -187,6 +188,18 @@ def test_chunks_change_no_byte_and_bound_the_reads(tmp_path: Path) -> None:
 
 
 # --- tgis (and caikit) ----------------------------------------------------------------------------
+
+
+def test_the_manifest_leads_back_to_a_named_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``source`` joined with ``source_file`` is the weights file read, for a named adapter in a
+    subfolder too (the subfolder was dropped: ``A`` + ``adapter_model.safetensors``)."""
+    shutil.copytree(CAUSAL, tmp_path / "A" / "my adapter")
+    monkeypatch.chdir(tmp_path)
+    export("A", "--subfolder", "my adapter", "--to", "npy", "--out", "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    weights = Path(manifest["source"]) / manifest["source_file"]
+    assert weights.is_file() and manifest["source_file"] == "my adapter/adapter_model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == manifest["source_sha256"]
 
 
 @pytest.mark.parametrize("name", ["sources.v2", "my prompts"])
@@ -473,6 +486,8 @@ def test_force_without_an_atomic_swap(tmp_path: Path, monkeypatch: pytest.Monkey
         (["--tasks", "0,1", "--names", "a"], "one name per exported task"),
         (["--names", "a,b,../c"], "a name must be"),
         (["--names", "a,a,b"], "names must be distinct"),
+        (["--names", "QA,qa,b"], "names must be distinct, ignoring case (found ['QA', 'qa'])"),
+        (["--names", "a,Manifest,b"], "a name must be"),
         (["--caikit"], "applies to --to tgis"),
         (["--peft-compat", "0.13.2"], "applies to --to peft"),
         (["--encoder-only"], "applies to seq2seq"),

@@ -113,8 +113,7 @@ def model_card(
         lines += [f"| {k} | `{_plain(v)}` |" for k, v in rows if v is not None]
     elif "operation" in prov:  # tasks, rerank, convert, export-prompt, compat, pack: what each recorded
         lines += [
-            f"Made with mpt-tools {_plain(prov.get('version', ''), 40)} "
-            f"(`mpt-tools {_plain(prov['operation'], 40)}`).",
+            f"Made with mpt-tools {_plain(prov.get('version', ''), 40)} (`mpt-tools {_plain(prov['operation'], 40)}`).",
             "",
             "| field | value |",
             "| --- | --- |",
