@@ -42,11 +42,12 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import config_findings, prompt_findings, require_valid, tensor_findings, value_findings
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .dtypes import DTYPE_MAX, canonical_dtype
-from .errors import ConfigError, WriteError
+from .errors import ConfigError, MptToolsError, WriteError
 from .files import guard_output, replace_entries, staging_folder, write_errors, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
 from .options import checked_indices, checked_positive
+from .paths import read_small
 from .progress import progress
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
 from .surgery import prompt_tuning_config, seq2seq_decoder_finding
@@ -619,7 +620,13 @@ def export_prompts(
             notes.append(fit_note(writer.fit))
         if to == "npy" and layout.seq2seq and not opts.encoder_only and (ckpt.config.num_transformer_submodules == 2):
             notes.append("seq2seq: rows 0:nvt of each file are the encoder prompt, rows nvt:2nvt the decoder prompt")
-        manifest = _manifest(to, ckpt, items, rows, d, layout, opts, serve)
+        manifest, unlisted = _manifest(to, ckpt, items, rows, d, layout, opts, serve, target)
+        if unlisted:
+            shown = ", ".join(unlisted[:5]) + (f" (+{len(unlisted) - 5} more)" if len(unlisted) > 5 else "")
+            warnings.append(
+                f"{len(unlisted)} task(s) of an earlier export stay in {out} but not in its manifest (another "
+                f"source, format or dtype): {shown}; export into an empty folder to have only this one"
+            )
         write_synced(stage / MANIFEST, manifest)
         _fsync_tree(stage)
         replace_entries(stage, target, force=force)
@@ -695,11 +702,13 @@ def _manifest(
     layout: _Layout,
     opts: ExportOptions,
     serve: list[str],
-) -> str:
-    """``manifest.json``: where it came from, what each task became and how to serve it."""
+    target: Path,
+) -> tuple[str, list[str]]:
+    """``manifest.json``: where it came from, what each task became and how to serve it; and the
+    names of an earlier export's tasks left in ``target`` that it cannot list (see :func:`_earlier`)."""
     import json
 
-    data = {
+    data: dict[str, Any] = {
         "schema": "mpt-tools/export-manifest/1",
         "format": fmt,
         "source": ckpt.where,
@@ -721,4 +730,49 @@ def _manifest(
         "serve": serve,
         "mpt_tools_version": __version__,
     }
-    return json.dumps(data, indent=2) + "\n"
+    kept, unlisted = _earlier(target, data)
+    data["tasks"] = kept + data["tasks"]
+    return json.dumps(data, indent=2) + "\n", unlisted
+
+
+MANIFEST_BYTES = 64 << 20
+"""The largest earlier manifest.json read back (a 1000-task manifest is about 200 kB)."""
+_SAME_EXPORT = ("schema", "format", "source_sha256", "dtype", "file_dtype", "T", "d", "encoder_only")
+
+
+def _earlier(target: Path, data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The tasks of an earlier export into ``target`` (its manifest.json) that this one leaves in
+    place: kept in the new manifest when that export is of the same source, format and dtype (and
+    their files are all there); otherwise their names, for a warning. Nothing for a table
+    (``trtllm``: rewritten whole) or an earlier manifest that cannot be read."""
+    import json
+
+    path = target / MANIFEST
+    if data["format"] == "trtllm" or not os.path.isfile(path):
+        return [], []
+    try:
+        raw = read_small(path, MANIFEST_BYTES, WriteError)
+        old = json.loads(raw) if raw is not None else None
+    except (MptToolsError, ValueError, RecursionError):
+        return [], []
+    if not isinstance(old, dict) or not isinstance(old.get("tasks"), list):
+        return [], []
+    new_names = {t["name"] for t in data["tasks"]}
+    left: list[dict[str, Any]] = []
+    for task in old["tasks"]:
+        if not isinstance(task, dict) or not isinstance(task.get("name"), str) or task["name"] in new_names:
+            continue
+        files = task.get("files")
+        if not isinstance(files, list) or not all(isinstance(f, str) and _inside(target, f) for f in files):
+            continue
+        if files and all(os.path.lexists(target / f) for f in files):
+            left.append(task)
+    if all(old.get(key) == data.get(key) for key in _SAME_EXPORT):
+        return left, []
+    return [], [task["name"] for task in left]
+
+
+def _inside(target: Path, relative: str) -> bool:
+    """Whether ``relative`` (from a manifest, so possibly hostile) names a path inside ``target``."""
+    parts = Path(relative).parts
+    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts

@@ -190,6 +190,33 @@ def test_chunks_change_no_byte_and_bound_the_reads(tmp_path: Path) -> None:
 # --- tgis (and caikit) ----------------------------------------------------------------------------
 
 
+def test_a_forced_partial_export_keeps_the_manifest_true_to_the_folder(tmp_path: Path) -> None:
+    """``--force --tasks 0`` into an earlier export of the same source, format and dtype: the manifest
+    lists the tasks left in place too; of another dtype it lists only its own and a warning names
+    the rest; a table (trtllm) is rewritten whole."""
+    out = tmp_path / "store"
+    export(CAUSAL, "--to", "tgis", "--out", out)
+    export(CAUSAL, "--to", "tgis", "--tasks", "0", "--out", out, "--force")
+    listed = json.loads((out / "manifest.json").read_text())["tasks"]
+    assert sorted(t["name"] for t in listed) == ["task_0", "task_1", "task_2"]
+    assert all((out / f).is_file() for t in listed for f in t["files"])
+    res = export(CAUSAL, "--to", "tgis", "--tasks", "1", "--dtype", "float16", "--out", out, "--force")
+    assert [t["name"] for t in json.loads((out / "manifest.json").read_text())["tasks"]] == ["task_1"]
+    assert "2 task(s) of an earlier export stay in" in res.stderr and "task_0" in res.stderr
+    table = tmp_path / "table"
+    export(CAUSAL, "--to", "trtllm", "--out", table)
+    export(CAUSAL, "--to", "trtllm", "--tasks", "2", "--out", table, "--force")
+    assert [t["task"] for t in json.loads((table / "manifest.json").read_text())["tasks"]] == [2]
+    hostile = tmp_path / "hostile"  # an earlier manifest naming files outside the folder is not trusted
+    export(CAUSAL, "--to", "npy", "--out", hostile)
+    data = json.loads((hostile / "manifest.json").read_text())
+    data["tasks"][1]["files"] = ["../../etc/passwd"]
+    (hostile / "manifest.json").write_text(json.dumps(data))
+    export(CAUSAL, "--to", "npy", "--tasks", "0", "--out", hostile, "--force")
+    names = [t["name"] for t in json.loads((hostile / "manifest.json").read_text())["tasks"]]
+    assert sorted(names) == ["task_0", "task_2"]
+
+
 def test_the_manifest_leads_back_to_a_named_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``source`` joined with ``source_file`` is the weights file read, for a named adapter in a
     subfolder too (the subfolder was dropped: ``A`` + ``adapter_model.safetensors``)."""
