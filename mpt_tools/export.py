@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # types only: importing them costs start-up time
 FORMATS = ("peft", "tgis", "vllm", "trtllm", "npy")
 """The export formats, in the order ``--help`` lists them."""
 MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "mpt-tools/export-manifest/1"
 TABLE = "prompt_table.npy"
 CAIKIT_CONFIG = "config.yml"
 CAIKIT_MODULE = {  # caikit-nlp's PeftPromptTuning module (caikit_nlp/modules/text_generation/peft_prompt_tuning.py)
@@ -709,7 +710,7 @@ def _manifest(
     import json
 
     data: dict[str, Any] = {
-        "schema": "mpt-tools/export-manifest/1",
+        "schema": MANIFEST_SCHEMA,
         "format": fmt,
         "source": ckpt.where,
         "source_file": ckpt.weights_name,

@@ -46,6 +46,7 @@ from .formats import (
     DTYPE_CHOICES,
     DTYPE_NAMES,
     FLOAT_DTYPES,
+    PROMPT_SUFFIXES,
     Raw,
     canonical_dtype,
     from_torch,
@@ -59,6 +60,7 @@ from .formats import (
     to_torch,
 )
 from .options import HubOptions, SourceSpec, checked_indices, checked_path, checked_positive
+from .paths import read_small
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .version import __version__
@@ -528,6 +530,53 @@ class _Plan(NamedTuple):
     checkpoints: list[tuple[Checkpoint, list[int]]]
     protected: list[str]
     shape: _Shape | None
+    stated: dict[str, str]  # per prompt path: the task_type its export's manifest.json records
+
+
+def _exported(folder: str) -> tuple[list[str], str | None] | None:
+    """The prompts of an ``mpt-tools export`` folder (its manifest.json, in the order of the source's
+    tasks) and the task_type it records; None where ``folder`` is not one (no manifest, or a prompt
+    folder itself)."""
+    import json
+
+    from .export import MANIFEST, MANIFEST_BYTES, MANIFEST_SCHEMA
+
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(folder) or not os.path.isfile(path) or os.path.lexists(os.path.join(folder, CONFIG_NAME)):
+        return None
+    try:
+        raw = read_small(path, MANIFEST_BYTES, SourceError)
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
+        raise SourceError(f"{MANIFEST} is not an mpt-tools export manifest ({MANIFEST_SCHEMA})", path)
+    if not isinstance(data.get("tasks"), list):
+        raise SourceError(f"{MANIFEST} is not an mpt-tools export manifest ({MANIFEST_SCHEMA})", path)
+    if data.get("format") == "trtllm":
+        raise SourceError(
+            "a TensorRT-LLM prompt table (one file of every task): pack reads one prompt per input; "
+            "export --to npy gives one file per task",
+            folder,
+        )
+    prompts: list[tuple[int, int, str]] = []
+    for position, task in enumerate(data["tasks"]):
+        files = task.get("files") if isinstance(task, dict) else None
+        index = task.get("task") if isinstance(task, dict) else None
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise SourceError(f"task entry {position} names no files", path)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise SourceError(f"task entry {position} has no task index", path)
+        parts = Path(files[0]).parts
+        if Path(files[0]).is_absolute() or ".." in parts or not parts:
+            raise SourceError(f"task entry {position} names a file outside the folder: {files[0]!r}", path)
+        if len(parts) > 1:  # a folder per task (peft, tgis)
+            prompts.append((index, position, os.path.join(folder, parts[0])))
+        else:  # a file per task (npy; vllm: the .pt, not its base64)
+            tensor = next((f for f in files if Path(f).suffix in PROMPT_SUFFIXES), files[0])
+            prompts.append((index, position, os.path.join(folder, tensor)))
+    task_type = data.get("task_type") if isinstance(data.get("task_type"), str) else None
+    return [p for _k, _i, p in sorted(prompts)], task_type
 
 
 FIT_COPIES = 4
@@ -556,6 +605,19 @@ def _check_factor_size(tasks: int, fitted: int, rank: int, shape: Any) -> None:
 
 
 def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], opts: PackOptions) -> _Plan:
+    stated: dict[str, str] = {}
+    expanded: list[str | os.PathLike[str]] = []
+    folders: list[str] = []
+    for given in prompts:  # an export folder: its tasks' prompts, in the source's task order
+        exported = _exported(checked_path(given, "a prompt"))
+        if exported is None:
+            expanded.append(given)
+            continue
+        folders.append(os.fspath(given))
+        expanded += exported[0]
+        if exported[1] is not None:
+            stated.update(dict.fromkeys(exported[0], exported[1]))
+    prompts = expanded
     located: list[tuple[str, str]] = []
     remote = sum(not os.path.lexists(os.fspath(p)) for p in prompts)
     with progress(remote, "download", unit="prompt") as advance:  # a bar where 2 or more are Hub repos
@@ -563,7 +625,7 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
             located.append(locate_prompt(path, opts.hub))
             if located[-1][0] != located[-1][1]:
                 advance(1)
-    protected = [local for local, _label in located]
+    protected = [local for local, _label in located] + folders  # nothing written into an export folder
     append = _load_mpt(opts.append_to, opts.hub) if opts.append_to is not None else None
     fixed: np.ndarray | None = None
     shared_label = "fitted"
@@ -592,7 +654,7 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
         ckpt = _load_mpt(source.source, opts.hub, tasks)
         protected += ckpt.source_paths
         checkpoints.append((ckpt, tasks if tasks is not None else list(range(ckpt.shapes["prefix_task_cols"][0]))))
-    return _Plan(located, append, fixed, shared_label, checkpoints, protected, shape)
+    return _Plan(located, append, fixed, shared_label, checkpoints, protected, shape, stated)
 
 
 def _read_all(plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
@@ -621,6 +683,8 @@ def _read_all(plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
     items: list[_Prompt] = []
     for i, (local, label) in enumerate(plan.located):
         item = _read_at(local, label)
+        if item.task_type is None and local in plan.stated:  # a bare tensor of an export: its manifest says
+            item = item._replace(task_type=plan.stated[local])
         assert item.array is not None
         shape = _check_shape(shape, item.array.shape, item.label)
         tensor(item.label)[i] = torch.from_numpy(np.array(item.array, dtype=np.float64)).to(dev)

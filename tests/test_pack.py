@@ -759,6 +759,57 @@ def test_float16_overflow_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "float16" in result.stderr and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("fmt", ["npy", "tgis", "vllm", "peft"])
+def test_an_export_folder_packs_its_tasks_in_task_order(tmp_path: Path, fmt: str) -> None:
+    """``pack DIR`` of an ``mpt-tools export`` folder reads its manifest.json: every task, in the
+    source's task order (a shell glob puts task_10 before task_2), the task type it records (bare
+    tensors state none), and the same bytes as packing the source's tasks with --from."""
+    import json
+
+    from conftest import write_random_source
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random_source(src / "adapter_model.safetensors", 12, 4, 2, 16, seed=3)
+    config = json.loads((FIXTURES / "causal" / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "num_tasks": 12}))
+    exported = tmp_path / "exported"
+    assert run_cli("export", src, "--to", fmt, "--out", exported).exit_code == 0
+    result = run_cli("pack", exported, "--num-ranks", "2", "--out", tmp_path / "packed", "--json")
+    assert result.exit_code == 0, result.stderr
+    inputs = [t["input"] for t in json.loads(result.stdout)["tasks"]]
+    assert [Path(i).name.split(".")[0] for i in inputs] == [f"task_{k}" for k in range(12)]
+    direct = run_cli("pack", "--from", src, "--num-ranks", "2", "--out", tmp_path / "direct")
+    assert direct.exit_code == 0, direct.stderr
+    ours = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "direct" / "adapter_model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    inside = run_cli("pack", exported, "--num-ranks", "2", "--out", exported / "packed")
+    assert inside.exit_code == 1 and "never writes into a source" in inside.stderr
+
+
+def test_an_export_folder_that_cannot_be_packed_is_one_line(tmp_path: Path) -> None:
+    table = tmp_path / "table"
+    assert run_cli("export", FIXTURES / "causal", "--to", "trtllm", "--out", table).exit_code == 0
+    result = run_cli("pack", table, "--num-ranks", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "a TensorRT-LLM prompt table" in result.stderr
+    hostile = tmp_path / "npy"
+    assert run_cli("export", FIXTURES / "causal", "--to", "npy", "--out", hostile).exit_code == 0
+    manifest = hostile / "manifest.json"
+    for bad, needle in (
+        ('{"schema": "other"}', "is not an mpt-tools export manifest"),
+        ("[1, 2", "is not an mpt-tools export manifest"),
+        ('{"schema": "mpt-tools/export-manifest/1", "tasks": [{"task": 0, "files": ["../x.npy"]}]}', "outside"),
+        ('{"schema": "mpt-tools/export-manifest/1", "tasks": [{"task": "0", "files": ["a.npy"]}]}', "task index"),
+    ):
+        manifest.write_text(bad)
+        result = run_cli("pack", hostile, "--num-ranks", "1", "--out", tmp_path / "o")
+        assert result.exit_code == 1 and needle in result.stderr, (bad, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("rank", "needle"),
     [

@@ -729,7 +729,8 @@ def pack_cmd(
 
     PROMPTS are PEFT prompt-tuning adapters (folders, or Hub repos: org/name or
     hf://org/name@rev/sub), TGIS prefix folders (decoder.pt, + encoder.pt for encoder-decoder
-    models) or [T, d] tensor files (.npy, .pt, .safetensors); --from adds the tasks of MPT
+    models), [T, d] tensor files (.npy, .pt, .safetensors) or `mpt-tools export` folders (every task
+    in its manifest.json, in task order); --from adds the tasks of MPT
     adapters. The Hub flags apply to every Hub input. Task i of the adapter is the i-th prompt, then the --from tasks.
     Alternating least squares from the baseline (P* = the mean prompt, factors from a truncated
     SVD of P_k / P*) or, where its objective is lower, from P* recovered by linear algebra
