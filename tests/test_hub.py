@@ -570,6 +570,60 @@ def test_push_refuses_an_invalid_adapter(hub, adapter, tmp_path):
     assert hub.requests == []
 
 
+def test_push_a_baked_task_and_load_it_back_with_peft(hub, tmp_path):
+    """A prompt-tuning folder that export wrote (one task's baked prompt) is pushed with its own card,
+    and PEFT loads the pushed files with bitwise the MPT adapter's prompt of that task."""
+    baked = tmp_path / "baked"
+    assert run_cli("export", FIXTURES / "causal", "--to", "peft", "--out", baked).exit_code == 0
+    result = run_cli("push", baked / "task_2", "alice/task2", "--token", TOKEN, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["commit_message"].startswith("Upload prompt-tuning adapter with mpt-tools")
+    files = hub.files("alice/task2")
+    assert files[WEIGHTS] == (baked / "task_2" / WEIGHTS).read_bytes()
+    card = files["README.md"].decode()
+    assert "- prompt-tuning" in _front_matter(card).splitlines() and "multitask" not in _front_matter(card)
+    assert "A prompt-tuning adapter for [PEFT]" in card and "task_ids=" not in card
+    assert "(`mpt-tools export`)" in card and "| task | `2` |" in card and str(FIXTURES) not in card
+    local = tmp_path / "pulled"  # the repo's files as the Hub serves them
+    local.mkdir()
+    for name, data in files.items():
+        (local / name).write_bytes(data)
+    import torch
+    from peft import PeftModel
+    from peft_oracle import tiny_model  # (sets HF_HUB_OFFLINE: imported once the Hub is done with)
+
+    model = PeftModel.from_pretrained(tiny_model("CAUSAL_LM"), local)
+    pushed = model.get_prompt(batch_size=1)[0]
+    mpt = PeftModel.from_pretrained(tiny_model("CAUSAL_LM"), str(FIXTURES / "causal"))
+    assert torch.equal(pushed, mpt.get_prompt(batch_size=1, task_ids=torch.tensor([2]))[0])
+
+
+def test_push_refuses_a_prompt_tuning_folder_peft_cannot_load(hub, tmp_path):
+    import numpy as np
+
+    from mpt_tools.formats import from_numpy, safetensors_bytes
+
+    baked = tmp_path / "baked"
+    assert run_cli("export-prompt", FIXTURES / "causal", "--task", "0", "--out", baked).exit_code == 0
+    good = (baked / WEIGHTS).read_bytes()
+    cases = {
+        "shape": ({"prompt_embeddings": np.zeros((5, 16), np.float32)}, "prompt_embeddings is [5, 16], but"),
+        "nan": ({"prompt_embeddings": np.full((4, 16), np.nan, np.float32)}, "NaN or Inf"),
+        "two": (
+            {"prompt_embeddings": np.zeros((4, 16), np.float32), "x": np.zeros(1, np.float32)},
+            "holds one tensor, prompt_embeddings",
+        ),
+    }
+    for tensors, needle in cases.values():
+        raw = {k: from_numpy(v) for k, v in tensors.items()}
+        (baked / WEIGHTS).write_bytes(safetensors_bytes(raw, {"format": "pt"}))
+        assert_one_error_line(run_cli("push", baked, "alice/bad", "--token", TOKEN), "refusing to push", needle)
+    (baked / WEIGHTS).write_bytes(good[:100])  # truncated: the hardened reader's one line
+    assert_one_error_line(run_cli("push", baked, "alice/bad", "--token", TOKEN), WEIGHTS)
+    assert hub.requests == []
+
+
 # --------------------------------------------------------------------------- round trip and secrecy
 
 

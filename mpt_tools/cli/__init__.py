@@ -1059,7 +1059,8 @@ def push(
 ) -> None:
     """Push the adapter in DIR to the Hub repo REPO_ID in one commit.
 
-    DIR is validated first. Uploads adapter_model.safetensors, adapter_config.json and a generated
+    DIR is an MPT adapter (what init wrote), or one task's prompt-tuning folder (export --to peft,
+    export-prompt). DIR is validated first. Uploads adapter_model.safetensors, adapter_config.json and a generated
     model card (README.md: base model, tags, how the adapter was made and how to load it); creates
     the repo and branch when missing. Prints the commit URL (or the pull request URL).
     """

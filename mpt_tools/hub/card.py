@@ -15,6 +15,7 @@ CARD_NAME = "README.md"
 
 
 CARD_TAGS = ("peft", "multitask-prompt-tuning", "mpt-tools")
+PROMPT_TUNING_TAGS = ("peft", "prompt-tuning", "mpt-tools")
 
 
 def _card_value(value: str) -> str:
@@ -72,22 +73,26 @@ def model_card(
     lines.append("tags:")
     if base_id:
         lines.append(f"- {_card_value('base_model:adapter:' + base_id)}")
-    lines += [f"- {t}" for t in CARD_TAGS]
+    prompt_tuning = config.get("peft_type") == "PROMPT_TUNING"  # one task baked from an MPT adapter
+    lines += [f"- {t}" for t in (PROMPT_TUNING_TAGS if prompt_tuning else CARD_TAGS)]
     lines += ["---", ""]
     name = repo_id.split("/")[-1]
-    n_tasks = config.get("num_tasks")
-    lines += [
-        f"# {name}",
-        "",
-        "A [Multitask Prompt Tuning](https://arxiv.org/abs/2303.02861) (MPT) adapter for "
-        "[PEFT](https://github.com/huggingface/peft)"
-        + (f" on [{base_id}](https://huggingface.co/{base_id})" if base_id else "")
-        + f": {n_tasks} task(s), {config.get('num_virtual_tokens')} virtual tokens, "
-        f"token_dim {config.get('token_dim')}, rank {config.get('num_ranks')}, task_type {config.get('task_type')}.",
-        "",
-        "## How it was made",
-        "",
-    ]
+    on = f" on [{base_id}](https://huggingface.co/{base_id})" if base_id else ""
+    tokens, dim = _plain(config.get("num_virtual_tokens"), 20), _plain(config.get("token_dim"), 20)
+    sizes = f"{tokens} virtual tokens, token_dim {dim}"
+    if prompt_tuning:
+        summary = (
+            f"A prompt-tuning adapter for [PEFT](https://github.com/huggingface/peft){on}: {sizes}, "
+            f"task_type {_plain(config.get('task_type'), 40)}; one task's prompt, baked from a "
+            "[Multitask Prompt Tuning](https://arxiv.org/abs/2303.02861) adapter."
+        )
+    else:
+        summary = (
+            "A [Multitask Prompt Tuning](https://arxiv.org/abs/2303.02861) (MPT) adapter for "
+            f"[PEFT](https://github.com/huggingface/peft){on}: {_plain(config.get('num_tasks'), 20)} task(s), "
+            f"{sizes}, rank {_plain(config.get('num_ranks'), 20)}, task_type {_plain(config.get('task_type'), 40)}."
+        )
+    lines += [f"# {name}", "", summary, "", "## How it was made", ""]
     prov = {k[len("mpt_tools.") :]: v for k, v in metadata.items() if k.startswith("mpt_tools.")}
     if "mode" in prov:
         lines += [
@@ -142,8 +147,14 @@ def model_card(
         "",
         f'base = {auto}.from_pretrained("{base_id or "BASE_MODEL"}")',
         f'model = PeftModel.from_pretrained(base, "{repo_id}"{rev_arg})',
-        "# MPT needs the task of each example:",
-        "# outputs = model(**batch, task_ids=torch.zeros(batch_size, dtype=torch.long))",
+        *(
+            ["# one task's prompt: no task_ids"]
+            if prompt_tuning
+            else [
+                "# MPT needs the task of each example:",
+                "# outputs = model(**batch, task_ids=torch.zeros(batch_size, dtype=torch.long))",
+            ]
+        ),
         "```",
         "",
         "To continue training, build the PEFT model from `adapter_config.json` and load these weights with "

@@ -12,6 +12,7 @@ from ..checkpoint import load_source
 from ..checks import require_valid
 from ..config import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import HubError, MptToolsError
+from ..formats import open_safetensors
 from ..results import PushedFile, PushResult
 from ..version import __version__
 from .card import CARD_NAME, _plain, model_card
@@ -55,6 +56,43 @@ def _push_error(exc: BaseException, *, where: str, token: str | None, revision: 
     return HubError(scrub(msg, tokens), where)
 
 
+PROMPT_TUNING = "PROMPT_TUNING"
+
+
+def _check_prompt_tuning(weights: Path, config: dict[str, Any]) -> None:
+    """A PEFT prompt-tuning folder (what ``export --to peft`` and ``export-prompt`` write) that PEFT
+    loads: one float ``prompt_embeddings`` [num_virtual_tokens x num_transformer_submodules,
+    token_dim], every value finite; ValidationError (one line, "refusing to push") otherwise."""
+    import numpy as np
+
+    from ..errors import ValidationError
+    from ..formats import DTYPE_NAMES, open_safetensors, to_float32
+
+    def refuse(problem: str) -> ValidationError:
+        return ValidationError(f"refusing to push: {problem}", str(weights))
+
+    tfile = open_safetensors(weights)
+    names = list(tfile.infos)
+    if len(names) != 1 or not names[0].endswith("prompt_embeddings"):
+        raise refuse(f"a prompt-tuning adapter holds one tensor, prompt_embeddings; found {names[:5]}")
+    info = tfile.infos[names[0]]
+    if info.dtype not in DTYPE_NAMES:
+        raise refuse(f"prompt_embeddings is {info.dtype}, not a float dtype PEFT trains in")
+    sizes = [config.get(k) for k in ("num_virtual_tokens", "num_transformer_submodules", "token_dim")]
+    sizes[1] = 1 if sizes[1] is None else sizes[1]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        raise refuse("adapter_config.json lacks a positive num_virtual_tokens, num_transformer_submodules or token_dim")
+    nvt, nts, dim = (int(v) for v in sizes)  # type: ignore[arg-type]
+    expected = (nvt * nts, dim)
+    if tuple(info.shape) != expected:
+        raise refuse(
+            f"prompt_embeddings is {list(info.shape)}, but adapter_config.json says {list(expected)} "
+            "(num_virtual_tokens x num_transformer_submodules, token_dim)"
+        )
+    if not np.isfinite(to_float32(tfile.read(names[0]))).all():
+        raise refuse("prompt_embeddings holds NaN or Inf")
+
+
 def push_adapter(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -91,25 +129,32 @@ def push_adapter(
         raise HubError(f"no {WEIGHTS_NAME} here{hint}", str(src))
     if not config_file.is_file():
         raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
-    ckpt = load_source(src)
-    require_valid(ckpt, refusing="push")
     config_bytes = config_file.read_bytes()
     try:
         config = json.loads(config_bytes)
     except ValueError:
         raise HubError(f"unreadable {CONFIG_NAME}", str(config_file)) from None
+    prompt_tuning = isinstance(config, dict) and config.get("peft_type") == PROMPT_TUNING
+    if prompt_tuning:  # one task's baked prompt (export --to peft, export-prompt)
+        _check_prompt_tuning(weights, config)
+        metadata = dict(open_safetensors(weights).metadata or {})
+    else:
+        ckpt = load_source(src)
+        require_valid(ckpt, refusing="push")
+        metadata = dict(ckpt.file.metadata or {})
     weight_bytes = weights.read_bytes()
     files: list[PushedFile] = [
         {"path": WEIGHTS_NAME, "bytes": len(weight_bytes), "sha256": hashlib.sha256(weight_bytes).hexdigest()},
         {"path": CONFIG_NAME, "bytes": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()},
     ]
     tokens = _known_tokens(token) if not dry_run else ([token] if token else [])
-    card = scrub(model_card(repo_id, config, dict(ckpt.file.metadata or {}), files, revision=revision), tokens)
+    card = scrub(model_card(repo_id, config, metadata, files, revision=revision), tokens)
     card_bytes = card.encode("utf-8")
     files.append({"path": CARD_NAME, "bytes": len(card_bytes), "sha256": hashlib.sha256(card_bytes).hexdigest()})
-    mode = (ckpt.file.metadata or {}).get("mpt_tools.mode")
+    mode = metadata.get("mpt_tools.mode")
     shown = f" ({_plain(mode, 40)})" if mode else ""
-    message = commit_message or f"Upload MPT adapter{shown} with mpt-tools {__version__}"
+    kind = "prompt-tuning adapter" if prompt_tuning else "MPT adapter"
+    message = commit_message or f"Upload {kind}{shown} with mpt-tools {__version__}"
     where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
     result: PushResult = {
         "schema": "mpt-tools/push/1",
