@@ -129,10 +129,8 @@ def max_tensor_bytes(environ: Mapping[str, str] | None = None) -> int | None:
     text = (os.environ if environ is None else environ).get("MPT_TOOLS_MAX_TENSOR_BYTES")
     if not text:
         return None
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = 0
+    digits = text.strip()
+    value = int(digits) if digits.isascii() and digits.isdigit() else 0  # not int()'s 1_000, ٣٠٠٠ or +5
     if value < 1:
         shown = repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
         raise ConfigError(f"MPT_TOOLS_MAX_TENSOR_BYTES={shown} is not a positive number of bytes: fix it or unset it")

@@ -713,7 +713,7 @@ def test_path_or_repo_id_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 # --- the tool's own environment variables ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["abc", "-5", "0", "1e9", "12 MB"])
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "1e9", "12 MB", "1_000", "\u0663\u0660\u0660\u0660", "+5"])
 def test_a_garbage_environment_value_is_one_line(value: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MPT_TOOLS_MAX_TENSOR_BYTES", value)
     for argv in (["validate", CAUSAL], ["init", CAUSAL, "--mode", "average", "--out", tmp_path / "t"]):
