@@ -28,7 +28,17 @@ from .errors import ValidationError
 from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
-from .formats import DTYPE_NAMES, Raw, from_numpy, from_torch, to_float32, to_float64, to_torch
+from .formats import (
+    DTYPE_NAMES,
+    Raw,
+    from_numpy,
+    from_torch,
+    memory_limit,
+    more_than_memory,
+    to_float32,
+    to_float64,
+    to_torch,
+)
 from .options import checked_index, checked_indices, checked_positive
 from .progress import chunk_starts
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
@@ -100,6 +110,28 @@ def _gather(ckpt: Checkpoint, name: str, select: Sequence[int]) -> Raw:
     return Raw(parts[0].dtype, tuple(arr.shape), arr)
 
 
+def _output_size(option: str, ckpt: Checkpoint, tasks: int, rank: int | None) -> list[Finding]:
+    """A refusal where the largest factor tensor of the output (``tasks`` tasks: at the source's rank
+    in the source dtype, or at ``rank`` in float32) would claim more than :func:`memory_limit` bytes."""
+    info, shape = ckpt.info("prefix_task_rows"), ckpt.shapes.get("prefix_task_rows")
+    if info is None or shape is None or len(shape) != 3 or 0 in shape:
+        return []
+    itemsize = 4 if rank is not None else info.nbytes // (shape[0] * shape[1] * shape[2])
+    need = tasks * (shape[1] if rank is None else rank) * shape[2] * itemsize
+    if need <= memory_limit():
+        return []
+    return [
+        Finding.error(
+            "too-large",
+            option,
+            f"prefix_task_rows of the output would claim {need:,} bytes, {more_than_memory()}",
+            expected=f"<= {memory_limit():,} bytes",
+            found=f"{need:,} bytes",
+            fix="select fewer tasks" if rank is None else "lower --num-ranks",
+        )
+    ]
+
+
 def repeated_and_dropped(select: Sequence[int], n: int) -> tuple[list[int], list[int]]:
     """The tasks ``select`` lists more than once (sorted) and the tasks of ``range(n)`` it leaves
     out, in one pass over each (a 64,000-task --select stays linear)."""
@@ -132,6 +164,7 @@ def select_tasks(
     cols_shape = ckpt.shapes.get("prefix_task_cols")
     if cols_shape and len(cols_shape) == 3:
         extra += _check_tasks("select", select, cols_shape[0])
+        extra += _output_size("select", ckpt, len(select), None)
     warnings = require_valid(ckpt, extra)
     n, _t, r, _d = _dims(ckpt)
     guard_output(out, force=force, protected=ckpt.source_paths)
@@ -243,6 +276,8 @@ def rerank(
                     fix="lower it",
                 )
             )
+        else:
+            extra += _output_size("num_ranks", ckpt, n0, max(num_ranks, 0))
     warnings = require_valid(ckpt, extra)
     n, t, r, d = _dims(ckpt)
     guard_output(out, force=force, protected=ckpt.source_paths)

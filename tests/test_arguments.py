@@ -873,6 +873,23 @@ def _library_calls(tmp: Path) -> dict[str, Any]:
     }
 
 
+def test_tasks_and_rerank_outputs_are_held_to_the_memory_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What tasks and rerank would write is held to MPT_TOOLS_MAX_TENSOR_BYTES as what is read is
+    (prefix_task_rows of the 3-task fixture: 3 x 2 x 16 float32 = 384 bytes)."""
+    monkeypatch.setenv("MPT_TOOLS_MAX_TENSOR_BYTES", "384")
+    cases = [
+        (["tasks", CAUSAL, "--select", "0,1,2,0,1,2"], "would claim 768 bytes", 1),
+        (["tasks", CAUSAL, "--select", "2,0,1"], "", 0),
+        (["rerank", CAUSAL, "--num-ranks", "3"], "would claim 576 bytes", 1),
+        (["rerank", CAUSAL, "--num-ranks", "1"], "", 0),
+    ]
+    for i, (argv, needle, code) in enumerate(cases):
+        result = run_cli(*argv, "--out", tmp_path / f"o{i}")
+        assert result.exit_code == code and needle in result.stderr, (argv, result.stderr)
+        assert (tmp_path / f"o{i}").exists() == (code == 0)
+    assert "MPT_TOOLS_MAX_TENSOR_BYTES (384 bytes)" in run_cli(*cases[0][0], "--out", tmp_path / "x").stderr
+
+
 def test_the_library_refuses_arguments_of_the_wrong_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mpt_tools.errors import ConfigError
 
