@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -345,8 +346,6 @@ def _torch_bytes(tensor: Any) -> bytes:
 def _yaml(data: dict[str, Any]) -> str:
     """A flat mapping as YAML (keys sorted, each value a JSON scalar, which YAML reads as the same
     value): what caikit's ``yaml.safe_load`` reads."""
-    import json
-
     return "".join(f"{key}: {json.dumps(data[key], ensure_ascii=True)}\n" for key in sorted(data))
 
 
@@ -356,8 +355,6 @@ def caikit_config(ckpt: Checkpoint, files: dict[str, str], dtype: str, task: int
     type, trained dtype, output model types, the ENCODER and DECODER file names), so
     ``PeftPromptTuningTGIS.load`` hands the files to TGIS under the folder's name. The eos token is
     unknown here (null; caikit accepts none)."""
-    import json
-
     kinds = [kind for kind in ("ENCODER", "DECODER") if files.get(kind)]
     data: dict[str, Any] = {
         **CAIKIT_MODULE,
@@ -621,14 +618,16 @@ def export_prompts(
             notes.append(fit_note(writer.fit))
         if to == "npy" and layout.seq2seq and not opts.encoder_only and (ckpt.config.num_transformer_submodules == 2):
             notes.append("seq2seq: rows 0:nvt of each file are the encoder prompt, rows nvt:2nvt the decoder prompt")
-        manifest, unlisted = _manifest(to, ckpt, items, rows, d, layout, opts, serve, target)
+        manifest = _manifest(to, ckpt, items, rows, d, layout, opts, serve)
+        kept, unlisted = _earlier(target, manifest)  # an earlier export's tasks left in place
+        manifest["tasks"] = kept + manifest["tasks"]
         if unlisted:
             shown = ", ".join(unlisted[:5]) + (f" (+{len(unlisted) - 5} more)" if len(unlisted) > 5 else "")
             warnings.append(
                 f"{len(unlisted)} task(s) of an earlier export stay in {out} but not in its manifest (another "
                 f"source, format or dtype): {shown}; export into an empty folder to have only this one"
             )
-        write_synced(stage / MANIFEST, manifest)
+        write_synced(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(stage)
         replace_entries(stage, target, force=force)
     if to == "peft":
@@ -703,12 +702,8 @@ def _manifest(
     layout: _Layout,
     opts: ExportOptions,
     serve: list[str],
-    target: Path,
-) -> tuple[str, list[str]]:
-    """``manifest.json``: where it came from, what each task became and how to serve it; and the
-    names of an earlier export's tasks left in ``target`` that it cannot list (see :func:`_earlier`)."""
-    import json
-
+) -> dict[str, Any]:
+    """``manifest.json``: where it came from, what each task became and how to serve it."""
     data: dict[str, Any] = {
         "schema": MANIFEST_SCHEMA,
         "format": fmt,
@@ -731,9 +726,7 @@ def _manifest(
         "serve": serve,
         "mpt_tools_version": __version__,
     }
-    kept, unlisted = _earlier(target, data)
-    data["tasks"] = kept + data["tasks"]
-    return json.dumps(data, indent=2) + "\n", unlisted
+    return data
 
 
 MANIFEST_BYTES = 64 << 20
@@ -746,8 +739,6 @@ def _earlier(target: Path, data: dict[str, Any]) -> tuple[list[dict[str, Any]], 
     place: kept in the new manifest when that export is of the same source, format and dtype (and
     their files are all there); otherwise their names, for a warning. Nothing for a table
     (``trtllm``: rewritten whole) or an earlier manifest that cannot be read."""
-    import json
-
     path = target / MANIFEST
     if data["format"] == "trtllm" or not os.path.isfile(path):
         return [], []

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import load_source
 from ..checks import require_valid
-from ..config import CONFIG_NAME, WEIGHTS_NAME
+from ..config import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..errors import HubError, MptToolsError
 from ..formats import open_safetensors
 from ..results import PushedFile, PushResult
@@ -129,12 +128,9 @@ def push_adapter(
         raise HubError(f"no {WEIGHTS_NAME} here{hint}", str(src))
     if not config_file.is_file():
         raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
+    config = dict(read_config(config_file).raw)  # bounded, one line for a hostile file
     config_bytes = config_file.read_bytes()
-    try:
-        config = json.loads(config_bytes)
-    except ValueError:
-        raise HubError(f"unreadable {CONFIG_NAME}", str(config_file)) from None
-    prompt_tuning = isinstance(config, dict) and config.get("peft_type") == PROMPT_TUNING
+    prompt_tuning = config.get("peft_type") == PROMPT_TUNING
     if prompt_tuning:  # one task's baked prompt (export --to peft, export-prompt)
         _check_prompt_tuning(weights, config)
         metadata = dict(open_safetensors(weights).metadata or {})
