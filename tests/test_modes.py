@@ -122,7 +122,10 @@ def test_a_tampered_target_of_a_registered_mode_fails(tmp_path: Path, last_mode:
     tamper(out, "prefix_task_rows", (0, 0, 3), np.nextafter(np.float32(old), np.float32(np.inf)))
     with pytest.raises(VerificationFailed) as info:
         verify(out, device="cpu", source=FIXTURES / "causal")
-    assert "prefix_task_rows: bitwise the last source task" in str(info.value)
+    assert "prefix_task_rows: expected bitwise the last source task" in str(info.value)
+    new = np.nextafter(np.float32(old), np.float32(np.inf))
+    assert f"found 1 of 32 values differ, the largest at [0, 0, 3]: {new!s} vs {np.float32(old)!s}" in str(info.value)
+    assert str(new) != str(np.float32(old))  # one ulp apart, and it shows
 
 
 def test_unknown_mode_names_every_mode() -> None:

@@ -42,10 +42,8 @@ def _difference(found: np.ndarray, expected: np.ndarray) -> str | None:
     gap = np.nan_to_num(gap, nan=np.inf)  # a NaN on one side only is the largest difference there is
     where = tuple(int(i) for i in np.unravel_index(int(np.argmax(gap)), found.shape))
     index = ", ".join(str(i) for i in where)
-    return (
-        f"{count} of {found.size} values differ, the largest at [{index}]: "
-        f"{json_float(float(found[where])):.6g} vs {json_float(float(want[where])):.6g}"
-    )
+    # each value in the fewest digits that tell it from every other value of its dtype (one ulp shows)
+    return f"{count} of {found.size} values differ, the largest at [{index}]: {found[where]!s} vs {want[where]!s}"
 
 
 def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str]) -> Checkpoint | None:
