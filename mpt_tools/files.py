@@ -430,7 +430,9 @@ def guard_output(
     out = Path(checked_path(path, "the output"))
     try:
         resolved = out.resolve()
-    except (RuntimeError, OSError):  # RuntimeError (Python 3.11, 3.12) or ELOOP: a symlink loop
+    except (RuntimeError, OSError) as exc:  # RuntimeError (Python 3.11, 3.12) or ELOOP: a symlink loop
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise  # not a loop: a working folder deleted meanwhile (the CLI says so), ...
         loop = "is or passes through a symbolic link that loops (or a chain of links too long to follow)"
         raise WriteError(loop, str(out)) from None
     blocker = _file_on_the_way(out)
