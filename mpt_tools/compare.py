@@ -206,8 +206,7 @@ def plot_similarity(
         fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, buf.getvalue(), replace=force)
+    atomic_write(out, buf.getvalue(), replace=force, parents=True)
     return str(out)
 
 

@@ -216,8 +216,7 @@ def convert(
     written: list[str]
     config_written = False
     if as_file:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_path, safetensors_bytes(tensors, meta), replace=force, check=read_back)
+        atomic_write(out_path, safetensors_bytes(tensors, meta), replace=force, check=read_back, parents=True)
         written = [str(out_path)]
     elif fit is not None:
         written = write_adapter(out_path, tensors, fit.config, meta, force=force, protected=protected, check=read_back)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from .config import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME
 from .errors import MptToolsError, WriteError
-from .interrupts import deferred
+from .interrupts import cleanup, deferred
 from .options import checked_path
 from .paths import open_regular, read_small
 
@@ -160,6 +160,39 @@ REMOVED_STALE: list[str] = []  # what this process removed, for the CLI to menti
 WRITTEN: list[str] = []  # outputs this process put in place, for an accurate account on a late failure
 
 
+def _record(path: str | os.PathLike[str]) -> None:
+    """Note an output put in place in :data:`WRITTEN`, unless it lies in a staging folder (``init
+    --verify`` commits into one first: the user never gets that one)."""
+    if not any(STAGING_PATTERN.match(part) for part in Path(path).parts):
+        WRITTEN.append(os.fspath(path))
+
+
+def written() -> list[str]:
+    """The outputs this process put in place that still exist: what a late failure or a signal
+    reports as already written."""
+    return [p for p in WRITTEN if os.path.lexists(p)]
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist, deepest first: what making it creates."""
+    missing: list[Path] = []
+    for p in (folder, *folder.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the folders an output made (:func:`_missing_folders`), deepest first, while they are
+    empty: an output that failed leaves no empty parents behind; one that exists keeps them."""
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 def file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give a new file (0o666 less the umask)."""
     mask = os.umask(0o022)
@@ -198,17 +231,31 @@ def atomic_write(
     *,
     replace: bool = True,
     check: Callable[[Path], None] | None = None,
+    parents: bool = False,
+    record: bool = True,
 ) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename.
 
     With ``replace=False`` the rename fails when ``path`` exists by then (another process wrote
     it meanwhile): WriteError "already exists", and nothing is replaced. ``check`` is called with
     the temp file once it is synced, before the rename: what it raises stops the write. On any
-    failure or signal the temp file is removed and ``path`` is left as it was.
+    failure or signal the temp file is removed and ``path`` is left as it was. ``parents``: create
+    the missing folders above ``path`` first (removed again, if still empty, when nothing was
+    written). ``record``: note ``path`` in :data:`WRITTEN` (not for mpt-tools' own cache).
     """
     target = Path(path)
     tmp = os.path.join(target.parent, staging_name(target.name))  # named before it exists
+    made = _missing_folders(target.parent) if parents else []
+
+    def remove() -> None:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        _remove_made(made)
+
     try:
+        if made:
+            target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(target)
         write_synced(tmp, data)
         if check is not None:
@@ -218,12 +265,11 @@ def atomic_write(
                 os.replace(tmp, target)
             elif not rename_noreplace(tmp, target):
                 raise WriteError("already exists (written by another process meanwhile); pass --force", str(target))
-            tmp = ""
-            WRITTEN.append(str(target))
+            tmp, made = "", []
+            if record:
+                _record(target)
     except BaseException as exc:
-        if tmp:
-            with deferred(), contextlib.suppress(OSError):  # a second signal waits for the removal
-                os.unlink(tmp)
+        cleanup(remove)  # a second signal waits for the removal
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write: {exc.strerror or exc}", str(target)) from None
         raise
@@ -341,7 +387,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         cache[key] = value
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache_file, json.dumps(dict(list(cache.items())[-256:])))
+            atomic_write(cache_file, json.dumps(dict(list(cache.items())[-256:])), record=False)
         except Exception:  # a cache that cannot be written is only slower
             pass
     return value
@@ -384,7 +430,9 @@ def guard_output(
     out = Path(checked_path(path, "the output"))
     try:
         resolved = out.resolve()
-    except (RuntimeError, OSError):  # RuntimeError (Python 3.11, 3.12) or ELOOP: a symlink loop
+    except (RuntimeError, OSError) as exc:  # RuntimeError (Python 3.11, 3.12) or ELOOP: a symlink loop
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise  # not a loop: a working folder deleted meanwhile (the CLI says so), ...
         loop = "is or passes through a symbolic link that loops (or a chain of links too long to follow)"
         raise WriteError(loop, str(out)) from None
     blocker = _file_on_the_way(out)
@@ -448,12 +496,23 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     beside it (then renaming it to ``out_dir`` is one step, :func:`commit_staged`).
 
     Stale staging of ``out_dir`` is removed first. The folder is named before it is made and
-    removed in the same ``finally``, so no error or signal can leave it behind; it is held
-    (locked) by this process while it exists.
+    removed in the same ``finally``, so no error or signal can leave it behind (a second signal
+    waits for the removal); it is held (locked) by this process while it exists. Missing parents
+    of ``out_dir`` are created, and removed again (those still empty) when ``out_dir`` was not
+    written.
     """
     out = Path(out_dir)
     base = out if out.exists() else out.parent
     staging = base / staging_name(out.name)
+    made = _missing_folders(base)
+
+    def remove() -> None:
+        _release(staging)
+        if os.path.lexists(staging):  # (committed: renamed away)
+            _rmtree(staging, ignore_errors=True)
+        if made and not os.path.lexists(out):
+            _remove_made(made)
+
     try:
         remove_stale_staging(out)
         base.mkdir(parents=True, exist_ok=True)
@@ -462,10 +521,7 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
             _hold(staging)
         yield staging
     finally:
-        with deferred():  # a signal during the removal would leave half of it: it waits until done
-            _release(staging)
-            if os.path.lexists(staging):  # (committed: renamed away)
-                _rmtree(staging, ignore_errors=True)
+        cleanup(remove)  # a signal during the removal would leave half of it: it waits until done
 
 
 def write_files(
@@ -518,7 +574,7 @@ def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 _move_into(src, out, names, force=force)
             _fsync_dir(out)
             _fsync_dir(out.parent)
-            WRITTEN.append(str(out))
+            _record(out)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     return [str(out / name) for name in names]
@@ -615,7 +671,7 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
                     os.close(fd)
             _fsync_dir(out)
             _fsync_dir(out.parent)
-            WRITTEN.append(str(out))
+            _record(out)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     for path in old:  # the replaced folders (inside the staging folder, removed with it anyway)

@@ -57,6 +57,50 @@ FAULT_CASES: list[FaultCase] = [
         "test_faults.py::test_a_signal_while_another_thread_imports_torch_reaches_the_main_thread",
     ),
     FaultCase(
+        "second-signal",
+        "SIGINT, then SIGTERM or SIGHUP while the first is handled (both held back together, during the"
+        " staging removal, while the message is made; SIGINT as a failed write's cleanup begins)",
+        "ignored: staging and the parents made for --out removed; `error: interrupted by SIGINT; nothing was"
+        " written`; exit 130",
+        "test_faults.py::test_a_second_signal_never_interrupts_the_first_ones_cleanup",
+    ),
+    FaultCase(
+        "signal-at-start-up",
+        "SIGTERM or SIGINT while the command line imports (before any command runs)",
+        "noted, acted on before the arguments are parsed: the one line, 128+N, the error object with --json",
+        "test_faults.py::test_a_signal_while_the_command_line_starts_is_one_line",
+    ),
+    FaultCase(
+        "signal-as-it-exits",
+        "a signal as Click exits, after the command ran",
+        "after a success: `already written: OUT`, 128+N; after a failure that said so: its own line and status",
+        "test_faults.py::test_a_signal_as_the_command_exits",
+    ),
+    FaultCase(
+        "signal-in-del",
+        "a handler that raises inside a `__del__` (Python prints and drops such an exception)",
+        "no `Exception ignored`: acted on at the next point it can be, one line, exit 143",
+        "test_faults.py::test_a_signal_python_cannot_pass_on_is_still_acted_on",
+    ),
+    FaultCase(
+        "signal-under-json",
+        "SIGTERM mid-write with `--json`",
+        "`mpt-tools/error/1` on stdout, `type` `Interrupted`; the one line; exit 143",
+        "test_faults.py::test_a_signal_under_json_prints_the_error_object",
+    ),
+    FaultCase(
+        "verify-staging-not-written",
+        "SIGINT during `init --verify`, after the adapter is committed into its staging folder",
+        "`nothing was written` (never the staging folder or the sha256 cache); nothing left",
+        "test_faults.py::test_already_written_names_only_outputs_the_user_got",
+    ),
+    FaultCase(
+        "failed-write-parents",
+        "the disk fills while writing `--out pa/pb/out` (pa, pb new)",
+        "one line, exit 1; the staging folder, pb and pa removed (folders that existed or are not empty stay)",
+        "test_faults.py::test_a_failed_write_removes_the_parents_it_made",
+    ),
+    FaultCase(
         "sigkill-leftovers",
         "SIGKILL mid-write leaves `.<out>.mpt-tools-<pid>-<hex>.tmp` (beside a new DIR, inside with --force)",
         "the next writer of DIR removes it (and says so on stderr); `stale_staging(DIR)` lists it",
@@ -93,6 +137,24 @@ FAULT_CASES: list[FaultCase] = [
         "`mpt-tools init ... > /dev/full`",
         "`error: cannot write to standard output (No space left on device); already written: OUT`, exit 1",
         "test_faults.py::test_a_full_stdout_reports_what_was_written",
+    ),
+    FaultCase(
+        "stdout-full-and-failure",
+        "`mpt-tools init ... --json > /dev/full` that fails (refused output; an unknown `--mode`)",
+        "its `error:` line on stderr all the same, its own status (1; 2), no traceback",
+        "test_faults.py::test_a_full_stdout_and_a_failure_still_print_the_line",
+    ),
+    FaultCase(
+        "stdout-closed",
+        "`mpt-tools validate good >&-`, `init ... >&-` (stdout closed)",
+        "silent success, exit 0 (a failure: its line on stderr, exit 1)",
+        "test_faults.py::test_a_closed_stdout_is_no_error",
+    ),
+    FaultCase(
+        "json-on-internal-error",
+        "`--json` and an internal error (a bug)",
+        "the error object on stdout, `type` the exception's, `message` the line on stderr; exit 1",
+        "test_cli.py::test_json_on_an_internal_error_prints_the_error_object",
     ),
     FaultCase(
         "json-on-failure",

@@ -145,7 +145,8 @@ def test_init_says_num_tasks_is_a_deprecated_spelling(tmp_path: Path) -> None:
 
 def test_a_usage_error_under_json_prints_the_error_object(tmp_path: Path) -> None:
     """``--json`` promises a JSON object on stdout even when the command fails: a usage error too
-    (exit 2, click's usage on stderr as always); without --json stdout stays empty."""
+    (exit 2, click's usage on stderr as always; the object's message is Click's text, a missing
+    option's too); without --json stdout stays empty."""
     for argv, kind in (
         (["init", CAUSAL, "--mode", "bogus", "--out", tmp_path / "t", "--json"], "BadParameter"),
         (["verify", CAUSAL, "--tasks", "", "--json"], "BadParameter"),
@@ -158,6 +159,8 @@ def test_a_usage_error_under_json_prints_the_error_object(tmp_path: Path) -> Non
         assert report["schema"] == "mpt-tools/error/1" and report["ok"] is False, report
         assert report["command"] == argv[0] and report["error"]["type"] == kind and report["written"] == []
         assert "Usage:" in result.stderr
+        message = report["error"]["message"]  # Click's own text (a MissingParameter's was "")
+        assert message and f"Error: {message}" in result.stderr, (message, result.stderr)
     plain = run_cli("init", CAUSAL, "--mode", "bogus", "--out", tmp_path / "t")
     assert plain.exit_code == 2 and plain.stdout == ""
     assert not (tmp_path / "t").exists()

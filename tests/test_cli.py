@@ -446,3 +446,62 @@ def test_control_characters_from_files_are_shown_escaped(tmp_path: Path) -> None
         assert not any(c in text for c in "\x1b\x07\r"), (args, text)
         assert all("evil" not in line or "key" in line for line in text.splitlines()), text
         assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_json_on_an_internal_error_prints_the_error_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal error (a bug) under --json: the error object on stdout too (it printed nothing),
+    typed by the exception, its message the line on stderr."""
+    import mpt_tools.init
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.delenv("MPT_TOOLS_RAISE_UNEXPECTED")
+    monkeypatch.setattr(mpt_tools.init, "init_adapter", boom)
+    result = run_cli("init", str(FIXTURES / "causal"), "--mode", "average", "--out", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["error"]["type"] == "RuntimeError" and report["command"] == "init"
+    assert report["error"]["message"].startswith("internal error (RuntimeError: boom)")
+    assert result.stderr == f"error: {report['error']['message']}\n"
+
+
+def test_written_lists_only_outputs_that_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a failure reports as already written: outputs put in place and still there; not a
+    staging folder (init --verify commits into one first), not the sha256 cache."""
+    from mpt_tools import files
+
+    files.WRITTEN.clear()
+    src = write_random_source(tmp_path / "src.safetensors", n=64, t=50, r=4, d=1024)  # cached: 1 MiB or more
+    files.file_sha256(src)
+    assert files._hash_cache_path().exists()
+    from mpt_tools.files import staging_name
+
+    staging = tmp_path / staging_name("out")
+    files.write_files(staging, {"a": b"x"}, force=False)  # a commit into a staging folder
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    for p in (kept, gone):
+        files.atomic_write(p, b"x")
+    gone.unlink()
+    assert [str(kept), str(gone)] == files.WRITTEN
+    assert files.written() == [str(kept)]
+    files.WRITTEN.clear()
+
+
+def test_a_failed_file_write_removes_the_parents_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """atomic_write(parents=True) (convert into a file, --plot): the folders it made for the file
+    are removed again when the write fails, those that existed are kept."""
+    from mpt_tools import files
+    from mpt_tools.errors import WriteError
+
+    def full(tmp: object, data: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "write_synced", full)
+    (tmp_path / "pa").mkdir()
+    with pytest.raises(WriteError, match="No space left"):
+        files.atomic_write(tmp_path / "pa" / "pb" / "pc" / "x.safetensors", b"x", parents=True)
+    assert [p.name for p in tmp_path.rglob("*")] == ["pa"]
+    monkeypatch.undo()
+    files.atomic_write(tmp_path / "pa" / "pb" / "x", b"x", parents=True)
+    assert (tmp_path / "pa" / "pb" / "x").read_bytes() == b"x"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -416,3 +417,241 @@ def test_two_forced_writers_never_mix_their_files(tmp_path: Path) -> None:
             p.communicate()
         assert _files(out) in refs
         assert not _staging_left(tmp_path)
+
+
+# A real process running the command line through its entry point (mpt_tools.__main__.main), with
+# signals sent by the process itself at exact moments: deterministic, no sleeps.
+_SCENARIO = r"""
+import errno, os, signal, sys
+scenario, argv = sys.argv[1], sys.argv[2:]
+
+
+def kill(name):
+    os.kill(os.getpid(), getattr(signal, name))
+    for _ in range(100):  # the handler runs here, at the latest (not in the caller's next line)
+        pass
+
+
+if scenario in ("early-SIGTERM", "early-SIGINT"):  # while the command line imports Click
+    def hook(event, args):
+        if event == "import" and args[0] == "click":
+            kill(scenario.partition("-")[2])
+    sys.addaudithook(hook)
+elif scenario in ("late", "verify-staging"):
+    from mpt_tools import files
+    if scenario == "late":  # once the command has run, as Click exits
+        real_exit = sys.exit
+        def exit_(code=None):
+            kill("SIGTERM")
+            real_exit(code)
+        sys.exit = exit_
+    else:  # init --verify: just after the adapter is committed into its staging folder
+        real_commit = files.commit_staged
+        def commit_staged(*args, **kwargs):
+            done = real_commit(*args, **kwargs)
+            kill("SIGINT")
+            return done
+        files.commit_staged = commit_staged
+else:
+    from mpt_tools import cli, files, interrupts
+    real_write, armed = files.write_synced, []
+
+    class Bomb:  # a signal whose handler raises inside __del__, where Python can only print it
+        def __del__(self):
+            kill("SIGTERM")
+
+    def write_synced(tmp, data):  # the first file written into the staging folder
+        if armed:
+            return real_write(tmp, data)
+        armed.append(tmp)
+        if scenario == "held-together":  # both arrive while held back: the first acted on, the second ignored
+            with interrupts.deferred():
+                kill("SIGINT")
+                kill("SIGTERM")
+        elif scenario == "second-in-cleanup":  # SIGINT, then SIGTERM and SIGHUP while it is cleaned up
+            real_rmtree, real_written = files._rmtree, cli._written
+            def rmtree(*args, **kwargs):
+                kill("SIGTERM")
+                return real_rmtree(*args, **kwargs)
+            def written():
+                kill("SIGHUP")
+                return real_written()
+            files._rmtree, cli._written = rmtree, written
+            kill("SIGINT")
+        elif scenario == "before-hold":  # the disk fills; SIGINT as the cleanup begins, before its hold
+            real_deferred = interrupts.deferred
+            def deferred():
+                if sys._getframe(1).f_code.co_name == "cleanup" and armed[-1] is not None:
+                    armed.append(None)
+                    kill("SIGINT")
+                return real_deferred()
+            interrupts.deferred = deferred
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        elif scenario == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        elif scenario == "unraisable":
+            Bomb()
+        elif scenario == "sigterm":
+            kill("SIGTERM")
+        return real_write(tmp, data)
+
+    files.write_synced = write_synced
+sys.argv = ["mpt-tools", *argv]
+from mpt_tools.__main__ import main
+main()
+"""
+
+
+def _scenario(scenario: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MPT_TOOLS_RAISE_UNEXPECTED", "MPT_TOOLS_DEBUG")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout's mpt_tools
+    return subprocess.run([sys.executable, "-c", _SCENARIO, scenario, *argv], cwd=cwd, capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+
+
+def _init_average(*extra: str) -> list[str]:
+    return ["init", str(FIXTURES / "causal"), "--mode", "average", *extra]
+
+
+def _left_behind(root: Path) -> list[str]:
+    """Everything under ``root`` (the test's working folder): staging, outputs, parents."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    ["held-together", "second-in-cleanup", "before-hold"],
+)
+def test_a_second_signal_never_interrupts_the_first_ones_cleanup(tmp_path: Path, scenario: str) -> None:
+    """SIGINT, then SIGTERM (and SIGHUP) while the first is handled: both held back together (the
+    first raised as the hold ends, the second right after), or arriving while the staging folder is
+    removed and while the message is made; or SIGINT as a failed write's cleanup begins, before its
+    hold. Always: the staging folder and the parents made for --out removed, one line naming the
+    first signal, exit 130. (The second used to raise inside the cleanup, leaving the staging folder,
+    or inside the message's import, reaching Click: `Aborted!`, exit 1.)"""
+    proc = _scenario(scenario, *_init_average("--out", "pa/pb/out"), cwd=tmp_path)
+    assert (proc.returncode, proc.stderr) == (130, "error: interrupted by SIGINT; nothing was written\n")
+    assert proc.stdout == ""
+    assert _left_behind(tmp_path) == []
+
+
+def test_a_failed_write_removes_the_parents_it_made(tmp_path: Path) -> None:
+    """A write that fails (the disk fills) into --out pa/pb/out: one line, exit 1, and neither the
+    staging folder nor pa/pb are left; parents that existed before stay, and so do folders that are
+    not empty."""
+    proc = _scenario("enospc", *_init_average("--out", "pa/pb/out"), cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr == "error: pa/pb/out: cannot write: No space left on device\n"
+    assert _left_behind(tmp_path) == []
+    (tmp_path / "pa" / "keep").mkdir(parents=True)
+    proc = _scenario("enospc", *_init_average("--out", "pa/pb/out"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert _left_behind(tmp_path) == ["pa", "pa/keep"]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_command_line_starts_is_one_line(tmp_path: Path, name: str) -> None:
+    """A signal while the command line imports Click (the first tenths of a second, before any
+    command runs): the handlers are installed first by the entry point, so it is the one line and
+    128+N, with --json the error object too; not a KeyboardInterrupt traceback (SIGINT) or a silent
+    death (SIGTERM, SIGHUP)."""
+    proc = _scenario(f"early-{name}", *_init_average("--out", "out", "--json"), cwd=tmp_path)
+    assert proc.returncode == SIGNALS[name], proc.stderr
+    assert proc.stderr == f"error: interrupted by {name}; nothing was written\n"
+    report = json.loads(proc.stdout)
+    assert report["error"] == {"type": "Interrupted", "message": f"interrupted by {name}", "path": None}
+    assert report["ok"] is False and report["command"] == "init" and report["written"] == []
+    assert _left_behind(tmp_path) == []
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mpt-tools"] == "mpt_tools.__main__:main"  # the entry point that installs them first
+
+
+def test_a_signal_under_json_prints_the_error_object(tmp_path: Path) -> None:
+    """SIGTERM mid-write with --json: the mpt-tools/error/1 object on stdout (type Interrupted),
+    the one line on stderr, exit 143, nothing left."""
+    proc = _scenario("sigterm", *_init_average("--out", "out", "--json"), cwd=tmp_path)
+    assert (proc.returncode, proc.stderr) == (143, "error: interrupted by SIGTERM; nothing was written\n")
+    report = json.loads(proc.stdout)
+    assert report["schema"] == "mpt-tools/error/1" and report["command"] == "init" and report["written"] == []
+    assert report["error"] == {"type": "Interrupted", "message": "interrupted by SIGTERM", "path": None}
+    assert _left_behind(tmp_path) == []
+
+
+def test_a_signal_python_cannot_pass_on_is_still_acted_on(tmp_path: Path) -> None:
+    """A handler that raises inside a ``__del__`` (Python prints such an exception and drops it):
+    no traceback; the signal is acted on at the next point it can be (here after the commit): one
+    line that names what was written, exit 143."""
+    proc = _scenario("unraisable", *_init_average("--out", "out"), cwd=tmp_path)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr in (
+        "error: interrupted by SIGTERM; nothing was written\n",
+        "error: interrupted by SIGTERM; already written: out\n",
+    )
+    assert ("already written" in proc.stderr) == (tmp_path / "out").exists()
+    assert not _staging_left(tmp_path)
+
+
+def test_a_signal_as_the_command_exits(tmp_path: Path) -> None:
+    """A signal that comes as Click exits, once the command has run: after a success, the one line
+    naming what was written and 128+N (never Click's `Aborted!` or a traceback); after a failure
+    that said so, nothing more (its own line and status)."""
+    proc = _scenario("late", *_init_average("--out", "out"), cwd=tmp_path)
+    assert (proc.returncode, proc.stderr) == (143, "error: interrupted by SIGTERM; already written: out\n")
+    assert proc.stdout.startswith("wrote out")
+    proc = _scenario("late", *_init_average("--out", "out"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: out: adapter_model.safetensors already exists here; pass --force to overwrite it\n"
+
+
+def test_already_written_names_only_outputs_the_user_got(tmp_path: Path) -> None:
+    """init --verify interrupted after the adapter is committed into its staging folder (before it
+    is verified and moved to --out): "nothing was written", not the staging folder."""
+    proc = _scenario("verify-staging", *_init_average("--verify", "--out", "pa/out"), cwd=tmp_path)
+    assert (proc.returncode, proc.stderr) == (130, "error: interrupted by SIGINT; nothing was written\n")
+    assert _left_behind(tmp_path) == []
+
+
+def _user_env() -> dict[str, str]:
+    """The environment a user runs the command in (no test switches), with this checkout's code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MPT_TOOLS_RAISE_UNEXPECTED", "MPT_TOOLS_DEBUG")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_a_full_stdout_and_a_failure_still_print_the_line(tmp_path: Path) -> None:
+    """`--json > /dev/full` on a command that fails: the error line on stderr (printed before the
+    object that cannot be written), the failure's own status (1, or 2 for a usage error), no
+    traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    out = tmp_path / "f1"
+    subprocess.run([*CLI, *_init_average("--out", str(out))], check=True, cwd=ROOT, capture_output=True)
+    for argv, status, line in (
+        (_init_average("--out", str(out), "--json"), 1, f"error: {out}: adapter_model.safetensors already exists"),
+        (["init", str(FIXTURES / "causal"), "--mode", "bogus", "--out", str(out), "--json"], 2, "Error: Invalid value"),
+    ):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([*CLI, *argv], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
+                                  env=_user_env())  # fmt: skip
+        assert proc.returncode == status, proc.stderr
+        assert line in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_closed_stdout_is_no_error(tmp_path: Path) -> None:
+    """`mpt-tools validate good >&-` and `init ... >&-` (stdout closed, not even a pipe): the
+    command does its work silently and exits with its own status (a failure still says so on
+    stderr); what init writes is what it writes with a stdout."""
+    missing = tmp_path / "missing"
+    for argv, status, err in (
+        (["validate", str(FIXTURES / "causal")], 0, ""),
+        (_init_average("--out", str(tmp_path / "fz1")), 0, ""),
+        (["inspect", str(missing)], 1, f"error: {missing}: no such file"),
+    ):
+        command = " ".join(shlex.quote(a) for a in [*CLI, *argv]) + " >&-"
+        proc = subprocess.run(command, shell=True, executable="/bin/bash", cwd=ROOT, capture_output=True, text=True,
+                              env=_user_env())  # fmt: skip
+        assert proc.returncode == status, proc.stderr
+        assert proc.stderr.startswith(err) and proc.stderr.count("\n") == (1 if err else 0), proc.stderr
+    subprocess.run([*CLI, *_init_average("--out", str(tmp_path / "ref"))], check=True, cwd=ROOT, capture_output=True)
+    assert _files(tmp_path / "fz1") == _files(tmp_path / "ref")

@@ -47,10 +47,45 @@ def _render() -> ModuleType:
 
 
 def _written() -> str:
-    """What this process put in place, for an accurate account when it fails late."""
-    from ..files import WRITTEN
+    """What this process put in place (and is still there), for an accurate account when it fails
+    late."""
+    from ..files import written
 
-    return f"; already written: {', '.join(WRITTEN)}" if WRITTEN else "; nothing was written"
+    done = written()
+    return f"; already written: {', '.join(done)}" if done else "; nothing was written"
+
+
+def _json_command(ctx: click.Context | None) -> str | None:
+    """The command's name when ``--json`` was asked (None when not): known once the command
+    began, else read from the command line (a usage error, a signal before the command began)."""
+    if ctx is not None and "mpt_tools.json" in ctx.meta:
+        return str(ctx.meta.get("mpt_tools.command", "")) if ctx.meta["mpt_tools.json"] else None
+    argv = ctx.meta.get("mpt_tools.argv", []) if ctx is not None else sys.argv[1:]
+    if "--json" not in argv:
+        return None
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def _report(ctx: click.Context | None, exc: BaseException, problem: str, message: str | None = None) -> None:
+    """A failure's one line on stderr (first: stdout may be what fails), then with ``--json`` the
+    ``mpt-tools/error/1`` object on stdout (``message``: its text, else the error's own), unless
+    stdout cannot take it."""
+    render = _render()
+    render.echo(f"error: {problem}", err=True)
+    command = _json_command(ctx)
+    if command is not None:
+        with contextlib.suppress(render.StdoutError):
+            render.show_error(command, exc, message=message)
+
+
+def _interrupted(ctx: click.Context | None, exc: KeyboardInterrupt) -> int:
+    """Report an interruption (one line naming the signal and what was written; the error object
+    under ``--json``); the exit status, 128 + the signal's number."""
+    from ..interrupts import Interrupted
+
+    what = exc.name if isinstance(exc, Interrupted) else "SIGINT"
+    _report(ctx, exc, f"interrupted by {what}{_written()}", message=f"interrupted by {what}")
+    return exc.exit_status if isinstance(exc, Interrupted) else 130
 
 
 def _fresh_run() -> None:
@@ -82,50 +117,58 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; map MptToolsError (and anything unexpected) to exit 1, a signal to
-        128+signal, and a reader that left early to the command's own status."""
-        _fresh_run()
+        128+signal, and a reader that left early to the command's own status.
+
+        Signals raise only while the command runs (:func:`~mpt_tools.interrupts.acting`): one that
+        came before it began is acted on as it begins, and none interrupts the reporting below
+        (the first one's cleanup runs to its end; a later one is ignored)."""
+        from ..interrupts import Interrupted, acting, rearm, stopping
+
+        rearm()  # a signal raised in an earlier command of this process (a test, a script) is done with
         try:
-            result = super().invoke(ctx)
-            _note_stale()
+            with acting():
+                _fresh_run()
+                result = super().invoke(ctx)
+                _note_stale()
+                signum = stopping()
+                if signum is not None:  # raised where it was swallowed (a __del__): it came all the same
+                    raise Interrupted(signum)
             return result
         except MptToolsError as exc:
             if debug():
                 raise
-            if ctx.meta.get("mpt_tools.json"):
-                _render().show_error(ctx.meta.get("mpt_tools.command", ""), exc)
-            _render().echo(f"error: {_render().one_line(str(exc))}", err=True)
+            _report(ctx, exc, _render().one_line(str(exc)))
             ctx.exit(1)
         except click.UsageError as exc:  # exit 2; with --json, the error object on stdout too
-            argv = ctx.meta.get("mpt_tools.argv", [])
-            if "--json" in argv and not debug():
-                command = next((a for a in argv if not a.startswith("-")), "")
-                _render().show_error(command, exc)
+            command = None if debug() else _json_command(ctx)
+            if command is not None:
+                with contextlib.suppress(_render().StdoutError):  # Click's usage still goes to stderr
+                    _render().show_error(command, exc)
             raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt as exc:
-            from ..interrupts import Interrupted
-
-            what = exc.name if isinstance(exc, Interrupted) else "SIGINT"
-            _render().echo(f"error: interrupted by {what}{_written()}", err=True)
-            ctx.exit(exc.exit_status if isinstance(exc, Interrupted) else 130)
+            ctx.exit(_interrupted(ctx, exc))
         except Exception as exc:  # a bug: still no traceback for users
+            signum = stopping()
+            if signum is not None:  # a signal that code in between turned into another error
+                ctx.exit(_interrupted(ctx, Interrupted(signum)))
             render = _render()
-            if isinstance(exc, render.StdoutError):
+            if isinstance(exc, render.StdoutError):  # no error object: stdout is what fails
                 render.echo(f"error: cannot write to standard output ({exc.strerror or exc}){_written()}", err=True)
                 ctx.exit(1)
             try:
                 os.getcwd()
             except OSError:
-                render.echo("error: the current folder no longer exists; cd to one that does", err=True)
+                _report(ctx, exc, "the current folder no longer exists; cd to one that does")
                 ctx.exit(1)
             if debug() or os.environ.get("MPT_TOOLS_RAISE_UNEXPECTED"):
                 raise
-            render.echo(
-                f"error: internal error ({type(exc).__name__}: {render.one_line(str(exc))}); "
-                "set MPT_TOOLS_DEBUG=1 for a traceback and please report it",
-                err=True,
+            problem = (
+                f"internal error ({type(exc).__name__}: {render.one_line(str(exc))}); "
+                "set MPT_TOOLS_DEBUG=1 for a traceback and please report it"
             )
+            _report(ctx, exc, problem, message=problem)
             ctx.exit(1)
 
 
@@ -1080,22 +1123,55 @@ def push(
 
 
 def main() -> None:
-    """Entry point of the ``mpt-tools`` console script (and ``python -m mpt_tools``).
+    """Run the command line (the ``mpt-tools`` console script and ``python -m mpt_tools`` call it
+    through :func:`mpt_tools.__main__.main`, which installs the signal handlers first).
+
+    Signals are noted, not raised, outside the command itself: one that came while the command
+    line started is acted on before the arguments are parsed; one that came while Click exited,
+    after the command succeeded, when it ends (its line, 128+N); after a command that failed and
+    said so, a late one changes nothing.
 
     When the command has run, the process ends at once (``os._exit``, after stdout and stderr
     are flushed), as mypy's does: every file it wrote is already closed and synced, and a normal
     exit would spend 25-60 ms freeing objects (numpy's modules among them) that the OS frees
     anyway. A traceback (``MPT_TOOLS_DEBUG=1``) still takes the normal way out."""
-    from ..interrupts import install
+    from .. import interrupts
 
-    install()
+    interrupts.install(act=False)  # again: main() may be called without mpt_tools.__main__
+    _open_closed_std_fds()
+    code: object = None
     try:
-        cli(prog_name="mpt-tools")
-    except SystemExit as exc:
-        _flush_stdout()
-        _hard_exit(exc.code)
-    finally:
-        _flush_stdout()
+        try:
+            with interrupts.acting():  # a signal while Python and the command line started
+                pass
+            cli(prog_name="mpt-tools")
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            if code not in (None, 0):  # the command failed and said so: a signal since changes nothing
+                interrupts.take_pending()
+            with interrupts.acting():  # a signal while Click exited (after a success)
+                _flush_stdout()
+    except KeyboardInterrupt as exc:
+        code = _interrupted(None, exc)
+    _hard_exit(code)
+
+
+def _open_closed_std_fds() -> None:
+    """Point a closed stdin, stdout or stderr (``>&-``) at /dev/null, so that no file this command
+    opens gets its number (something writing to fd 1 would write into it). ``sys.stdout`` stays
+    None: what would be printed goes nowhere and the command succeeds silently."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            except OSError:
+                pass
 
 
 def _hard_exit(code: object) -> NoReturn:
@@ -1105,16 +1181,20 @@ def _hard_exit(code: object) -> NoReturn:
     elif isinstance(code, int):
         status = code
     else:  # what sys.exit does with a message: print it, status 1
-        print(code, file=sys.stderr)
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                print(code, file=sys.stderr)
         status = 1
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # None when closed (>&-)
             stream.flush()
     os._exit(status & 0xFF)  # as the OS reports sys.exit(status): -1 is 255
 
 
 def _flush_stdout() -> None:
     """Flush stdout now, so that a reader that left early costs no message at exit."""
+    if sys.stdout is None:  # closed (>&-): nothing was printed
+        return
     try:
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):

@@ -67,7 +67,7 @@ def detach_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all (>&-)
         pass
 
 
@@ -272,22 +272,25 @@ def show_json(data: Any) -> None:
     _out(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def show_error(command: str, exc: Exception) -> None:
+def show_error(command: str, exc: BaseException, *, message: str | None = None) -> None:
     """A failed command's ``--json``: the ``mpt-tools/error/1`` object on stdout (the one line
-    still goes to stderr): the command, the error's kind, message and path, and what this process
-    had written before it failed."""
-    from ..files import WRITTEN
+    still goes to stderr): the command, the error's kind, message (``message``, else the error's
+    own: Click's full text for a usage error) and path, and what this process had written before it
+    failed (and is still there)."""
+    from ..files import written
     from ..version import __version__
 
     if _json_shown:  # the command printed its report (verify's failing one): stdout holds one document
         return
-    message, path = getattr(exc, "message", str(exc)), getattr(exc, "path", None)
+    if message is None:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else getattr(exc, "message", str(exc))
+    path = getattr(exc, "path", None)
     report: ErrorResult = {
         "schema": "mpt-tools/error/1",
         "ok": False,
         "command": command,
-        "error": {"type": type(exc).__name__, "message": message, "path": path},
-        "written": list(WRITTEN),
+        "error": {"type": type(exc).__name__, "message": message, "path": path if isinstance(path, str) else None},
+        "written": written(),
         "version": __version__,
     }
     show_json(report)
