@@ -39,9 +39,31 @@ STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.mpt-tools-(?P<pid>[0-9]+)-[0-9a-
 _held: dict[str, int] = {}  # staging path -> the fd that holds its lock
 
 
+NAME_MAX = 255
+"""The most bytes of one file name (Linux, macOS and Windows file systems alike)."""
+STEM_BYTES = 200
+"""The most bytes of an output's name a staging name holds: with its 35 to 45 bytes of pid, random
+part and suffix it stays under the 255 bytes a file name may have."""
+
+
+def _stem(name: str) -> str:
+    """``name``, or for a name too long to fit in a staging name, its first bytes and a hash of the
+    whole (so two long names that share their start still get different staging names)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= STEM_BYTES:
+        return name
+    import hashlib
+
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    head = raw[: STEM_BYTES - 13].decode("utf-8", "ignore")  # whole characters only
+    return f"{head}~{digest}"
+
+
 def staging_name(name: str) -> str:
-    """A new hidden name for a temporary file or staging folder of the output ``name``."""
-    return f".{name}.mpt-tools-{os.getpid()}-{os.urandom(6).hex()}.tmp"  # secrets.token_hex(6), without its imports
+    """A new hidden name for a temporary file or staging folder of the output ``name`` (a long one
+    shortened: :func:`_stem`)."""
+    random = os.urandom(6).hex()  # secrets.token_hex(6), without its imports
+    return f".{_stem(name)}.mpt-tools-{os.getpid()}-{random}.tmp"
 
 
 def _lock(fd: int, *, wait: bool) -> bool:
@@ -108,7 +130,7 @@ def _is_stale(path: Path, pid: int) -> bool:
 def _staging_entries(out: Path) -> list[tuple[Path, int]]:
     """Staging entries of ``out``: beside it (named after it) and inside it (any)."""
     found: list[tuple[Path, int]] = []
-    places: list[tuple[Path, str | None]] = [(out.parent, out.name)]
+    places: list[tuple[Path, str | None]] = [(out.parent, _stem(out.name))]
     if out.is_dir() and not out.is_symlink():
         places.append((out, None))
     for folder, name in places:
@@ -428,6 +450,12 @@ def guard_output(
     are source paths (files or folders) that must never be written.
     """
     out = Path(checked_path(path, "the output"))
+    long = next((p for p in out.parts if len(os.fsencode(p)) > NAME_MAX), None)
+    if long is not None:
+        raise WriteError(
+            f"a name in it has {len(os.fsencode(long))} bytes, more than the {NAME_MAX} a file name may have",
+            str(out)[:300],
+        )
     try:
         resolved = out.resolve()
     except (RuntimeError, OSError) as exc:  # RuntimeError (Python 3.11, 3.12) or ELOOP: a symlink loop

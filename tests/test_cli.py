@@ -189,6 +189,35 @@ def test_an_output_through_a_file_or_a_symlink_loop_is_one_line(name: str, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "plain"]
 
 
+def test_a_long_output_name_is_written_and_a_too_long_one_is_one_line(tmp_path: Path) -> None:
+    """A 240-byte output name (valid up to 255) is written: its staging name holds the first 187
+    bytes and a hash, not the whole name and 35 more bytes (it was "File name too long"); a killed
+    writer's staging of it is still found and removed. A 256-byte name is one line."""
+    import time
+
+    from mpt_tools.files import _stem
+
+    long = "a" * 240
+    for argv in (
+        ["init", FIXTURES / "causal", "--mode", "average", "--out", tmp_path / long],
+        ["convert", FIXTURES / "causal", "--out", tmp_path / (long + ".safetensors")],
+        ["export", FIXTURES / "causal", "--to", "npy", "--out", tmp_path / "e" / long],
+    ):
+        result = run_cli(*argv)
+        assert result.exit_code == 0, result.stderr
+    stem = _stem(long + "b")
+    assert len(stem.encode()) == 200 and stem != _stem(long + "c")  # two long names, two staging names
+    leftover = tmp_path / f".{stem}.mpt-tools-999999999-0123456789ab.tmp"
+    leftover.mkdir()
+    past = time.time() - 3600
+    os.utime(leftover, (past, past))
+    result = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", tmp_path / (long + "b"))
+    assert result.exit_code == 0 and not leftover.exists(), result.stderr
+    too_long = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", tmp_path / ("x" * 256))
+    assert too_long.exit_code == 1 and "has 256 bytes, more than the 255 a file name may have" in too_long.stderr
+    assert len(too_long.stderr.strip().splitlines()) == 1
+
+
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mpt_tools.files as files
 
