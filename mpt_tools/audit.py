@@ -397,7 +397,7 @@ def _discover(
     for text in targets:
         if not _is_hub_spec(text):
             path = Path(text)
-            if path.is_dir():
+            if os.path.isdir(path):  # (False, not an OSError, for a name too long)
                 before = len(out) + len(found.rows)
                 out.extend(_walk(path, deep, found))
                 if len(out) + len(found.rows) == before:

@@ -174,7 +174,7 @@ def convert(
             tag = DTYPE_CHOICES[key]
     warnings = require_valid(ckpt, extra)
     out_path = Path(out)
-    as_file = out_path.suffix.lower() == ".safetensors" and not out_path.is_dir()
+    as_file = out_path.suffix.lower() == ".safetensors" and not os.path.isdir(out_path)
     fit = None
     if ckpt.config_from_file and not as_file:  # a folder gets a config: fitted (or refused) before any work
         cols = ckpt.shapes["prefix_task_cols"]

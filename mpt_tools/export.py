@@ -33,6 +33,7 @@ import io
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -499,14 +500,14 @@ def serve_lines(
         ]
     if fmt == "tgis" and not TGIS_PREFIX_ID.fullmatch(prefix):  # ids under the parent would be refused
         return [
-            f"TGIS: PREFIX_STORE_PATH={os.path.abspath(out)} (and MAX_PROMPT_PREFIX_LENGTH >= {longest}); "
-            f"a request picks task {k} with prefix_id={name!r}",
+            f"TGIS: PREFIX_STORE_PATH={shlex.quote(os.path.abspath(out))} (and MAX_PROMPT_PREFIX_LENGTH >= "
+            f"{longest}); a request picks task {k} with prefix_id={name!r}",
         ]
-    if fmt == "tgis":
+    if fmt == "tgis":  # (paths quoted as a shell needs them: a space, a quote)
         return [
-            f"TGIS: PREFIX_STORE_PATH={store} (and MAX_PROMPT_PREFIX_LENGTH >= {longest}); "
+            f"TGIS: PREFIX_STORE_PATH={shlex.quote(store)} (and MAX_PROMPT_PREFIX_LENGTH >= {longest}); "
             f"a request picks task {k} with prefix_id={prefix + '/' + name!r}",
-            f"(or PREFIX_STORE_PATH={os.path.abspath(out)} and prefix_id={name!r})",
+            f"(or PREFIX_STORE_PATH={shlex.quote(os.path.abspath(out))} and prefix_id={name!r})",
         ]
     if fmt == "vllm":
         return [

@@ -189,7 +189,9 @@ def test_an_output_through_a_file_or_a_symlink_loop_is_one_line(name: str, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "plain"]
 
 
-def test_a_long_output_name_is_written_and_a_too_long_one_is_one_line(tmp_path: Path) -> None:
+def test_a_long_output_name_is_written_and_a_too_long_one_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A 240-byte output name (valid up to 255) is written: its staging name holds the first 187
     bytes and a hash, not the whole name and 35 more bytes (it was "File name too long"); a killed
     writer's staging of it is still found and removed. A 256-byte name is one line."""
@@ -216,6 +218,14 @@ def test_a_long_output_name_is_written_and_a_too_long_one_is_one_line(tmp_path: 
     too_long = run_cli("init", FIXTURES / "causal", "--mode", "average", "--out", tmp_path / ("x" * 256))
     assert too_long.exit_code == 1 and "has 256 bytes, more than the 255 a file name may have" in too_long.stderr
     assert len(too_long.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)  # a bare name: Path.is_dir() raises ENAMETOOLONG (it was an internal error)
+    for argv in (
+        ["convert", FIXTURES / "causal", "--out", "x" * 250 + ".safetensors"],
+        ["push", "x" * 256, "me/x", "--dry-run"],
+        ["audit", "x" * 256],
+    ):
+        result = run_cli(*argv)
+        assert result.exit_code == 1 and "internal error" not in result.stderr, (argv[0], result.stderr)
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -236,7 +236,8 @@ def test_a_folder_name_tgis_cannot_take_in_a_prefix_id_is_a_warning(tmp_path: Pa
     out = tmp_path / "store" / name
     res = export(CAUSAL, "--to", "tgis", "--out", out)
     assert f"the folder name {name!r} cannot be part of a TGIS prefix id" in res.stderr
-    assert f"PREFIX_STORE_PATH={out}" in res.stdout and "prefix_id='task_0'" in res.stdout
+    quoted = f"'{out}'" if " " in name else str(out)  # as a shell takes it
+    assert f"PREFIX_STORE_PATH={quoted} " in res.stdout and "prefix_id='task_0'" in res.stdout
     assert f"{name}/task_0" not in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert not any(f"{name}/task_0" in line for line in manifest["serve"])

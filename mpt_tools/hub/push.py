@@ -115,8 +115,12 @@ def push_adapter(
     """
     src = Path(folder)
     _validate_repo_id(repo_id)
-    if not src.is_dir():
-        raise HubError("not an adapter folder (push takes the folder written by `mpt-tools init`)", str(src))
+    if not os.path.isdir(src):  # (False, not an OSError, for a name too long)
+        raise HubError(
+            "not an adapter folder (push takes one: what `mpt-tools init` writes, or a task that "
+            "`mpt-tools export --to peft` baked)",
+            str(src),
+        )
     weights = src / WEIGHTS_NAME
     config_file = src / CONFIG_NAME
     if not weights.is_file():
