@@ -544,3 +544,15 @@ def test_a_failed_file_write_removes_the_parents_it_made(tmp_path: Path, monkeyp
     monkeypatch.undo()
     files.atomic_write(tmp_path / "pa" / "pb" / "x", b"x", parents=True)
     assert (tmp_path / "pa" / "pb" / "x").read_bytes() == b"x"
+
+
+def test_an_output_removed_before_it_is_reported_is_said_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The report stats each written file as it prints it: one removed meanwhile (another process,
+    the user) is "no longer there", not an internal error."""
+    from mpt_tools.cli import render
+
+    kept, gone = tmp_path / "kept.safetensors", tmp_path / "gone.safetensors"
+    kept.write_bytes(b"12345")
+    render.written({"out": str(tmp_path), "files": [str(kept), str(gone)]}, "test")
+    out = capsys.readouterr().out
+    assert f"  {kept}  (5 bytes)" in out and f"  {gone}  (no longer there)" in out

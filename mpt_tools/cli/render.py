@@ -321,7 +321,11 @@ def written(result: Mapping[str, Any], what: str, *, warnings: bool = True, dtyp
         echo(f"note: {note}", err=True)
     echo(f"wrote {result['out']} ({what})")
     for path in result["files"]:
-        echo(f"  {path}  ({os.path.getsize(path)} bytes)")
+        try:
+            size = f"{os.path.getsize(path)} bytes"
+        except OSError:  # removed since (another process, a user): what was written is still said
+            size = "no longer there"
+        echo(f"  {path}  ({size})")
     for name, shape in result.get("shapes", {}).items():
         echo(f"  {name:<18} {dtype + ' ' if dtype else ''}{shape}")
 
