@@ -23,6 +23,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"  # what mpt-tools writes
 WEIGHTS_NAMES = (WEIGHTS_NAME, "adapter_model.bin")  # what PEFT may have written, in the order looked for
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")  # the names that make a folder an adapter
 PEFT_TYPE = "MULTITASK_PROMPT_TUNING"
+PROMPT_TUNING_TYPE = "PROMPT_TUNING"  # one task's prompt: what export --to peft writes, what pack reads
 TASK_TYPES = (
     "SEQ_CLS",
     "SEQ_2_SEQ_LM",
@@ -105,6 +106,21 @@ class MptConfig:
         if nvt is None or nts is None:
             return None
         return nvt * nts
+
+    def prompt_shape_problem(self, shape: tuple[int, ...]) -> str | None:
+        """What a prompt-tuning adapter's ``prompt_embeddings`` of ``shape`` [rows, cols]
+        contradicts in this config (rows: num_virtual_tokens x num_transformer_submodules; cols:
+        token_dim), or None; a field the config lacks is not checked."""
+        rows, cols = shape
+        nvt, nts, dim = self.size("num_virtual_tokens"), self.num_transformer_submodules, self.size("token_dim")
+        if nvt is not None and nts is not None and nvt * nts != rows:
+            return (
+                f"prompt_embeddings has {rows} rows but adapter_config.json says num_virtual_tokens "
+                f"{nvt} x num_transformer_submodules {nts}"
+            )
+        if dim is not None and dim != cols:
+            return f"prompt_embeddings has {cols} columns but adapter_config.json says token_dim {dim}"
+        return None
 
     def expected_shapes(self) -> dict[str, tuple[int | None, ...]]:
         """The shapes the three tensors must have under this config (None: unknown)."""

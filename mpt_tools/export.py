@@ -44,8 +44,8 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import config_findings, prompt_findings, require_valid, tensor_findings, value_findings
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .dtypes import DTYPE_MAX, canonical_dtype
-from .errors import ConfigError, MptToolsError, WriteError
-from .files import guard_output, replace_entries, staging_folder, write_errors, write_synced
+from .errors import ConfigError, MptToolsError, SourceError, WriteError
+from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
 from .options import checked_indices, checked_positive
@@ -594,7 +594,7 @@ def export_prompts(
     d = ckpt.shapes["prompt_embeddings"][1]
     rows = _rows(layout)
     items: list[ExportedTask] = []
-    with write_errors(target), staging_folder(target) as stage:  # a full disk: one line, nothing left
+    with staging_folder(target) as stage:  # (a full disk: one line naming target, nothing left)
         writer = _Writer(to, ckpt, stage, layout, opts, len(chosen))
         try:
             with progress(len(chosen), f"export --to {to}") as advance:
@@ -735,37 +735,53 @@ MANIFEST_BYTES = 64 << 20
 _SAME_EXPORT = ("schema", "format", "source_sha256", "dtype", "file_dtype", "T", "d", "encoder_only")
 
 
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``manifest.json`` of an export folder, read bounded: None where the folder has none;
+    SourceError (one line) where it is not an export manifest (its schema, a list of tasks)."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        raw = read_small(path, MANIFEST_BYTES, SourceError)
+        data = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA or not isinstance(data.get("tasks"), list):
+        raise SourceError(f"{MANIFEST} is not an mpt-tools export manifest ({MANIFEST_SCHEMA})", path)
+    return data
+
+
+def manifest_files(task: Any) -> list[str] | None:
+    """A manifest task entry's files, paths inside the export folder; None where the entry names
+    none, or one outside the folder (a manifest is read from disk, so possibly hostile)."""
+    files = task.get("files") if isinstance(task, dict) else None
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        return None
+    inside = all(Path(f).parts and not Path(f).is_absolute() and ".." not in Path(f).parts for f in files)
+    return files if inside else None
+
+
 def _earlier(target: Path, data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """The tasks of an earlier export into ``target`` (its manifest.json) that this one leaves in
     place: kept in the new manifest when that export is of the same source, format and dtype (and
     their files are all there); otherwise their names, for a warning. Nothing for a table
     (``trtllm``: rewritten whole) or an earlier manifest that cannot be read."""
-    path = target / MANIFEST
-    if data["format"] == "trtllm" or not os.path.isfile(path):
+    if data["format"] == "trtllm":
         return [], []
     try:
-        raw = read_small(path, MANIFEST_BYTES, WriteError)
-        old = json.loads(raw) if raw is not None else None
-    except (MptToolsError, ValueError, RecursionError):
+        old = read_manifest(target)
+    except MptToolsError:
         return [], []
-    if not isinstance(old, dict) or not isinstance(old.get("tasks"), list):
+    if old is None:
         return [], []
     new_names = {t["name"] for t in data["tasks"]}
     left: list[dict[str, Any]] = []
     for task in old["tasks"]:
-        if not isinstance(task, dict) or not isinstance(task.get("name"), str) or task["name"] in new_names:
+        files = manifest_files(task)
+        if files is None or not isinstance(task.get("name"), str) or task["name"] in new_names:
             continue
-        files = task.get("files")
-        if not isinstance(files, list) or not all(isinstance(f, str) and _inside(target, f) for f in files):
-            continue
-        if files and all(os.path.lexists(target / f) for f in files):
+        if all(os.path.lexists(target / f) for f in files):
             left.append(task)
     if all(old.get(key) == data.get(key) for key in _SAME_EXPORT):
         return left, []
     return [], [task["name"] for task in left]
-
-
-def _inside(target: Path, relative: str) -> bool:
-    """Whether ``relative`` (from a manifest, so possibly hostile) names a path inside ``target``."""
-    parts = Path(relative).parts
-    return bool(parts) and not Path(relative).is_absolute() and ".." not in parts

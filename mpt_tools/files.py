@@ -490,15 +490,6 @@ def guard_output(
     return out
 
 
-@contextlib.contextmanager
-def write_errors(out: str | os.PathLike[str]) -> Iterator[None]:
-    """An OSError in the block (a full disk, a quota) as the one-line WriteError naming ``out``."""
-    try:
-        yield
-    except OSError as exc:
-        raise WriteError(f"cannot write: {exc.strerror or exc}", os.fspath(out)) from None
-
-
 def _file_on_the_way(out: Path) -> Path | None:
     """The nearest existing folder above ``out`` that is not a folder (``plain/x`` where ``plain`` is
     a file), or None: creating ``out``'s missing parents would fail there."""
@@ -527,7 +518,8 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     removed in the same ``finally``, so no error or signal can leave it behind (a second signal
     waits for the removal); it is held (locked) by this process while it exists. Missing parents
     of ``out_dir`` are created, and removed again (those still empty) when ``out_dir`` was not
-    written.
+    written. An OSError in the block (a full disk, a quota) is the one-line WriteError naming
+    ``out_dir``.
     """
     out = Path(out_dir)
     base = out if out.exists() else out.parent
@@ -548,6 +540,8 @@ def staging_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):  # unlockable: the live pid in its name still protects it
             _hold(staging)
         yield staging
+    except OSError as exc:
+        raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
     finally:
         cleanup(remove)  # a signal during the removal would leave half of it: it waits until done
 
@@ -569,16 +563,13 @@ def write_files(
     untouched.
     """
     out = Path(out_dir)
-    try:
-        with staging_folder(out) as staging:
-            for name, data in files.items():
-                write_synced(staging / name, data)
-            _fsync_dir(staging)
-            if check is not None:
-                check(staging)
-            commit_staged(staging, out, force=force)
-    except OSError as exc:
-        raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
+    with staging_folder(out) as staging:  # (an OSError: its WriteError naming out)
+        for name, data in files.items():
+            write_synced(staging / name, data)
+        _fsync_dir(staging)
+        if check is not None:
+            check(staging)
+        commit_staged(staging, out, force=force)
 
 
 def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, force: bool) -> list[str]:

@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import check_plan_types, check_source, check_target, require_valid, value_findings
 from .config import target_config
 from .errors import HubError, ValidationError, VerificationFailed, WriteError
-from .files import commit_staged, guard_output, staging_folder, write_errors
+from .files import commit_staged, guard_output, staging_folder
 from .findings import Finding, errors, refusal
 from .formats import Raw, from_numpy, to_float32
 from .modes import Mode, TargetPlan, get_mode
@@ -260,7 +260,7 @@ def init_and_verify(
     ckpt = load_source(source)
     folder = guard_output(out, force=force, protected=ckpt.source_paths)
     plan = TargetPlan(plan) if isinstance(plan, str) else plan
-    with write_errors(folder), staging_folder(folder) as staging:
+    with staging_folder(folder) as staging:
         try:
             result = _init(ckpt, plan, staging, force, base_model, peft_compat)
         except WriteError as exc:  # written into the staging folder: name the output the user gave

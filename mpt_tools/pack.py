@@ -35,7 +35,16 @@ import numpy as np
 from .als import CHUNK_BYTES, FitSettings, als_fit, prompt_errors, round_off_floors
 from .checkpoint import Checkpoint, Source, download_missing, load_source
 from .checks import require_valid
-from .config import CONFIG_NAME, PEFT_TYPE, TASK_TYPES, WEIGHTS_NAMES, MptConfig, read_config, target_config
+from .config import (
+    CONFIG_NAME,
+    PEFT_TYPE,
+    PROMPT_TUNING_TYPE,
+    TASK_TYPES,
+    WEIGHTS_NAMES,
+    MptConfig,
+    read_config,
+    target_config,
+)
 from .dtypes import UNIT_ROUND_OFF
 from .errors import ConfigError, FormatError, MptToolsError, SourceError, ValidationError
 from .factors import MAX_TARGET_ELEMENTS
@@ -60,7 +69,6 @@ from .formats import (
     to_torch,
 )
 from .options import HubOptions, SourceSpec, checked_indices, checked_path, checked_positive
-from .paths import read_small
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .version import __version__
@@ -197,27 +205,17 @@ def _peft_folder(folder: Path) -> _Prompt:
     peft_type = cfg.raw.get("peft_type")
     if peft_type == PEFT_TYPE:
         raise SourceError("is a Multitask Prompt Tuning adapter: give it as --from SOURCE (--tasks LIST)", str(folder))
-    if peft_type != "PROMPT_TUNING":
+    if peft_type != PROMPT_TUNING_TYPE:
         raise SourceError(f"peft_type is {peft_type!r}: expected a PROMPT_TUNING adapter", str(folder))
     weights = next((folder / n for n in WEIGHTS_NAMES if os.path.lexists(folder / n)), None)
     if weights is None:
         raise SourceError("no adapter_model.safetensors or adapter_model.bin in this directory", str(folder))
     raw = _tensor_of(open_tensor_file(weights), str(weights))
     array = _finite(to_float32(raw) if raw.dtype != "F64" else raw.array.reshape(raw.shape), str(weights))
+    problem = cfg.prompt_shape_problem(array.shape)
+    if problem is not None:
+        raise ValidationError(problem, str(weights))
     nts = cfg.num_transformer_submodules
-    nvt = cfg.size("num_virtual_tokens")
-    if nvt is not None and nts is not None and nvt * nts != array.shape[0]:
-        raise ValidationError(
-            f"prompt_embeddings has {array.shape[0]} rows but adapter_config.json says num_virtual_tokens "
-            f"{nvt} x num_transformer_submodules {nts}",
-            str(weights),
-        )
-    token_dim = cfg.size("token_dim")
-    if token_dim is not None and token_dim != array.shape[1]:
-        raise ValidationError(
-            f"prompt_embeddings has {array.shape[1]} columns but adapter_config.json says token_dim {token_dim}",
-            str(weights),
-        )
     task_type = cfg.task_type
     if task_type is not None and task_type not in TASK_TYPES:
         raise ConfigError(f"unknown task_type {task_type!r}", cfg.path)
@@ -537,39 +535,29 @@ def _exported(folder: str) -> tuple[list[str], str | None] | None:
     """The prompts of an ``mpt-tools export`` folder (its manifest.json, in the order of the source's
     tasks) and the task_type it records; None where ``folder`` is not one (no manifest, or a prompt
     folder itself)."""
-    import json
+    from .export import MANIFEST, manifest_files, read_manifest
 
-    from .export import MANIFEST, MANIFEST_BYTES, MANIFEST_SCHEMA
-
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isdir(folder) or not os.path.isfile(path) or os.path.lexists(os.path.join(folder, CONFIG_NAME)):
+    if not os.path.isdir(folder) or os.path.lexists(os.path.join(folder, CONFIG_NAME)):
         return None
-    try:
-        raw = read_small(path, MANIFEST_BYTES, SourceError)
-        data = json.loads(raw) if raw is not None else None
-    except ValueError:
-        data = None
-    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA:
-        raise SourceError(f"{MANIFEST} is not an mpt-tools export manifest ({MANIFEST_SCHEMA})", path)
-    if not isinstance(data.get("tasks"), list):
-        raise SourceError(f"{MANIFEST} is not an mpt-tools export manifest ({MANIFEST_SCHEMA})", path)
+    data = read_manifest(folder)
+    if data is None:
+        return None
     if data.get("format") == "trtllm":
         raise SourceError(
             "a TensorRT-LLM prompt table (one file of every task): pack reads one prompt per input; "
             "export --to npy gives one file per task",
             folder,
         )
+    path = os.path.join(folder, MANIFEST)
     prompts: list[tuple[int, int, str]] = []
     for position, task in enumerate(data["tasks"]):
-        files = task.get("files") if isinstance(task, dict) else None
-        index = task.get("task") if isinstance(task, dict) else None
-        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
-            raise SourceError(f"task entry {position} names no files", path)
+        files = manifest_files(task)
+        if files is None:
+            raise SourceError(f"task entry {position} names no files, or one outside the folder", path)
+        index = task.get("task")
         if not isinstance(index, int) or isinstance(index, bool):
             raise SourceError(f"task entry {position} has no task index", path)
         parts = Path(files[0]).parts
-        if Path(files[0]).is_absolute() or ".." in parts or not parts:
-            raise SourceError(f"task entry {position} names a file outside the folder: {files[0]!r}", path)
         if len(parts) > 1:  # a folder per task (peft, tgis)
             prompts.append((index, position, os.path.join(folder, parts[0])))
         else:  # a file per task (npy; vllm: the .pt, not its base64)

@@ -608,7 +608,11 @@ def test_push_refuses_a_prompt_tuning_folder_peft_cannot_load(hub, tmp_path):
     assert run_cli("export-prompt", FIXTURES / "causal", "--task", "0", "--out", baked).exit_code == 0
     good = (baked / WEIGHTS).read_bytes()
     cases = {
-        "shape": ({"prompt_embeddings": np.zeros((5, 16), np.float32)}, "prompt_embeddings is [5, 16], but"),
+        "shape": (
+            {"prompt_embeddings": np.zeros((5, 16), np.float32)},
+            "prompt_embeddings has 5 rows but adapter_config.json says num_virtual_tokens 4"
+            " x num_transformer_submodules 1",
+        ),
         "nan": ({"prompt_embeddings": np.full((4, 16), np.nan, np.float32)}, "NaN or Inf"),
         "two": (
             {"prompt_embeddings": np.zeros((4, 16), np.float32), "x": np.zeros(1, np.float32)},

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from ..config import PROMPT_TUNING_TYPE
 from ..results import PushedFile
 from .base_model import _AUTO_CLASSES
 from .download import _HUB_ID_RE
@@ -40,7 +41,7 @@ def _safe_source(value: str) -> str:
 
 def _safe_inputs(value: str) -> str:
     """A recorded list of inputs (``pack``'s, comma-separated) for the card: Hub URLs as they are,
-    local paths reduced to their last part (``/home/me/qa#task0`` -> ``qa#task0``)."""
+    local paths reduced to their last part (``teachers/qa#task0`` -> ``qa#task0``)."""
     items = []
     for item in value.split(","):
         if not item.startswith("hf://") and ("/" in item or os.sep in item):
@@ -73,7 +74,7 @@ def model_card(
     lines.append("tags:")
     if base_id:
         lines.append(f"- {_card_value('base_model:adapter:' + base_id)}")
-    prompt_tuning = config.get("peft_type") == "PROMPT_TUNING"  # one task baked from an MPT adapter
+    prompt_tuning = config.get("peft_type") == PROMPT_TUNING_TYPE  # one task baked from an MPT adapter
     lines += [f"- {t}" for t in (PROMPT_TUNING_TAGS if prompt_tuning else CARD_TAGS)]
     lines += ["---", ""]
     name = repo_id.split("/")[-1]
@@ -94,14 +95,13 @@ def model_card(
         )
     lines += [f"# {name}", "", summary, "", "## How it was made", ""]
     prov = {k[len("mpt_tools.") :]: v for k, v in metadata.items() if k.startswith("mpt_tools.")}
+    rows: list[tuple[str, Any]]
+    version = _plain(prov.get("version", ""), 40)
     if "mode" in prov:
-        lines += [
-            f"Initialised with mpt-tools {_plain(prov.get('version', ''), 40)} "
-            f"(`mpt-tools init --mode {_plain(prov['mode'], 40)}`) from a source MPT adapter.",
-            "",
-            "| field | value |",
-            "| --- | --- |",
-        ]
+        intro = (
+            f"Initialised with mpt-tools {version} "
+            f"(`mpt-tools init --mode {_plain(prov['mode'], 40)}`) from a source MPT adapter."
+        )
         rows = [
             ("source", _safe_source(prov["source"]) if "source" in prov else None),
             ("source revision", prov.get("source_revision")),
@@ -115,22 +115,17 @@ def model_card(
             ("seed", prov.get("seed")),
             ("target tasks", prov.get("target_tasks")),
         ]
-        lines += [f"| {k} | `{_plain(v)}` |" for k, v in rows if v is not None]
-    elif "operation" in prov:  # tasks, rerank, convert, export-prompt, compat, pack: what each recorded
-        lines += [
-            f"Made with mpt-tools {_plain(prov.get('version', ''), 40)} (`mpt-tools {_plain(prov['operation'], 40)}`).",
-            "",
-            "| field | value |",
-            "| --- | --- |",
+    elif "operation" in prov:  # tasks, rerank, convert, export, pack: every field each recorded
+        intro = f"Made with mpt-tools {version} (`mpt-tools {_plain(prov['operation'], 40)}`)."
+        rows = [
+            (key.replace("_", " "), _PATH_FIELDS[key](value) if key in _PATH_FIELDS else value)
+            for key, value in prov.items()
+            if key not in ("version", "operation")
         ]
-        for key, value in prov.items():
-            if key in ("version", "operation"):
-                continue
-            shown = _PATH_FIELDS[key](value) if key in _PATH_FIELDS else value
-            lines.append(f"| {_plain(key.replace('_', ' '), 60)} | `{_plain(shown)}` |")
     else:
-        lines.append("Not recorded: the weights carry no mpt-tools provenance metadata.")
-        lines += ["", "| field | value |", "| --- | --- |"]
+        intro, rows = "Not recorded: the weights carry no mpt-tools provenance metadata.", []
+    lines += [intro, "", "| field | value |", "| --- | --- |"]
+    lines += [f"| {_plain(key, 60)} | `{_plain(value)}` |" for key, value in rows if value is not None]
     for f in files:
         if f["path"] != CARD_NAME:
             lines.append(f"| {f['path']} sha256 | `{f['sha256']}` |")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..checkpoint import load_source
 from ..checks import require_valid
-from ..config import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..config import CONFIG_NAME, PROMPT_TUNING_TYPE, WEIGHTS_NAME, MptConfig, read_config
 from ..errors import HubError, MptToolsError
 from ..formats import open_safetensors
 from ..results import PushedFile, PushResult
@@ -55,17 +55,14 @@ def _push_error(exc: BaseException, *, where: str, token: str | None, revision: 
     return HubError(scrub(msg, tokens), where)
 
 
-PROMPT_TUNING = "PROMPT_TUNING"
-
-
-def _check_prompt_tuning(weights: Path, config: dict[str, Any]) -> None:
+def _check_prompt_tuning(weights: Path, config: MptConfig) -> dict[str, str]:
     """A PEFT prompt-tuning folder (what ``export --to peft`` and ``export-prompt`` write) that PEFT
-    loads: one float ``prompt_embeddings`` [num_virtual_tokens x num_transformer_submodules,
-    token_dim], every value finite; ValidationError (one line, "refusing to push") otherwise."""
+    loads: one float ``prompt_embeddings`` of the shape ``config`` says, every value finite;
+    ValidationError (one line, "refusing to push") otherwise. Returns the weights' metadata."""
     import numpy as np
 
     from ..errors import ValidationError
-    from ..formats import DTYPE_NAMES, open_safetensors, to_float32
+    from ..formats import DTYPE_NAMES, to_float32
 
     def refuse(problem: str) -> ValidationError:
         return ValidationError(f"refusing to push: {problem}", str(weights))
@@ -77,19 +74,14 @@ def _check_prompt_tuning(weights: Path, config: dict[str, Any]) -> None:
     info = tfile.infos[names[0]]
     if info.dtype not in DTYPE_NAMES:
         raise refuse(f"prompt_embeddings is {info.dtype}, not a float dtype PEFT trains in")
-    sizes = [config.get(k) for k in ("num_virtual_tokens", "num_transformer_submodules", "token_dim")]
-    sizes[1] = 1 if sizes[1] is None else sizes[1]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+    if config.total_virtual_tokens is None or config.size("token_dim") is None:
         raise refuse("adapter_config.json lacks a positive num_virtual_tokens, num_transformer_submodules or token_dim")
-    nvt, nts, dim = (int(v) for v in sizes)  # type: ignore[arg-type]
-    expected = (nvt * nts, dim)
-    if tuple(info.shape) != expected:
-        raise refuse(
-            f"prompt_embeddings is {list(info.shape)}, but adapter_config.json says {list(expected)} "
-            "(num_virtual_tokens x num_transformer_submodules, token_dim)"
-        )
+    problem = config.prompt_shape_problem(info.shape) if len(info.shape) == 2 else "prompt_embeddings is not 2-D"
+    if problem is not None:
+        raise refuse(problem)
     if not np.isfinite(to_float32(tfile.read(names[0]))).all():
         raise refuse("prompt_embeddings holds NaN or Inf")
+    return dict(tfile.metadata or {})
 
 
 def push_adapter(
@@ -132,12 +124,11 @@ def push_adapter(
         raise HubError(f"no {WEIGHTS_NAME} here{hint}", str(src))
     if not config_file.is_file():
         raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
-    config = dict(read_config(config_file).raw)  # bounded, one line for a hostile file
-    config_bytes = config_file.read_bytes()
-    prompt_tuning = config.get("peft_type") == PROMPT_TUNING
+    parsed = read_config(config_file)  # bounded, one line for a hostile file
+    config, config_bytes = dict(parsed.raw), config_file.read_bytes()
+    prompt_tuning = config.get("peft_type") == PROMPT_TUNING_TYPE
     if prompt_tuning:  # one task's baked prompt (export --to peft, export-prompt)
-        _check_prompt_tuning(weights, config)
-        metadata = dict(open_safetensors(weights).metadata or {})
+        metadata = _check_prompt_tuning(weights, parsed)
     else:
         ckpt = load_source(src)
         require_valid(ckpt, refusing="push")
