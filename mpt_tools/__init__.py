@@ -6,7 +6,7 @@ The library API (every CLI command is one of these functions)::
     from mpt_tools import select_tasks, rerank, convert, export_prompt, compat_adapter, diff, task_similarity
     from mpt_tools import export_prompts, ExportOptions                # bake prompts for serving engines
     from mpt_tools import audit_adapters                                         # many adapters at once
-    from mpt_tools import embed_request                                          # a serving engine's input
+    from mpt_tools import embed_request, embed_payload            # a serving engine's input (file, bytes)
     from mpt_tools import pack_prompts, PackOptions           # single-task prompts into one MPT adapter
     from mpt_tools import push_adapter, download_source
     from mpt_tools import SourceSpec, HubOptions, ConfigOverrides, TargetPlan   # typed options
@@ -35,6 +35,7 @@ _WHERE = {
     "compat_adapter": "compat",
     "convert": "conversion",
     "diff": "compare",
+    "embed_payload": "embed",
     "embed_request": "embed",
     "download_source": "hub.download",
     "export_prompts": "export",
@@ -68,6 +69,7 @@ __all__ = [
     "convert",
     "diff",
     "download_source",
+    "embed_payload",
     "embed_request",
     "export_prompt",
     "export_prompts",
@@ -91,7 +93,7 @@ if TYPE_CHECKING:
     from .compare import diff, plot_similarity, task_similarity
     from .compat import compat_adapter
     from .conversion import convert
-    from .embed import embed_request
+    from .embed import embed_payload, embed_request
     from .errors import MptToolsError
     from .export import ExportOptions, export_prompts
     from .hub.download import download_source

@@ -215,6 +215,32 @@ def embed_request(
 ) -> EmbedResult:
     """Write ``cat(P_task, E[ids(text)])`` for ``base_model`` (a local folder or a Hub repo id)
     into ``out`` in format ``to`` (:data:`FORMATS`); see the module docstring."""
+    payload, result = _embed(source, task, text, base_model, out, to=to, force=force, hub=hub)
+    atomic_write(out, payload, replace=force)
+    return result
+
+
+def embed_payload(
+    source: Source, task: int, text: str, base_model: str, *, to: str = "pt", hub: HubOptions | None = None
+) -> tuple[bytes, EmbedResult]:
+    """What :func:`embed_request` would write, as bytes (for a pipe or an HTTP body), with its
+    report (``out`` is None); nothing is written."""
+    return _embed(source, task, text, base_model, None, to=to, force=False, hub=hub)
+
+
+def _embed(
+    source: Source,
+    task: int,
+    text: str,
+    base_model: str,
+    out: str | os.PathLike[str] | None,
+    *,
+    to: str,
+    force: bool,
+    hub: HubOptions | None,
+) -> tuple[bytes, EmbedResult]:
+    """The payload and report of :func:`embed_request`; ``out`` (when given) is checked before
+    anything is read from the base model."""
     import torch
 
     if to not in FORMATS:
@@ -237,7 +263,8 @@ def embed_request(
             )
         )
     require_valid(ckpt, extra)
-    guard_output(out, force=force, protected=ckpt.source_paths, kind="file")
+    if out is not None:
+        guard_output(out, force=force, protected=ckpt.source_paths, kind="file")
     d = ckpt.shapes["prompt_embeddings"][1]
     local = Path(base_model).expanduser()
     commit: str | None = None
@@ -290,9 +317,8 @@ def embed_request(
         torch.save(full.clone(), buffer)
         # no newline after the base64: vLLM decodes it strictly (b64decode(validate=True))
         payload = buffer.getvalue() if to == "pt" else base64.b64encode(buffer.getvalue())
-    atomic_write(out, payload, replace=force)
     info = matrix.info
-    return {
+    return payload, {
         "schema": "mpt-tools/embed/1",
         "source": ckpt.where,
         "task": task,
@@ -307,6 +333,6 @@ def embed_request(
         "bytes_read": read,
         "matrix_bytes": info.nbytes,
         "format": to,
-        "out": str(out),
+        "out": None if out is None else str(out),
         "version": __version__,
     }

@@ -564,7 +564,8 @@ class DiffResult(TypedDict):
 
 class EmbedResult(TypedDict):
     """``mpt-tools/embed/1``: ``rows`` = ``prompt_rows`` + len(``token_ids``); ``embedding`` is
-    ``file:tensor``; ``bytes_read`` of the matrix's ``matrix_bytes`` (only the rows the ids need)."""
+    ``file:tensor``; ``bytes_read`` of the matrix's ``matrix_bytes`` (only the rows the ids need); ``out`` is None
+    for :func:`~mpt_tools.embed.embed_payload` (and ``--out -``: the payload went to stdout)."""
 
     schema: str
     source: str
@@ -580,7 +581,7 @@ class EmbedResult(TypedDict):
     bytes_read: int
     matrix_bytes: int
     format: str
-    out: str
+    out: str | None
     version: str
 
 

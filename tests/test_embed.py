@@ -150,6 +150,36 @@ def test_formats(setup: dict[str, Path], tmp_path: Path) -> None:
     assert again.exit_code == 1 and "--force" in again.stderr
 
 
+def test_out_dash_writes_the_payload_to_stdout(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``--out -``: the exact bytes of the file, on stdout (for ``curl -d @-`` and pipes); the
+    report on stderr; nothing written; ``--json`` with it, or binary ``pt`` to a terminal, a usage error."""
+    import pty
+    import subprocess
+
+    common = ["embed", setup["adapter"], "--task", "1", "--text", "w3 w1", "--base-model", setup["model"]]
+    for to in ("pt", "vllm", "sglang"):
+        assert run_cli(*common, "--to", to, "--out", tmp_path / f"file.{to}").exit_code == 0
+        piped = run_cli(*common, "--to", to, "--out", "-")
+        assert piped.exit_code == 0, piped.stderr
+        assert piped.stdout_bytes == (tmp_path / f"file.{to}").read_bytes()
+        assert "wrote standard output" in piped.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.pt", "file.sglang", "file.vllm"]
+    with_json = run_cli(*common, "--out", "-", "--json")
+    assert with_json.exit_code == 2 and "--json and --out -" in with_json.stderr
+    # a real process: the bytes through a pipe; a terminal refuses binary
+    exe = [sys.executable, "-m", "mpt_tools", *map(str, common)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*exe, "--to", "vllm", "--out", "-"], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout == (tmp_path / "file.vllm").read_bytes()
+    main, other = pty.openpty()
+    try:
+        tty = subprocess.run([*exe, "--out", "-"], stdout=other, stderr=subprocess.PIPE, env=env, timeout=120)
+    finally:
+        os.close(main)
+        os.close(other)
+    assert tty.returncode == 2 and b"--to pt is binary" in tty.stderr
+
+
 def test_bfloat16_model_gets_a_bfloat16_input(tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "bf16", dtype=torch.bfloat16)
     mpt_adapter(tiny_model(tmp_path / "scratch"), tmp_path / "adapter")

@@ -881,7 +881,13 @@ def compat(
     show_default=True,
     help="pt: torch.save of the tensor (vLLM offline); vllm: its base64 (HTTP); sglang: JSON input_embeds.",
 )
-@option("--out", required=True, type=PathText(dir_okay=False), section="Output", help="The file to write.")
+@option(
+    "--out",
+    required=True,
+    type=PathText(dir_okay=False, allow_dash=True),
+    section="Output",
+    help="The file to write; - for stdout (the report goes to stderr).",
+)
 @FORCE
 @JSON
 @source_options()
@@ -903,6 +909,17 @@ def embed(
     from the Hub. Fed as inputs_embeds (vLLM prompt_embeds, SGLang input_embeds), the base model
     gives what the PEFT MPT model gives with task_ids=[K]. Needs the tokenizers package.
     """
+    if out == "-":
+        if as_json:
+            raise click.UsageError("--json and --out - would both write to stdout: give --out FILE for --json")
+        if to == "pt" and sys.stdout is not None and sys.stdout.isatty():
+            raise click.UsageError("--to pt is binary: redirect stdout (> req.pt, | ...) or give --out FILE")
+        from ..embed import embed_payload
+
+        payload, result = embed_payload(source, task, text, base_model, to=to, hub=source.hub)
+        _render().write_stdout(payload)
+        _render().embed_view(result, err=True)
+        return
     from ..embed import embed_request as run
 
     result = run(source, task, text, base_model, out, to=to, force=force, hub=source.hub)

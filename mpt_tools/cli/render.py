@@ -7,6 +7,7 @@ hostile file could carry into a name, a config value or metadata.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -84,6 +85,23 @@ def _out(text: str, *, err: bool = False) -> None:
     except OSError as exc:
         if err:
             return  # nowhere left to say it
+        raise StdoutError(exc.errno, exc.strerror) from None
+
+
+def write_stdout(data: bytes) -> None:
+    """Write bytes (a payload for a pipe) to stdout as they are: a reader that left is no error;
+    a failing stdout is :class:`StdoutError`."""
+    if _stdout_gone:
+        return
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:  # closed (>&-): the payload has nowhere to go
+        raise StdoutError(errno.EBADF, "standard output is closed")
+    try:
+        stream.write(data)
+        stream.flush()
+    except BrokenPipeError:
+        detach_stdout()
+    except OSError as exc:
         raise StdoutError(exc.errno, exc.strerror) from None
 
 
@@ -689,16 +707,22 @@ def audit_markdown(result: AuditResult) -> None:
     echo(_audit_summary_line(result))
 
 
-def embed_view(result: EmbedResult) -> None:
-    """``embed``: what was written, and how to send it."""
+def embed_view(result: EmbedResult, *, err: bool = False) -> None:
+    """``embed``: what was written (to stderr with ``err``: the payload went to stdout), and how
+    to send it."""
     echo(
-        f"wrote {result['out']} ({result['format']}): [{result['rows']}, {result['token_dim']}] {result['dtype']} = "
-        f"task {result['task']}'s prompt ({result['prompt_rows']} rows) + {len(result['token_ids'])} token(s)"
+        f"wrote {result['out'] or 'standard output'} ({result['format']}): [{result['rows']}, "
+        f"{result['token_dim']}] {result['dtype']} = task {result['task']}'s prompt ({result['prompt_rows']} rows) "
+        f"+ {len(result['token_ids'])} token(s)",
+        err=err,
     )
-    echo(f"  embeddings: {result['embedding']}, {result['bytes_read']:,} of {result['matrix_bytes']:,} bytes read")
+    echo(
+        f"  embeddings: {result['embedding']}, {result['bytes_read']:,} of {result['matrix_bytes']:,} bytes read",
+        err=err,
+    )
     hints = {
         "pt": "vLLM offline: llm.generate({'prompt_embeds': torch.load(FILE)}) (serve with --enable-prompt-embeds)",
         "vllm": 'vLLM server (--enable-prompt-embeds): POST /v1/completions with "prompt_embeds": the file\'s text',
         "sglang": "SGLang: POST /generate with the file's JSON (input_embeds) plus sampling_params",
     }
-    echo(f"  {hints[result['format']]}")
+    echo(f"  {hints[result['format']]}", err=err)
