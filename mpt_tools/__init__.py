@@ -10,6 +10,7 @@ The library API (every CLI command is one of these functions)::
     from mpt_tools import pack_prompts, PackOptions           # single-task prompts into one MPT adapter
     from mpt_tools import push_adapter, download_source
     from mpt_tools import SourceSpec, HubOptions, ConfigOverrides, TargetPlan   # typed options
+    from mpt_tools import MptToolsError, ValidationError, WriteError, ...  # the one exception family
 
 Names are imported on first use, so ``import mpt_tools`` stays cheap, and none of the functions
 imports torch or huggingface_hub until a code path needs it.
@@ -24,6 +25,15 @@ from .version import __version__
 
 _WHERE = {
     "Checkpoint": "checkpoint",
+    "ConfigError": "errors",
+    "DeviceError": "errors",
+    "FormatError": "errors",
+    "HubError": "errors",
+    "SourceError": "errors",
+    "ValidationError": "errors",
+    "VerificationFailed": "errors",
+    "VerifyError": "errors",
+    "WriteError": "errors",
     "ConfigOverrides": "options",
     "ExportOptions": "export",
     "HubOptions": "options",
@@ -56,13 +66,22 @@ _WHERE = {
 
 __all__ = [
     "Checkpoint",
+    "ConfigError",
     "ConfigOverrides",
+    "DeviceError",
     "ExportOptions",
+    "FormatError",
+    "HubError",
     "HubOptions",
     "MptToolsError",
     "PackOptions",
+    "SourceError",
     "SourceSpec",
     "TargetPlan",
+    "ValidationError",
+    "VerificationFailed",
+    "VerifyError",
+    "WriteError",
     "__version__",
     "audit_adapters",
     "compat_adapter",
@@ -94,7 +113,18 @@ if TYPE_CHECKING:
     from .compat import compat_adapter
     from .conversion import convert
     from .embed import embed_payload, embed_request
-    from .errors import MptToolsError
+    from .errors import (
+        ConfigError,
+        DeviceError,
+        FormatError,
+        HubError,
+        MptToolsError,
+        SourceError,
+        ValidationError,
+        VerificationFailed,
+        VerifyError,
+        WriteError,
+    )
     from .export import ExportOptions, export_prompts
     from .hub.download import download_source
     from .hub.push import push_adapter

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .checks import check_source, config_findings, tensor_findings
 from .config import CONFIG_NAME, MAX_CONFIG_BYTES, PEFT_TYPE, WEIGHTS_NAME, WEIGHTS_NAMES, parse_config, read_config
-from .errors import MptToolsError
+from .errors import ConfigError, MptToolsError
 from .files import file_sha256, is_stale_staging
 from .findings import Finding, errors
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, normalise_keys, parse_header
@@ -160,6 +160,15 @@ def _hub_jobs(listing: RepoListing, subfolder: str | None) -> Iterator[_Job]:
         own_weights = parent in folders and name == WEIGHTS_NAME
         if name.endswith(".safetensors") and not own_weights and path.startswith(prefix):
             yield _Job("hub", f"{base}/{path}", path, listing)
+
+
+def _text(value: object, what: str) -> str:
+    """A target or author as text: a str, or the path of an ``os.PathLike``; a ConfigError otherwise."""
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, str):
+            return text
+    raise ConfigError(f"{what}: expected paths or repo ids as text, got {type(value).__name__} {value!r:.60}")
 
 
 def _is_hub_spec(text: str) -> bool:
@@ -465,6 +474,8 @@ def audit_adapters(
     hub = hub or HubOptions()
     targets = [targets] if isinstance(targets, (str, os.PathLike)) else targets  # one, not its characters
     authors = [authors] if isinstance(authors, str) else authors
+    targets = [_text(t, "targets") for t in targets]  # a Path is a path, as its text
+    authors = [_text(a, "authors") for a in authors]
     jobs = (os.cpu_count() or 1) if jobs is None else checked_positive(jobs, "jobs")
     _LISTINGS.clear()  # folder listings are kept for one audit only
     found = _Found()

@@ -435,11 +435,14 @@ def target_config_findings(target: MptConfig) -> list[Finding]:
     return out
 
 
-def check_plan_types(plan: Any) -> None:
-    """ConfigError (one line, naming the field) where ``plan`` is not a TargetPlan or a field has the
-    wrong type: a string where a list or an integer belongs, a bool or a float task, a negative
-    seed (the library's version of the command line's parameter checks; init and validate call it
-    before they use the plan)."""
+def check_plan_types(plan: Any) -> TargetPlan:
+    """``plan`` (a TargetPlan or a mode name) with its lists as plain lists of ints and floats (a
+    numpy array or a tuple is taken); ConfigError (one line, naming the field) where it is not a
+    TargetPlan or a field has the wrong type: a string where a list or an integer belongs, a bool
+    or a float task, a negative seed (the library's version of the command line's parameter checks;
+    init and validate call it before they use the plan)."""
+    if isinstance(plan, str):
+        plan = TargetPlan(plan)
     if not isinstance(plan, TargetPlan):
         raise ConfigError(f"the plan must be a mode name or a TargetPlan, not {type(plan).__name__}")
     if not isinstance(plan.mode, str):
@@ -449,10 +452,10 @@ def check_plan_types(plan: Any) -> None:
             checked_index(getattr(plan, name), name)
     if plan.seed is not None and plan.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer (numpy's generators take none), not {plan.seed}")
-    if plan.tasks is not None:
-        checked_indices(plan.tasks, "tasks")
-    if plan.weights is not None:
-        checked_numbers(plan.weights, "weights")
+    return plan._replace(
+        tasks=None if plan.tasks is None else checked_indices(plan.tasks, "tasks"),
+        weights=None if plan.weights is None else checked_numbers(plan.weights, "weights"),
+    )
 
 
 def check_target(

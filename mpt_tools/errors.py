@@ -7,7 +7,7 @@ one line on stderr and exit status 1. Anything else escaping the library is a bu
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .results import VerifyResult
@@ -47,11 +47,12 @@ class ConfigError(MptToolsError):
 
 
 class ValidationError(MptToolsError):
-    """The tensors fail the checks an operation needs; ``findings`` holds every problem."""
+    """The tensors fail the checks an operation needs; ``findings`` holds every problem
+    (:class:`~mpt_tools.findings.Finding`; ``f.to_dict()`` is what ``validate`` reports)."""
 
-    def __init__(self, message: str, path: str | None = None, findings: list | None = None) -> None:
+    def __init__(self, message: str, path: str | None = None, findings: list[Any] | None = None) -> None:
         super().__init__(message, path)
-        self.findings = findings or []
+        self.findings: list[Any] = findings or []  # Finding (findings sits above errors: no import)
 
 
 class WriteError(MptToolsError):

@@ -48,7 +48,7 @@ from .errors import ConfigError, MptToolsError, SourceError, WriteError
 from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
-from .options import checked_indices, checked_positive
+from .options import checked_indices, checked_positive, readable_fields
 from .paths import read_small
 from .progress import progress
 from .prompts import CHUNK_BYTES, plan_chunks, task_runs
@@ -83,6 +83,7 @@ CAST_LIMITS = {"float16": 65520.0, "bfloat16": 2.0**128 - 2.0**119}
 SEQ2SEQ = "SEQ_2_SEQ_LM"
 
 
+@readable_fields
 class ExportOptions(NamedTuple):
     """How :func:`export_prompts` writes.
 

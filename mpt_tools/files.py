@@ -216,10 +216,24 @@ def _remove_made(made: list[Path]) -> None:
 
 
 def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file (0o666 less the umask)."""
+    """The mode a plain ``open(path, "w")`` would give a new file (0o666 less the umask). The umask
+    is read from /proc (Linux) where it can be: setting it to read it, the only portable way,
+    changes it for a moment for every thread of the process."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, without changing it where /proc/self/status has it."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 Payload = bytes | str | list[bytes | memoryview]

@@ -141,14 +141,13 @@ def init_adapter(
         from .verification.engine import resolve_device
 
         resolve_device(verify)  # fail before reading or writing anything
-    check_plan_types(TargetPlan(plan) if isinstance(plan, str) else plan)  # one line, not a TypeError
+    plan = check_plan_types(plan)  # one line, not a TypeError; lists as lists
     ckpt = load_source(source)
     if verify is not None:
         result = init_and_verify(
             ckpt, plan, out, force=force, device=verify, base_model=base_model, peft_compat=peft_compat
         )
     else:
-        plan = TargetPlan(plan) if isinstance(plan, str) else plan
         result = _init(ckpt, plan, out, force, base_model, peft_compat)
     if push is not None:
         result["push"] = _push(result["out"], push, ckpt.hub_options.token)
@@ -257,9 +256,9 @@ def init_and_verify(
     from .verification.engine import resolve_device
 
     resolve_device(device)  # fail before writing anything
+    plan = check_plan_types(plan)
     ckpt = load_source(source)
     folder = guard_output(out, force=force, protected=ckpt.source_paths)
-    plan = TargetPlan(plan) if isinstance(plan, str) else plan
     with staging_folder(folder) as staging:
         try:
             result = _init(ckpt, plan, staging, force, base_model, peft_compat)

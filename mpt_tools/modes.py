@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ConfigError
 from .findings import Finding
+from .options import readable_fields
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 MAX_TARGET_TASKS = 1_000_000
 
 
+@readable_fields
 class TargetPlan(NamedTuple):
     """The target ``init`` is asked for: the mode (any of its names), the source ``task`` (exact),
     the ``seed`` (shared), the target's ``num_tasks`` and ``num_ranks`` (None: 1 task, the source's

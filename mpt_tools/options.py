@@ -10,15 +10,35 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .errors import ConfigError
 
 # NamedTuples rather than frozen dataclasses: as immutable and typed, and about six times cheaper to
 # define, which every command pays at start-up (benchmarks/RESULTS.md, start-up A/B).
 
+_T = TypeVar("_T", bound=type)
 
+
+def readable_fields(cls: _T) -> _T:
+    """Show a NamedTuple's field types in ``help()`` and ``inspect.signature`` as written
+    (``int | None``), not as the ``ForwardRef('int | None')`` that postponed annotations leave; a
+    name only imported for type checkers stays text."""
+    module = vars(sys.modules[cls.__module__])
+    hints = cls.__new__.__annotations__
+    for name, hint in hints.items():
+        text = getattr(hint, "__forward_arg__", None)
+        if text is not None:
+            try:
+                hints[name] = eval(text, dict(module))  # our own annotation, in its module's names
+            except Exception:
+                hints[name] = text
+    return cls
+
+
+@readable_fields
 class HubOptions(NamedTuple):
     """How to reach a Hub source: ``revision`` (branch, tag or commit), ``token`` (else HF_TOKEN or
     the stored login), ``cache_dir`` (else the Hugging Face cache) and ``offline`` (cache only)."""
@@ -33,6 +53,7 @@ class HubOptions(NamedTuple):
         return self._replace(**changes)
 
 
+@readable_fields
 class ConfigOverrides(NamedTuple):
     """Config fields to give or replace (None leaves a field as the source has it)."""
 
@@ -48,6 +69,7 @@ class ConfigOverrides(NamedTuple):
         return {k: v for k, v in self._asdict().items() if v is not None}
 
 
+@readable_fields
 class SourceSpec(NamedTuple):
     """A source to load: ``location`` (a tensor file, an adapter folder, or a Hub repo id /
     ``hf://`` URL), an optional named-adapter ``subfolder``, config ``overrides`` and ``hub`` options."""

@@ -68,7 +68,7 @@ from .formats import (
     to_float64,
     to_torch,
 )
-from .options import HubOptions, SourceSpec, checked_indices, checked_path, checked_positive
+from .options import HubOptions, SourceSpec, checked_indices, checked_path, checked_positive, readable_fields
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .version import __version__
@@ -96,6 +96,7 @@ RECOVER_NOTE_SECONDS = 1.0
 """A recovery that took this long and gave no better start gets a note naming ``--start baseline``."""
 
 
+@readable_fields
 class PackOptions(NamedTuple):
     """How :func:`pack_prompts` fits and writes.
 

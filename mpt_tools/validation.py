@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import Source, load_source
 from .checks import check_plan_types, check_source, check_target
 from .config import MptConfig, read_config
+from .errors import ConfigError
 from .findings import errors
 from .hazards import serving_hazards
 from .modes import MODES, TargetPlan, canonical_mode
@@ -37,6 +38,11 @@ def validate(
     and ``--target-ranks`` ask for them (they need ``mode`` or ``against``; a planned config's
     sizes count where they are None).
     """
+    if mode is None and against is None:
+        given = [n for n, v in (("task", task), ("num_tasks", num_tasks), ("num_ranks", num_ranks)) if v is not None]
+        if given:
+            verb = "describes" if len(given) == 1 else "describe"
+            raise ConfigError(f"{' and '.join(given)} {verb} a planned target: give mode (or against) too")
     ckpt = load_source(source)
     findings = check_source(ckpt) + serving_hazards(ckpt)
     target: MptConfig | None = None
@@ -46,8 +52,7 @@ def validate(
             init = target.raw.get("prompt_tuning_init")
             mode = next((m.name for m in MODES.values() if m.peft_name == init), "average")
     if mode is not None:
-        plan = TargetPlan(mode, task=task, num_tasks=num_tasks, num_ranks=num_ranks)
-        check_plan_types(plan)
+        plan = check_plan_types(TargetPlan(mode, task=task, num_tasks=num_tasks, num_ranks=num_ranks))
         findings += check_target(ckpt, plan, target=target)
     if base_model is not None and base_model is not False:
         from .hub.base_model import base_model_findings

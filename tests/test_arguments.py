@@ -925,3 +925,103 @@ def test_the_library_takes_one_path_where_it_takes_many(tmp_path: Path) -> None:
     export_prompts(CAUSAL, "npy", tmp_path / "a", options=ExportOptions(dtype="fp16"))
     export_prompts(CAUSAL, "npy", tmp_path / "b", options=ExportOptions(dtype="float16"))
     assert (tmp_path / "a" / "task_0.npy").read_bytes() == (tmp_path / "b" / "task_0.npy").read_bytes()
+
+
+def test_library_takes_paths_and_arrays_and_refuses_a_plan_without_a_mode(tmp_path: Path) -> None:
+    """A tester's library run: a Path that does not exist is audit's row, not an AttributeError; a
+    numpy array of tasks or weights is a list (it was numpy's "truth value ... is ambiguous");
+    download_source given a Path, and validate given a target's sizes without a mode, are one-line
+    ConfigErrors (validate had ignored them); every exception class is importable from the top."""
+    import inspect
+
+    import numpy as np
+
+    import mpt_tools as M
+    from mpt_tools import ConfigError, TargetPlan, errors
+
+    row = M.audit_adapters(tmp_path / "nope")["rows"][0]
+    assert row["valid"] is False and "no such file" in row["error"]
+    assert M.audit_adapters([tmp_path / "nope", str(CAUSAL)])["adapters"] == 2
+    with pytest.raises(ConfigError, match="targets: expected paths or repo ids"):
+        M.audit_adapters([3])  # type: ignore[list-item]
+    plan = TargetPlan("average", tasks=np.array([0, 2]), weights=np.array([0.25, 0.75]))  # type: ignore[arg-type]
+    listed = TargetPlan("average", tasks=[0, 2], weights=[0.25, 0.75])
+    a = M.init_adapter(CAUSAL, plan, tmp_path / "a")
+    b = M.init_adapter(CAUSAL, listed, tmp_path / "b")
+    assert a["metadata"]["mpt_tools.tasks"] == b["metadata"]["mpt_tools.tasks"] == "0,2"
+    assert a["metadata"]["mpt_tools.weights"] == b["metadata"]["mpt_tools.weights"]
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+    with pytest.raises(ConfigError, match="download_source takes a Hub repo id"):
+        M.download_source(CAUSAL)  # type: ignore[arg-type]
+    for kwargs, needle in (
+        ({"num_tasks": 3}, "num_tasks describes"),
+        ({"task": 1, "num_ranks": 2}, "task and num_ranks"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            M.validate(CAUSAL, **kwargs)  # type: ignore[arg-type]
+    assert run_cli("validate", CAUSAL, "--task", "1").exit_code == 2
+    for name in M.__all__:
+        value = getattr(M, name)
+        if isinstance(value, type) and issubclass(value, Exception):
+            assert value is getattr(errors, name) and issubclass(value, M.MptToolsError)
+    assert {"ValidationError", "WriteError", "VerificationFailed", "HubError"} <= set(M.__all__)
+    for options in (M.SourceSpec, M.HubOptions, M.TargetPlan, M.ExportOptions, M.PackOptions, M.ConfigOverrides):
+        assert "ForwardRef('int" not in str(inspect.signature(options)) and "ForwardRef('str" not in str(
+            inspect.signature(options)
+        ), options
+
+
+LIBRARY_RUN = """
+import sys
+import mpt_tools as M
+src, out = sys.argv[1], sys.argv[2]
+M.validate(src, mode="average")
+M.inspect_source(src)
+M.init_adapter(src, "average", out + "/init")
+M.init_and_verify(src, M.TargetPlan("exact", task=1), out + "/exact", device="cpu")
+M.verify(out + "/init", device="cpu")
+M.select_tasks(src, [2, 0], out + "/tasks")
+M.rerank(src, 3, out + "/rerank")
+M.convert(src, out + "/conv.safetensors")
+M.export_prompts(src, "npy", out + "/npy")
+M.pack_prompts([], out + "/pack", sources=[src], options=M.PackOptions(num_ranks=2, device="cpu"))
+M.audit_adapters(out, deep=True)
+M.diff(src, out + "/tasks")
+try:
+    M.init_adapter(src, "average", out + "/init")
+except M.WriteError:
+    pass
+"""
+
+
+def test_the_library_prints_nothing_even_on_a_terminal(tmp_path: Path) -> None:
+    """The README's promise: library functions print nothing and show no progress bar, even with
+    stdout and stderr on a terminal (where the command line shows bars)."""
+    import pty
+    import subprocess
+    import sys
+
+    main, other = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LIBRARY_RUN, str(CAUSAL), str(tmp_path)],
+            stdout=other,
+            stderr=other,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        os.close(other)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the other end is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert proc.wait(timeout=300) == 0, shown.decode(errors="replace")
+    finally:
+        os.close(main)
+    assert shown == b"", shown.decode(errors="replace")
+    assert (tmp_path / "pack" / "adapter_model.safetensors").exists()

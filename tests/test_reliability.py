@@ -184,6 +184,20 @@ def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*"))
 
 
+def test_the_mode_of_new_files_is_read_without_touching_the_umask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The umask is process-wide: setting it to read it (the portable way) changed it for a moment
+    for every other thread of a library user. On Linux it is read from /proc, never set."""
+    from mpt_tools import files
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was set"))
+        assert files.file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
 def test_normal_failure_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mpt_tools.formats as formats
 

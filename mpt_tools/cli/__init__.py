@@ -233,6 +233,8 @@ def validate(
 
     if (target_tasks is not None or target_ranks is not None) and mode is None and against is None:
         raise click.UsageError("--target-tasks and --target-ranks plan a target: give --mode (or --against) too")
+    if task is not None and mode is None and against is None:
+        raise click.UsageError("--task picks the source task of --mode exact: give --mode exact too")
     report = run(
         source,
         against=against,

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..config import CONFIG_NAME, WEIGHTS_NAMES
-from ..errors import HubError, debug
+from ..errors import ConfigError, HubError, debug
 from ..files import file_sha256, hash_file
 from ..formats import PROMPT_SUFFIXES
 from ..options import HubOptions
@@ -452,6 +452,11 @@ def download_source(
     ``{"repo_id", "revision", "commit", "subfolder", "url", "file", "sha256", "endpoint"}`` where
     ``url`` is ``hf://org/name@commit[/subfolder]``. Raises HubError with one line otherwise.
     """
+    if not isinstance(spec, str):
+        raise ConfigError(
+            f"download_source takes a Hub repo id (org/name or hf://org/name...), not {spec!r:.80}; "
+            "load_source reads local adapters"
+        )
     hub = hub or HubOptions()
     token = hub.token
     parsed = parse_spec(spec, revision=hub.revision, subfolder=subfolder)
