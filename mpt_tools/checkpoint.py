@@ -193,6 +193,8 @@ def load_source(source: Source) -> Checkpoint:
         return source
     spec = SourceSpec.of(source)
     text, subfolder = checked_path(spec.location, "the source"), spec.subfolder
+    if subfolder is not None and (os.path.isabs(subfolder) or ".." in Path(subfolder).parts):
+        raise SourceError(f"subfolder {subfolder!r} must name a folder inside the adapter (not a path out of it)", text)
     overrides = spec.overrides.as_dict()
     path = Path(text)
     hub_info: HubInfo | None = None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, TASK_TYPES, MptConfig
+from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, SOURCE_INITS, TASK_TYPES, MptConfig
 from .errors import ConfigError, ValidationError
 from .findings import Finding, errors, refusal
 from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, more_than_memory, to_float32
@@ -94,7 +94,7 @@ def _init_mode(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
             found=init,
             fix="set it to RANDOM",
         )
-    elif init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"):
+    elif init in SOURCE_INITS:
         yield Finding.warning(
             "reload-trap",
             "prompt_tuning_init",
@@ -256,11 +256,34 @@ def _against_config(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Ite
             )
 
 
+# the size fields PEFT gives a default when a config leaves them out, and the tensor dimension that holds each
+DEFAULTED_SIZES = {"num_tasks": ("prefix_task_cols", 0), "num_ranks": ("prefix_task_cols", 2)}
+
+
+def _peft_defaults(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Iterator[Finding]:
+    """A config file without num_tasks or num_ranks: PEFT takes 1, so where the tensors hold
+    another count PEFT cannot load the folder (mpt-tools reads the count from the tensors)."""
+    if not ckpt.config_from_file:
+        return
+    for name, (tensor, dim) in DEFAULTED_SIZES.items():
+        shape = shapes.get(tensor)
+        if ckpt.config.raw.get(name) is None and shape and len(shape) == 3 and shape[dim] != 1:
+            yield Finding.warning(
+                "missing-field",
+                name,
+                f"not set in the config: PEFT takes its default 1, but {tensor} has {shape[dim]}, "
+                "so PEFT cannot load this folder (mpt-tools reads it from the tensors)",
+                expected=shape[dim],
+                found="absent",
+                fix=f'write "{name}": {shape[dim]} into adapter_config.json (`mpt-tools compat` does)',
+            )
+
+
 def tensor_findings(ckpt: Checkpoint) -> list[Finding]:
     """Problems visible from the header: keys, each tensor, their agreement, the config."""
     shapes = ckpt.shapes
     header = [*_keys(ckpt), *_each_tensor(ckpt, shapes)]  # first: it drops tensors of the wrong rank
-    return [*header, *_agreement(ckpt, shapes), *_against_config(ckpt, shapes)]
+    return [*header, *_agreement(ckpt, shapes), *_against_config(ckpt, shapes), *_peft_defaults(ckpt, shapes)]
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -485,8 +508,23 @@ def check_target(
     if target is not None:
         out += target_config_findings(target)
         tgt_t, tgt_d = target.total_virtual_tokens, target.size("token_dim")
-        num_tasks = num_tasks if num_tasks is not None else target.size("num_tasks")
-        num_ranks = num_ranks if num_ranks is not None else target.size("num_ranks")
+        num_tasks = num_tasks if num_tasks is not None else target.peft_size("num_tasks")  # absent: PEFT's 1
+        num_ranks = num_ranks if num_ranks is not None else target.peft_size("num_ranks")
+        if plan.num_ranks is None and target.raw.get("num_ranks") is None and mode.copies_factors:
+            if src_r is not None and src_r != 1:
+                where = os.path.basename(os.fspath(target.path)) if target.path else "the target config"
+                out.append(
+                    Finding.error(
+                        "target-mismatch",
+                        "target num_ranks",
+                        f"not set in {where}: PEFT takes its default 1, and {mode.name} copies the source's "
+                        f"rank-{src_r} factors",
+                        expected=src_r,
+                        found="absent",
+                        fix=f'write "num_ranks": {src_r} into {where}',
+                    )
+                )
+            num_ranks = None  # reported here, not again as a mismatch
         for field_name, want, got, fix in (
             (
                 "num_virtual_tokens x num_transformer_submodules",

@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
-from .config import CONFIG_NAME, TASK_TYPES, WEIGHTS_NAME, WEIGHTS_NAMES, config_to_json
+from .config import CONFIG_NAME, SOURCE_INITS, TASK_TYPES, WEIGHTS_NAME, WEIGHTS_NAMES, config_to_json
 from .errors import ConfigError, VerifyError, WriteError
 from .files import file_sha256, guard_output, write_files
 from .findings import Finding
@@ -30,7 +30,7 @@ from .peft_releases import fit_config, resolve_release
 from .version import __version__
 
 if TYPE_CHECKING:  # types only
-    from .results import CompatResult
+    from .results import CompatResult, SetKey
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 COPY_CHUNK = 64 << 20  # bytes read at a time when copying the weights
@@ -110,6 +110,32 @@ def _read_checked(path: str, sha256: str) -> list[bytes | memoryview]:
     return parts
 
 
+def _repaired(ckpt: Checkpoint) -> tuple[dict[str, Any], list[SetKey]]:
+    """The source's config with what keeps every PEFT release from loading the folder set right,
+    and each change: num_tasks and num_ranks left out where the tensors hold another count than
+    PEFT's default 1; PEFT's source-to-target init (which re-reads its source file on every load)
+    as RANDOM with a null path, as every writer of mpt-tools writes it."""
+    raw = dict(ckpt.config.raw)
+    changes: list[SetKey] = []
+
+    def put(key: str, value: Any, reason: str) -> None:
+        changes.append({"key": key, "value": value, "was": raw.get(key), "reason": reason})
+        raw[key] = value
+
+    if raw.get("peft_type") != "PROMPT_TUNING":
+        cols = ckpt.shapes.get("prefix_task_cols")
+        for key, dim in (("num_tasks", 0), ("num_ranks", 2)):
+            if raw.get(key) is None and cols and len(cols) == 3 and cols[dim] != 1:
+                put(key, cols[dim], "absent, PEFT takes 1, which does not fit the tensors")
+        init = raw.get("prompt_tuning_init")
+        if init in SOURCE_INITS:
+            path = raw.get("prompt_tuning_init_state_dict_path")
+            put("prompt_tuning_init", "RANDOM", f"{init} re-reads {path!r} on every load (the weights are what load)")
+            if path is not None:
+                put("prompt_tuning_init_state_dict_path", None, "read by the source-to-target init only")
+    return raw, changes
+
+
 def compat_adapter(
     source: Source,
     peft: str,
@@ -140,7 +166,11 @@ def compat_adapter(
         warnings = require_valid(ckpt, findings=prompt_tuning_findings(ckpt))
     else:
         warnings = require_valid(ckpt)  # MPT: every check of validate (a wrong peft_type included)
-    fit = fit_config(ckpt.config.raw, release, keep_records=True)
+    raw, repaired = _repaired(ckpt)
+    try:
+        fit = fit_config(raw, release, keep_records=True)
+    except ConfigError as exc:  # name the adapter whose config it is
+        raise ConfigError(exc.message, ckpt.where) from None
     warnings += fit.warnings
     folder = guard_output(out, force=force, protected=ckpt.source_paths)
     name = _weights_name(ckpt)
@@ -160,7 +190,8 @@ def compat_adapter(
         "files": written,
         "peft": release,
         "peft_type": peft_type,
-        "changed": bool(fit.removed),
+        "changed": bool(fit.removed or repaired),
+        "set": repaired,
         "removed": fit.removed,
         "kept": fit.kept,
         "weights_sha256": copy_sha,

@@ -33,6 +33,8 @@ TASK_TYPES = (
     "FEATURE_EXTRACTION",
 )
 INIT_MODES = ("TEXT", "RANDOM", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+# PEFT's source-to-target inits: each re-reads prompt_tuning_init_state_dict_path whenever the adapter is built
+SOURCE_INITS = INIT_MODES[2:]
 SIZE_FIELDS = ("num_virtual_tokens", "num_transformer_submodules", "token_dim", "num_tasks", "num_ranks")
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -84,6 +86,12 @@ class MptConfig:
     def size(self, name: str) -> int | None:
         """A size field as a positive int, or None when absent or invalid."""
         return _valid_int(self.raw.get(name))
+
+    def peft_size(self, name: str) -> int | None:
+        """A size field as PEFT reads this config: the field, else PEFT's default where it has one
+        (num_tasks and num_ranks: 1); None when invalid or without a default."""
+        value = self.raw.get(name)
+        return _valid_int(PEFT_DEFAULTS.get(name) if value is None else value)
 
     @property
     def task_type(self) -> str | None:

@@ -110,7 +110,8 @@ def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, CastReport]:
         limit = " (largest float16 value 65504)" if tag == "F16" else ""
         raise ValidationError(
             f"{name}: value {worst!r} at {where} is out of the {DTYPE_NAMES[tag]} range{limit}; "
-            f"{overflows} value(s) would become inf; refusing to cast (keep float32 or use bfloat16)"
+            f"{overflows} value(s) would become inf; refusing to cast "
+            f"({'keep float32' if tag == 'BF16' else 'keep float32 or use bfloat16'})"
         )
     report: CastReport = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
     return from_torch(cast.reshape(raw.shape), copy=False), report
@@ -178,7 +179,7 @@ def convert(
     fit = None
     if ckpt.config_from_file and not as_file:  # a folder gets a config: fitted (or refused) before any work
         cols = ckpt.shapes["prefix_task_cols"]
-        fit = fit_for_peft(target_config(ckpt.config, cols[0], cols[2]), peft_compat)
+        fit = fit_for_peft(target_config(ckpt.config, cols[0], cols[2]), peft_compat, ckpt.where)
         warnings += fit.warnings
     for key in ckpt.ignored:
         warnings.append(f"dropped {key!r}: not an MPT tensor")
@@ -193,7 +194,10 @@ def convert(
         raw = ckpt.read(name)
         dtypes_before[name] = DTYPE_NAMES.get(raw.dtype, raw.dtype)
         if tag is not None and raw.dtype in DTYPE_NAMES:
-            raw, report = cast_tensor(name, raw, tag)
+            try:
+                raw, report = cast_tensor(name, raw, tag)
+            except ValidationError as exc:  # name the file
+                raise ValidationError(exc.message, ckpt.where) from None
             casts[name] = report
         tensors[name] = Raw(raw.dtype, raw.shape, np.ascontiguousarray(raw.array))
     meta = provenance(

@@ -389,7 +389,7 @@ class _Writer:
             nvt = ckpt.config.size("num_virtual_tokens")
             rows = layout.parts[0][2] - layout.parts[0][1]
             nts = 1 if opts.encoder_only else (ckpt.config.num_transformer_submodules or 1)
-            self.fit = fit_for_peft(prompt_tuning_config(ckpt, nvt or rows // nts, nts), opts.peft_compat)
+            self.fit = fit_for_peft(prompt_tuning_config(ckpt, nvt or rows // nts, nts), opts.peft_compat, ckpt.where)
             self.config_text = config_to_json(self.fit.config)
         if fmt == "trtllm":
             t, d = layout.parts[0][2], ckpt.shapes["prompt_embeddings"][1]

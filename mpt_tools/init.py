@@ -184,7 +184,7 @@ def _init(
     if overflow is not None:
         err = refusal(ckpt.location, [overflow])
         raise ValidationError(f"refusing to write the target: {err.message}", ckpt.location, [overflow])
-    fit = fit_for_peft(target_config(ckpt.config, target.num_tasks, target.num_ranks), peft_compat)
+    fit = fit_for_peft(target_config(ckpt.config, target.num_tasks, target.num_ranks), peft_compat, ckpt.where)
     warnings += fit.warnings
     meta = provenance(
         {

@@ -474,13 +474,24 @@ class RemovedKey(TypedDict):
     reason: str
 
 
+class SetKey(TypedDict):
+    """A config value compat set so that PEFT loads the folder: the value, the one it replaced
+    (None: absent) and why."""
+
+    key: str
+    value: Any
+    was: Any
+    reason: str
+
+
 class CompatResult(WrittenResult):
-    """``mpt-tools/compat/1``: ``removed`` and ``kept`` are adapter_config.json keys; the weights
-    are a byte-for-byte copy (``weights_sha256`` = ``source_sha256``)."""
+    """``mpt-tools/compat/1``: ``set``, ``removed`` and ``kept`` are adapter_config.json keys; the
+    weights are a byte-for-byte copy (``weights_sha256`` = ``source_sha256``)."""
 
     peft: str  # the PEFT release the config was written for
     peft_type: str
     changed: bool
+    set: list[SetKey]
     removed: list[RemovedKey]
     kept: list[str]
     weights_sha256: str

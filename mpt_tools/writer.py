@@ -9,6 +9,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
+from .errors import ConfigError
 from .files import guard_output, write_files
 from .formats import Raw, safetensors_parts
 from .peft_releases import Fit, fit_config, resolve_release
@@ -27,12 +28,18 @@ def provenance(fields: dict[str, Any]) -> dict[str, str]:
     return meta
 
 
-def fit_for_peft(config: dict[str, Any], peft_compat: str | None = None) -> Fit:
+def fit_for_peft(config: dict[str, Any], peft_compat: str | None = None, where: str | None = None) -> Fit:
     """``config`` fitted to the PEFT releases an adapter is written for (see
     :func:`mpt_tools.peft_releases.fit_config`): every release from 0.10.0 on by default, exactly
-    ``peft_compat`` (``"0.13.2"``) when given. Raises ConfigError when a value needs a newer
-    release than ``peft_compat``: call it before any output is written."""
-    return fit_config(config, resolve_release(peft_compat) if peft_compat is not None else None)
+    ``peft_compat`` (``"0.13.2"``) when given. Raises ConfigError (naming ``where``, the source the
+    config comes from) when a value needs a newer release than ``peft_compat``: call it before any
+    output is written."""
+    try:
+        return fit_config(config, resolve_release(peft_compat) if peft_compat is not None else None)
+    except ConfigError as exc:
+        if exc.path is None and where is not None:
+            raise ConfigError(exc.message, where) from None
+        raise
 
 
 def fit_note(fit: Fit) -> str:

@@ -1025,3 +1025,30 @@ def test_the_library_prints_nothing_even_on_a_terminal(tmp_path: Path) -> None:
         os.close(main)
     assert shown == b"", shown.decode(errors="replace")
     assert (tmp_path / "pack" / "adapter_model.safetensors").exists()
+
+
+def test_cast_and_release_refusals_name_the_source(tmp_path: Path) -> None:
+    """A tester's finding: convert's dtype-overflow refusal and a --peft-compat refusal were lines
+    with no file (``error: prompt_embeddings: ...``, ``error: PEFT 0.10.0 cannot load ...``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(CAUSAL / "adapter_model.safetensors"))
+    tensors["prompt_embeddings"][0, 0] = 3.4e38
+    torch.save(tensors, tmp_path / "big.pt")
+    for dtype, advice in (("float16", "keep float32 or use bfloat16)"), ("bfloat16", "(keep float32)")):
+        res = run_cli("convert", tmp_path / "big.pt", "--out", tmp_path / f"{dtype}.safetensors", "--dtype", dtype)
+        assert res.exit_code == 1 and res.stderr.startswith(f"error: {tmp_path / 'big.pt'}: prompt_embeddings:")
+        assert res.stderr.rstrip().endswith(advice), res.stderr
+    source = tmp_path / "ms"
+    shutil.copytree(CAUSAL, source)
+    config = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["score"]}))
+    for argv in (
+        ["compat", source, "--peft", "0.13.2", "--out", tmp_path / "c"],
+        ["init", source, "--mode", "average", "--peft-compat", "0.10.0", "--out", tmp_path / "i"],
+        ["tasks", source, "--select", "0", "--peft-compat", "0.10.0", "--out", tmp_path / "t"],
+    ):
+        res = run_cli(*argv)
+        assert res.exit_code == 1 and res.stderr.startswith(f"error: {source}: PEFT 0."), res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.pt", "ms"]

@@ -245,6 +245,48 @@ def test_compat_copies_weights_and_reports(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "source" in res.stderr
 
 
+@pytest.mark.parametrize("missing", [("num_ranks",), ("num_tasks",), ("num_ranks", "num_tasks")])
+@pytest.mark.parametrize("trap", [False, True])
+def test_compat_writes_what_peft_needs_to_load_the_folder(tmp_path: Path, missing: tuple[str, ...], trap: bool) -> None:
+    """A config without num_tasks or num_ranks (PEFT takes 1, so loading fails with a size mismatch)
+    is a validate warning naming the fix, and compat writes the count from the tensors; PEFT's
+    source-to-target init (which re-reads its source file on every load, FileNotFoundError
+    elsewhere) becomes RANDOM with a null path. PEFT then loads it, with the source's prompts."""
+    source = tmp_path / "a"
+    shutil.copytree(FIXTURES / "causal", source)
+    config = json.loads((source / "adapter_config.json").read_text())
+    for key in missing:
+        del config[key]
+    if trap:
+        config.update(prompt_tuning_init="AVERAGE_SOURCE_TASKS", prompt_tuning_init_state_dict_path="/gone/s.pt")
+    (source / "adapter_config.json").write_text(json.dumps(config))
+    assert not peft_load.load(source, "from_pretrained")["ok"]
+    report = json.loads(run_cli("validate", source, "--json").stdout)
+    warned = {f["field"] for f in report["findings"] if f["code"] == "missing-field"}
+    assert report["valid"] and warned == set(missing)
+    res = run_cli("compat", source, "--peft", "0.21.2", "--out", tmp_path / "c", "--json")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    want = {"num_tasks": 3, "num_ranks": 2}
+    expected = {k: want[k] for k in missing}
+    if trap:
+        expected |= {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_state_dict_path": None}
+    assert {c["key"]: c["value"] for c in data["set"]} == expected and data["changed"]
+    loaded = peft_load.load(tmp_path / "c", "from_pretrained")
+    assert loaded["ok"], loaded["error"]
+    assert loaded["prompts"] == peft_load.load(FIXTURES / "causal", "from_pretrained")["prompts"]
+    assert json.loads(run_cli("validate", tmp_path / "c", "--json").stdout)["findings"] == []
+    # a planned target config without num_ranks: PEFT's init would build rank 1 and fail to copy rank 2
+    del config["prompt_tuning_init_state_dict_path"]
+    config.update(num_tasks=1, prompt_tuning_init="AVERAGE_SOURCE_TASKS")
+    config.pop("num_ranks", None)
+    (tmp_path / "t.json").write_text(json.dumps(config))
+    plan = run_cli("validate", FIXTURES / "causal", "--against", tmp_path / "t.json", "--json")
+    assert plan.exit_code == 1
+    codes = [(f["code"], f["field"]) for f in json.loads(plan.stdout)["findings"] if f["level"] == "error"]
+    assert codes == [("target-mismatch", "target num_ranks")]
+
+
 def test_compat_of_a_prompt_tuning_adapter_and_refusals(tmp_path: Path) -> None:
     assert (
         run_cli(

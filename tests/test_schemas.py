@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import types
 import typing
@@ -63,6 +64,7 @@ CASES: dict[str, tuple[int, list[str]]] = {
     "export": (0, ["export", "{fx}/causal", "--to", "trtllm", "--tasks", "2,0", "--out", "{tmp}/table"]),
     "pack": (0, ["pack", "--from", "{fx}/causal", "--tasks", "2,0", "--num-ranks", "1", "--out", "{tmp}/packed"]),
     "compat": (0, ["compat", "{fx}/causal", "--peft", "0.10.0", "--out", "{tmp}/compat"]),
+    "compat-trap": (0, ["compat", "{tmp}/trap", "--peft", "0.21.2", "--out", "{tmp}/compat-trap"]),
     "compat-pickle": (0, ["compat", "{fx}/causal_bin", "--peft", "0.21.2", "--out", "{tmp}/compat-bin"]),
     "diff-identical": (0, ["diff", "{fx}/causal", "{fx}/causal"]),
     "diff-differing": (1, ["diff", "{fx}/causal", "{tmp}/rank1"]),
@@ -180,6 +182,10 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from test_embed import tiny_model
 
     tiny_model(tmp / "model16", d=16)  # a GPT-2 shaped base model for the causal fixture (d = 16)
+    shutil.copytree(FIXTURES / "causal", tmp / "trap")  # PEFT's init kept in its config: compat sets RANDOM
+    config = json.loads((tmp / "trap" / "adapter_config.json").read_text())
+    config.update(prompt_tuning_init="EXACT_SOURCE_TASK", prompt_tuning_init_state_dict_path="/gone/s.safetensors")
+    (tmp / "trap" / "adapter_config.json").write_text(json.dumps(config))
     done: dict[str, Any] = {}
     with pytest.MonkeyPatch.context() as mp:  # what conftest's _isolate does for each test
         mp.setenv("HF_HOME", str(tmp / "hf_home"))

@@ -221,7 +221,13 @@ def test_select_then_select_back_is_identity(perm: list[int]) -> None:
 
 @pytest.mark.parametrize(
     ("select", "text", "status"),
-    [("3", "the source has 3 tasks", 1), ("-1", "the source has 3 tasks", 1), (",", "an empty item", 2)],
+    [
+        ("3", "the source has 3 tasks", 1),
+        ("-1", "the source has 3 tasks", 1),
+        (",", "an empty item", 2),
+        ("1_0", "expected comma-separated integers", 2),  # int("1_0") is 10: a typo of 1,0?
+        ("\uff11", "expected comma-separated integers", 2),  # a fullwidth 1
+    ],
 )
 def test_select_errors(tmp_path: Path, select: str, text: str, status: int) -> None:
     out = tmp_path / "x"

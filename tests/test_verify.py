@@ -228,6 +228,34 @@ def test_intermediate_overflow_is_caught(tmp_path: Path) -> None:
     assert report["tasks"][0]["headroom"] < 1
 
 
+def test_a_shared_prompt_beyond_the_dtype_is_named(tmp_path: Path) -> None:
+    """P* itself beyond float16 (its cast is Inf) while U_k @ V_k and P_k fit: the failure names P*,
+    not U_k @ V_k."""
+    pe = torch.full((2, 4), 70000.0)
+    cols = torch.full((1, 2, 1), 0.5)
+    rows = torch.full((1, 1, 4), 0.5)  # U @ V = 0.25, P = 17500
+    src = write_source(tmp_path / "p", pe, cols, rows)
+    report = verify(src, device="cpu", dtype="float16", check=False)
+    [failure] = report["failures"]
+    assert failure["check"] == "overflow" and "P* holds 70000, beyond float16 max 65504" in failure["message"]
+    assert "U_k @ V_k" not in failure["message"]
+
+
+def test_verify_finds_the_recorded_source_of_a_named_adapter(tmp_path: Path) -> None:
+    """init from a named adapter (--subfolder) records the folder and sub/adapter_model.safetensors:
+    verify reads the source there and runs the checks against it (it had skipped them)."""
+    out = tmp_path / "t"
+    assert (
+        run_cli(
+            "init", FIXTURES / "named", "--subfolder", "sources", "--mode", "exact", "--task", "1", "--out", out
+        ).exit_code
+        == 0
+    )
+    report = verify(out, device="cpu")
+    assert report["target"] is not None and report["notes"] == [], report["notes"]
+    assert [c["ok"] for c in report["target"]["checks"]] == [True] * 4
+
+
 def test_wrong_values_exceed_tolerance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuild that differs from float64 beyond the dtype's tolerance is a failure (checked by
     holding bf16-rounded arithmetic to the fp32 tolerance)."""

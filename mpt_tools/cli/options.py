@@ -132,8 +132,9 @@ class Command(click.Command):
 
 class NumberList(click.ParamType):
     """A comma-separated list of numbers of one ``kind`` (``0,3,5``; ``1,0.5``); blanks around
-    items are allowed; an empty list (an unset shell variable), an empty item (``0,,1``, ``0,1,``)
-    or anything else is a usage error naming the value."""
+    items are allowed; an empty list (an unset shell variable), an empty item (``0,,1``, ``0,1,``),
+    Python's digit grouping (``1_0``, perhaps a typo of ``1,0``), non-ASCII digits or anything else
+    is a usage error naming the value."""
 
     name = "LIST"
 
@@ -151,6 +152,8 @@ class NumberList(click.ParamType):
         if any(v.strip() == "" for v in items):
             self.fail(f"an empty item in {value!r}: give comma-separated {what}, e.g. 0,3,5", param, ctx)
         try:
+            if any("_" in v or not v.isascii() for v in items):  # not int()'s 1_0 (a typo of 1,0?) or ３
+                raise ValueError
             return [self.kind(v) for v in items]
         except ValueError:
             self.fail(f"expected comma-separated {what}, got {value!r}", param, ctx)

@@ -544,9 +544,12 @@ def pack_view(result: PackResult) -> None:
 def compat_view(result: CompatResult) -> None:
     """``compat``: what was written, and the config keys left out (with why) and kept."""
     written(result, f"{result['peft_type']} for PEFT {result['peft']}, weights copied byte for byte")
+    for change in result["set"]:
+        was = "absent" if change["was"] is None else json.dumps(change["was"])
+        echo(f"  set {change['key']} = {json.dumps(change['value'])} (was {was}): {change['reason']}")
     for item in result["removed"]:
         echo(f"  removed {item['key']} = {json.dumps(item['value'])}: {item['reason']}")
-    if not result["removed"]:
+    if not result["removed"] and not result["set"]:
         echo("  no key removed: PEFT " + result["peft"] + " loads the config as it was")
     echo(f"  kept {len(result['kept'])} keys: {', '.join(result['kept'])}")
 

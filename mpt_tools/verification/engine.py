@@ -324,6 +324,7 @@ def _rebuild_checks(
     with timer.device("rebuild"):
         pe64 = pe_dev.double()
         pe_ok_t = torch.isfinite(pe64).all()
+        pe_peak_t = pe64.abs().max() if pe64.numel() else pe64.new_zeros(())
     pe_c = pe_dev.to(dtype)
     # One float64 and one compute-dtype buffer, reused by every chunk: the working set stays
     # constant (and the allocator has nothing to fragment), whatever the number of tasks.
@@ -381,6 +382,7 @@ def _rebuild_checks(
     with timer.device("rebuild"):
         host_stats = stats.cpu().numpy()
         pe_ok = bool(pe_ok_t.cpu())
+        pe_peak = float(pe_peak_t.cpu())
     timer.finish()
     inputs_ok_a, finite_a, ref_finite_a, max_abs_a, ref_norm_a, err_norm_a, err_max_a = host_stats
     scale = math.sqrt(t * d)
@@ -414,6 +416,9 @@ def _rebuild_checks(
                     "overflow",
                     f"the {dtype_name} rebuild overflows: max |P_k| {mx:.6g} > {dtype_name} max {dmax:.6g}"
                     if headroom > 1
+                    else f"the {dtype_name} rebuild holds Inf/NaN (P* holds {pe_peak:.6g}, beyond {dtype_name} max "
+                    f"{dmax:.6g}, so its {dtype_name} cast is Inf)"
+                    if pe_peak > dmax
                     else f"the {dtype_name} rebuild holds Inf/NaN (U_k @ V_k overflows {dtype_name})",
                 )
             )

@@ -85,6 +85,8 @@ def _find_local_source(
     """The recorded local source, as init's working directory saw it: the path from here first,
     then (when relative, and init recorded a sha256 to recognise it by) from the target's folder
     and up to 8 of its parents, so a target verified from another directory still finds it."""
+    # a named adapter: init recorded the folder, and the weights as sub/adapter_model.safetensors
+    subfolder = os.path.dirname(target.file.metadata.get("mpt_tools.source_file", "")) or None
     candidates = [Path(recorded_path)]
     if sha256 and not os.path.isabs(recorded_path):
         folder = Path(os.path.abspath(target.weights_path)).parent
@@ -100,7 +102,7 @@ def _find_local_source(
             continue
         seen.add(key)
         try:
-            ckpt = load_source(cand)
+            ckpt = load_source(SourceSpec(str(cand), subfolder=subfolder) if subfolder and cand.is_dir() else cand)
         except MptToolsError as exc:
             unreadable = unreadable or f"recorded source {recorded_path} cannot be read ({exc}); pass --source"
             continue
