@@ -447,6 +447,22 @@ def _discover(
                 if isinstance(exc, MptToolsError) and exc.path == repo_id:  # the row names it already
                     exc.path = where
                 found.rows.append(_failed(_row(where, "hub"), exc))
+    return _once(out)
+
+
+def _once(jobs: list[_Job]) -> list[_Job]:
+    """Each adapter once, as first named: ``runs runs/a``, ``org/x hf://org/x@main`` or two links
+    to one folder name one adapter (its own duplicate otherwise)."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for job in jobs:
+        if job.listing is not None:
+            key: tuple[str, ...] = ("hub", job.listing.repo_id, job.listing.commit, job.path)
+        else:
+            key = ("local", os.path.realpath(job.path))
+        if key not in seen:
+            seen.add(key)
+            out.append(job)
     return out
 
 

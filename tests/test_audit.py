@@ -348,6 +348,20 @@ def test_repo_arguments_and_subfolders(hub: FakeHub) -> None:
     assert sorted(r["where"].rsplit("/", 1)[-1] if "task" in r["where"] else "one" for r in rows) == ["one", "task-1"]
 
 
+def test_an_adapter_named_twice_is_one_row(hub: FakeHub, tmp_path: Path) -> None:
+    """A tester's finding: ``audit runs runs/ runs/a`` (and ``org/x hf://org/x@main``) gave a row per
+    naming, each the duplicate of the others. Each adapter is audited once, as first named."""
+    runs = tmp_path / "runs"
+    shutil.copytree(FIXTURES / "causal", runs / "a")
+    (tmp_path / "link").symlink_to(runs / "a")
+    rows, summary = jsonl(run_cli("audit", runs, f"{runs}/", runs / "a", tmp_path / "link", "--deep", "--json").stdout)
+    assert [r["where"] for r in rows] == [str(runs / "a")] and summary["duplicates"] == []
+    rows, summary = jsonl(run_cli("audit", "org/one", "hf://org/one@main", "hf://org/one", "--json").stdout)
+    assert len(rows) == 1 and summary["duplicates"] == [] and summary["adapters"] == 1
+    rows, _ = jsonl(run_cli("audit", "org/two", "hf://org/two/task-1", "--json").stdout)
+    assert sorted(r["where"].rsplit("/", 1)[-1] for r in rows) == ["task-0", "task-1"]
+
+
 def test_hub_errors_are_rows(hub: FakeHub) -> None:
     bad = big_adapter(3)
     bad["adapter_model.safetensors"] = b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"
@@ -360,6 +374,19 @@ def test_hub_errors_are_rows(hub: FakeHub) -> None:
     assert "not found" in errors["hf://org/missing"]
     assert "no adapter" in errors["hf://org/readme-only"]
     assert summary["unreadable"] == 3
+
+
+def test_empty_files_on_the_hub_are_content_errors(hub: FakeHub) -> None:
+    """A 0-byte file answers a range request with 416: the row said "cannot connect"; it names what
+    is wrong with the file, as it would locally."""
+    good = big_adapter(4)
+    hub.add_repo("org/emptycfg", {**good, "adapter_config.json": b""})
+    hub.add_repo("org/emptyweights", {**good, "adapter_model.safetensors": b""})
+    rows, _ = jsonl(run_cli("audit", "org/emptycfg", "org/emptyweights", "--json").stdout)
+    errors = {r["where"].split("@")[0]: r["error"] for r in rows}
+    assert "not valid JSON" in errors["hf://org/emptycfg"], errors
+    assert "0 bytes" in errors["hf://org/emptyweights"], errors
+    assert not any("cannot connect" in e for e in errors.values())
 
 
 def test_hub_deep_downloads_and_checks_values(hub: FakeHub) -> None:

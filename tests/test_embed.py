@@ -275,6 +275,25 @@ def test_hub_base_model_reads_header_and_rows_only(setup: dict[str, Path], tmp_p
         assert json.loads(result.stdout)["base_model_commit"] == hub.head("org/tiny")
 
 
+def test_a_server_that_ignores_ranges_gives_the_same_rows(setup: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """A mirror or proxy (HF_ENDPOINT) that ignores Range answers 200 with the whole file, whose
+    bytes start at 0: the rows were taken from the start of the file (wrong embeddings, silently).
+    They are taken from their offset, and the stream is read no further than the last row."""
+    import hubserver
+
+    isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
+    monkeypatch.setattr(hubserver, "_ranged", lambda req, data, headers: hubserver._Response(200, headers, data))
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add_repo("org/tiny", {p.name: p.read_bytes() for p in setup["model"].iterdir()})
+        argv = ["embed", setup["adapter"], "--task", "1", "--text", "w3000 w7 w3999"]
+        assert run_cli(*argv, "--base-model", setup["model"], "--out", tmp_path / "local.pt").exit_code == 0
+        result = run_cli(*argv, "--base-model", "org/tiny", "--out", tmp_path / "hub.pt")
+        assert result.exit_code == 0, result.stderr
+        local, remote = (torch.load(tmp_path / n, weights_only=True) for n in ("local.pt", "hub.pt"))
+        assert torch.equal(remote, local)
+
+
 def test_sharded_model_folder(setup: dict[str, Path], tmp_path: Path) -> None:
     """A model saved in shards (model.safetensors.index.json): the matrix is found through the
     index and the tensor is the same as from the single file."""

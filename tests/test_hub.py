@@ -299,6 +299,16 @@ def test_error_server_down(hub, protected, hf_cache):
     assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
 
 
+@pytest.mark.parametrize("status", [400, 404, 410, 418])
+def test_error_other_4xx_names_the_status(hub, src, status):
+    """A tester's finding: a 4xx other than 401/403/429 (or a 404 without the Hub's error code) was
+    reported as "cannot connect ... check your network"."""
+    hub.fail_next(status, count=1000)
+    result = run_cli("validate", src)
+    assert result.exit_code == 1 and f"the Hub answered HTTP {status} (" in result.stderr, result.stderr
+    assert "cannot connect" not in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_error_connection_refused(hf_cache):
     dead = FakeHub()
     dead.close()
@@ -408,6 +418,17 @@ def test_push_private_repo(hub, adapter):
     assert data["schema"] == "mpt-tools/push/1" and data["commit"] == hub.head("alice/secret")
     with pytest.raises(Exception):  # noqa: B017 - not visible without a token
         download_source("alice/secret")
+
+
+def test_push_private_to_an_existing_public_repo_is_refused(hub, adapter):
+    """A tester's finding: --private on an existing public repo pushed the files publicly (and the
+    JSON said "private": true). It is refused before the commit; an existing private repo is fine."""
+    before = hub.add_repo("alice/pub", {"keep.txt": b"k"})
+    result = run_cli("push", adapter, "alice/pub", "--private", "--token", TOKEN)
+    assert result.exit_code == 1 and "exists and is public" in result.stderr
+    assert hub.head("alice/pub") == before and result.stderr.count("\n") == 1
+    hub.add_repo("alice/priv", {"keep.txt": b"k"}, private=True)
+    assert run_cli("push", adapter, "alice/priv", "--private", "--token", TOKEN).exit_code == 0
 
 
 def test_push_to_existing_repo(hub, adapter):
@@ -1037,3 +1058,53 @@ def test_pack_hub_errors_are_one_line_and_write_nothing(hub, src, prompt_repos, 
         assert_one_error_line(result, *needles)
         assert not out.exists(), args
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("what", ["weights", "config"])
+def test_push_refuses_a_folder_that_changes_while_it_is_checked(hub, adapter, tmp_path, monkeypatch, what):
+    """A tester's race: push validated the folder, then read the files again to upload them, so a
+    file swapped in between (NaN weights) was pushed. A change between the first read and the end
+    of the checks is refused, and nothing is sent."""
+    import shutil
+
+    import mpt_tools.hub.push as push_module
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    if what == "config":
+        config = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": 99}))
+    name = "adapter_model.safetensors" if what == "weights" else "adapter_config.json"
+    real = push_module.require_valid
+
+    def swapping(*args, **kwargs):
+        done = real(*args, **kwargs)
+        os.replace(shutil.copy(bad / name, adapter / f".{name}.new"), adapter / name)
+        return done
+
+    monkeypatch.setattr(push_module, "require_valid", swapping)
+    with pytest.raises(HubError, match="changed while it was checked"):
+        push_adapter(adapter, "alice/race", token=TOKEN)
+    assert not hub.repo_exists("alice/race")
+
+
+def test_quiet_holds_when_huggingface_hub_is_first_imported_inside_and_across_threads():
+    """A tester's finding: ``audit --author`` printed huggingface_hub's retry log. Importing
+    huggingface_hub inside the quiet block reset its logger's level; and two threads' blocks that
+    overlapped restored the level while the other still ran."""
+    code = (
+        "import logging\n"
+        "from mpt_tools.hub.download import _quiet\n"
+        "log = logging.getLogger('huggingface_hub')\n"
+        "with _quiet():\n"
+        "    from huggingface_hub import HfApi\n"
+        "    assert log.level > logging.CRITICAL, log.level\n"
+        "a, b = _quiet(), _quiet()\n"
+        "a.__enter__(); b.__enter__(); a.__exit__(None, None, None)\n"
+        "assert log.level > logging.CRITICAL  # b is still in its block\n"
+        "b.__exit__(None, None, None)\n"
+        "assert log.level <= logging.CRITICAL\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MPT_TOOLS_DEBUG"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -1101,7 +1101,7 @@ def verify_cmd(
 )
 @click.argument("folder", metavar="DIR", type=PathText())
 @click.argument("repo_id", type=Text())
-@option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@option("--private", is_flag=True, help="Create the repo private (when missing); an existing public repo is refused.")
 @option("--revision", metavar="BRANCH", type=Text(), help="Push to this branch (created from main when missing).")
 @option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @option("--commit-message", metavar="M", help="Commit title (default names the mode and version).")

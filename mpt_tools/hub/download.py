@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,24 +168,38 @@ def scrub(text: str, tokens: list[str]) -> str:
     return re.sub(r"\bhf_[A-Za-z0-9]{30,}\b", "hf_***", text)
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_quiet_level = logging.NOTSET
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence huggingface_hub's log lines and warnings (retry notices ...) during one call.
 
     The CLI promises one line on stderr per failure; MPT_TOOLS_DEBUG=1 keeps them.
     """
+    global _quiet_depth, _quiet_level
     if debug():
         yield
         return
+    import huggingface_hub.utils.logging  # noqa: F401  (its import sets the logger's level: first, not inside)
+
     logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
+    with _QUIET_LOCK:  # audit's threads: the first in silences, the last out restores
+        if _quiet_depth == 0:
+            _quiet_level = logger.level
+            logger.setLevel(logging.CRITICAL + 1)
+        _quiet_depth += 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logger.setLevel(_quiet_level)
 
 
 class _QuietBar:
@@ -227,13 +242,23 @@ def _is_network(exc: BaseException) -> bool:
     )
 
 
+def _phrase(status: int) -> str:
+    """The reason phrase of an HTTP status ("Not Found"), or "client error"."""
+    import http
+
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "client error"
+
+
 def _network_message(exc: BaseException, *, token_given: bool, writing: bool = False) -> str | None:
     """What to say about a connection problem or HTTP status found anywhere in the chain."""
     for item in _chain(exc):
         status = _status(item)
         if status is not None:
             if status >= 500:
-                return f"the Hub answered HTTP {status} (server error), also after retries: try again later" + (
+                return f"the Hub answered HTTP {status} (server error): try again later" + (
                     "" if writing else ", or use --offline with a cached copy"
                 )
             if status == 429:
@@ -244,6 +269,8 @@ def _network_message(exc: BaseException, *, token_given: bool, writing: bool = F
                 return "the Hub asks for authentication (HTTP 401): pass --token, set HF_TOKEN or run `hf auth login`"
             if status == 403:
                 return "access denied (HTTP 403): your token lacks the rights for this repo"
+            if 400 <= status < 500:  # not a connection problem: say what the server said
+                return f"the Hub answered HTTP {status} ({_phrase(status)}): check the repo, revision and file"
     for item in _chain(exc):
         if _is_network(item):
             if "timeout" in type(item).__name__.lower():

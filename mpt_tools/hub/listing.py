@@ -13,6 +13,7 @@ through huggingface_hub's HTTP session (its endpoint, token, user agent and retr
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from ..errors import HubError
@@ -110,15 +111,48 @@ def _get(repo_id: str, commit: str, path: str, hub: HubOptions, first: int, last
     headers["range"] = f"bytes={first}-{last}"
 
     def fetch() -> tuple[bytes, int | None]:
-        response = get_session().get(url, headers=headers)
-        hf_raise_for_status(response)
-        content = bytes(response.content[: last - first + 1])  # a server that ignores the range
-        total = response.headers.get("content-range", "").rpartition("/")[2]
-        if total.isdigit():
-            return content, int(total)
-        return content, len(response.content) if response.status_code == 200 else None
+        session: Any = get_session()
+        if hasattr(session, "stream"):  # httpx (huggingface_hub 1.0 on)
+            with session.stream("GET", url, headers=headers) as response:
+                if response.status_code >= 400 and response.status_code != 416:
+                    response.read()  # the error's text, for its message
+                    hf_raise_for_status(response)
+                return _ranged(response.status_code, response.headers, response.iter_bytes(), first, last)
+        response = session.get(url, headers=headers, stream=True)  # requests (huggingface_hub 0.x)
+        try:
+            if response.status_code != 416:
+                hf_raise_for_status(response)
+            return _ranged(response.status_code, response.headers, response.iter_content(1 << 16), first, last)
+        finally:
+            response.close()
 
     return tuple(_call(path, f"{repo_id}@{commit[:12]}/{path}", hub, fetch))  # type: ignore[return-value]
+
+
+def _ranged(status: int, headers: Any, chunks: Iterator[bytes], first: int, last: int) -> tuple[bytes, int | None]:
+    """Bytes ``first..last`` of a streamed answer to a range request, and the file's size (None
+    when the server did not say). A 206 holds just the range; a server that ignores ranges (a
+    mirror or a proxy) answers 200 with the whole file, which is read only up to ``last`` (not
+    into memory whole) and from ``first`` on (its bytes start at 0); 416 is a range past the end
+    (an empty file)."""
+    total_text = headers.get("content-range", "").rpartition("/")[2]
+    total = int(total_text) if total_text.isdigit() else None
+    if status == 416:
+        return b"", total if total is not None else 0
+    skip = first if status == 200 else 0
+    want = last - first + 1
+    if total is None and status == 200:
+        length = headers.get("content-length", "")
+        total = int(length) if length.isdigit() else None
+    got = bytearray()
+    for chunk in chunks:
+        if skip:
+            dropped = min(skip, len(chunk))
+            chunk, skip = chunk[dropped:], skip - dropped
+        got += chunk[: want - len(got)]
+        if len(got) >= want:
+            break  # the rest of a whole-file answer is never read
+    return bytes(got), total
 
 
 def read_small(repo_id: str, commit: str, path: str, hub: HubOptions, limit: int) -> bytes:

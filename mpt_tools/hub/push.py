@@ -84,6 +84,16 @@ def _check_prompt_tuning(weights: Path, config: MptConfig) -> dict[str, str]:
     return dict(tfile.metadata or {})
 
 
+def _stamp(*paths: Path) -> list[tuple[int, int, int, int, int]]:
+    """Each file's identity and last change (inode, size, modification and change times): a write
+    in place or a rename over it changes the stamp."""
+    out = []
+    for path in paths:
+        st = os.stat(path)
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return out
+
+
 def push_adapter(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -124,16 +134,21 @@ def push_adapter(
         raise HubError(f"no {WEIGHTS_NAME} here{hint}", str(src))
     if not config_file.is_file():
         raise HubError(f"no {CONFIG_NAME} here: PEFT cannot load an adapter without it", str(src))
+    stamp = _stamp(weights, config_file)  # what is checked must be what is sent
     parsed = read_config(config_file)  # bounded, one line for a hostile file
     config, config_bytes = dict(parsed.raw), config_file.read_bytes()
+    weight_bytes = weights.read_bytes()
     prompt_tuning = config.get("peft_type") == PROMPT_TUNING_TYPE
     if prompt_tuning:  # one task's baked prompt (export --to peft, export-prompt)
         metadata = _check_prompt_tuning(weights, parsed)
+        checked_sha = hashlib.sha256(weight_bytes).hexdigest()
     else:
         ckpt = load_source(src)
         require_valid(ckpt, refusing="push")
         metadata = dict(ckpt.file.metadata or {})
-    weight_bytes = weights.read_bytes()
+        checked_sha = ckpt.sha256()
+    if _stamp(weights, config_file) != stamp or checked_sha != hashlib.sha256(weight_bytes).hexdigest():
+        raise HubError("changed while it was checked (a writer at work?); nothing was pushed: push it again", str(src))
     files: list[PushedFile] = [
         {"path": WEIGHTS_NAME, "bytes": len(weight_bytes), "sha256": hashlib.sha256(weight_bytes).hexdigest()},
         {"path": CONFIG_NAME, "bytes": len(config_bytes), "sha256": hashlib.sha256(config_bytes).hexdigest()},
@@ -180,6 +195,12 @@ def push_adapter(
     try:
         with _quiet():
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if private and not getattr(api.repo_info(repo_id), "private", True):
+                raise HubError(
+                    "the repo exists and is public, and --private applies only to a repo push creates: "
+                    "nothing was pushed; make it private on its Hub page (Settings), or push without --private",
+                    where,
+                )
             if revision and revision != "main" and not create_pr and not revision.startswith("refs/pr/"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.create_commit(
