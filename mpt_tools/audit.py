@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .checks import check_source, config_findings, tensor_findings
 from .config import CONFIG_NAME, MAX_CONFIG_BYTES, PEFT_TYPE, WEIGHTS_NAME, WEIGHTS_NAMES, parse_config, read_config
-from .errors import ConfigError, MptToolsError
+from .errors import ConfigError, MptToolsError, flag
 from .files import file_sha256, is_stale_staging
 from .findings import Finding, errors
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, normalise_keys, parse_header
@@ -143,7 +143,7 @@ def _walk(root: Path, deep: bool, found: _Found) -> Iterator[_Job]:
             if name.lower().endswith(".safetensors") or deep:
                 yield _Job("file", str(here / name), str(here / name))
             else:
-                found.skip(".bin/.pt/.pth files not read (--deep reads them)")
+                found.skip(f".bin/.pt/.pth files not read ({_deep()} reads them)")
 
 
 def _hub_jobs(listing: RepoListing, subfolder: str | None) -> Iterator[_Job]:
@@ -210,10 +210,15 @@ def _verdict(row: AuditRow, findings: list[Finding]) -> None:
         row["error"] = f"{len(bad)} error(s); first: {bad[0].field}: {bad[0].message}"
 
 
+def _deep() -> str:
+    """How a note names reading every weights file: ``--deep`` or ``deep=True``."""
+    return flag("--deep", "deep=True")
+
+
 def _config_only(row: AuditRow, cfg: MptConfig) -> AuditRow:
     """The row of an MPT adapter whose ``.bin`` weights are not read (no --deep): the config's
     findings; valid unknown (None) unless the config alone has an error."""
-    row["notes"].append("weights not read (.bin: --deep reads them)")
+    row["notes"].append(f"weights not read (.bin: {_deep()} reads them)")
     findings = config_findings(cfg, True)
     _verdict(row, findings)
     if not errors(findings):
@@ -425,7 +430,7 @@ def _discover(
         try:
             repos.extend((repo_id, None, None) for repo_id in author_repos(author, hub))
         except MptToolsError as exc:
-            found.rows.append(_failed(_row(f"--author {author}", "hub"), exc))
+            found.rows.append(_failed(_row(flag(f"--author {author}", f"author {author}"), "hub"), exc))
 
     def listed(item: tuple[str, str | None, str | None]) -> list[_Job]:
         repo_id, revision, subfolder = item

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from .config import CONFIG_NAME, WEIGHTS_NAMES, MptConfig, bare_config, read_config
-from .errors import MptToolsError, SourceError
+from .errors import MptToolsError, SourceError, flag
 from .files import file_sha256
 from .formats import DTYPE_NAMES, TENSOR_SUFFIXES, Raw, TensorFile, TensorInfo, normalise_keys, open_tensor_file
 from .options import HubOptions, SourceSpec, checked_path
@@ -154,7 +154,8 @@ def _weights_in_dir(folder: Path) -> Path:
         if os.path.lexists(candidate):
             return candidate
     subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
-    hint = f"; it has named adapters in subfolders ({', '.join(subs)}): add --subfolder NAME" if subs else ""
+    add = flag("--subfolder NAME", "SourceSpec(..., subfolder=NAME)")
+    hint = f"; it has named adapters in subfolders ({', '.join(subs)}): add {add}" if subs else ""
     raise SourceError(f"no adapter_model.safetensors or adapter_model.bin in this directory{hint}", str(folder))
 
 
@@ -213,7 +214,7 @@ def load_source(source: Source) -> Checkpoint:
             config_path = folder / CONFIG_NAME
     elif path.is_file():
         if subfolder:
-            raise SourceError("--subfolder applies to an adapter directory, not a file", text)
+            raise SourceError(flag("--subfolder", "subfolder") + " applies to an adapter directory, not a file", text)
         weights = path
         sibling = path.parent / CONFIG_NAME
         if path.name in WEIGHTS_NAMES and os.path.exists(sibling):  # not a regular file: read_config says

@@ -14,7 +14,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import INIT_MODES, PEFT_TYPE, SIZE_FIELDS, SOURCE_INITS, TASK_TYPES, MptConfig
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, ValidationError, flag
 from .findings import Finding, errors, refusal
 from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, more_than_memory, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
@@ -47,9 +47,9 @@ def _sizes(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
         value = cfg.raw.get(name)
         if value is None:
             if name in ("num_virtual_tokens", "token_dim") and from_file:
-                flag = f"give --{name.replace('_', '-')}"
+                fix = "give " + flag(f"--{name.replace('_', '-')}", f"ConfigOverrides({name}=...)")
                 yield Finding.warning(
-                    "missing-field", name, "not set in the config", expected="a positive integer", fix=flag
+                    "missing-field", name, "not set in the config", expected="a positive integer", fix=fix
                 )
         elif isinstance(value, bool) or not isinstance(value, int):
             yield Finding.error(
@@ -75,11 +75,16 @@ def _task_type(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
     task_type = cfg.raw.get("task_type")
     if task_type is None and from_file:
         message = "is null: PEFT cannot tell seq2seq from causal"
-        yield Finding.error("task-type", "task_type", message, expected=TYPES, fix="give --task-type")
+        yield Finding.error("task-type", "task_type", message, expected=TYPES, fix=_give_task_type())
     elif task_type is not None and task_type not in TASK_TYPES:
         yield Finding.error(
-            "task-type", "task_type", "unknown task type", expected=TYPES, found=task_type, fix="give --task-type"
+            "task-type", "task_type", "unknown task type", expected=TYPES, found=task_type, fix=_give_task_type()
         )
+
+
+def _give_task_type() -> str:
+    """The fix of a missing or unknown task_type: give one as a config override."""
+    return "give " + flag("--task-type", "ConfigOverrides(task_type=...)")
 
 
 def _init_mode(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
@@ -248,11 +253,19 @@ def _against_config(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> Ite
                 f"config says {want} but {name} has {got}",
                 expected=want,
                 found=got,
-                fix=f"fix {label} in adapter_config.json (or override it with --{label.replace('_', '-')} where the"
-                " command takes the source's config flags: validate, inspect, verify, tasks, convert, export)"
+                fix=f"fix {label} in adapter_config.json (or override it with "
+                + flag(
+                    f"--{label.replace('_', '-')} where the command takes the source's config flags: "
+                    "validate, inspect, verify, tasks, convert, export)",
+                    f"SourceSpec(..., overrides=ConfigOverrides({label}=...)))",
+                )
                 if label != "T"
                 else "fix num_virtual_tokens / num_transformer_submodules / task_type in adapter_config.json (or"
-                " override them with the source's config flags: --num-virtual-tokens, ...)",
+                " override them with "
+                + flag(
+                    "the source's config flags: --num-virtual-tokens, ...)",
+                    "SourceSpec(..., overrides=ConfigOverrides(num_virtual_tokens=...)), ...)",
+                ),
             )
 
 
@@ -554,10 +567,15 @@ def check_target(
             Finding.error(
                 "usage",
                 "tasks",
-                f"--tasks and --weights apply to --mode {selecting} only",
+                flag(
+                    f"--tasks and --weights apply to --mode {selecting} only",
+                    f'TargetPlan tasks= and weights= apply to mode="{selecting}" only',
+                ),
                 expected=selecting,
                 found=mode.name,
-                fix=f"drop --tasks/--weights or use --mode {selecting}",
+                fix=flag(
+                    f"drop --tasks/--weights or use --mode {selecting}", f'drop tasks/weights or use mode="{selecting}"'
+                ),
             )
         )
     if plan.task is not None and not mode.takes_task:
@@ -566,9 +584,10 @@ def check_target(
             Finding.warning(
                 "unused-option",
                 "task",
-                f"--task applies to --mode {taking} only: ignored by {mode.name}",
+                flag(f"--task applies to --mode {taking} only", f'task= applies to mode="{taking}" only')
+                + f": ignored by {mode.name}",
                 found=plan.task,
-                fix="drop --task",
+                fix=flag("drop --task", "drop task="),
             )
         )
     out += _size_rules(mode, plan, src_t, src_d, src_r)
@@ -598,7 +617,8 @@ def _size_rules(mode: Mode, plan: TargetPlan, src_t: int | None, src_d: int | No
                 "out of range",
                 expected=f"1..{MAX_TARGET_TASKS}",
                 found=plan.num_tasks,
-                fix="pass a positive --target-tasks" if plan.num_tasks < 1 else "ask for fewer --target-tasks",
+                fix=("pass a positive " if plan.num_tasks < 1 else "ask for fewer ")
+                + flag("--target-tasks", "num_tasks"),
             )
         )
     if plan.num_ranks is not None and plan.num_ranks < 1:
@@ -609,7 +629,7 @@ def _size_rules(mode: Mode, plan: TargetPlan, src_t: int | None, src_d: int | No
                 "out of range",
                 expected=">= 1",
                 found=plan.num_ranks,
-                fix="pass a positive --target-ranks",
+                fix="pass a positive " + flag("--target-ranks", "num_ranks"),
             )
         )
     if out or src_t is None or src_d is None:
@@ -627,10 +647,18 @@ def _size_rules(mode: Mode, plan: TargetPlan, src_t: int | None, src_d: int | No
                 + more_than_memory(limit),
                 expected=f"<= {limit:,} bytes",
                 found=f"{need:,} bytes",
-                fix="ask for fewer --target-tasks or a lower --target-ranks",
+                fix=flag(
+                    "ask for fewer --target-tasks or a lower --target-ranks",
+                    "ask for fewer num_tasks or a lower num_ranks",
+                ),
             )
         )
     return out
+
+
+def _mode_shared() -> str:
+    """How a fix names the shared mode: ``--mode shared`` or ``mode="shared"``."""
+    return flag("--mode shared", 'mode="shared"')
 
 
 def _copy_rules(
@@ -647,7 +675,7 @@ def _copy_rules(
                 f"{mode.name} needs the source task factors",
                 expected="present",
                 found="absent",
-                fix="use --mode shared, or a source with its task factors",
+                fix=f"use {_mode_shared()}, or a source with its task factors",
             )
         )
     if num_ranks is not None and src_r is not None and num_ranks != src_r:
@@ -658,7 +686,7 @@ def _copy_rules(
                 f"{mode.name} copies factors, so the target rank must be the source's",
                 expected=src_r,
                 found=num_ranks,
-                fix=f"set the target num_ranks to {src_r} (or use --mode shared)",
+                fix=f"set the target num_ranks to {src_r} (or use {_mode_shared()})",
             )
         )
     if config_tasks is not None and config_tasks != 1:
@@ -669,8 +697,8 @@ def _copy_rules(
                 f"PEFT's {mode.peft_name} makes a 1-task target",
                 expected=1,
                 found=config_tasks,
-                fix=f"set the target num_tasks to 1, or plan the {config_tasks} copies as init makes them:"
-                f" --target-tasks {config_tasks}",
+                fix=f"set the target num_tasks to 1, or plan the {config_tasks} copies as init makes them: "
+                + flag(f"--target-tasks {config_tasks}", f"num_tasks={config_tasks}"),
             )
         )
     return out

@@ -18,7 +18,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
-from .errors import ConfigError, MptToolsError, WriteError
+from .errors import ConfigError, MptToolsError, WriteError, flag
 from .files import atomic_write, guard_output
 from .formats import CANONICAL, DTYPE_NAMES, FLOAT_DTYPES, same_bytes, to_float64
 from .options import checked_positive
@@ -61,13 +61,14 @@ MAX_SIMILARITY_TASKS = 4096
 def check_similarity_size(num_tasks: int, location: str | None = None) -> None:
     """Refuse, before anything is computed, a similarity matrix of more than
     :data:`MAX_SIMILARITY_TASKS` tasks (or one bigger than this machine's memory), naming the size."""
-    from .errors import ValidationError
+    from .errors import ValidationError, flag
     from .formats import memory_limit, memory_name
 
     need = num_tasks * num_tasks * 8
     if num_tasks > MAX_SIMILARITY_TASKS or 4 * need > memory_limit():
         raise ValidationError(
-            f"--similarity compares every pair of tasks: {num_tasks} tasks need a {num_tasks} x {num_tasks} "
+            flag("--similarity", "a similarity matrix")
+            + f" compares every pair of tasks: {num_tasks} tasks need a {num_tasks} x {num_tasks} "
             f"matrix ({need:,} bytes as float64); the limit is {MAX_SIMILARITY_TASKS} tasks "
             f"(and a quarter of {memory_name()}, {memory_limit():,} bytes)",
             location,
@@ -139,7 +140,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise MptToolsError("--plot needs matplotlib: pip install 'mpt-tools[plot]'") from None
+        raise MptToolsError(flag("--plot", "a plot") + " needs matplotlib: pip install 'mpt-tools[plot]'") from None
 
 
 def check_plot_path(path: str | os.PathLike[str], *, force: bool = False, protected: list[str] | None = None) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
 from .config import CONFIG_NAME, SOURCE_INITS, TASK_TYPES, WEIGHTS_NAME, WEIGHTS_NAMES, config_to_json
-from .errors import ConfigError, VerifyError, WriteError
+from .errors import ConfigError, VerifyError, WriteError, flag
 from .files import file_sha256, guard_output, write_files
 from .findings import Finding
 from .formats import DTYPE_NAMES, to_float64
@@ -88,11 +88,12 @@ def _guard_weights(out: Path, name: str, force: bool) -> None:
     ``force``, and an adapter_model.safetensors that PEFT would load instead of a copied .bin."""
     if name != WEIGHTS_NAME and os.path.lexists(out / WEIGHTS_NAME):
         raise WriteError(
-            f"{WEIGHTS_NAME} is here and PEFT would load it instead of the copied {name}; give an empty --out",
+            f"{WEIGHTS_NAME} is here and PEFT would load it instead of the copied {name}; "
+            f"give an empty {flag('--out', 'out')}",
             str(out),
         )
     if not force and os.path.lexists(out / name):
-        raise WriteError(f"{name} already exists here; pass --force to overwrite it", str(out))
+        raise WriteError(f"{name} already exists here; pass {flag('--force', 'force=True')} to overwrite it", str(out))
 
 
 def _read_checked(path: str, sha256: str) -> list[bytes | memoryview]:
@@ -158,7 +159,10 @@ def compat_adapter(
     if not ckpt.config_from_file:
         raise ConfigError(
             "has no adapter_config.json: compat rewrites an adapter folder's config "
-            "(for a bare tensor file use `init`, `tasks` or `convert` with --peft-compat)",
+            + flag(
+                "(for a bare tensor file use `init`, `tasks` or `convert` with --peft-compat)",
+                "(for a bare tensor file use init_adapter(), select_tasks() or convert() with peft_compat=)",
+            ),
             ckpt.location,
         )
     peft_type = ckpt.config.raw.get("peft_type")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, flag
 from .options import checked_path
 from .paths import read_small
 
@@ -234,17 +234,22 @@ def bare_config(shapes: dict[str, tuple[int, ...]], hints: dict[str, Any] | None
     if nts is None:
         nts = 2 if task_type == "SEQ_2_SEQ_LM" else 1
         if task_type is None:
+            give = flag(
+                "--task-type SEQ_2_SEQ_LM or --num-transformer-submodules 2",
+                'ConfigOverrides(task_type="SEQ_2_SEQ_LM") or ConfigOverrides(num_transformer_submodules=2)',
+            )
             assumed["num_transformer_submodules"] = (
                 "1 (no adapter_config.json, and T cannot be split into num_virtual_tokens x "
-                "submodules from the tensors; give --task-type SEQ_2_SEQ_LM or "
-                "--num-transformer-submodules 2 for seq2seq)"
+                f"submodules from the tensors; give {give} for seq2seq)"
             )
     raw["num_transformer_submodules"] = nts
     if t is not None and "num_virtual_tokens" not in hints:
         raw["num_virtual_tokens"] = t // nts if isinstance(nts, int) and nts > 0 and t % nts == 0 else t
         assumed["num_virtual_tokens"] = f"{raw['num_virtual_tokens']} (T = {t} from the tensors)"
     if task_type is None:
-        assumed["task_type"] = "unknown (no adapter_config.json; give --task-type)"
+        assumed["task_type"] = (
+            f"unknown (no adapter_config.json; give {flag('--task-type', 'ConfigOverrides(task_type=...)')})"
+        )
     for name in ("token_dim", "num_tasks", "num_ranks"):
         if name not in hints and raw.get(name) is not None:
             assumed[name] = f"{raw[name]} (from the tensor shapes)"

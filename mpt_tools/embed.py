@@ -27,7 +27,7 @@ import numpy as np
 from .checkpoint import Source, load_source
 from .checks import require_valid
 from .dtypes import DTYPE_MAX
-from .errors import ConfigError, SourceError, ValidationError
+from .errors import ConfigError, SourceError, ValidationError, flag
 from .export import cast_overflow
 from .files import atomic_write, guard_output
 from .findings import Finding
@@ -259,7 +259,9 @@ def _embed(
                 "embed builds a decoder-only model's input (vLLM and SGLang take prompt embeddings for those)",
                 expected=1,
                 found=ckpt.config.num_transformer_submodules,
-                fix="export the prompts instead (mpt-tools export --to tgis serves encoder-decoder models)",
+                fix="export the prompts instead ("
+                + flag("mpt-tools export --to tgis", 'export_prompts(..., to="tgis")')
+                + " serves encoder-decoder models)",
             )
         )
     require_valid(ckpt, extra)

@@ -2,15 +2,46 @@
 
 Every failure the library reports on purpose is an :class:`MptToolsError`; the CLI turns it into
 one line on stderr and exit status 1. Anything else escaping the library is a bug.
+
+A message that tells the user what to change names it as they gave it: a command-line flag
+(``--force``) while the CLI runs a command (:func:`cli_wording`), the Python argument
+(``force=True``) otherwise. :func:`flag` picks the spelling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .results import VerifyResult
+
+_CLI_WORDING = False
+"""True while the command line runs a command (:func:`cli_wording`): messages name its flags.
+
+A plain module global, not a contextvar: ``audit`` (and pack's fit) build messages in worker threads,
+which do not inherit a contextvar's value. One process runs one command at a time."""
+
+
+def flag(cli: str, python: str) -> str:
+    """The way a message names an option: ``cli`` (e.g. ``"--force"``) while the command line runs
+    a command, ``python`` (e.g. ``"force=True"``) for a caller of the library."""
+    return cli if _CLI_WORDING else python
+
+
+@contextlib.contextmanager
+def cli_wording(on: bool = True) -> Iterator[None]:
+    """Word messages for the command line (``on``; False: for the library) inside the block, and
+    restore the previous wording after it, however it ends."""
+    global _CLI_WORDING
+    before = _CLI_WORDING
+    _CLI_WORDING = on
+    try:
+        yield
+    finally:
+        _CLI_WORDING = before
 
 
 def debug() -> bool:

@@ -44,7 +44,7 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import config_findings, prompt_findings, require_valid, tensor_findings, value_findings
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .dtypes import DTYPE_MAX, canonical_dtype
-from .errors import ConfigError, MptToolsError, SourceError, WriteError
+from .errors import ConfigError, MptToolsError, SourceError, WriteError, flag
 from .files import guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
@@ -118,6 +118,16 @@ def _usage(field: str, message: str, found: Any, fix: str, expected: Any = None)
     return Finding.error("usage", field, message, expected=expected, found=found, fix=fix)
 
 
+def _to(fmt: str) -> str:
+    """export_prompts' ``to`` argument in Python: ``to="tgis"``."""
+    return f'to="{fmt}"'
+
+
+def _encoder_only() -> str:
+    """How a message names the encoder half: ``--encoder-only`` or ``ExportOptions(encoder_only=True)``."""
+    return flag("--encoder-only", "ExportOptions(encoder_only=True)")
+
+
 def _layout(fmt: str, ckpt: Checkpoint, opts: ExportOptions, extra: list[Finding]) -> _Layout | None:
     """The files of one task in ``fmt`` (None when the source's sizes are unknown), adding the
     findings that refuse the export to ``extra``."""
@@ -130,8 +140,12 @@ def _layout(fmt: str, ckpt: Checkpoint, opts: ExportOptions, extra: list[Finding
     split = nts == 2
     seq2seq = split or ckpt.config.task_type == SEQ2SEQ
     if opts.encoder_only and (not split or fmt in ("vllm", "trtllm")):
-        why = "applies to seq2seq adapters with 2 transformer submodules" if not split else f"--to {fmt} takes none"
-        extra.append(_usage("encoder_only", why, nts if not split else fmt, "drop --encoder-only"))
+        why = (
+            "applies to seq2seq adapters with 2 transformer submodules"
+            if not split
+            else flag(f"--to {fmt}", _to(fmt)) + " takes none"
+        )
+        extra.append(_usage("encoder_only", why, nts if not split else fmt, "drop " + _encoder_only()))
     if seq2seq and fmt in ("vllm", "trtllm"):
         engine = "vLLM's prompt_embeds" if fmt == "vllm" else "TensorRT-LLM's prompt table"
         extra.append(
@@ -141,14 +155,17 @@ def _layout(fmt: str, ckpt: Checkpoint, opts: ExportOptions, extra: list[Finding
                 f"{engine} serves decoder-only models; this adapter is for an encoder-decoder model",
                 expected="CAUSAL_LM",
                 found=ckpt.config.task_type,
-                fix="export it --to tgis, --to peft --encoder-only or --to npy",
+                fix=flag(
+                    "export it --to tgis, --to peft --encoder-only or --to npy",
+                    f"export it {_to('tgis')}, {_to('peft')} with {_encoder_only()} or {_to('npy')}",
+                ),
             )
         )
     enc = (0, nvt) if split else (0, t)
     if fmt == "peft":
         if split and not opts.encoder_only:
-            fix = "pass --encoder-only to export the encoder half (what generate() uses)"
-            fix += ", or --to tgis" if nvt % 2 == 0 else ""  # TGIS refuses an odd prefix length
+            fix = f"pass {_encoder_only()} to export the encoder half (what generate() uses)"
+            fix += ", or " + flag("--to tgis", _to("tgis")) if nvt % 2 == 0 else ""  # TGIS refuses an odd prefix length
             extra.append(seq2seq_decoder_finding(fix))
         a, b = enc if opts.encoder_only else (0, t)
         return _Layout([(f"{{name}}/{WEIGHTS_NAME}", a, b), (f"{{name}}/{CONFIG_NAME}", a, b)], opts.dtype, seq2seq)
@@ -182,7 +199,9 @@ def _tgis_rules(layout: _Layout, opts: ExportOptions, first: int, extra: list[Fi
                     f"(every task's) would hold {rows} rows",
                     expected=f"<= {opts.max_prefix_len}",
                     found=rows,
-                    fix="raise MAX_PROMPT_PREFIX_LENGTH on the server (and --max-prefix-len)",
+                    fix="raise MAX_PROMPT_PREFIX_LENGTH on the server (and "
+                    + flag("--max-prefix-len", "ExportOptions(max_prefix_len=...)")
+                    + ")",
                 )
             )
         if layout.seq2seq and rows % 2:
@@ -194,7 +213,11 @@ def _tgis_rules(layout: _Layout, opts: ExportOptions, first: int, extra: list[Fi
                     f"(every task's) would hold {rows} rows",
                     expected="an even number of rows",
                     found=rows,
-                    fix="export it --to peft --encoder-only or --to npy, or train an even num_virtual_tokens",
+                    fix=flag(
+                        "export it --to peft --encoder-only or --to npy",
+                        f"export it {_to('peft')} with {_encoder_only()} or {_to('npy')}",
+                    )
+                    + ", or train an even num_virtual_tokens",
                 )
             )
 
@@ -203,7 +226,8 @@ def _names_findings(fmt: str, tasks: list[int], names: list[str], n: int) -> lis
     """Task indices in range and listed once; one valid, distinct name per task."""
     out: list[Finding] = []
     if not tasks:
-        out.append(_usage("tasks", "no tasks given", "[]", "list tasks like 0,2 or give all", "at least one task"))
+        fix = flag("list tasks like 0,2 or give all", "list tasks like [0, 2] or give all (tasks=None)")
+        out.append(_usage("tasks", "no tasks given", "[]", fix, "at least one task"))
     bad = [k for k in tasks if k < 0 or k >= n]
     if bad:
         out.append(
@@ -226,7 +250,7 @@ def _names_findings(fmt: str, tasks: list[int], names: list[str], n: int) -> lis
                 "names",
                 "one name per exported task",
                 len(names),
-                "give as many --names as tasks",
+                "give as many " + flag("--names", "names") + " as tasks",
                 expected=len(tasks),
             )
         )
@@ -281,7 +305,9 @@ def _cast_finding(task: int, peak: float, dtype: str) -> Finding:
         f"task {task}'s prompt holds {peak:.5g}, which is Inf in {dtype}",
         expected=f"|P_k| <= {DTYPE_MAX[dtype]:.5g}",
         found=f"{peak:.5g}",
-        fix="export with --dtype float32" + (" or bfloat16" if dtype == "float16" else ""),
+        fix="export with "
+        + flag("--dtype float32", 'ExportOptions(dtype="float32")')
+        + (flag(" or bfloat16", ' or "bfloat16"') if dtype == "float16" else ""),
     )
 
 
@@ -563,13 +589,15 @@ def export_prompts(
         extra.append(_usage("to", "unknown format", to, "use one of " + ", ".join(FORMATS), ", ".join(FORMATS)))
     if opts.dtype not in DTYPE_CHOICES:
         extra.append(_usage("dtype", "unknown dtype", opts.dtype, "use float32, bfloat16 or float16"))
-    for flag, given, fmt in (
+    for field, given, fmt in (
         ("max_prefix_len", opts.max_prefix_len is not None, "tgis"),
         ("caikit", opts.caikit, "tgis"),
         ("peft_compat", opts.peft_compat is not None, "peft"),
     ):
         if given and to != fmt:
-            extra.append(_usage(flag, f"applies to --to {fmt}", to, f"drop --{flag.replace('_', '-')}"))
+            why = flag(f"applies to --to {fmt}", f"applies with {_to(fmt)} only")
+            fix = "drop " + flag(f"--{field.replace('_', '-')}", f"ExportOptions({field}=...)")
+            extra.append(_usage(field, why, to, fix))
     cols = ckpt.shapes.get("prefix_task_cols")
     n = cols[0] if cols and len(cols) == 3 else 0
     chosen = list(range(n)) if chosen_tasks is None else chosen_tasks
@@ -598,7 +626,7 @@ def export_prompts(
     with staging_folder(target) as stage:  # (a full disk: one line naming target, nothing left)
         writer = _Writer(to, ckpt, stage, layout, opts, len(chosen))
         try:
-            with progress(len(chosen), f"export --to {to}") as advance:
+            with progress(len(chosen), flag(f"export --to {to}", f"export_prompts({_to(to)})")) as advance:
                 for i, (k, prompt) in enumerate(task_prompts(ckpt, chosen, opts.chunk_bytes)):
                     peak = cast_overflow(prompt, opts.dtype)
                     if peak is not None:  # the bound above let it through only at the very edge
@@ -614,7 +642,9 @@ def export_prompts(
         if to == "trtllm":
             notes.append(
                 "TensorRT-LLM's prompt table belongs to its TensorRT-engine backend, which TensorRT-LLM main "
-                "removed in 2026: use a release from before the removal (or --to peft for its LLM API)"
+                "removed in 2026: use a release from before the removal (or "
+                + flag("--to peft", _to("peft"))
+                + " for its LLM API)"
             )
         if to == "peft" and writer.fit.exact:
             notes.append(fit_note(writer.fit))
@@ -691,7 +721,9 @@ def _guard(out: str | os.PathLike[str], entries: list[str], *, force: bool, prot
     if target.is_dir() and not force:
         for entry in entries:
             if os.path.lexists(target / entry):
-                raise WriteError(f"{entry} already exists here; pass --force to overwrite it", str(target))
+                raise WriteError(
+                    f"{entry} already exists here; pass {flag('--force', 'force=True')} to overwrite it", str(target)
+                )
     return target
 
 

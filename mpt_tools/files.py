@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME
-from .errors import MptToolsError, WriteError
+from .errors import MptToolsError, WriteError, flag
 from .interrupts import cleanup, deferred
 from .options import checked_path
 from .paths import open_regular, read_small
@@ -44,6 +44,11 @@ NAME_MAX = 255
 STEM_BYTES = 200
 """The most bytes of an output's name a staging name holds: with its 35 to 45 bytes of pid, random
 part and suffix it stays under the 255 bytes a file name may have."""
+
+
+def _force() -> str:
+    """How a refusal names overwriting: ``--force`` or ``force=True``."""
+    return flag("--force", "force=True")
 
 
 def _stem(name: str) -> str:
@@ -300,7 +305,7 @@ def atomic_write(
             if replace:
                 os.replace(tmp, target)
             elif not rename_noreplace(tmp, target):
-                raise WriteError("already exists (written by another process meanwhile); pass --force", str(target))
+                raise WriteError(f"already exists (written by another process meanwhile); pass {_force()}", str(target))
             tmp, made = "", []
             if record:
                 _record(target)
@@ -489,7 +494,7 @@ def guard_output(
         if _within(resolved.parent, folders):
             raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))
         if os.path.lexists(out) and not force:
-            raise WriteError("already exists; pass --force to overwrite it", str(out))
+            raise WriteError(f"already exists; pass {_force()} to overwrite it", str(out))
         return out
     if out.exists() and not out.is_dir():
         raise WriteError("exists and is not a directory", str(out))
@@ -500,7 +505,7 @@ def guard_output(
     if not force:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if os.path.lexists(out / name):
-                raise WriteError(f"{name} already exists here; pass --force to overwrite it", str(out))
+                raise WriteError(f"{name} already exists here; pass {_force()} to overwrite it", str(out))
     return out
 
 
@@ -627,7 +632,7 @@ def _move_into(src: Path, out: Path, names: list[str], *, force: bool) -> None:
                 if name in names and os.path.lexists(out / name):
                     raise WriteError(
                         f"{name} already exists here (written by another process meanwhile); "
-                        "pass --force to overwrite it",
+                        f"pass {_force()} to overwrite it",
                         str(out),
                     )
         for name in names:
@@ -686,7 +691,7 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
                     if taken and not force:
                         raise WriteError(
                             f"{taken[0]} already exists here (written by another process meanwhile); "
-                            "pass --force to overwrite it",
+                            f"pass {_force()} to overwrite it",
                             str(out),
                         )
                     for name in names:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import ValidationError
+from .errors import ValidationError, flag
 
 if TYPE_CHECKING:  # the result types cost import time that --help does not need
     from .results import FindingItem
@@ -123,6 +123,7 @@ def refusal(location: str, problems: list[Finding]) -> ValidationError:
     if rest:
         shown = "; ".join(f.brief() for f in rest[:REFUSAL_SHOWS])
         more = len(rest) - REFUSAL_SHOWS
-        tail = f"; and {more} more (`mpt-tools validate` lists the source's)" if more > 0 else ""
+        validate = flag("`mpt-tools validate`", "validate()")
+        tail = f"; and {more} more ({validate} lists the source's)" if more > 0 else ""
         msg += f" [also {shown}{tail}]"
     return ValidationError(msg, location, problems)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .config import PEFT_TYPE
+from .errors import flag
 from .findings import Finding
 
 TGIS_FILES = ("decoder.pt", "encoder.pt")
@@ -144,7 +145,11 @@ def serving_hazards(ckpt: Checkpoint, *, cache: dict[str, tuple[list[str], list[
             "checking peft_type, so every task would be served with P*, silently",
             expected="baked per-task prompts",
             found="; ".join(evidence),
-            fix=f"bake the tasks with `mpt-tools export {folder} --to tgis --out STORE/NAME` "
-            "(or --to peft) and serve those; keep the MPT folder out of the store",
+            fix="bake the tasks with "
+            + flag(
+                f"`mpt-tools export {folder} --to tgis --out STORE/NAME` (or --to peft)",
+                f'export_prompts("{folder}", "tgis", "STORE/NAME") (or "peft")',
+            )
+            + " and serve those; keep the MPT folder out of the store",
         )
     ]

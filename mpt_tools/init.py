@@ -13,7 +13,7 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import check_plan_types, check_source, check_target, require_valid, value_findings
 from .config import target_config
-from .errors import HubError, ValidationError, VerificationFailed, WriteError
+from .errors import HubError, ValidationError, VerificationFailed, WriteError, flag
 from .files import commit_staged, guard_output, staging_folder
 from .findings import Finding, errors, refusal
 from .formats import Raw, from_numpy, to_float32
@@ -105,7 +105,7 @@ def _plan_findings(ckpt: Checkpoint, mode: Mode, plan: TargetPlan, warnings: lis
                 "task_type",
                 "unknown for a bare tensor file; the target config needs it",
                 expected="one of CAUSAL_LM, SEQ_2_SEQ_LM, ...",
-                fix="give --task-type",
+                fix="give " + flag("--task-type", "ConfigOverrides(task_type=...)"),
             )
         )
     return findings
@@ -227,7 +227,9 @@ def _push(out: str, push: PushRequest, token: str | None) -> PushResult:
         return push_adapter(out, push.repo_id, private=push.private, create_pr=push.create_pr, token=token)
     except HubError as exc:
         raise HubError(
-            f"{exc.message} (the adapter was written to {out}: push it with `mpt-tools push {out} {push.repo_id}`)",
+            f"{exc.message} (the adapter was written to {out}: push it with "
+            + flag(f"`mpt-tools push {out} {push.repo_id}`", f"push_adapter({out!r}, {push.repo_id!r})")
+            + ")",
             exc.path,
         ) from None
 

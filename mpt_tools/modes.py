@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import ConfigError
+from .errors import ConfigError, flag
 from .findings import Finding
 from .options import readable_fields
 
@@ -243,7 +243,7 @@ def selection_rules(ckpt: Checkpoint, plan: TargetPlan, warnings: list[str]) -> 
                     "no tasks given",
                     expected="at least one task",
                     found="[]",
-                    fix="list tasks like 0,3,5",
+                    fix=flag("list tasks like 0,3,5", "list tasks like [0, 3, 5]"),
                 )
             )
         if len(set(tasks)) != len(tasks):
@@ -254,7 +254,7 @@ def selection_rules(ckpt: Checkpoint, plan: TargetPlan, warnings: list[str]) -> 
                     "a task is listed twice",
                     expected="distinct tasks",
                     found=tasks,
-                    fix="list each task once (use --weights to weigh one more)",
+                    fix=f"list each task once (use {flag('--weights', 'TargetPlan(weights=...)')} to weigh one more)",
                 )
             )
         bad = [t for t in tasks if src_n is not None and (t < 0 or t >= src_n)]
@@ -379,7 +379,11 @@ def _exact_rules(ckpt: Checkpoint, plan: TargetPlan, warnings: list[str]) -> lis
                 + (f"task {resolved} (counting from the end)" if resolved >= 0 else "nothing"),
                 expected=f"0..{src_n - 1}",
                 found=task,
-                fix=f"pass --task {resolved} (or, to init, --allow-negative-task to count from the end)"
+                fix=flag(
+                    f"pass --task {resolved} (or, to init, --allow-negative-task to count from the end)",
+                    f"pass task={resolved} (or, to init_adapter, TargetPlan(allow_negative_task=True)"
+                    " to count from the end)",
+                )
                 if resolved >= 0
                 else f"pass a task in 0..{src_n - 1}",
             )
@@ -455,7 +459,7 @@ register(
     Mode(
         name="average",
         peft_name="AVERAGE_SOURCE_TASKS",
-        summary="the mean of the source task factors (bitwise PEFT's), optionally of --tasks with --weights",
+        summary="the mean of the source task factors (bitwise PEFT's), optionally of chosen tasks with weights",
         copies_factors=True,
         selects_tasks=True,
         build=_average_build,
@@ -469,7 +473,7 @@ register(
     Mode(
         name="exact",
         peft_name="EXACT_SOURCE_TASK",
-        summary="source task --task's factors (bitwise PEFT's)",
+        summary="the chosen source task's factors (bitwise PEFT's)",
         copies_factors=True,
         build=_exact_build,
         plan_rules=_exact_rules,
@@ -483,7 +487,7 @@ register(
     Mode(
         name="shared",
         peft_name="ONLY_SOURCE_SHARED",
-        summary="the shared prompt only, fresh N(0, 0.02) factors from --seed",
+        summary="the shared prompt only, fresh N(0, 0.02) factors from a seed",
         copies_factors=False,
         build=_shared_build,
         read_record=_shared_record,

@@ -46,7 +46,7 @@ from .config import (
     target_config,
 )
 from .dtypes import UNIT_ROUND_OFF
-from .errors import ConfigError, FormatError, MptToolsError, SourceError, ValidationError
+from .errors import ConfigError, FormatError, MptToolsError, SourceError, ValidationError, flag
 from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
@@ -165,13 +165,18 @@ class _Shape(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
+def _from_source(what: str) -> str:
+    """How a message says to give an MPT adapter's tasks to pack: ``--from`` or ``sources=``."""
+    return flag(f"as --from {what} (--tasks LIST)", f"in sources=[({what}, TASKS)]")
+
+
 def _tensor_of(tfile: Any, where: str) -> Raw:
     """The one prompt tensor of a file: its only tensor, or ``prompt_embeddings`` (a PEFT
     weights file); a file of MPT factors or of several other tensors is refused."""
     names = list(tfile.infos)
     keymap, _notes, _ignored = normalise_keys(names, where)
     if "prefix_task_cols" in keymap or "prefix_task_rows" in keymap:
-        raise FormatError("holds MPT task factors: give it as --from FILE (--tasks LIST)", where)
+        raise FormatError("holds MPT task factors: give it " + _from_source("FILE"), where)
     if "prompt_embeddings" in keymap:
         name = keymap["prompt_embeddings"]
     elif len(names) == 1:
@@ -205,7 +210,7 @@ def _peft_folder(folder: Path) -> _Prompt:
     cfg = read_config(folder / CONFIG_NAME)
     peft_type = cfg.raw.get("peft_type")
     if peft_type == PEFT_TYPE:
-        raise SourceError("is a Multitask Prompt Tuning adapter: give it as --from SOURCE (--tasks LIST)", str(folder))
+        raise SourceError("is a Multitask Prompt Tuning adapter: give it " + _from_source("SOURCE"), str(folder))
     if peft_type != PROMPT_TUNING_TYPE:
         raise SourceError(f"peft_type is {peft_type!r}: expected a PROMPT_TUNING adapter", str(folder))
     weights = next((folder / n for n in WEIGHTS_NAMES if os.path.lexists(folder / n)), None)
@@ -398,19 +403,25 @@ def _option_findings(opts: PackOptions, count: int) -> list[Finding]:
     """Problems of the options themselves (checked before anything is read)."""
     out: list[Finding] = []
     if count == 0:
-        out.append(_usage("prompts", "nothing to pack", 0, "give PROMPTS or --from SOURCE", ">= 1 prompt"))
+        fix = flag("give PROMPTS or --from SOURCE", "give prompts or sources=[(SOURCE, TASKS)]")
+        out.append(_usage("prompts", "nothing to pack", 0, fix, ">= 1 prompt"))
     if opts.num_ranks is None and opts.append_to is None:
-        out.append(_usage("num_ranks", "is required (without --append-to)", None, "give --num-ranks R", ">= 1"))
+        why = flag("is required (without --append-to)", "is required (without PackOptions(append_to=...))")
+        out.append(_usage("num_ranks", why, None, "give " + flag("--num-ranks R", "PackOptions(num_ranks=R)"), ">= 1"))
     if opts.num_ranks is not None and opts.num_ranks < 1:
-        out.append(_usage("num_ranks", "must be positive", opts.num_ranks, "pass --num-ranks 1 or more", ">= 1"))
+        fix = flag("pass --num-ranks 1 or more", "pass PackOptions(num_ranks=1) or more")
+        out.append(_usage("num_ranks", "must be positive", opts.num_ranks, fix, ">= 1"))
     if opts.shared is not None and opts.append_to is not None:
-        why = "--append-to fixes P* to the adapter's own"
-        both = "--shared or --append-to"
-        out.append(_usage("shared", why, os.fspath(opts.shared), "drop --shared (or --append-to)", both))
+        why = flag("--append-to", "append_to") + " fixes P* to the adapter's own"
+        both = flag("--shared or --append-to", "shared or append_to")
+        fix = flag("drop --shared (or --append-to)", "drop shared= (or append_to=)")
+        out.append(_usage("shared", why, os.fspath(opts.shared), fix, both))
     if not (opts.tol >= 0 and math.isfinite(opts.tol)):
-        out.append(_usage("tol", "must be a finite number >= 0", opts.tol, "pass e.g. --tol 1e-6", ">= 0"))
+        fix = "pass e.g. " + flag("--tol 1e-6", "PackOptions(tol=1e-6)")
+        out.append(_usage("tol", "must be a finite number >= 0", opts.tol, fix, ">= 0"))
     if opts.max_iters < 0:
-        out.append(_usage("max_iters", "must be >= 0", opts.max_iters, "pass e.g. --max-iters 1000", ">= 0"))
+        fix = "pass e.g. " + flag("--max-iters 1000", "PackOptions(max_iters=1000)")
+        out.append(_usage("max_iters", "must be >= 0", opts.max_iters, fix, ">= 0"))
     if opts.chunk_bytes is not None:
         checked_positive(opts.chunk_bytes, "chunk_bytes")
     if opts.seed < 0:
@@ -423,7 +434,8 @@ def _option_findings(opts: PackOptions, count: int) -> list[Finding]:
         out.append(_usage("start", "unknown start", opts.start, f"use one of {choices}", choices))
     if opts.task_type is not None and opts.task_type not in TASK_TYPES:
         types = ", ".join(TASK_TYPES)
-        out.append(_usage("task_type", "unknown task type", opts.task_type, "give e.g. --task-type CAUSAL_LM", types))
+        fix = "give e.g. " + flag("--task-type CAUSAL_LM", 'PackOptions(task_type="CAUSAL_LM")')
+        out.append(_usage("task_type", "unknown task type", opts.task_type, fix, types))
     return out
 
 
@@ -455,7 +467,7 @@ def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Che
     that states them (and by ``append``'s config and ``--task-type``): a disagreement is one error
     naming the input. The other fields come from the first input with a config (``append``'s)."""
     warnings: list[str] = []
-    task_type, task_from = opts.task_type, "--task-type"
+    task_type, task_from = opts.task_type, flag("--task-type", "PackOptions.task_type")
     nts: int | None = None
     nts_from = ""
     config: dict[str, Any] = {}
@@ -463,7 +475,8 @@ def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Che
     if append is not None:
         stated = append.config.task_type
         if stated is not None and opts.task_type is not None and opts.task_type != stated:
-            raise ValidationError(f"task_type is {stated!r}, not --task-type {opts.task_type!r}", append.location)
+            given = flag(f"--task-type {opts.task_type!r}", f"PackOptions(task_type={opts.task_type!r})")
+            raise ValidationError(f"task_type is {stated!r}, not {given}", append.location)
         if stated is not None:
             task_type, task_from = stated, append.location
         nts, nts_from = append.config.num_transformer_submodules, append.location
@@ -481,7 +494,8 @@ def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Che
                 )
     if task_type is None:
         raise ConfigError(
-            "no input states the task type (bare tensors, a TGIS decoder.pt): give --task-type, e.g. CAUSAL_LM",
+            "no input states the task type (bare tensors, a TGIS decoder.pt): give "
+            + flag("--task-type, e.g. CAUSAL_LM", 'PackOptions(task_type=...), e.g. "CAUSAL_LM"'),
             "pack",
         )
     if nts is None:
@@ -546,7 +560,8 @@ def _exported(folder: str) -> tuple[list[str], str | None] | None:
     if data.get("format") == "trtllm":
         raise SourceError(
             "a TensorRT-LLM prompt table (one file of every task): pack reads one prompt per input; "
-            "export --to npy gives one file per task",
+            + flag("export --to npy", 'export_prompts(..., to="npy")')
+            + " gives one file per task",
             folder,
         )
     path = os.path.join(folder, MANIFEST)
@@ -573,6 +588,11 @@ FIT_COPIES = 4
 work): what its memory check counts, with one task's normal equations ([R, R, max(T, d)])."""
 
 
+def _num_ranks() -> str:
+    """How a message names pack's rank: ``--num-ranks`` or ``PackOptions.num_ranks``."""
+    return flag("--num-ranks", "PackOptions.num_ranks")
+
+
 def _check_factor_size(tasks: int, fitted: int, rank: int, shape: Any) -> None:
     """Refuse, before the fit, a rank whose factors cannot be written (more values than
     :data:`MAX_TARGET_ELEMENTS`, as ``rerank`` refuses it) or fitted in memory."""
@@ -580,7 +600,7 @@ def _check_factor_size(tasks: int, fitted: int, rank: int, shape: Any) -> None:
     if tasks * per_task > MAX_TARGET_ELEMENTS:
         raise ValidationError(
             f"num_ranks: {tasks} task(s) at rank {rank} would hold {tasks * per_task:,} factor values, more "
-            f"than {MAX_TARGET_ELEMENTS:,}: lower --num-ranks (rank {min(shape.rows, shape.cols)} fits any prompt)",
+            f"than {MAX_TARGET_ELEMENTS:,}: lower {_num_ranks()} (rank {min(shape.rows, shape.cols)} fits any prompt)",
             "pack",
         )
     need = (fitted * per_task * FIT_COPIES + rank * rank * max(shape.rows, shape.cols)) * 8
@@ -588,7 +608,7 @@ def _check_factor_size(tasks: int, fitted: int, rank: int, shape: Any) -> None:
         raise ValidationError(
             f"num_ranks: fitting {fitted} task(s) at rank {rank} needs {need:,} bytes in float64, "
             + more_than_memory()
-            + ": lower --num-ranks",
+            + f": lower {_num_ranks()}",
             "pack",
         )
 
@@ -700,7 +720,7 @@ def _cast(tensor: Any, tag: str, what: str) -> Raw:
         peak = float(tensor.abs().max())
         raise ValidationError(
             f"the packed {what} reach |x| = {peak:.4g}, which is not finite in {DTYPE_NAMES[tag]}; nothing written; "
-            "write float32 (--dtype float32)",
+            "write float32 (" + flag("--dtype float32", 'PackOptions(dtype="float32")') + ")",
             "pack",
         )
     return from_torch(cast_)
@@ -719,8 +739,9 @@ def _dtypes(opts: PackOptions, append: Checkpoint | None) -> dict[str, str]:
         other = next((t for t in tags.values() if t != wanted), None)
         if other is not None:
             raise ValidationError(
-                f"its tensors are kept bitwise in {DTYPE_NAMES.get(other, other)}: drop --dtype "
-                f"{DTYPE_NAMES[wanted]} (or convert the adapter first)",
+                f"its tensors are kept bitwise in {DTYPE_NAMES.get(other, other)}: drop "
+                + flag(f"--dtype {DTYPE_NAMES[wanted]}", f'PackOptions(dtype="{DTYPE_NAMES[wanted]}")')
+                + " (or convert the adapter first)",
                 append.location,
             )
     return tags
@@ -789,7 +810,8 @@ def pack_prompts(
     if append is not None:
         rank = append.shapes["prefix_task_cols"][2]
         if opts.num_ranks is not None and opts.num_ranks != rank:
-            raise ValidationError(f"num_ranks is {rank}, not --num-ranks {opts.num_ranks}", append.location)
+            given = flag(f"--num-ranks {opts.num_ranks}", f"PackOptions(num_ranks={opts.num_ranks})")
+            raise ValidationError(f"num_ranks is {rank}, not {given}", append.location)
     else:
         rank = cast(int, opts.num_ranks)
     _check_factor_size(kept + len(read), len(read), rank, shape)
@@ -865,12 +887,15 @@ def pack_prompts(
     if fitted.exact:
         notes.append(fit_note(fitted))
     if fit.stopped == "max-iters" and opts.max_iters > 0:
-        notes.append(f"stopped after --max-iters {opts.max_iters} iterations, still improving by more than --tol")
+        iters = flag(f"--max-iters {opts.max_iters}", f"max_iters={opts.max_iters}")
+        notes.append(f"stopped after {iters} iterations, still improving by more than {flag('--tol', 'tol')}")
     tried = fit.recover_seconds > 0  # 0: not tried (--start baseline, a fixed P*)
     if tried and fit.start in ("baseline", "mean-signs") and fit.recover_seconds >= RECOVER_NOTE_SECONDS:
         notes.append(
             f"the recovery of P* took {fit.recover_seconds:.1f} s and gave no better start"
-            " (the prompts are not P* * (U_k V_k) at this rank, or its search missed): --start baseline skips it"
+            " (the prompts are not P* * (U_k V_k) at this rank, or its search missed): "
+            + flag("--start baseline", 'PackOptions(start="baseline")')
+            + " skips it"
         )
     files = write_adapter(out, tensors, fitted.config, meta, force=force, protected=plan.protected)
     result = {

@@ -24,7 +24,7 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import require_valid
 from .config import PROMPT_TUNING_DEFAULTS, target_config
-from .errors import ValidationError
+from .errors import ValidationError, flag
 from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
 from .findings import Finding
@@ -127,7 +127,7 @@ def _output_size(option: str, ckpt: Checkpoint, tasks: int, rank: int | None) ->
             f"prefix_task_rows of the output would claim {need:,} bytes, {more_than_memory()}",
             expected=f"<= {memory_limit():,} bytes",
             found=f"{need:,} bytes",
-            fix="select fewer tasks" if rank is None else "lower --num-ranks",
+            fix="select fewer tasks" if rank is None else "lower " + flag("--num-ranks", "num_ranks"),
         )
     ]
 
@@ -256,7 +256,7 @@ def rerank(
                 "must be positive",
                 expected=">= 1",
                 found=num_ranks,
-                fix="pass --num-ranks 1 or more",
+                fix="pass " + flag("--num-ranks 1", "num_ranks=1") + " or more",
             )
         )
     shapes = ckpt.shapes
@@ -439,7 +439,8 @@ def export_prompt(
     nts = ckpt.config.num_transformer_submodules or 1
     nvt = ckpt.config.size("num_virtual_tokens")
     if nts == 2 and not encoder_only:
-        extra.append(seq2seq_decoder_finding("pass --encoder-only to export the encoder half (what generate() uses)"))
+        fix = f"pass {flag('--encoder-only', 'encoder_only=True')} to export the encoder half (what generate() uses)"
+        extra.append(seq2seq_decoder_finding(fix))
     if encoder_only and nts != 2:
         extra.append(
             Finding.error(
@@ -448,12 +449,13 @@ def export_prompt(
                 "applies to seq2seq adapters with 2 transformer submodules",
                 expected=2,
                 found=nts,
-                fix="drop --encoder-only",
+                fix="drop " + flag("--encoder-only", "encoder_only=True"),
             )
         )
     warnings = require_valid(ckpt, extra)
     if nvt is None:
-        raise ValidationError("num_virtual_tokens is unknown; give --num-virtual-tokens", ckpt.location)
+        give = flag("--num-virtual-tokens", "ConfigOverrides(num_virtual_tokens=...)")
+        raise ValidationError(f"num_virtual_tokens is unknown; give {give}", ckpt.location)
     guard_output(out, force=force, protected=ckpt.source_paths)
     prompt = task_prompt(ckpt, task)
     if encoder_only:

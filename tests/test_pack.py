@@ -312,7 +312,7 @@ def test_pack_stops_at_the_round_off_of_its_inputs_and_output(tmp_path: Path) ->
     assert runs["float32"]["max_relative_error"] < 1e-7
     half = runs["float32 as bfloat16"]
     assert half["stopped"] == "round-off" and half["iterations"] == 0 and half["max_relative_error"] < 2.0**-7
-    assert not any("max-iters" in note for run in runs.values() for note in run["notes"])
+    assert not any("stopped after" in note for run in runs.values() for note in run["notes"])
 
 
 # --- never worse than the baseline; the round trip ------------------------------------------------------

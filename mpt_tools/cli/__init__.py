@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ..errors import MptToolsError, debug
+from ..errors import MptToolsError, cli_wording, debug
 from ..options import HubOptions, SourceSpec
 from ..version import __version__
 from .options import (
@@ -119,9 +119,16 @@ class Group(click.Group):
         """Run the command; map MptToolsError (and anything unexpected) to exit 1, a signal to
         128+signal, and a reader that left early to the command's own status.
 
+        The library words its messages for the command line meanwhile (``--force``, not
+        ``force=True``: :func:`~mpt_tools.errors.cli_wording`), its report of a failure included.
         Signals raise only while the command runs (:func:`~mpt_tools.interrupts.acting`): one that
         came before it began is acted on as it begins, and none interrupts the reporting below
         (the first one's cleanup runs to its end; a later one is ignored)."""
+        with cli_wording():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
+        """:meth:`invoke`, under the command line's wording."""
         from ..interrupts import Interrupted, acting, rearm, stopping
 
         rearm()  # a signal raised in an earlier command of this process (a test, a script) is done with

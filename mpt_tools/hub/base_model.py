@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, flag
 from ..findings import Finding
 from ..options import HubOptions
 from ..paths import read_small
@@ -96,7 +96,7 @@ def check_base_model(
     """
     from ..findings import Finding
 
-    fix_unknown = "check the base model by hand, or run online without --offline"
+    fix_unknown = "check the base model by hand, or run online without " + flag("--offline", "HubOptions(offline=True)")
     config, problem = _base_config(
         base_model,
         revision=revision,
@@ -125,7 +125,7 @@ def check_base_model(
                 f"unknown token_dim; base model {base_model} has {key} {size}",
                 expected=size,
                 found=None,
-                fix="give --token-dim",
+                fix="give " + flag("--token-dim", "ConfigOverrides(token_dim=...)"),
             )
         ]
     if token_dim != size:
@@ -136,7 +136,8 @@ def check_base_model(
                 f"does not match the base model {base_model} ({key})",
                 expected=size,
                 found=token_dim,
-                fix="use an adapter made for this base model, or name the right one with --base-model",
+                fix="use an adapter made for this base model, or name the right one with "
+                + flag("--base-model", "base_model="),
             )
         ]
     return [
@@ -174,7 +175,7 @@ def base_model_findings(
                 "base-model",
                 "base_model_name_or_path",
                 "the config names no base model: nothing to check",
-                fix="pass --base-model ID_OR_DIR",
+                fix="pass " + flag("--base-model ID_OR_DIR", "base_model=ID_OR_DIR"),
             )
         ]
     token_dim = ckpt.config.size("token_dim")

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..config import CONFIG_NAME, WEIGHTS_NAMES
-from ..errors import ConfigError, HubError, debug
+from ..errors import ConfigError, HubError, debug, flag
 from ..files import file_sha256, hash_file
 from ..formats import PROMPT_SUFFIXES
 from ..options import HubOptions
@@ -115,13 +115,16 @@ def parse_spec(spec: str, *, revision: str | None = None, subfolder: str | None 
         repo_id = "/".join(segs[:2])
         url_sub = "/".join(segs[2:]) or None
         if not is_url and url_sub:
-            raise HubError("a repo id is org/name; write hf://org/name/SUBFOLDER or use --subfolder", spec)
+            use = flag("--subfolder", "SourceSpec(..., subfolder=SUBFOLDER)")
+            raise HubError(f"a repo id is org/name; write hf://org/name/SUBFOLDER or use {use}", spec)
     if not _HUB_ID_RE.fullmatch(repo_id or "") or ".." in repo_id or "--" in repo_id:
         raise HubError("not a valid Hub repo id: expected org/name or hf://org/name[@revision][/subfolder]", spec)
     if revision and url_rev and revision != url_rev:
-        raise HubError(f"--revision {revision} contradicts the revision {url_rev} in the URL: give it once", spec)
+        given = flag(f"--revision {revision}", f"HubOptions(revision={revision!r})")
+        raise HubError(f"{given} contradicts the revision {url_rev} in the URL: give it once", spec)
     if subfolder and url_sub and subfolder.strip("/") != url_sub:
-        raise HubError(f"--subfolder {subfolder} contradicts the subfolder {url_sub} in the URL: give it once", spec)
+        given = flag(f"--subfolder {subfolder}", f"subfolder={subfolder!r}")
+        raise HubError(f"{given} contradicts the subfolder {url_sub} in the URL: give it once", spec)
     sub = (subfolder or url_sub or "").strip("/") or None
     if sub and any(part in ("", ".", "..") for part in sub.split("/")):
         raise HubError("invalid subfolder", spec)
@@ -252,21 +255,31 @@ def _phrase(status: int) -> str:
         return "client error"
 
 
+def _offline_flag() -> str:
+    """How a message names the offline switch: ``--offline`` or ``HubOptions(offline=True)``."""
+    return flag("--offline", "HubOptions(offline=True)")
+
+
+def token_flag(writing: bool = False) -> str:
+    """How a message names the Hub token: ``--token``, or ``token=`` (push) / ``HubOptions(token=...)``."""
+    return flag("--token", "token=" if writing else "HubOptions(token=...)")
+
+
 def _network_message(exc: BaseException, *, token_given: bool, writing: bool = False) -> str | None:
     """What to say about a connection problem or HTTP status found anywhere in the chain."""
+    offline = "" if writing else f", or use {_offline_flag()} with a cached copy"
+    token = token_flag(writing)
     for item in _chain(exc):
         status = _status(item)
         if status is not None:
             if status >= 500:
-                return f"the Hub answered HTTP {status} (server error): try again later" + (
-                    "" if writing else ", or use --offline with a cached copy"
-                )
+                return f"the Hub answered HTTP {status} (server error): try again later{offline}"
             if status == 429:
                 return "the Hub answered HTTP 429 (rate limited): wait a moment and try again"
             if status == 401:
                 if token_given:
-                    return "the Hub rejected the token (HTTP 401): check --token / HF_TOKEN / `hf auth login`"
-                return "the Hub asks for authentication (HTTP 401): pass --token, set HF_TOKEN or run `hf auth login`"
+                    return f"the Hub rejected the token (HTTP 401): check {token} / HF_TOKEN / `hf auth login`"
+                return f"the Hub asks for authentication (HTTP 401): pass {token}, set HF_TOKEN or run `hf auth login`"
             if status == 403:
                 return "access denied (HTTP 403): your token lacks the rights for this repo"
             if 400 <= status < 500:  # not a connection problem: say what the server said
@@ -275,9 +288,7 @@ def _network_message(exc: BaseException, *, token_given: bool, writing: bool = F
         if _is_network(item):
             if "timeout" in type(item).__name__.lower():
                 return f"timed out reaching {_endpoint_name()}: check your network, proxy or HF_ENDPOINT"
-            return f"cannot connect to {_endpoint_name()}: check your network, proxy or HF_ENDPOINT" + (
-                "" if writing else ", or use --offline with a cached copy"
-            )
+            return f"cannot connect to {_endpoint_name()}: check your network, proxy or HF_ENDPOINT{offline}"
     return None
 
 
@@ -300,7 +311,7 @@ def _map_error(exc: BaseException, *, where: str, what: str, token: str | None, 
             msg = "gated repo and your account has not been granted access: request it on the repo's Hub page"
         else:
             msg = (
-                "gated repo: request access on its Hub page, then pass --token (or set HF_TOKEN) "
+                f"gated repo: request access on its Hub page, then pass {token_flag()} (or set HF_TOKEN) "
                 "of an account that has it"
             )
     elif isinstance(exc, RepositoryNotFoundError):
@@ -308,19 +319,22 @@ def _map_error(exc: BaseException, *, where: str, what: str, token: str | None, 
             msg = "repository not found, or private and not visible to your token: check the name and the token"
         else:
             msg = (
-                "repository not found (a private repo needs a token): check the name, or pass --token, "
+                f"repository not found (a private repo needs a token): check the name, or pass {token_flag()}, "
                 "set HF_TOKEN or run `hf auth login`"
             )
     elif isinstance(exc, RevisionNotFoundError):
-        msg = "revision not found: check the branch, tag or commit (--revision or @REV)"
+        revision = flag("--revision", "HubOptions(revision=...)")
+        msg = f"revision not found: check the branch, tag or commit ({revision} or @REV)"
     elif isinstance(exc, RemoteEntryNotFoundError):
-        msg = f"{what} not found in the repo at this revision: check the revision and --subfolder"
+        msg = (
+            f"{what} not found in the repo at this revision: check the revision and {flag('--subfolder', 'subfolder')}"
+        )
     elif isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         net = _network_message(exc, token_given=has_token)
         if offline:
             msg = (
-                f"{what} is not in the local cache and offline mode is on (--offline or HF_HUB_OFFLINE=1): "
-                "run once online (or give --cache-dir of a cache that has it)"
+                f"{what} is not in the local cache and offline mode is on ({_offline_flag()} or HF_HUB_OFFLINE=1): "
+                f"run once online (or give {flag('--cache-dir', 'HubOptions(cache_dir=...)')} of a cache that has it)"
             )
         else:
             msg = net or f"could not ask the Hub about {what} and it is not cached: check your connection"
@@ -543,7 +557,8 @@ def download_source(
                 token=token,
                 offline=True,
             ) from None
-        hint = "" if parsed.subfolder else "; a named adapter lives in a subfolder: add --subfolder NAME"
+        add = flag("--subfolder NAME", "SourceSpec(..., subfolder=NAME)")
+        hint = "" if parsed.subfolder else f"; a named adapter lives in a subfolder: add {add}"
         raise HubError(
             f"no adapter_model.safetensors or adapter_model.bin in the repo at this revision{hint}",
             parsed.url(pinned),

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from ..errors import HubError
+from ..errors import HubError, flag
 from ..formats import MAX_HEADER
 from ..options import HubOptions
 from .download import _endpoint, _is_hub_exception, _map_error, _quiet, is_offline
@@ -45,7 +45,7 @@ def _offline_check(hub: HubOptions, where: str) -> None:
     if is_offline(hub.offline):
         raise HubError(
             "listing a Hub repo and reading its files needs the network, and offline mode is on "
-            "(--offline or HF_HUB_OFFLINE=1)",
+            f"({flag('--offline', 'HubOptions(offline=True)')} or HF_HUB_OFFLINE=1)",
             where,
         )
 

@@ -10,7 +10,7 @@ from typing import Any
 from ..checkpoint import load_source
 from ..checks import require_valid
 from ..config import CONFIG_NAME, PROMPT_TUNING_TYPE, WEIGHTS_NAME, MptConfig, read_config
-from ..errors import HubError, MptToolsError
+from ..errors import HubError, MptToolsError, flag
 from ..formats import open_safetensors
 from ..results import PushedFile, PushResult
 from ..version import __version__
@@ -34,19 +34,24 @@ def _validate_repo_id(repo_id: str) -> None:
         raise HubError("not a valid repo id to push to: expected org/name", repo_id)
 
 
+def _create_pr() -> str:
+    """How a message names opening a pull request: ``--create-pr`` or ``create_pr=True``."""
+    return flag("--create-pr", "create_pr=True")
+
+
 def _push_error(exc: BaseException, *, where: str, token: str | None, revision: str | None) -> HubError:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     tokens = _known_tokens(token)
     status = next((s for s in (_status(e) for e in _chain(exc)) if s is not None), None)
     if isinstance(exc, RevisionNotFoundError):
-        msg = f"branch {revision} not found: push without --create-pr to create it"
+        msg = f"branch {revision} not found: push without {_create_pr()} to create it"
     elif status == 401 and not tokens:
-        msg = "pushing needs a write token: pass --token, set HF_TOKEN or run `hf auth login`"
+        msg = f"pushing needs a write token: pass {flag('--token', 'token=')}, set HF_TOKEN or run `hf auth login`"
     elif status == 401:
-        msg = "the Hub rejected the token (HTTP 401): check --token / HF_TOKEN / `hf auth login`"
+        msg = f"the Hub rejected the token (HTTP 401): check {flag('--token', 'token=')} / HF_TOKEN / `hf auth login`"
     elif status == 403:
-        msg = "your token cannot write to this repo (HTTP 403): use a write token for it, or --create-pr"
+        msg = f"your token cannot write to this repo (HTTP 403): use a write token for it, or {_create_pr()}"
     elif isinstance(exc, RepositoryNotFoundError):
         msg = "repository not found or not visible to your token"
     else:
@@ -119,15 +124,19 @@ def push_adapter(
     _validate_repo_id(repo_id)
     if not os.path.isdir(src):  # (False, not an OSError, for a name too long)
         raise HubError(
-            "not an adapter folder (push takes one: what `mpt-tools init` writes, or a task that "
-            "`mpt-tools export --to peft` baked)",
+            flag(
+                "not an adapter folder (push takes one: what `mpt-tools init` writes, or a task that "
+                "`mpt-tools export --to peft` baked)",
+                "not an adapter folder (push_adapter() takes one: what init_adapter() writes, or a task that "
+                'export_prompts(..., to="peft") baked)',
+            ),
             str(src),
         )
     weights = src / WEIGHTS_NAME
     config_file = src / CONFIG_NAME
     if not weights.is_file():
         hint = (
-            ": convert it first with `mpt-tools convert DIR --out NEW_DIR`"
+            ": convert it first with " + flag("`mpt-tools convert DIR --out NEW_DIR`", "convert(DIR, NEW_DIR)")
             if (src / "adapter_model.bin").exists()
             else ""
         )
@@ -196,9 +205,10 @@ def push_adapter(
         with _quiet():
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
             if private and not getattr(api.repo_info(repo_id), "private", True):
+                private_flag = flag("--private", "private=True")
                 raise HubError(
-                    "the repo exists and is public, and --private applies only to a repo push creates: "
-                    "nothing was pushed; make it private on its Hub page (Settings), or push without --private",
+                    f"the repo exists and is public, and {private_flag} applies only to a repo push creates: "
+                    f"nothing was pushed; make it private on its Hub page (Settings), or push without {private_flag}",
                     where,
                 )
             if revision and revision != "main" and not create_pr and not revision.startswith("refs/pr/"):

@@ -8,7 +8,7 @@ import time
 from ..checkpoint import Source, load_source
 from ..checks import require_valid
 from ..dtypes import DTYPE_MAX
-from ..errors import ValidationError, VerificationFailed
+from ..errors import ValidationError, VerificationFailed, flag
 from ..formats import DTYPE_NAMES, canonical_dtype
 from ..options import checked_indices, checked_positive
 from ..results import TargetReport, VerifyResult
@@ -74,7 +74,8 @@ def verify(
         if bad:
             tasks_word = "task" if n == 1 else "tasks"
             raise ValidationError(
-                f"--tasks {bad} out of range: the adapter has {n} {tasks_word} (0..{n - 1})", ckpt.location
+                f"{flag(f'--tasks {bad}', f'tasks={bad}')} out of range: the adapter has {n} {tasks_word} (0..{n - 1})",
+                ckpt.location,
             )
         selected = sorted(set(tasks))
     budget = checked_positive(chunk_bytes, "chunk_bytes") if chunk_bytes is not None else default_chunk_bytes(dev)
@@ -91,7 +92,8 @@ def verify(
                 {
                     "task": None,
                     "check": "target-mismatch",
-                    "message": "--source given but the adapter records no mpt_tools.mode (not written by init)",
+                    "message": flag("--source", "source")
+                    + " given but the adapter records no mpt_tools.mode (not written by init)",
                 }
             )
         elif src is not None:

@@ -54,7 +54,7 @@ from typing import Any
 from .. import prompts
 from ..checkpoint import Checkpoint
 from ..dtypes import DTYPE_MAX
-from ..errors import DeviceError, ValidationError
+from ..errors import DeviceError, ValidationError, flag
 from ..formats import DTYPE_CHOICES, DTYPE_NAMES, Raw, canonical_dtype, json_float, to_torch, torch_dtype
 from ..progress import tracked
 from ..prompts import plan_chunks, task_runs
@@ -86,10 +86,15 @@ def resolve_device(device: str = "auto") -> Any:
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise DeviceError(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
+            given, use = (
+                flag(f"--device {device}", f'device="{device}"'),
+                flag("--device cpu or auto", 'device="cpu" or "auto"'),
+            )
+            raise DeviceError(f"{given}: CUDA is not available ({why}); use {use}")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            given = flag(f"--device {device}", f'device="{device}"')
+            raise DeviceError(f"{given}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return dev
     raise DeviceError(f"unknown device {device!r}: use auto, cuda or cpu")
 
@@ -491,9 +496,9 @@ def _out_of_memory_is_an_error(dev: Any, budget: int) -> Iterator[None]:
             raise
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-            hint = "free GPU memory (other processes?) or use --device cpu"
+            hint = "free GPU memory (other processes?) or use " + flag("--device cpu", 'device="cpu"')
         else:
-            hint = "free memory, or verify fewer --tasks at a time"
+            hint = "free memory, or verify fewer " + flag("--tasks", "tasks") + " at a time"
         raise DeviceError(
             f"{_describe_device(dev)} ran out of memory while verifying in chunks of up to {budget >> 20} MiB; {hint}"
         ) from None

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint, Source, load_source
-from ..errors import MptToolsError
+from ..errors import MptToolsError, flag
 from ..formats import json_float, to_float32
 from ..modes import RecordError, _shown, find_mode
 from ..options import SourceSpec
@@ -46,6 +46,11 @@ def _difference(found: np.ndarray, expected: np.ndarray) -> str | None:
     return f"{count} of {found.size} values differ, the largest at [{index}]: {found[where]!s} vs {want[where]!s}"
 
 
+def _source_flag() -> str:
+    """How a message names verify's source argument: ``--source`` or ``source=...``."""
+    return flag("--source", "source=...")
+
+
 def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str]) -> Checkpoint | None:
     """The source to compare against: the given one, or the recorded one while it still matches.
 
@@ -70,11 +75,11 @@ def _resolve_source(target: Checkpoint, source: Source | None, notes: list[str])
     except MptToolsError:
         notes.append(
             f"recorded source {recorded_path} is not in the local Hub cache; "
-            f"pass --source {recorded_path} to download it and compare"
+            f"pass {flag(f'--source {recorded_path}', f'source={recorded_path!r}')} to download it and compare"
         )
         return None
     if sha256 and sha256 != ckpt.sha256():
-        notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass --source")
+        notes.append(f"recorded source {recorded_path} changed since init (sha256 differs); pass {_source_flag()}")
         return None
     return ckpt
 
@@ -104,7 +109,7 @@ def _find_local_source(
         try:
             ckpt = load_source(SourceSpec(str(cand), subfolder=subfolder) if subfolder and cand.is_dir() else cand)
         except MptToolsError as exc:
-            unreadable = unreadable or f"recorded source {recorded_path} cannot be read ({exc}); pass --source"
+            unreadable = unreadable or f"recorded source {recorded_path} cannot be read ({exc}); pass {_source_flag()}"
             continue
         if sha256 and sha256 != ckpt.sha256():
             changed = changed or str(cand)
@@ -113,16 +118,16 @@ def _find_local_source(
             notes.append(f"recorded source {recorded_path} found as {cand} (same sha256)")
         return ckpt
     if changed == recorded_path:
-        notes.append(f"recorded source {changed} changed since init (sha256 differs); pass --source to compare")
+        notes.append(f"recorded source {changed} changed since init (sha256 differs); pass {_source_flag()} to compare")
     elif changed:
         notes.append(
             f"recorded source {recorded_path} not found with its recorded sha256 ({changed} has another); "
-            "pass --source to compare"
+            f"pass {_source_flag()} to compare"
         )
     elif unreadable:
         notes.append(unreadable)
     else:
-        notes.append(f"recorded source {recorded_path} not found here; pass --source to compare against it")
+        notes.append(f"recorded source {recorded_path} not found here; pass {_source_flag()} to compare against it")
     return None
 
 
@@ -235,7 +240,9 @@ def _average_mismatch(src: Checkpoint, record: dict[str, Any], cols: np.ndarray,
     return (
         f"{what}: the target holds mpt-tools' numpy reproduction of torch's mean, which torch "
         f"{torch.__version__} on {torch.get_num_threads()} threads does not give (its reduction order "
-        "differs, or the target was made for another --torch-threads); init --engine torch writes torch's"
+        f"differs, or the target was made for another {flag('--torch-threads', 'TargetPlan(torch_threads=...)')}); "
+        + flag("init --engine torch", 'init_adapter() with TargetPlan(engine="torch")')
+        + " writes torch's"
     )
 
 
