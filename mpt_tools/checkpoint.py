@@ -155,7 +155,12 @@ def _weights_in_dir(folder: Path) -> Path:
             return candidate
     subs = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
     add = flag("--subfolder NAME", "SourceSpec(..., subfolder=NAME)")
-    hint = f"; it has named adapters in subfolders ({', '.join(subs)}): add {add}" if subs else ""
+    hint = (
+        f"; it has named adapters in subfolders ({', '.join(subs)}): add {add}, or name one as a folder"
+        f" ({os.path.join(folder, subs[0])})"
+        if subs
+        else ""
+    )
     raise SourceError(f"no adapter_model.safetensors or adapter_model.bin in this directory{hint}", str(folder))
 
 
@@ -196,12 +201,23 @@ def load_source(source: Source) -> Checkpoint:
     text, subfolder = checked_path(spec.location, "the source"), spec.subfolder
     if subfolder is not None and (os.path.isabs(subfolder) or ".." in Path(subfolder).parts):
         raise SourceError(f"subfolder {subfolder!r} must name a folder inside the adapter (not a path out of it)", text)
-    overrides = spec.overrides.as_dict()
     path = Path(text)
     hub_info: HubInfo | None = None
     if not os.path.lexists(path):
         path, hub_info = download_missing(text, subfolder, spec.hub)
         subfolder = None
+    try:
+        return _open(spec, text, path, subfolder, hub_info)
+    except MptToolsError as exc:  # a downloaded file: named as on the Hub, not by its cache path
+        if hub_info is not None and exc.path and exc.path.startswith(str(path)):
+            exc.path = hub_info["url"] + exc.path[len(str(path)) :]
+        raise
+
+
+def _open(spec: SourceSpec, text: str, path: Path, subfolder: str | None, hub_info: HubInfo | None) -> Checkpoint:
+    """:func:`load_source` once the source is a local path (``path``, the Hub snapshot folder
+    for a download)."""
+    overrides = spec.overrides.as_dict()
     if os.path.islink(path) and not os.path.exists(path):
         raise SourceError("broken symlink or symlink loop", text)
     config_path: Path | None = None

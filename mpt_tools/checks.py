@@ -140,7 +140,37 @@ def _assumed(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
         yield Finding.info("assumed", name, f"assumed {why}")
 
 
-CONFIG_RULES: tuple[Rule, ...] = (_peft_type, _sizes, _task_type, _init_mode, _init_task, _assumed)
+def _unknown_keys(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
+    """Keys no PEFT release of the table knows (a typo, another tool's record): older releases
+    refuse the config, newer ones drop the key with a warning."""
+    from .peft_releases import CLASS_OF, STRICT_BEFORE, fields, releases, supported_range
+
+    peft_type = cfg.raw.get("peft_type")
+    if not from_file or not isinstance(peft_type, str) or peft_type not in CLASS_OF:
+        return
+    known = {key for release in releases() for key in fields(release, peft_type)}
+    strict = ".".join(map(str, STRICT_BEFORE))
+    for key in cfg.raw:
+        if key not in known:
+            yield Finding.warning(
+                "unknown-key",
+                key,
+                f"no PEFT release from {supported_range()} knows it: releases before {strict} refuse the "
+                "config (TypeError), later ones drop the key",
+                found=_shown_value(cfg.raw[key]),
+                fix="leave it out (what mpt-tools writes leaves it out)",
+            )
+
+
+def _shown_value(value: Any) -> str:
+    """A config value for a message: JSON, at most 40 characters."""
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+CONFIG_RULES: tuple[Rule, ...] = (_peft_type, _sizes, _task_type, _init_mode, _init_task, _assumed, _unknown_keys)
 
 
 def config_findings(cfg: MptConfig, from_file: bool) -> list[Finding]:

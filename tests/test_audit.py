@@ -193,6 +193,16 @@ def test_table_csv_and_markdown(tree: Path) -> None:
     assert run_cli("audit").exit_code == 2
 
 
+def test_markdown_holds_a_name_with_backticks_and_pipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tester's finding: a folder named with a backtick broke the table's code span. The span's
+    fence is one backtick longer than the name's longest run; a pipe is escaped."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("back`tick", "a|b", "`edge"):
+        shutil.copytree(FIXTURES / "causal", tmp_path / "runs" / name)
+    rows = [m for m in run_cli("audit", "runs", "--markdown").stdout.splitlines() if m.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows] == ["| ``runs/`edge``", "| `runs/a\\|b`", "| ``runs/back`tick``"]
+
+
 def test_stale_staging_is_listed(tree: Path) -> None:
     leftover = tree / "exp1" / ".sources.mpt-tools-999999999-0123456789ab.tmp"
     leftover.mkdir()

@@ -484,6 +484,15 @@ def test_push_pull_request(hub, adapter):
     assert hub.find_requests("POST", "/commit/main")[0].query == {"create_pr": ["1"]}
 
 
+def test_push_to_a_missing_pull_request_says_so(hub, adapter):
+    """A tester's finding: ``--revision refs/pr/1`` with no such PR said "branch refs/pr/1 not found:
+    push without --create-pr to create it", which cannot create it."""
+    hub.add_repo("alice/nopr", {"a.txt": b"a"})
+    result = run_cli("push", adapter, "alice/nopr", "--revision", "refs/pr/1", "--token", TOKEN)
+    assert result.exit_code == 1 and "pull request refs/pr/1 not found" in result.stderr, result.stderr
+    assert "--create-pr to open one" in result.stderr
+
+
 def test_push_dry_run_sends_nothing(hub, adapter):
     result = run_cli("push", adapter, "alice/dry", "--dry-run")
     assert result.exit_code == 0, result.stderr
@@ -1108,3 +1117,13 @@ def test_quiet_holds_when_huggingface_hub_is_first_imported_inside_and_across_th
     env = {k: v for k, v in os.environ.items() if k != "MPT_TOOLS_DEBUG"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_downloaded_files_content_error_names_it_on_the_hub(hub):
+    """A tester's finding: a bad file of a Hub source was named by its cache path
+    (``~/.cache/huggingface/hub/models--org--x/snapshots/...``); it is named as on the Hub."""
+    hub.add_repo("org/badcfg", {**adapter_files(), "adapter_config.json": b"{not json"})
+    commit = hub.head("org/badcfg")
+    result = run_cli("validate", "org/badcfg")
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: hf://org/badcfg@{commit}/adapter_config.json: ")
+    assert "snapshots" not in result.stderr

@@ -345,3 +345,18 @@ def test_old_peft_loads_what_mpt_tools_writes(tmp_path: Path, written: dict[str,
             assert outcome["prompts"] == here, f"{name} in PEFT {old} ({route}): prompts differ"
             if "@" in name:  # written for exactly this release: not even a warning
                 assert not [w for w in outcome["warnings"] if "nexpected" in w], f"{name}: {outcome['warnings']}"
+
+
+def test_validate_warns_of_a_key_no_release_knows(tmp_path: Path) -> None:
+    """A tester's finding: validate said nothing of a key no PEFT release knows (``my_extra``),
+    which PEFT before 0.14 refuses and every writer then drops with a warning."""
+    source = tmp_path / "a"
+    shutil.copytree(FIXTURES / "causal", source)
+    config = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**config, "my_extra": [1, 2]}))
+    report = json.loads(run_cli("validate", source, "--json").stdout)
+    assert report["valid"] and [(f["code"], f["field"], f["found"]) for f in report["findings"]] == [
+        ("unknown-key", "my_extra", "[1, 2]")
+    ]
+    assert "before 0.14.0 refuse" in report["findings"][0]["message"]
+    assert json.loads(run_cli("validate", FIXTURES / "causal", "--json").stdout)["findings"] == []

@@ -687,6 +687,16 @@ def audit_csv(result: AuditResult) -> None:
         echo(line)
 
 
+def code_span(text: str) -> str:
+    """``text`` as a Markdown code span that holds it whole: fenced by one more backtick than its
+    longest run of them (a name with a backtick broke the span), padded where it starts or ends
+    with one."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def audit_markdown(result: AuditResult) -> None:
     """``audit --markdown``: a GitHub table, for a model card or an issue, what the text view says
     under its table (as a list), and the summary."""
@@ -699,7 +709,7 @@ def audit_markdown(result: AuditResult) -> None:
     echo("|" + "---|" * len(AUDIT_COLUMNS))
     for row in result["rows"]:
         cells = _audit_cells(row, dups.get(row["where"], []))
-        cells[0] = f"`{cells[0]}`"
+        cells[0] = code_span(cells[0])
         echo("| " + " | ".join(cell(c) for c in cells) + " |")
     echo("")
     after = _audit_after_table(result)  # a list under the table: the dup labels, the legend...

@@ -44,7 +44,9 @@ def _push_error(exc: BaseException, *, where: str, token: str | None, revision: 
 
     tokens = _known_tokens(token)
     status = next((s for s in (_status(e) for e in _chain(exc)) if s is not None), None)
-    if isinstance(exc, RevisionNotFoundError):
+    if isinstance(exc, RevisionNotFoundError) and revision and revision.startswith("refs/pr/"):
+        msg = f"pull request {revision} not found: push to an open one, or {_create_pr()} to open one"
+    elif isinstance(exc, RevisionNotFoundError):
         msg = f"branch {revision} not found: push without {_create_pr()} to create it"
     elif status == 401 and not tokens:
         msg = f"pushing needs a write token: pass {flag('--token', 'token=')}, set HF_TOKEN or run `hf auth login`"
@@ -122,6 +124,8 @@ def push_adapter(
     """
     src = Path(folder)
     _validate_repo_id(repo_id)
+    if not os.path.lexists(src):
+        raise HubError("no such folder", str(src))
     if not os.path.isdir(src):  # (False, not an OSError, for a name too long)
         raise HubError(
             flag(
