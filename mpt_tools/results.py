@@ -237,7 +237,8 @@ class PushedFile(TypedDict):
 
 
 class PushResult(TypedDict):
-    """``mpt-tools/push/1``; commit, commit_url, pr_url and url are None for a dry run."""
+    """``mpt-tools/push/1``; commit, commit_url, pr_url and url are None for a dry run; ``notes``
+    says what a user may not expect (a README.md of the folder that the card replaces)."""
 
     schema: str
     folder: str
@@ -255,6 +256,7 @@ class PushResult(TypedDict):
     commit_url: str | None
     pr_url: str | None
     url: str | None
+    notes: list[str]
 
 
 # --- init --------------------------------------------------------------------------------------

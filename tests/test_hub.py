@@ -493,6 +493,16 @@ def test_push_to_a_missing_pull_request_says_so(hub, adapter):
     assert "--create-pr to open one" in result.stderr
 
 
+def test_push_says_a_readme_in_the_folder_is_not_pushed(hub, adapter):
+    """A tester's finding: a README.md in DIR was silently replaced by the generated card."""
+    (adapter / "README.md").write_text("# my notes\n")
+    result = run_cli("push", adapter, "alice/notes", "--token", TOKEN)
+    assert result.exit_code == 0 and f"note: {adapter / 'README.md'} is not pushed" in result.stdout
+    assert hub.files("alice/notes")["README.md"] != b"# my notes\n"
+    dry = json.loads(run_cli("push", adapter, "alice/notes", "--dry-run", "--json").stdout)
+    assert dry["notes"] == [f"{adapter / 'README.md'} is not pushed: the generated model card is the repo's README.md"]
+
+
 def test_push_dry_run_sends_nothing(hub, adapter):
     result = run_cli("push", adapter, "alice/dry", "--dry-run")
     assert result.exit_code == 0, result.stderr

@@ -207,7 +207,7 @@ def push_summary(result: PushResult) -> list[str]:
             lines.append(f"  {f['path']:<26} {f['bytes']:>10} bytes  sha256 {f['sha256']}")
         lines.append("model card (README.md):")
         lines += ["  " + line if line else "" for line in result["card"].splitlines()]
-        return lines
+        return lines + [f"note: {note}" for note in result.get("notes", [])]
     unchanged = set(result.get("unchanged") or [])
     if result.get("no_op"):
         lines.append(f"nothing to push: {where} already holds these exact files (no commit made)")
@@ -223,7 +223,7 @@ def push_summary(result: PushResult) -> list[str]:
         lines.append(f"pull request: {result['pr_url']}")
     else:
         lines.append(f"commit: {result['commit_url']}")
-    return lines
+    return lines + [f"note: {note}" for note in result.get("notes", [])]
 
 
 def diff_view(report: DiffResult) -> None:

@@ -192,7 +192,10 @@ def push_adapter(
         "commit_url": None,
         "pr_url": None,
         "url": None,
+        "notes": [],
     }
+    if (src / CARD_NAME).exists():
+        result["notes"].append(f"{src / CARD_NAME} is not pushed: the generated model card is the repo's {CARD_NAME}")
     if dry_run:
         return result
     if is_offline(False):
