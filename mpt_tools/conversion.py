@@ -18,6 +18,7 @@ import numpy as np
 from .checkpoint import Source, load_source
 from .checks import require_valid
 from .config import WEIGHTS_NAME, target_config
+from .dtypes import DTYPE_MAX
 from .errors import ValidationError, VerifyError
 from .files import atomic_write, guard_output, write_files
 from .findings import Finding
@@ -108,10 +109,11 @@ def cast_tensor(name: str, raw: Raw, tag: str) -> tuple[Raw, CastReport]:
         assert first is not None
         where = [int(i) for i in np.unravel_index(first, raw.shape)] if raw.shape else []
         limit = " (largest float16 value 65504)" if tag == "F16" else ""
+        bf16_holds = tag != "BF16" and abs(worst) <= DTYPE_MAX["bfloat16"]
         raise ValidationError(
             f"{name}: value {worst!r} at {where} is out of the {DTYPE_NAMES[tag]} range{limit}; "
             f"{overflows} value(s) would become inf; refusing to cast "
-            f"({'keep float32' if tag == 'BF16' else 'keep float32 or use bfloat16'})"
+            f"({'keep float32 or use bfloat16' if bf16_holds else 'keep float32'})"
         )
     report: CastReport = {"max_abs_error": max_abs, "max_relative_error": max_rel, "flushed_to_zero": flushed}
     return from_torch(cast.reshape(raw.shape), copy=False), report

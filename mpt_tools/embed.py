@@ -285,7 +285,12 @@ def _embed(
 
         if local_path_reason(base_model) is not None:
             raise SourceError("no such model folder, and not a Hub repo id", base_model)
-        matrix, ids, commit = _hub_matrix(base_model, d, hub, lambda data, where: _tokenize(data, text, where))
+        from .hub.download import model_repo
+
+        repo = model_repo(base_model, hub.revision)  # org/name, org/name@rev or hf://org/name[@rev]
+        matrix, ids, commit = _hub_matrix(
+            repo.repo_id, d, hub.replace(revision=repo.revision), lambda data, where: _tokenize(data, text, where)
+        )
     rows, read = _rows(matrix, ids)
     tag = matrix.info.dtype
     emb = (

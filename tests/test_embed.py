@@ -273,6 +273,15 @@ def test_hub_base_model_reads_header_and_rows_only(setup: dict[str, Path], tmp_p
         sent = hub.bytes_sent - len((setup["model"] / "tokenizer.json").read_bytes())
         assert sent < (len(WORDS) + 2) * D * 4 // 3  # header (100 kB read) + 4 rows, not the 512 kB matrix
         assert json.loads(result.stdout)["base_model_commit"] == hub.head("org/tiny")
+        # the hf:// form and a revision, as every Hub source is written (they were refused)
+        for spelled in ("hf://org/tiny", "hf://org/tiny@main", "org/tiny@main"):
+            again = run_cli(*argv, "--base-model", spelled, "--out", tmp_path / "again.pt", "--force")
+            assert again.exit_code == 0, (spelled, again.stderr)
+            assert torch.equal(
+                torch.load(tmp_path / "again.pt", weights_only=True), torch.load(local, weights_only=True)
+            )
+        sub = run_cli(*argv, "--base-model", "hf://org/tiny/sub", "--out", tmp_path / "sub.pt")
+        assert sub.exit_code == 1 and "a base model is a repo's root" in sub.stderr
 
 
 def test_a_server_that_ignores_ranges_gives_the_same_rows(setup: dict[str, Path], tmp_path: Path, monkeypatch) -> None:

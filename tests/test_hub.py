@@ -806,6 +806,16 @@ def _findings(result) -> list[dict]:
     return [f for f in json.loads(result.stdout)["findings"] if f["code"] == "base-model"]
 
 
+@pytest.mark.parametrize("spelled", ["hf://tiny-random/gpt2", "tiny-random/gpt2@main", "hf://tiny-random/gpt2@main"])
+def test_base_model_in_hub_source_spelling(hub, spelled):
+    """A tester's finding: ``--base-model hf://org/name`` was "neither a local folder nor a Hub repo id"."""
+    _base_repo(hub, {"n_embd": 16})
+    result = run_cli("validate", FIXTURES / "causal", "--base-model", spelled, "--json")
+    assert result.exit_code == 0, result.stderr
+    [finding] = _findings(result)
+    assert finding["level"] == "info", finding
+
+
 @pytest.mark.parametrize("key", ["n_embd", "hidden_size", "d_model"])
 def test_base_model_check_matches(hub, key):
     _base_repo(hub, {key: 16})

@@ -26,6 +26,8 @@ from .options import (
     SEED,
     Command,
     DtypeChoice,
+    FloatRange,
+    Int,
     IntRange,
     ModeChoice,
     NumberList,
@@ -206,7 +208,7 @@ def cli() -> None:
 @click.argument("source", type=Text())
 @option("--against", section="Target", type=PathText(), help="Planned target adapter_config.json (file or folder).")
 @option("--mode", section="Target", type=ModeChoice(), help="Planned target mode (PEFT's names work too).")
-@option("--task", section="Target", type=int, help="Source task for --mode exact.")
+@option("--task", section="Target", type=Int(), help="Source task for --mode exact.")
 @option(
     "--target-tasks",
     section="Target",
@@ -301,7 +303,7 @@ def _target_size(flag: str, value: int | None, old_flag: str, legacy: int | None
 @option(
     "--mode", section="Target", required=True, type=ModeChoice(), help="How the target starts (PEFT's names work too)."
 )
-@option("--task", section="Target", type=int, help="Source task for --mode exact (default 0).")
+@option("--task", section="Target", type=Int(), help="Source task for --mode exact (default 0).")
 @option(
     "--allow-negative-task",
     section="Target",
@@ -526,7 +528,7 @@ def convert(
     ],
 )
 @click.argument("source", type=Text())
-@option("--task", required=True, type=int, help="The source task to export.")
+@option("--task", required=True, type=Int(), help="The source task to export.")
 @OUT
 @option(
     "--encoder-only",
@@ -723,7 +725,7 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 @option("--seed", type=SEED, default=0, show_default=True, help="Seeds the start's unused rank directions.")
 @option(
     "--tol",
-    type=click.FloatRange(min=0),
+    type=FloatRange(min=0),
     default=1e-6,
     show_default=True,
     help="Stop when an iteration lowers the objective by at most this fraction (or when every task's error"

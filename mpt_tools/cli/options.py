@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -200,9 +201,36 @@ class DtypeChoice(click.Choice):  # type: ignore[type-arg]
 
 class IntRange(click.IntRange):
     """``click.IntRange`` whose error for a value that is no integer says "not a valid integer"
-    (click's own says "not a valid integer range")."""
+    (click's own says "not a valid integer range"), and that takes ASCII digits only: not
+    ``int()``'s ``0_1`` (a typo?) or ``１``, as the lists refuse them."""
 
     name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The integer, or a usage error naming the value."""
+        if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII):
+            self.fail(f"{value!r} is not a valid integer", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class Int(click.types.IntParamType):
+    """An integer (``type=int``) in ASCII digits only, as :class:`IntRange`."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The integer, or a usage error naming the value."""
+        if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII):
+            self.fail(f"{value!r} is not a valid integer", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that takes ASCII numbers only (not ``float()``'s ``1_0`` or ``１``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The number, or a usage error naming the value."""
+        if isinstance(value, str) and ("_" in value or not value.isascii()):
+            self.fail(f"{value!r} is not a valid float", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 COUNT = IntRange(min=1)

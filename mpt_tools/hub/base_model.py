@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, flag
+from ..errors import ConfigError, MptToolsError, flag
 from ..findings import Finding
 from ..options import HubOptions
 from ..paths import read_small
-from .download import _HUB_ID_RE, HubSpec, _Fetch, _is_hub_exception, _map_error, is_offline
+from .download import _HUB_ID_RE, HubSpec, _Fetch, _is_hub_exception, _map_error, is_offline, model_repo
 
 HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "n_embd")
 MAX_BASE_CONFIG_BYTES = 16 << 20  # a model's config.json is a few KB; multimodal ones tens of KB
@@ -47,6 +47,12 @@ def _base_config(
         cfg_path = local / "config.json" if local.is_dir() else local
         if not os.path.exists(cfg_path):
             return None, f"{local} has no config.json"
+    elif name.startswith("hf://") or ("@" in name and _HUB_ID_RE.fullmatch(name.partition("@")[0])):
+        try:
+            spec = model_repo(name, revision)  # hf://org/name[@rev], org/name@rev
+        except MptToolsError as exc:
+            return None, str(exc)
+        return _base_config(spec.repo_id, revision=spec.revision, token=token, cache_dir=cache_dir, offline=offline)
     elif name.startswith(("/", ".", "~")) or os.sep in name.replace("/", "") or not _HUB_ID_RE.fullmatch(name):
         return None, f"{name} is neither a local folder nor a Hub repo id"
     else:
@@ -96,7 +102,9 @@ def check_base_model(
     """
     from ..findings import Finding
 
-    fix_unknown = "check the base model by hand, or run online without " + flag("--offline", "HubOptions(offline=True)")
+    fix_unknown = "check the base model by hand" + (
+        ", or run online without " + flag("--offline", "HubOptions(offline=True)") if is_offline(offline) else ""
+    )
     config, problem = _base_config(
         base_model,
         revision=revision,

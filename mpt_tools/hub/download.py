@@ -59,6 +59,16 @@ class HubSpec:
 _PATH_SUFFIXES = (*PROMPT_SUFFIXES, ".json")
 
 
+def model_repo(text: str, revision: str | None = None) -> HubSpec:
+    """A base model named on the Hub: ``org/name``, ``org/name@rev`` or ``hf://org/name[@rev]``
+    (a model's files are at its repo's root: a subfolder is a ConfigError); ``revision`` (the
+    command's) where the text names none."""
+    spec = parse_spec(text, revision=revision)
+    if spec.subfolder:
+        raise ConfigError(f"a base model is a repo's root, not its subfolder {spec.subfolder!r}", text)
+    return spec
+
+
 def local_path_reason(text: str) -> str | None:
     """Why a SOURCE that does not exist reads as a local path rather than a Hub repo id, or None
     when it reads as a repo id (the Hub is then asked). The rule, in order:
