@@ -408,6 +408,7 @@ def _discover(
 
     out: list[_Job] = []
     repos: list[tuple[str, str | None, str | None]] = []  # (repo id, revision, subfolder)
+    bare: dict[tuple[str, str | None, str | None], str] = {}  # a repo given as org/name: the text
     for text in targets:
         if not _is_hub_spec(text):
             path = Path(text)
@@ -426,11 +427,19 @@ def _discover(
             found.rows.append(_failed(_row(text, "hub"), exc))
             continue
         repos.append((spec.repo_id, spec.revision, spec.subfolder))
+        if not text.startswith("hf://"):
+            bare[repos[-1]] = text
     for author in authors:
+        label = flag(f"--author {author}", f"author {author}")
         try:
-            repos.extend((repo_id, None, None) for repo_id in author_repos(author, hub))
+            owned = author_repos(author, hub)
         except MptToolsError as exc:
-            found.rows.append(_failed(_row(flag(f"--author {author}", f"author {author}"), "hub"), exc))
+            found.rows.append(_failed(_row(label, "hub"), exc))
+            continue
+        if not owned:  # a typo, or an author with no adapters: either way nothing was audited
+            why = "no PEFT model repos of this user or organisation on the Hub (is the name right?)"
+            found.rows.append(_failed(_row(label, "hub"), MptToolsError(why, author)))
+        repos.extend((repo_id, None, None) for repo_id in owned)
 
     def listed(item: tuple[str, str | None, str | None]) -> list[_Job]:
         repo_id, revision, subfolder = item
@@ -451,6 +460,8 @@ def _discover(
                 where += f"/{subfolder}" if subfolder else ""
                 if isinstance(exc, MptToolsError) and exc.path == repo_id:  # the row names it already
                     exc.path = where
+                if isinstance(exc, MptToolsError) and item in bare:  # `runs/exp1` may have been meant locally
+                    exc.message += f" (read as a Hub repo id: there is no local file or folder {bare[item]!r} either)"
                 found.rows.append(_failed(_row(where, "hub"), exc))
     return _once(out)
 

@@ -372,6 +372,18 @@ def test_an_adapter_named_twice_is_one_row(hub: FakeHub, tmp_path: Path) -> None
     assert sorted(r["where"].rsplit("/", 1)[-1] for r in rows) == ["task-0", "task-1"]
 
 
+def test_an_author_with_no_adapters_and_a_mistyped_folder_say_so(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    """A tester's findings: ``--author nobody`` printed "0 adapter(s)" and exit 0; ``audit myruns/exp1``
+    (a mistyped local folder) said "repository not found" without the hint validate gives."""
+    result = run_cli("audit", "--author", "nobody-here", "--json")
+    rows, _ = jsonl(result.stdout)
+    assert result.exit_code == 1 and [r["where"] for r in rows] == ["--author nobody-here"]
+    assert "no PEFT model repos" in rows[0]["error"]
+    monkeypatch.chdir(tmp_path)
+    rows, _ = jsonl(run_cli("audit", "myruns/exp1", "--json").stdout)
+    assert "there is no local file or folder 'myruns/exp1' either" in rows[0]["error"], rows[0]["error"]
+
+
 def test_hub_errors_are_rows(hub: FakeHub) -> None:
     bad = big_adapter(3)
     bad["adapter_model.safetensors"] = b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"

@@ -491,6 +491,19 @@ def test_push_to_a_missing_pull_request_says_so(hub, adapter):
     result = run_cli("push", adapter, "alice/nopr", "--revision", "refs/pr/1", "--token", TOKEN)
     assert result.exit_code == 1 and "pull request refs/pr/1 not found" in result.stderr, result.stderr
     assert "--create-pr to open one" in result.stderr
+    # no repo at all: refused before it is created (a failed push had left a new, empty repo)
+    result = run_cli("push", adapter, "alice/none", "--revision", "refs/pr/1", "--token", TOKEN)
+    assert result.exit_code == 1 and "the repo does not exist, so it has no pull request" in result.stderr
+    assert not hub.repo_exists("alice/none")
+
+
+def test_a_failed_push_says_it_left_a_new_repo(hub, adapter):
+    hub.fail_next(500, count=100, path="/commit/")
+    result = run_cli("push", adapter, "alice/p5", "--token", TOKEN)
+    assert result.exit_code == 1 and "the repo alice/p5 was created and is left empty" in result.stderr
+    hub.fail_next(500, count=100, path="/commit/")
+    again = run_cli("push", adapter, "alice/p5", "--token", TOKEN)
+    assert again.exit_code == 1 and "was created" not in again.stderr  # it existed this time
 
 
 def test_push_says_a_readme_in_the_folder_is_not_pushed(hub, adapter):
@@ -604,7 +617,7 @@ def test_push_refuses_an_invalid_adapter(hub, adapter, tmp_path):
     cfg["peft_type"] = "LORA"
     (bad / CONFIG).write_text(json.dumps(cfg))
     assert_one_error_line(run_cli("push", bad, "alice/bad", "--token", TOKEN), "refusing to push", "peft_type")
-    assert_one_error_line(run_cli("push", tmp_path / "nope", "alice/bad", "--token", TOKEN), "not an adapter folder")
+    assert_one_error_line(run_cli("push", tmp_path / "nope", "alice/bad", "--token", TOKEN), "no such folder")
     assert_one_error_line(run_cli("push", FIXTURES / "causal_bin", "alice/bad"), "convert")
     assert_one_error_line(run_cli("push", adapter, "not a repo"), "not a valid repo id")
     assert hub.requests == []

@@ -208,16 +208,28 @@ def push_adapter(
         CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=config_bytes),
         CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes),
     ]
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    created = False
     try:
         with _quiet():
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if private and not getattr(api.repo_info(repo_id), "private", True):
+            try:
+                existing: Any = api.repo_info(repo_id)
+            except RepositoryNotFoundError:
+                existing = None
+            if existing is not None and private and not getattr(existing, "private", True):
                 private_flag = flag("--private", "private=True")
                 raise HubError(
                     f"the repo exists and is public, and {private_flag} applies only to a repo push creates: "
                     f"nothing was pushed; make it private on its Hub page (Settings), or push without {private_flag}",
                     where,
                 )
+            if existing is None and revision and revision.startswith("refs/pr/"):
+                raise HubError(
+                    f"the repo does not exist, so it has no pull request {revision}; nothing was pushed", where
+                )
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            created = existing is None
             if revision and revision != "main" and not create_pr and not revision.startswith("refs/pr/"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.create_commit(
@@ -233,7 +245,10 @@ def push_adapter(
     except Exception as exc:
         if not _is_hub_exception(exc) and not isinstance(exc, (OSError, ValueError)):
             raise
-        raise _push_error(exc, where=where, token=token, revision=revision) from None
+        error = _push_error(exc, where=where, token=token, revision=revision)
+        if created:  # a failed push should not leave a new, empty repo unmentioned
+            error.message += f"; the repo {repo_id} was created and is left empty"
+        raise error from None
     commit_info: Any = info
     # huggingface_hub leaves out files whose content the branch already has (comparing the hashes
     # it fetched); with none left it makes no commit and returns the branch head.
