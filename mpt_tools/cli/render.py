@@ -723,8 +723,11 @@ def audit_markdown(result: AuditResult) -> None:
 def embed_view(result: EmbedResult, *, err: bool = False) -> None:
     """``embed``: what was written (to stderr with ``err``: the payload went to stdout), and how
     to send it."""
+    target = result["out"] or (
+        "standard output (its reader left before the end)" if _stdout_gone else "standard output"
+    )
     echo(
-        f"wrote {result['out'] or 'standard output'} ({result['format']}): [{result['rows']}, "
+        f"wrote {target} ({result['format']}): [{result['rows']}, "
         f"{result['token_dim']}] {result['dtype']} = task {result['task']}'s prompt ({result['prompt_rows']} rows) "
         f"+ {len(result['token_ids'])} token(s)",
         err=err,
