@@ -106,8 +106,14 @@ def _row(where: str, origin: str) -> AuditRow:
 
 def _failed(row: AuditRow, exc: BaseException) -> AuditRow:
     """``row`` as the row of an adapter that could not be read: the error in one line."""
-    if isinstance(exc, MptToolsError):  # the path only when it is not the row's own
-        text = exc.message if exc.path in (None, row["where"]) else str(exc)
+    if isinstance(exc, MptToolsError):  # the path only when it is not the row's own; a file in it by its name
+        where = row["where"]
+        if exc.path in (None, where):
+            text = exc.message
+        elif exc.path is not None and exc.path.startswith(where.rstrip("/") + "/"):
+            text = f"{exc.path[len(where.rstrip('/')) + 1 :]}: {exc.message}"
+        else:
+            text = str(exc)
     else:  # a bug, or a resource the OS refused: still one row, never a stopped audit
         text = f"internal error ({type(exc).__name__}: {exc})"
     row["error"] = " ".join(text.split())
@@ -460,7 +466,7 @@ def _discover(
                 where += f"/{subfolder}" if subfolder else ""
                 if isinstance(exc, MptToolsError) and exc.path == repo_id:  # the row names it already
                     exc.path = where
-                if isinstance(exc, MptToolsError) and item in bare:  # `runs/exp1` may have been meant locally
+                if isinstance(exc, MptToolsError) and item in bare and "not found" in exc.message:  # meant locally?
                     exc.message += f" (read as a Hub repo id: there is no local file or folder {bare[item]!r} either)"
                 found.rows.append(_failed(_row(where, "hub"), exc))
     return _once(out)

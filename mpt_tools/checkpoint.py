@@ -176,9 +176,15 @@ def download_missing(text: str, subfolder: str | None, hub: HubOptions) -> tuple
     try:
         return download_source(text, subfolder=subfolder, hub=hub)
     except MptToolsError as exc:
-        if not text.startswith("hf://"):  # `runs/sources` may have been meant as a local path
+        if not text.startswith("hf://") and _not_there(exc):  # `runs/sources` may have been meant as a local path
             exc.message += f" (read as a Hub repo id: there is no local file or folder {text!r} either)"
         raise
+
+
+def _not_there(exc: MptToolsError) -> bool:
+    """Whether a Hub error says the repo (or revision, or cached copy) is not there: only then may
+    the text have been meant as a local path (a 503 or a gated repo answered as a repo)."""
+    return "not found" in exc.message or "not in the local cache" in exc.message
 
 
 Source = Union["Checkpoint", SourceSpec, str, os.PathLike[str]]

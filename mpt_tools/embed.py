@@ -281,11 +281,10 @@ def _embed(
         ids = _tokenize(tokenizer_bytes, text, str(local / "tokenizer.json"))
         matrix = _local_matrix(local, d, max(ids) + 1)
     else:
-        from .hub.download import local_path_reason
+        from .hub.download import model_repo, reads_as_model_id
 
-        if local_path_reason(base_model) is not None:
+        if not reads_as_model_id(base_model):
             raise SourceError("no such model folder, and not a Hub repo id", base_model)
-        from .hub.download import model_repo
 
         repo = model_repo(base_model, hub.revision)  # org/name, org/name@rev or hf://org/name[@rev]
         matrix, ids, commit = _hub_matrix(

@@ -274,7 +274,8 @@ def test_hub_base_model_reads_header_and_rows_only(setup: dict[str, Path], tmp_p
         assert sent < (len(WORDS) + 2) * D * 4 // 3  # header (100 kB read) + 4 rows, not the 512 kB matrix
         assert json.loads(result.stdout)["base_model_commit"] == hub.head("org/tiny")
         # the hf:// form and a revision, as every Hub source is written (they were refused)
-        for spelled in ("hf://org/tiny", "hf://org/tiny@main", "org/tiny@main"):
+        hub.add_repo("tinyone", {p.name: p.read_bytes() for p in setup["model"].iterdir()})  # gpt2, t5-small...
+        for spelled in ("hf://org/tiny", "hf://org/tiny@main", "org/tiny@main", "tinyone", "tinyone@main"):
             again = run_cli(*argv, "--base-model", spelled, "--out", tmp_path / "again.pt", "--force")
             assert again.exit_code == 0, (spelled, again.stderr)
             assert torch.equal(

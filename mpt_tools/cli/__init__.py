@@ -827,7 +827,7 @@ def pack_cmd(
 @cli.command(
     cls=Command,
     examples=[
-        "mpt-tools compat target --peft 0.10.0 --out target-peft0.10   # loads in PEFT 0.10.0",
+        "mpt-tools compat sources --peft 0.10.0 --out sources-peft0.10  # a PEFT-written folder, for 0.10.0",
         "mpt-tools compat org/mpt-adapter --peft 0.13 --out local --json  # 0.13: the oldest 0.13.x",
     ],
 )

@@ -209,7 +209,7 @@ class IntRange(click.IntRange):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """The integer, or a usage error naming the value."""
         if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII):
-            self.fail(f"{value!r} is not a valid integer", param, ctx)
+            self.fail(f"{value!r} is not a valid integer.", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -219,7 +219,7 @@ class Int(click.types.IntParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """The integer, or a usage error naming the value."""
         if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII):
-            self.fail(f"{value!r} is not a valid integer", param, ctx)
+            self.fail(f"{value!r} is not a valid integer.", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -229,7 +229,7 @@ class FloatRange(click.FloatRange):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """The number, or a usage error naming the value."""
         if isinstance(value, str) and ("_" in value or not value.isascii()):
-            self.fail(f"{value!r} is not a valid float", param, ctx)
+            self.fail(f"{value!r} is not a valid float.", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -11,7 +11,16 @@ from ..errors import ConfigError, MptToolsError, flag
 from ..findings import Finding
 from ..options import HubOptions
 from ..paths import read_small
-from .download import _HUB_ID_RE, HubSpec, _Fetch, _is_hub_exception, _map_error, is_offline, model_repo
+from .download import (
+    _HUB_ID_RE,
+    HubSpec,
+    _Fetch,
+    _is_hub_exception,
+    _map_error,
+    is_offline,
+    model_repo,
+    reads_as_model_id,
+)
 
 HIDDEN_SIZE_KEYS = ("hidden_size", "d_model", "n_embd")
 MAX_BASE_CONFIG_BYTES = 16 << 20  # a model's config.json is a few KB; multimodal ones tens of KB
@@ -47,7 +56,7 @@ def _base_config(
         cfg_path = local / "config.json" if local.is_dir() else local
         if not os.path.exists(cfg_path):
             return None, f"{local} has no config.json"
-    elif name.startswith("hf://") or ("@" in name and _HUB_ID_RE.fullmatch(name.partition("@")[0])):
+    elif name.startswith("hf://") or ("@" in name and reads_as_model_id(name)):
         try:
             spec = model_repo(name, revision)  # hf://org/name[@rev], org/name@rev
         except MptToolsError as exc:

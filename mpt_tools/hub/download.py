@@ -59,6 +59,17 @@ class HubSpec:
 _PATH_SUFFIXES = (*PROMPT_SUFFIXES, ".json")
 
 
+def reads_as_model_id(text: str) -> bool:
+    """Whether a base model that is no local path names a Hub model: ``hf://...``, or a repo id
+    of one or two parts (``gpt2``, ``org/name``) with an optional ``@revision``; not a path
+    (``/``, ``.``, ``~``, a backslash)."""
+    if text.startswith("hf://"):
+        return True
+    if text.startswith(("/", ".", "~")) or "\\" in text:
+        return False
+    return _HUB_ID_RE.fullmatch(text.partition("@")[0]) is not None
+
+
 def model_repo(text: str, revision: str | None = None) -> HubSpec:
     """A base model named on the Hub: ``org/name``, ``org/name@rev`` or ``hf://org/name[@rev]``
     (a model's files are at its repo's root: a subfolder is a ConfigError); ``revision`` (the
