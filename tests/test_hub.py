@@ -1160,3 +1160,17 @@ def test_a_downloaded_files_content_error_names_it_on_the_hub(hub):
     result = run_cli("validate", "org/badcfg")
     assert result.exit_code == 1 and result.stderr.startswith(f"error: hf://org/badcfg@{commit}/adapter_config.json: ")
     assert "snapshots" not in result.stderr
+
+
+@pytest.mark.parametrize("etag", ["../../../../../../{tmp}/PWNED", "not-a-hash-1"])
+def test_an_etag_that_is_no_hash_is_refused_before_anything_is_written(hub, src, tmp_path, etag):
+    """A hostile endpoint's ETag names the cached blob (huggingface_hub writes ``blobs/<etag>``):
+    ``../../x`` wrote the download outside the cache, and a name that is no hash skipped the check."""
+    etag = etag.format(tmp=str(tmp_path).lstrip("/"))
+    weights = (FIXTURES / "causal" / "adapter_model.safetensors").read_bytes()
+    commit = hub.head("org/src")
+    headers = {"ETag": f'"{etag}"', "X-Linked-Etag": f'"{etag}"', "X-Repo-Commit": commit}
+    hub.fail_next(200, count=20, path="adapter_model.safetensors", headers=headers, body=weights)
+    result = run_cli("inspect", "org/src", "--no-norms")
+    assert result.exit_code == 1 and "not a content hash" in result.stderr, result.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED.lock").exists()

@@ -390,6 +390,8 @@ class _Fetch:
     def download(self, filename: str, revision: str) -> str:
         from huggingface_hub import hf_hub_download
 
+        if not self.offline and not self._cached(filename, revision):
+            self._check_etag(filename, revision)
         with _quiet():
             path = hf_hub_download(
                 self.spec.repo_id,
@@ -404,7 +406,61 @@ class _Fetch:
                 library_name="mpt-tools",
                 library_version=__version__,
             )
+        self._check_blob(str(path), filename)
         return str(path)
+
+    def _cached(self, filename: str, revision: str) -> bool:
+        """Whether ``filename`` at ``revision`` is in the cache already (no request is made then)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        path = f"{self.spec.subfolder}/{filename}" if self.spec.subfolder else filename
+        try:
+            return isinstance(
+                try_to_load_from_cache(self.spec.repo_id, path, cache_dir=self.cache_dir, revision=revision), str
+            )
+        except Exception:
+            return False
+
+    def _check_etag(self, filename: str, revision: str) -> None:
+        """Refuse, before anything is written, a file whose ETag is no content hash: huggingface_hub
+        names the cached blob after it, so a hostile endpoint's ``../../x`` would write outside the
+        cache (and no hash could be checked)."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(
+            self.spec.repo_id, filename, subfolder=self.spec.subfolder, revision=revision, endpoint=_endpoint()
+        )
+        try:
+            with _quiet():
+                meta = get_hf_file_metadata(url, token=self.token)
+        except Exception:  # not found, offline, a server error: the download says it, as it always has
+            return
+        etag = meta.etag or ""
+        if not (_SHA256_RE.fullmatch(etag) or _SHA1_RE.fullmatch(etag)):
+            raise HubError(
+                f"the Hub sent ETag {etag[:40]!r} for it, not a content hash: refusing to download it "
+                "(a broken or hostile HF_ENDPOINT?)",
+                self.spec.url(revision, filename),
+            )
+
+    def _check_blob(self, path: str, filename: str) -> None:
+        """The downloaded file must be a blob of this repo's cache named by its hash; otherwise (an
+        endpoint that changed its ETag between requests) the snapshot's link is removed and the
+        download refused."""
+        target = Path(path).resolve()
+        parts = Path(path).parts
+        at = len(parts) - 1 - parts[::-1].index("snapshots") if "snapshots" in parts else None
+        blobs = (Path(*parts[:at]) / "blobs").resolve() if at else None  # <repo folder>/snapshots/<commit>/...
+        if not Path(path).is_symlink() or blobs is None:
+            return  # a cache without symlinks (Windows): the hash check after the download still runs
+        if target.parent != blobs or not (_SHA256_RE.fullmatch(target.name) or _SHA1_RE.fullmatch(target.name)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise HubError(
+                f"the download was stored as {target}, outside the cache's blobs or not named by a content "
+                "hash (the endpoint's ETag): refused (a broken or hostile HF_ENDPOINT?)",
+                self.spec.url(None, filename),
+            )
 
     def known_missing(self, filename: str, revision: str) -> bool:
         """True when the cache records that ``filename`` does not exist at ``revision``."""
