@@ -456,7 +456,8 @@ def _discover(
             raise MptToolsError("no adapter (no adapter_config.json, no safetensors file) in this repo", where)
         return jobs_here
 
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, HUB_CONCURRENCY))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, HUB_CONCURRENCY)))
+    try:  # not `with`: its exit waits for a listing the Hub never answers, so no signal could stop it
         for item, future in [(item, pool.submit(listed, item)) for item in dict.fromkeys(repos)]:
             try:
                 out.extend(future.result())
@@ -469,6 +470,8 @@ def _discover(
                 if isinstance(exc, MptToolsError) and item in bare and "not found" in exc.message:  # meant locally?
                     exc.message += f" (read as a Hub repo id: there is no local file or folder {bare[item]!r} either)"
                 found.rows.append(_failed(_row(where, "hub"), exc))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return _once(out)
 
 

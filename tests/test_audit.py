@@ -460,3 +460,35 @@ def test_hub_bare_tensor_file(hub: FakeHub) -> None:
         assert len(rows) == 1 and rows[0]["where"].endswith("/sources.safetensors")
         assert (rows[0]["num_tasks"], rows[0]["token_dim"], rows[0]["valid"]) == (8, 2048, True)
     assert shallow[0]["prompt_sha256"] is None and deep[0]["prompt_sha256"] is not None
+
+
+def test_a_signal_stops_an_audit_whose_repo_listing_never_answers(tmp_path: Path) -> None:
+    """A tester's finding: with an endpoint that accepts and never answers, no signal stopped
+    ``audit org/x`` (the listing pool's exit waited for its worker); only SIGKILL did."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MPT_TOOLS_DEBUG")},
+        "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "HF_HOME": str(tmp_path / "hf_home"),
+    }
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mpt_tools", "audit", "org/x"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        conn, _ = silent.accept()  # the listing's request has arrived: it is waiting for an answer
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        conn.close()
+    finally:
+        silent.close()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err
