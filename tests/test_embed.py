@@ -304,6 +304,34 @@ def test_a_server_that_ignores_ranges_gives_the_same_rows(setup: dict[str, Path]
         assert torch.equal(remote, local)
 
 
+def test_a_range_answered_with_other_bytes_is_refused(setup: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """A 206 whose Content-Range is not the range asked for (bytes from elsewhere in the file) gave
+    other embedding rows, silently; it is one line naming the file."""
+    import hubserver
+
+    real = hubserver._ranged
+
+    def shifted(req, data, headers):
+        answer = real(req, data, headers)
+        if answer.status == 206 and not req.headers.get("range", "").startswith("bytes=0-"):
+            start = int(req.headers["range"].split("=")[1].split("-")[0]) - 64
+            end = start + len(answer.body) - 1
+            return hubserver._Response(
+                206, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start : end + 1]
+            )
+        return answer
+
+    isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
+    monkeypatch.setattr(hubserver, "_ranged", shifted)
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add_repo("org/tiny", {p.name: p.read_bytes() for p in setup["model"].iterdir()})
+        argv = ["embed", setup["adapter"], "--task", "1", "--text", "w3000 w7", "--base-model", "org/tiny"]
+        result = run_cli(*argv, "--out", tmp_path / "hub.pt")
+        assert result.exit_code == 1 and "the Hub answered bytes" in result.stderr, result.stderr
+        assert not (tmp_path / "hub.pt").exists()
+
+
 def test_sharded_model_folder(setup: dict[str, Path], tmp_path: Path) -> None:
     """A model saved in shards (model.safetensors.index.json): the matrix is found through the
     index and the tensor is the same as from the single file."""

@@ -1174,3 +1174,24 @@ def test_an_etag_that_is_no_hash_is_refused_before_anything_is_written(hub, src,
     result = run_cli("inspect", "org/src", "--no-norms")
     assert result.exit_code == 1 and "not a content hash" in result.stderr, result.stderr
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED.lock").exists()
+
+
+def test_endpoint_credentials_are_never_printed(hub, src, monkeypatch):
+    """A tester's finding: ``HF_ENDPOINT=http://user:secret@mirror`` was printed whole in errors and
+    in inspect's JSON."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url.replace("http://", "http://user:s3cr3tpw@"))
+    result = run_cli("inspect", src, "--json", "--no-norms")
+    assert "s3cr3tpw" not in result.stdout + result.stderr
+    dead = FakeHub()
+    dead.close()
+    monkeypatch.setenv("HF_ENDPOINT", dead.url.replace("http://", "http://user:s3cr3tpw@"))
+    result = run_cli("inspect", "org/other", "--no-norms")
+    assert result.exit_code == 1 and "cannot connect" in result.stderr and "s3cr3tpw" not in result.stderr
+
+
+def test_an_unreadable_hub_answer_is_a_hub_error(hub, src):
+    """A tester's finding: a listing answered with HTML or a JSON list was an internal error."""
+    hub.fail_next(200, count=20, path="/api/models/org/src", headers={"Content-Type": "application/json"}, body=b"[1]")
+    result = run_cli("audit", src, "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()][:-1]
+    assert "the Hub's answer cannot be read" in rows[0]["error"] and "internal error" not in rows[0]["error"]

@@ -159,9 +159,11 @@ def _endpoint() -> str | None:
 
 
 def _endpoint_name() -> str:
+    """The endpoint as messages and results show it: without the user and password a URL may
+    carry (``http://user:secret@mirror``)."""
     from huggingface_hub import constants
 
-    return _endpoint() or str(constants.ENDPOINT).rstrip("/")
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", _endpoint() or str(constants.ENDPOINT).rstrip("/"))
 
 
 def is_offline(flag: bool = False) -> bool:

@@ -12,6 +12,7 @@ through huggingface_hub's HTTP session (its endpoint, token, user agent and retr
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -63,12 +64,18 @@ def _call(what: str, where: str, hub: HubOptions, fn: Any, *args: Any, **kwargs:
     try:
         with _quiet():
             return fn(*args, **kwargs)
-    except HubError:
+    except HubError as exc:
+        if exc.path is None:
+            exc.path = where
         raise
     except Exception as exc:
-        if not _is_hub_exception(exc):
-            raise
-        raise _map_error(exc, where=where, what=what, token=hub.token, offline=False) from None
+        if _is_hub_exception(exc):
+            raise _map_error(exc, where=where, what=what, token=hub.token, offline=False) from None
+        if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError)):  # JSON that is not the Hub's
+            raise HubError(
+                f"the Hub's answer cannot be read ({type(exc).__name__}): a broken or hostile HF_ENDPOINT?", where
+            ) from None
+        raise
 
 
 def author_repos(author: str, hub: HubOptions) -> list[str]:
@@ -98,6 +105,9 @@ def list_repo(repo_id: str, hub: HubOptions) -> RepoListing:
     return RepoListing(repo_id, str(info.sha), files)
 
 
+READ_TIMEOUT = 60.0  # seconds without a byte before a ranged read fails (the client's own default is none)
+
+
 def _get(repo_id: str, commit: str, path: str, hub: HubOptions, first: int, last: int) -> tuple[bytes, int | None]:
     """Bytes ``first..last`` of a file at a commit (fewer when it ends first) and the file's size
     (None when the server did not say)."""
@@ -113,12 +123,12 @@ def _get(repo_id: str, commit: str, path: str, hub: HubOptions, first: int, last
     def fetch() -> tuple[bytes, int | None]:
         session: Any = get_session()
         if hasattr(session, "stream"):  # httpx (huggingface_hub 1.0 on)
-            with session.stream("GET", url, headers=headers) as response:
+            with session.stream("GET", url, headers=headers, timeout=READ_TIMEOUT) as response:
                 if response.status_code >= 400 and response.status_code != 416:
                     response.read()  # the error's text, for its message
                     hf_raise_for_status(response)
                 return _ranged(response.status_code, response.headers, response.iter_bytes(), first, last)
-        response = session.get(url, headers=headers, stream=True)  # requests (huggingface_hub 0.x)
+        response = session.get(url, headers=headers, stream=True, timeout=READ_TIMEOUT)  # requests (0.x)
         try:
             if response.status_code != 416:
                 hf_raise_for_status(response)
@@ -135,8 +145,13 @@ def _ranged(status: int, headers: Any, chunks: Iterator[bytes], first: int, last
     mirror or a proxy) answers 200 with the whole file, which is read only up to ``last`` (not
     into memory whole) and from ``first`` on (its bytes start at 0); 416 is a range past the end
     (an empty file)."""
-    total_text = headers.get("content-range", "").rpartition("/")[2]
+    content_range = headers.get("content-range", "")
+    total_text = content_range.rpartition("/")[2]
     total = int(total_text) if total_text.isdigit() else None
+    if status == 206:  # the range sent must be the one asked for (or its start, cut at the file's end)
+        sent = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range)
+        if sent is None or int(sent.group(1)) != first or int(sent.group(2)) > last:
+            raise HubError(f"the Hub answered bytes {first}-{last} with {content_range or 'no Content-Range'!r}")
     if status == 416:
         return b"", total if total is not None else 0
     skip = first if status == 200 else 0
