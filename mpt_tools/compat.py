@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .checkpoint import Checkpoint, Source, load_source
-from .checks import require_valid
+from .checks import DEFAULTED_SIZES, require_valid
 from .config import CONFIG_NAME, SOURCE_INITS, TASK_TYPES, WEIGHTS_NAME, WEIGHTS_NAMES, config_to_json
 from .errors import ConfigError, VerifyError, WriteError, flag
 from .files import file_sha256, guard_output, write_files
@@ -124,10 +124,10 @@ def _repaired(ckpt: Checkpoint) -> tuple[dict[str, Any], list[SetKey]]:
         raw[key] = value
 
     if raw.get("peft_type") != "PROMPT_TUNING":
-        cols = ckpt.shapes.get("prefix_task_cols")
-        for key, dim in (("num_tasks", 0), ("num_ranks", 2)):
-            if raw.get(key) is None and cols and len(cols) == 3 and cols[dim] != 1:
-                put(key, cols[dim], "absent, PEFT takes 1, which does not fit the tensors")
+        for key, (tensor, dim) in DEFAULTED_SIZES.items():
+            shape = ckpt.shapes.get(tensor)
+            if raw.get(key) is None and shape and len(shape) == 3 and shape[dim] != 1:
+                put(key, shape[dim], "absent, PEFT takes 1, which does not fit the tensors")
         init = raw.get("prompt_tuning_init")
         if init in SOURCE_INITS:
             path = raw.get("prompt_tuning_init_state_dict_path")

@@ -199,6 +199,12 @@ class DtypeChoice(click.Choice):  # type: ignore[type-arg]
         return super().convert(canonical_dtype(value) if isinstance(value, str) else value, param, ctx)
 
 
+def _ascii_integer(value: Any) -> bool:
+    """Whether a command-line value reads as an integer in ASCII digits (not ``int()``'s ``0_1``
+    or ``１``); a value that is no string (a default) passes."""
+    return not isinstance(value, str) or re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII) is not None
+
+
 class IntRange(click.IntRange):
     """``click.IntRange`` whose error for a value that is no integer says "not a valid integer"
     (click's own says "not a valid integer range"), and that takes ASCII digits only: not
@@ -208,7 +214,7 @@ class IntRange(click.IntRange):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """The integer, or a usage error naming the value."""
-        if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII):
+        if not _ascii_integer(value):
             self.fail(f"{value!r} is not a valid integer.", param, ctx)
         return super().convert(value, param, ctx)
 
@@ -218,7 +224,7 @@ class Int(click.types.IntParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         """The integer, or a usage error naming the value."""
-        if isinstance(value, str) and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", value, re.ASCII):
+        if not _ascii_integer(value):
             self.fail(f"{value!r} is not a valid integer.", param, ctx)
         return super().convert(value, param, ctx)
 
