@@ -143,12 +143,12 @@ def _assumed(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
 def _unknown_keys(cfg: MptConfig, from_file: bool) -> Iterator[Finding]:
     """Keys no PEFT release of the table knows (a typo, another tool's record): older releases
     refuse the config, newer ones drop the key with a warning."""
-    from .peft_releases import CLASS_OF, STRICT_BEFORE, fields, releases, supported_range
+    from .peft_releases import CLASS_OF, STRICT_BEFORE, known_keys, supported_range
 
     peft_type = cfg.raw.get("peft_type")
     if not from_file or not isinstance(peft_type, str) or peft_type not in CLASS_OF:
         return
-    known = {key for release in releases() for key in fields(release, peft_type)}
+    known = known_keys(peft_type)
     strict = ".".join(map(str, STRICT_BEFORE))
     for key in cfg.raw:
         if key not in known:
@@ -484,11 +484,16 @@ def prompt_overflow_finding(task: int, peak: float) -> Finding:
     )
 
 
+def _config_label(target: MptConfig) -> str:
+    """A planned target config as messages name it: its file's name."""
+    return os.path.basename(os.fspath(target.path)) if target.path else "the target config"
+
+
 def target_config_findings(target: MptConfig) -> list[Finding]:
     """Problems of a planned target config itself, labelled as the target's (``target <field>``,
     naming the file) so they cannot be mistaken for the source's; the reload trap is left out
     (a target config naming PEFT's init is what ``init`` replaces)."""
-    where = os.path.basename(os.fspath(target.path)) if target.path else "the target config"
+    where = _config_label(target)
     out = []
     for f in config_findings(target, True):
         if f.code == "reload-trap":
@@ -555,7 +560,7 @@ def check_target(
         num_ranks = num_ranks if num_ranks is not None else target.peft_size("num_ranks")
         if plan.num_ranks is None and target.raw.get("num_ranks") is None and mode.copies_factors:
             if src_r is not None and src_r != 1:
-                where = os.path.basename(os.fspath(target.path)) if target.path else "the target config"
+                where = _config_label(target)
                 out.append(
                     Finding.error(
                         "target-mismatch",

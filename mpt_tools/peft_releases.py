@@ -81,6 +81,12 @@ def fields(release: str, peft_type: str) -> dict[str, Any]:
     return table()[release][CLASS_OF[peft_type]]
 
 
+@functools.lru_cache(maxsize=4)
+def known_keys(peft_type: str) -> frozenset[str]:
+    """The config keys of ``peft_type`` that some release of the table knows."""
+    return frozenset(key for release in _sorted_releases() for key in fields(release, peft_type))
+
+
 def is_default(peft_type: Any, key: str, value: Any) -> bool:
     """Whether ``value`` is PEFT's default for ``key`` (in the newest release that has the field)
     of ``peft_type``'s config: a key absent from a config means that default to PEFT."""

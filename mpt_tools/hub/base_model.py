@@ -12,8 +12,6 @@ from ..findings import Finding
 from ..options import HubOptions
 from ..paths import read_small
 from .download import (
-    _HUB_ID_RE,
-    HubSpec,
     _Fetch,
     _is_hub_exception,
     _map_error,
@@ -56,24 +54,22 @@ def _base_config(
         cfg_path = local / "config.json" if local.is_dir() else local
         if not os.path.exists(cfg_path):
             return None, f"{local} has no config.json"
-    elif name.startswith("hf://") or ("@" in name and reads_as_model_id(name)):
-        try:
-            spec = model_repo(name, revision)  # hf://org/name[@rev], org/name@rev
-        except MptToolsError as exc:
-            return None, str(exc)
-        return _base_config(spec.repo_id, revision=spec.revision, token=token, cache_dir=cache_dir, offline=offline)
-    elif name.startswith(("/", ".", "~")) or os.sep in name.replace("/", "") or not _HUB_ID_RE.fullmatch(name):
+    elif not reads_as_model_id(name):
         return None, f"{name} is neither a local folder nor a Hub repo id"
     else:
-        fetch = _Fetch(HubSpec(name, revision), token, cache_dir, is_offline(offline))
         try:
-            cfg_path = Path(fetch.download("config.json", revision or "main"))
+            spec = model_repo(name, revision)  # gpt2, org/name, org/name@rev, hf://org/name[@rev]
+        except MptToolsError as exc:
+            return None, str(exc)
+        fetch = _Fetch(spec, token, cache_dir, is_offline(offline))
+        try:
+            cfg_path = Path(fetch.download("config.json", spec.revision or "main"))
         except Exception as exc:
             if not _is_hub_exception(exc) and not isinstance(exc, OSError):
                 raise
             err = _map_error(
                 exc,
-                where=HubSpec(name, revision).url(filename="config.json"),
+                where=spec.url(filename="config.json"),
                 what="config.json",
                 token=token,
                 offline=fetch.offline,

@@ -31,6 +31,14 @@ from ..version import __version__
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def _hash_kind(text: str) -> str | None:
+    """ "sha256" or "git-sha1" when ``text`` is such a hash (an LFS file's or a git blob's id: what
+    the Hub's ETag and a cached blob's name are), else None."""
+    return "sha256" if _SHA256_RE.fullmatch(text) else "git-sha1" if _SHA1_RE.fullmatch(text) else None
+
+
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
 _TRUE = ("1", "on", "yes", "true")
 
@@ -438,7 +446,7 @@ class _Fetch:
         except Exception:  # not found, offline, a server error: the download says it, as it always has
             return
         etag = meta.etag or ""
-        if not (_SHA256_RE.fullmatch(etag) or _SHA1_RE.fullmatch(etag)):
+        if _hash_kind(etag) is None:
             raise HubError(
                 f"the Hub sent ETag {etag[:40]!r} for it, not a content hash: refusing to download it "
                 "(a broken or hostile HF_ENDPOINT?)",
@@ -455,7 +463,7 @@ class _Fetch:
         blobs = (Path(*parts[:at]) / "blobs").resolve() if at else None  # <repo folder>/snapshots/<commit>/...
         if not Path(path).is_symlink() or blobs is None:
             return  # a cache without symlinks (Windows): the hash check after the download still runs
-        if target.parent != blobs or not (_SHA256_RE.fullmatch(target.name) or _SHA1_RE.fullmatch(target.name)):
+        if target.parent != blobs or _hash_kind(target.name) is None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise HubError(
@@ -500,11 +508,8 @@ def _expected_hash(fetch: _Fetch, local: str, path_in_repo: str, commit: str | N
     p = Path(local)
     if p.is_symlink():
         name = p.resolve().name
-        if _SHA256_RE.fullmatch(name):
-            return "sha256", name
-        if _SHA1_RE.fullmatch(name):
-            return "git-sha1", name
-        return None
+        kind = _hash_kind(name)
+        return (kind, name) if kind is not None else None
     if fetch.offline or commit is None:
         return None
     from huggingface_hub import HfApi
