@@ -1195,3 +1195,33 @@ def test_an_unreadable_hub_answer_is_a_hub_error(hub, src):
     result = run_cli("audit", src, "--json")
     rows = [json.loads(line) for line in result.stdout.splitlines()][:-1]
     assert "the Hub's answer cannot be read" in rows[0]["error"] and "internal error" not in rows[0]["error"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ({"status": 302, "headers": {"Location": "/org/src/resolve/main/adapter_config.json"}}, "a redirect loop"),
+        ({"status": 200, "method": "GET", "headers": {"Content-Length": "5000"}, "body": b"{}"}, "broke off before"),
+        ({"disconnect": True}, "closed the connection without answering"),
+    ],
+    ids=["redirect-loop", "short-body", "no-answer"],
+)
+def test_a_broken_answer_is_named_not_cannot_connect(hub, src, fault, said):
+    """A tester's finding: a redirect loop, a body shorter than its Content-Length and a connection
+    closed without an answer all said "cannot connect", which sent users to check their network."""
+    hub.fail_next(count=100, path="adapter_config.json", **fault)
+    result = run_cli("inspect", src, "--no-norms")
+    assert result.exit_code == 1 and said in result.stderr and "cannot connect" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_an_endpoint_that_is_no_http_url_is_named(hub, src, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "ftp://mirror.example")
+    result = run_cli("inspect", src, "--no-norms")
+    assert result.exit_code == 1 and "ftp://mirror.example gave a URL that is not http(s)" in result.stderr
+
+
+def test_an_answer_without_etag_says_so(hub, src):
+    hub.fail_next(302, count=100, path="adapter_config.json", headers={"Location": "ftp://elsewhere.example/x"})
+    result = run_cli("inspect", src, "--no-norms")
+    assert result.exit_code == 1 and "the Hub sent no ETag (content hash) for it" in result.stderr, result.stderr

@@ -317,10 +317,30 @@ def _network_message(exc: BaseException, *, token_given: bool, writing: bool = F
                 return f"the Hub answered HTTP {status} ({_phrase(status)}): check the repo, revision and file"
     for item in _chain(exc):
         if _is_network(item):
-            if "timeout" in type(item).__name__.lower():
-                return f"timed out reaching {_endpoint_name()}: check your network, proxy or HF_ENDPOINT"
-            return f"cannot connect to {_endpoint_name()}: check your network, proxy or HF_ENDPOINT{offline}"
+            return _transport_message(item, offline)
     return None
+
+
+def _transport_message(item: BaseException, offline: str) -> str:
+    """One line for a transport failure (httpx, httpx2, requests or urllib3 alike, by class name):
+    a connection that broke off mid-answer, a redirect loop or a URL of another scheme is not
+    "cannot connect"."""
+    name = type(item).__name__
+    text = str(item).lower()
+    endpoint = _endpoint_name()
+    if "timeout" in name.lower():
+        return f"timed out reaching {endpoint}: check your network, proxy or HF_ENDPOINT"
+    if name == "TooManyRedirects":
+        return f"{endpoint} redirected too many times (a redirect loop): check HF_ENDPOINT or the mirror"
+    if name in ("UnsupportedProtocol", "InvalidSchema", "MissingSchema", "InvalidURL"):
+        return f"{endpoint} gave a URL that is not http(s) (in HF_ENDPOINT or a redirect): check HF_ENDPOINT"
+    if name in ("ChunkedEncodingError", "IncompleteRead", "ProtocolError") or "complete message body" in text:
+        return f"the connection to {endpoint} broke off before the whole answer came: run the command again"
+    if "without sending a response" in text or "connection aborted" in text:
+        return f"{endpoint} closed the connection without answering: try again later{offline}"
+    if name in ("RemoteProtocolError", "DecodingError", "ContentDecodingError"):
+        return f"{endpoint} sent an answer that is not valid HTTP ({name}): check HF_ENDPOINT or the mirror"
+    return f"cannot connect to {endpoint}: check your network, proxy or HF_ENDPOINT{offline}"
 
 
 def _map_error(exc: BaseException, *, where: str, what: str, token: str | None, offline: bool) -> HubError:
@@ -447,9 +467,9 @@ class _Fetch:
             return
         etag = meta.etag or ""
         if _hash_kind(etag) is None:
+            sent = f"ETag {etag[:40]!r} for it, not a content hash" if etag else "no ETag (content hash) for it"
             raise HubError(
-                f"the Hub sent ETag {etag[:40]!r} for it, not a content hash: refusing to download it "
-                "(a broken or hostile HF_ENDPOINT?)",
+                f"the Hub sent {sent}: refusing to download it (a broken or hostile HF_ENDPOINT?)",
                 self.spec.url(revision, filename),
             )
 
