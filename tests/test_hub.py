@@ -1225,3 +1225,26 @@ def test_an_answer_without_etag_says_so(hub, src):
     hub.fail_next(302, count=100, path="adapter_config.json", headers={"Location": "ftp://elsewhere.example/x"})
     result = run_cli("inspect", src, "--no-norms")
     assert result.exit_code == 1 and "the Hub sent no ETag (content hash) for it" in result.stderr, result.stderr
+
+
+def test_a_config_over_its_limit_is_refused_before_it_is_downloaded(hub):
+    """No download size cap: a hostile endpoint's 2 MiB adapter_config.json was downloaded whole
+    (it could be gigabytes), then refused; the HEAD's size refuses it before a byte is fetched."""
+    config = json.loads((FIXTURES / "causal" / "adapter_config.json").read_text())
+    big = json.dumps({**config, "padding": "x" * (2 << 20)}).encode()
+    hub.add_repo("org/big", {**adapter_files(), "adapter_config.json": big})
+    result = run_cli("inspect", "org/big", "--no-norms")
+    assert result.exit_code == 1 and "more than adapter_config.json can be (1,048,576 bytes)" in result.stderr
+    assert not hub.find_requests("GET", "adapter_config.json")
+
+
+def test_a_file_larger_than_the_caches_free_space_is_not_downloaded(hub, src, hf_cache, monkeypatch):
+    """huggingface_hub only warns when a download will not fit, then fills the disk."""
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    result = run_cli("inspect", src, "--no-norms")
+    assert result.exit_code == 1 and "bytes free: free some space or give --cache-dir" in result.stderr, result.stderr
+    assert not hub.find_requests("GET", "adapter_model.safetensors")  # 1008 bytes; the config is smaller
+    assert not list(hf_cache.rglob(sha256_hex(adapter_files()[WEIGHTS]) + "*"))

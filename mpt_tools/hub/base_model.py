@@ -63,7 +63,7 @@ def _base_config(
             return None, str(exc)
         fetch = _Fetch(spec, token, cache_dir, is_offline(offline))
         try:
-            cfg_path = Path(fetch.download("config.json", spec.revision or "main"))
+            cfg_path = Path(fetch.download("config.json", spec.revision or "main", MAX_BASE_CONFIG_BYTES))
         except Exception as exc:
             if not _is_hub_exception(exc) and not isinstance(exc, OSError):
                 raise

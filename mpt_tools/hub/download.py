@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import threading
 import warnings
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from ..config import CONFIG_NAME, WEIGHTS_NAMES
+from ..config import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAMES
 from ..errors import ConfigError, HubError, debug, flag
 from ..files import file_sha256, hash_file
 from ..formats import PROMPT_SUFFIXES
@@ -410,6 +411,21 @@ def _is_hub_exception(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------- downloads
 
 
+def _free_space(cache_dir: str | None) -> tuple[str, int | None]:
+    """The Hub cache folder (``cache_dir`` or huggingface_hub's) and the free bytes on its disk,
+    measured at its nearest existing folder (None when that cannot be measured)."""
+    from huggingface_hub import constants
+
+    cache = cache_dir or constants.HF_HUB_CACHE
+    folder = Path(cache).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return cache, shutil.disk_usage(folder).free
+    except OSError:
+        return cache, None
+
+
 @dataclass
 class _Fetch:
     spec: HubSpec
@@ -417,11 +433,14 @@ class _Fetch:
     cache_dir: str | None
     offline: bool
 
-    def download(self, filename: str, revision: str) -> str:
+    def download(self, filename: str, revision: str, limit: int | None = None) -> str:
+        """``filename`` at ``revision`` into the cache, its local path. An uncached file is first
+        looked at (HEAD): refused before any byte is written when its ETag is no content hash, it
+        is over ``limit`` bytes (a config), or it would not fit in the cache's free space."""
         from huggingface_hub import hf_hub_download
 
         if not self.offline and not self._cached(filename, revision):
-            self._check_etag(filename, revision)
+            self._check_head(filename, revision, limit)
         with _quiet():
             path = hf_hub_download(
                 self.spec.repo_id,
@@ -451,10 +470,11 @@ class _Fetch:
         except Exception:
             return False
 
-    def _check_etag(self, filename: str, revision: str) -> None:
-        """Refuse, before anything is written, a file whose ETag is no content hash: huggingface_hub
+    def _check_head(self, filename: str, revision: str, limit: int | None) -> None:
+        """Refuse, before anything is written, a file whose ETag is no content hash (huggingface_hub
         names the cached blob after it, so a hostile endpoint's ``../../x`` would write outside the
-        cache (and no hash could be checked)."""
+        cache, and no hash could be checked), one over ``limit`` bytes, and one larger than the
+        cache's free space (huggingface_hub only warns, then fills the disk)."""
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
         url = hf_hub_url(
@@ -470,6 +490,21 @@ class _Fetch:
             sent = f"ETag {etag[:40]!r} for it, not a content hash" if etag else "no ETag (content hash) for it"
             raise HubError(
                 f"the Hub sent {sent}: refusing to download it (a broken or hostile HF_ENDPOINT?)",
+                self.spec.url(revision, filename),
+            )
+        size = meta.size
+        if size is None:
+            return
+        if limit is not None and size > limit:
+            raise HubError(
+                f"the file is {size:,} bytes on the Hub, more than {filename} can be ({limit:,} bytes): not downloaded",
+                self.spec.url(revision, filename),
+            )
+        cache, free = _free_space(self.cache_dir)
+        if free is not None and size > free:
+            raise HubError(
+                f"the file is {size:,} bytes and the cache at {cache} has {free:,} bytes free: free some space or "
+                f"give {flag('--cache-dir', 'HubOptions(cache_dir=...)')} on a larger disk",
                 self.spec.url(revision, filename),
             )
 
@@ -614,7 +649,7 @@ def download_source(
     rev = parsed.revision or "main"
     config_path: str | None = None
     try:
-        config_path = fetch.download(CONFIG_NAME, rev)
+        config_path = fetch.download(CONFIG_NAME, rev, MAX_CONFIG_BYTES)
     except Exception as exc:
         if not _is_hub_exception(exc) and not isinstance(exc, OSError):
             raise
