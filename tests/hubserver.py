@@ -1672,3 +1672,14 @@ def record_retry_sleeps(monkeypatch: Any) -> list[float]:
     monkeypatch.setattr(_http, "time", proxy)
     monkeypatch.setattr(file_download, "time", proxy)
     return sleeps
+
+
+def use_endpoint(monkeypatch: Any, url: str) -> None:
+    """Point mpt-tools and huggingface_hub at ``url``: ``HF_ENDPOINT`` (read by mpt-tools at each
+    call, and by subprocesses) and ``huggingface_hub.constants.ENDPOINT``, which huggingface_hub
+    reads once at import time, as a process started with ``HF_ENDPOINT`` set has it (before 1.0
+    some of its code, the URL of a commit for one, reads only the constant)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url.rstrip("/"))

@@ -23,7 +23,7 @@ from conftest import FIXTURES, ROOT, run_cli, write_random_source
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import build_corpus
-from hubserver import FakeHub, isolate_hf_environment
+from hubserver import FakeHub, isolate_hf_environment, use_endpoint
 from test_schemas import problems
 
 from mpt_tools import audit_adapters
@@ -312,7 +312,7 @@ def big_adapter(seed: int, n: int = 8, t: int = 100, d: int = 2048) -> dict[str,
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
     with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        use_endpoint(monkeypatch, server.url)
         server.add_repo("org/one", big_adapter(0))
         two = {f"task-{i}/{k}": v for i in range(2) for k, v in big_adapter(1).items()}  # identical weights
         server.add_repo("org/two", two)

@@ -18,7 +18,7 @@ from conftest import FIXTURES, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hubserver import FakeHub, isolate_hf_environment
+from hubserver import FakeHub, isolate_hf_environment, use_endpoint
 
 WORDS = [f"w{i}" for i in range(4000)]
 D = 32
@@ -259,7 +259,7 @@ def test_refusals_are_one_line(setup: dict[str, Path], tmp_path: Path, monkeypat
 def test_hub_base_model_reads_header_and_rows_only(setup: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
     with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        use_endpoint(monkeypatch, hub.url)
         hub.add_repo("org/tiny", {p.name: p.read_bytes() for p in setup["model"].iterdir()})
         local = tmp_path / "local.pt"
         argv = ["embed", setup["adapter"], "--task", "2", "--text", "w10 w11 w12"]
@@ -294,7 +294,7 @@ def test_a_server_that_ignores_ranges_gives_the_same_rows(setup: dict[str, Path]
     isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
     monkeypatch.setattr(hubserver, "_ranged", lambda req, data, headers: hubserver._Response(200, headers, data))
     with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        use_endpoint(monkeypatch, hub.url)
         hub.add_repo("org/tiny", {p.name: p.read_bytes() for p in setup["model"].iterdir()})
         argv = ["embed", setup["adapter"], "--task", "1", "--text", "w3000 w7 w3999"]
         assert run_cli(*argv, "--base-model", setup["model"], "--out", tmp_path / "local.pt").exit_code == 0
@@ -324,7 +324,7 @@ def test_a_range_answered_with_other_bytes_is_refused(setup: dict[str, Path], tm
     isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
     monkeypatch.setattr(hubserver, "_ranged", shifted)
     with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        use_endpoint(monkeypatch, hub.url)
         hub.add_repo("org/tiny", {p.name: p.read_bytes() for p in setup["model"].iterdir()})
         argv = ["embed", setup["adapter"], "--task", "1", "--text", "w3000 w7", "--base-model", "org/tiny"]
         result = run_cli(*argv, "--out", tmp_path / "hub.pt")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hubserver import FakeHub, isolate_hf_environment, sha256_hex
+from hubserver import FakeHub, isolate_hf_environment, sha256_hex, use_endpoint
 
 from mpt_tools.errors import HubError
 from mpt_tools.hub.download import download_source, parse_spec
@@ -47,7 +47,7 @@ def hf_cache(monkeypatch, tmp_path) -> Path:
 @pytest.fixture
 def hub(hf_cache, monkeypatch):
     with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        use_endpoint(monkeypatch, server.url)
         yield server
 
 
@@ -590,7 +590,7 @@ def test_the_card_says_how_every_operation_made_the_adapter(hf_cache, tmp_path, 
 
 
 def test_push_dry_run_without_any_server(hf_cache, adapter, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail
+    use_endpoint(monkeypatch, "http://127.0.0.1:9")  # nothing listens: a request would fail
     result = run_cli("push", adapter, "alice/dry", "--dry-run")
     assert result.exit_code == 0, result.stderr
 
@@ -1179,12 +1179,12 @@ def test_an_etag_that_is_no_hash_is_refused_before_anything_is_written(hub, src,
 def test_endpoint_credentials_are_never_printed(hub, src, monkeypatch):
     """A tester's finding: ``HF_ENDPOINT=http://user:secret@mirror`` was printed whole in errors and
     in inspect's JSON."""
-    monkeypatch.setenv("HF_ENDPOINT", hub.url.replace("http://", "http://user:s3cr3tpw@"))
+    use_endpoint(monkeypatch, hub.url.replace("http://", "http://user:s3cr3tpw@"))
     result = run_cli("inspect", src, "--json", "--no-norms")
     assert "s3cr3tpw" not in result.stdout + result.stderr
     dead = FakeHub()
     dead.close()
-    monkeypatch.setenv("HF_ENDPOINT", dead.url.replace("http://", "http://user:s3cr3tpw@"))
+    use_endpoint(monkeypatch, dead.url.replace("http://", "http://user:s3cr3tpw@"))
     result = run_cli("inspect", "org/other", "--no-norms")
     assert result.exit_code == 1 and "cannot connect" in result.stderr and "s3cr3tpw" not in result.stderr
 
@@ -1216,7 +1216,7 @@ def test_a_broken_answer_is_named_not_cannot_connect(hub, src, fault, said):
 
 
 def test_an_endpoint_that_is_no_http_url_is_named(hub, src, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "ftp://mirror.example")
+    use_endpoint(monkeypatch, "ftp://mirror.example")
     result = run_cli("inspect", src, "--no-norms")
     assert result.exit_code == 1 and "ftp://mirror.example gave a URL that is not http(s)" in result.stderr
 

@@ -26,7 +26,7 @@ from mpt_tools.results import SCHEMAS, AuditRow, HubInfo, InitResult, schema_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hubserver import FakeHub, isolate_hf_environment
+from hubserver import FakeHub, isolate_hf_environment, use_endpoint
 
 NONE = type(None)
 
@@ -232,7 +232,7 @@ def test_hub_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     isolate_hf_environment(monkeypatch, tmp_path / "hf_home")
     token = "hf_goodtoken"  # FakeHub's default user
     with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        use_endpoint(monkeypatch, hub.url)
         hub.add_repo("org/src", {p.name: p.read_bytes() for p in (FIXTURES / "causal").iterdir() if p.suffix != ".md"})
         seen: dict[type, set[str]] = {}
         result = run_cli("inspect", "org/src", "--json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -19,7 +20,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
 from ..config import CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAMES
@@ -206,25 +206,35 @@ def scrub(text: str, tokens: list[str]) -> str:
 _QUIET_LOCK = threading.Lock()
 _quiet_depth = 0
 _quiet_level = logging.NOTSET
+_quiet_bars: bool | None = None  # the "huggingface_hub" bar group's own setting before (None: unset)
+_BAR_GROUP = "huggingface_hub"  # its download bars are "huggingface_hub.http_get" and ".xet_get"
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence huggingface_hub's log lines and warnings (retry notices ...) during one call.
-
-    The CLI promises one line on stderr per failure; MPT_TOOLS_DEBUG=1 keeps them.
+    """Silence huggingface_hub's log lines, warnings (retry notices ...) and progress bars during
+    one call: downloads of adapters are small, and the CLI promises one line on stderr per failure.
+    The bars are switched off by their group, as every huggingface_hub release since 0.34 reads it
+    (``tqdm_class`` came with 1.0), and the group's own setting is put back. MPT_TOOLS_DEBUG=1 keeps
+    them all.
     """
-    global _quiet_depth, _quiet_level
+    global _quiet_depth, _quiet_level, _quiet_bars
     if debug():
         yield
         return
     import huggingface_hub.utils.logging  # noqa: F401  (its import sets the logger's level: first, not inside)
+
+    bars = importlib.import_module(
+        "huggingface_hub.utils.tqdm"
+    )  # the module (the package exports a class by that name)
 
     logger = logging.getLogger("huggingface_hub")
     with _QUIET_LOCK:  # audit's threads: the first in silences, the last out restores
         if _quiet_depth == 0:
             _quiet_level = logger.level
             logger.setLevel(logging.CRITICAL + 1)
+            _quiet_bars = bars.progress_bar_states.get(_BAR_GROUP)
+            bars.progress_bar_states[_BAR_GROUP] = False
         _quiet_depth += 1
     try:
         with warnings.catch_warnings():
@@ -235,21 +245,10 @@ def _quiet() -> Iterator[None]:
             _quiet_depth -= 1
             if _quiet_depth == 0:
                 logger.setLevel(_quiet_level)
-
-
-class _QuietBar:
-    """Factory for a disabled progress bar: downloads of adapters are small, stderr stays clean."""
-
-    @staticmethod
-    def make() -> Any:
-        from huggingface_hub.utils import tqdm as hf_tqdm
-
-        class Quiet(hf_tqdm):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                kwargs["disable"] = True
-                super().__init__(*args, **kwargs)
-
-        return Quiet
+                if _quiet_bars is None:
+                    bars.progress_bar_states.pop(_BAR_GROUP, None)
+                else:
+                    bars.progress_bar_states[_BAR_GROUP] = _quiet_bars
 
 
 # --------------------------------------------------------------------------- error mapping
@@ -344,6 +343,17 @@ def _transport_message(item: BaseException, offline: str) -> str:
     return f"cannot connect to {endpoint}: check your network, proxy or HF_ENDPOINT{offline}"
 
 
+def remote_missing(exc: BaseException) -> bool:
+    """Whether the Hub said the file is not there (HTTP 404 of a file): ``RemoteEntryNotFoundError``
+    from huggingface_hub 1.0 on; before it, an ``EntryNotFoundError`` that is not the local cache's."""
+    from huggingface_hub import errors
+
+    remote = getattr(errors, "RemoteEntryNotFoundError", None)
+    if remote is not None:
+        return isinstance(exc, remote)
+    return isinstance(exc, errors.EntryNotFoundError) and not isinstance(exc, errors.LocalEntryNotFoundError)
+
+
 def _map_error(exc: BaseException, *, where: str, what: str, token: str | None, offline: bool) -> HubError:
     """Turn a huggingface_hub (or network) exception into one HubError line."""
     from huggingface_hub.errors import (
@@ -351,7 +361,6 @@ def _map_error(exc: BaseException, *, where: str, what: str, token: str | None, 
         HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -377,7 +386,7 @@ def _map_error(exc: BaseException, *, where: str, what: str, token: str | None, 
     elif isinstance(exc, RevisionNotFoundError):
         revision = flag("--revision", "HubOptions(revision=...)")
         msg = f"revision not found: check the branch, tag or commit ({revision} or @REV)"
-    elif isinstance(exc, RemoteEntryNotFoundError):
+    elif remote_missing(exc):
         msg = (
             f"{what} not found in the repo at this revision: check the revision and {flag('--subfolder', 'subfolder')}"
         )
@@ -451,7 +460,6 @@ class _Fetch:
                 token=self.token,
                 local_files_only=self.offline,
                 endpoint=_endpoint(),
-                tqdm_class=_QuietBar.make(),
                 library_name="mpt-tools",
                 library_version=__version__,
             )
@@ -653,9 +661,9 @@ def download_source(
     except Exception as exc:
         if not _is_hub_exception(exc) and not isinstance(exc, OSError):
             raise
-        from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-        missing = isinstance(exc, RemoteEntryNotFoundError) or (
+        missing = remote_missing(exc) or (
             isinstance(exc, LocalEntryNotFoundError) and fetch.offline and fetch.known_missing(CONFIG_NAME, rev)
         )
         if not missing:
@@ -675,9 +683,9 @@ def download_source(
         except Exception as exc:
             if not _is_hub_exception(exc) and not isinstance(exc, OSError):
                 raise
-            from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+            from huggingface_hub.errors import LocalEntryNotFoundError
 
-            if isinstance(exc, RemoteEntryNotFoundError) or (
+            if remote_missing(exc) or (
                 isinstance(exc, LocalEntryNotFoundError) and fetch.offline and name != WEIGHTS_NAMES[-1]
             ):
                 last_error = exc
