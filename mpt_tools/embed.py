@@ -27,11 +27,12 @@ import numpy as np
 from .checkpoint import Source, load_source
 from .checks import require_valid
 from .dtypes import DTYPE_MAX
-from .errors import ConfigError, SourceError, ValidationError, flag
-from .export import cast_overflow
+from .errors import ConfigError, SourceError, ValidationError
+from .export import cast_overflow, decoder_only_finding
 from .files import atomic_write, guard_output
 from .findings import Finding
 from .formats import DTYPE_NAMES, DTYPES, TensorInfo, open_safetensors, parse_header
+from .hub.base_model import local_model_paths
 from .options import HubOptions
 from .paths import read_small
 from .prompts import task_runs
@@ -82,15 +83,18 @@ def _tokenize(tokenizer_json: bytes, text: str, where: str) -> list[int]:
     return ids
 
 
-def _pick(infos: dict[str, TensorInfo], d: int, vocab_needed: int) -> TensorInfo | None:
-    """The input embedding matrix among ``infos``: a 2-D float tensor [vocab, d] with a known
-    name (None when there is none); ValidationError when it has fewer rows than the ids need."""
+def _pick(infos: dict[str, TensorInfo], d: int, vocab_needed: int, where: str) -> TensorInfo | None:
+    """The input embedding matrix among ``infos`` (of the file ``where``): a 2-D float tensor
+    [vocab, d] with a known name (None when there is none); ValidationError when it has fewer rows
+    than the ids need (a tokenizer.json of another model)."""
     for suffix in EMBED_SUFFIXES:
         for name, info in sorted(infos.items()):
             if name.endswith(suffix) and len(info.shape) == 2 and info.dtype in DTYPE_NAMES and info.shape[1] == d:
                 if info.shape[0] < vocab_needed:
                     raise ValidationError(
-                        f"{name} has {info.shape[0]} rows but the text has token id {vocab_needed - 1}"
+                        f"{name} has {info.shape[0]} rows but the text has token id {vocab_needed - 1}: "
+                        "the tokenizer.json is not this model's",
+                        where,
                     )
                 return info
     return None
@@ -145,7 +149,7 @@ def _local_matrix(folder: Path, d: int, vocab_needed: int) -> _Matrix:
     others: list[str] = []
     for name in files:
         tfile = open_safetensors(folder / name)
-        info = _pick(tfile.infos, d, vocab_needed)
+        info = _pick(tfile.infos, d, vocab_needed, tfile.path)
         if info is not None:
             return _Matrix(tfile.path, info, lambda a, b, t=tfile, n=info.name: t.read_rows(n, a, b).array)
         others += _other_widths(tfile.infos, d)
@@ -173,7 +177,7 @@ def _hub_matrix(repo_id: str, d: int, hub: HubOptions, ids_of: Any) -> tuple[_Ma
     for name in files:
         blob, size = hl.read_header(repo_id, repo.commit, name, hub)
         infos = parse_header(f"{base}/{name}", blob, size, check_memory=False).infos
-        info = _pick(infos, d, max(ids) + 1)
+        info = _pick(infos, d, max(ids) + 1, f"{base}/{name}")
         if info is None:
             others += _other_widths(infos, d)
             continue
@@ -251,22 +255,12 @@ def _embed(
     cols = ckpt.shapes.get("prefix_task_cols")
     if cols and len(cols) == 3:
         extra += _check_tasks("task", [task], cols[0])
-    if (ckpt.config.num_transformer_submodules or 1) != 1:
-        extra.append(
-            Finding.error(
-                "seq2seq",
-                "num_transformer_submodules",
-                "embed builds a decoder-only model's input (vLLM and SGLang take prompt embeddings for those)",
-                expected=1,
-                found=ckpt.config.num_transformer_submodules,
-                fix="export the prompts instead ("
-                + flag("mpt-tools export --to tgis", 'export_prompts(..., to="tgis")')
-                + " serves encoder-decoder models)",
-            )
-        )
+    refused = decoder_only_finding(ckpt, "embed (vLLM's and SGLang's prompt embeddings)")
+    if refused is not None:
+        extra.append(refused)
     require_valid(ckpt, extra)
-    if out is not None:
-        guard_output(out, force=force, protected=ckpt.source_paths, kind="file")
+    if out is not None:  # never over the adapter, nor into the model folder the rows are read from
+        guard_output(out, force=force, protected=[*ckpt.source_paths, *local_model_paths(base_model)], kind="file")
     d = ckpt.shapes["prompt_embeddings"][1]
     local = Path(base_model).expanduser()
     commit: str | None = None

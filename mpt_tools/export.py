@@ -45,7 +45,7 @@ from .checks import config_findings, prompt_findings, require_valid, tensor_find
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .dtypes import DTYPE_MAX, canonical_dtype
 from .errors import ConfigError, MptToolsError, SourceError, WriteError, flag
-from .files import guard_output, replace_entries, staging_folder, write_synced
+from .files import guard_entries, guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
 from .options import checked_indices, checked_positive, readable_fields
@@ -146,21 +146,11 @@ def _layout(fmt: str, ckpt: Checkpoint, opts: ExportOptions, extra: list[Finding
             else flag(f"--to {fmt}", _to(fmt)) + " takes none"
         )
         extra.append(_usage("encoder_only", why, nts if not split else fmt, "drop " + _encoder_only()))
-    if seq2seq and fmt in ("vllm", "trtllm"):
+    if fmt in ("vllm", "trtllm"):
         engine = "vLLM's prompt_embeds" if fmt == "vllm" else "TensorRT-LLM's prompt table"
-        extra.append(
-            Finding.error(
-                "seq2seq",
-                "task_type",
-                f"{engine} serves decoder-only models; this adapter is for an encoder-decoder model",
-                expected="CAUSAL_LM",
-                found=ckpt.config.task_type,
-                fix=flag(
-                    "export it --to tgis, --to peft --encoder-only or --to npy",
-                    f"export it {_to('tgis')}, {_to('peft')} with {_encoder_only()} or {_to('npy')}",
-                ),
-            )
-        )
+        refused = decoder_only_finding(ckpt, engine)
+        if refused is not None:
+            extra.append(refused)
     enc = (0, nvt) if split else (0, t)
     if fmt == "peft":
         if split and not opts.encoder_only:
@@ -183,6 +173,33 @@ def _layout(fmt: str, ckpt: Checkpoint, opts: ExportOptions, extra: list[Finding
         return _Layout([(TABLE, 0, t)], "float32", seq2seq)
     a, b = enc if opts.encoder_only else (0, t)
     return _Layout([("{name}.npy", a, b)], "float32", seq2seq)
+
+
+def decoder_only_finding(ckpt: Checkpoint, engine: str) -> Finding | None:
+    """The refusal of an encoder-decoder adapter (task_type SEQ_2_SEQ_LM, or 2 transformer
+    submodules) where ``engine`` serves decoder-only models (vLLM's prompt_embeds, TensorRT-LLM's
+    prompt table, the input ``embed`` builds); None for a decoder-only adapter. The fix names only
+    the exports that take this adapter (``--encoder-only`` needs 2 submodules)."""
+    split = ckpt.config.num_transformer_submodules == 2
+    if not split and ckpt.config.task_type != SEQ2SEQ:
+        return None
+    if split:
+        fix = flag(
+            "export it --to tgis, --to peft --encoder-only or --to npy",
+            f"export it {_to('tgis')}, {_to('peft')} with {_encoder_only()} or {_to('npy')}",
+        )
+    else:
+        fix = flag(
+            "export it --to tgis, --to peft or --to npy", f"export it {_to('tgis')}, {_to('peft')} or {_to('npy')}"
+        )
+    return Finding.error(
+        "seq2seq",
+        "num_transformer_submodules" if split else "task_type",
+        f"{engine} serves decoder-only models; this adapter is for an encoder-decoder model",
+        expected=1 if split else "CAUSAL_LM",
+        found=ckpt.config.num_transformer_submodules if split else ckpt.config.task_type,
+        fix=fix,
+    )
 
 
 def _tgis_rules(layout: _Layout, opts: ExportOptions, first: int, extra: list[Finding]) -> None:
@@ -255,12 +272,14 @@ def _names_findings(fmt: str, tasks: list[int], names: list[str], n: int) -> lis
             )
         )
     rule, what = (TGIS_NAME, "letters, digits, _ and -") if fmt == "tgis" else (NAME, "letters, digits, _, . and -")
-    wrong = [x for x in names if not rule.fullmatch(x) or x.casefold() in (MANIFEST.split(".")[0], "prompt_table")]
+    reserved = {MANIFEST, MANIFEST.split(".")[0], TABLE, TABLE.split(".")[0]}  # the export's own files
+    wrong = [x for x in names if not rule.fullmatch(x) or x.casefold() in reserved]
     if wrong:
         out.append(
             _usage(
                 "names",
-                f"a name must be 1-200 of {what}, not starting with . or - (and not manifest or prompt_table)",
+                f"a name must be 1-200 of {what}, not starting with . or - (and not {MANIFEST} or {TABLE}, "
+                "with or without the extension)",
                 wrong[:5],
                 "rename them",
             )
@@ -619,7 +638,12 @@ def export_prompts(
     if overflow is not None:
         raise refusal(ckpt.location, [overflow])
     entries = _entries(to, labels)
-    target = _guard(out, entries, force=force, protected=ckpt.source_paths)
+    protected = list(ckpt.source_paths)
+    if opts.base_model is not None and opts.base_model is not False:  # a local model folder read by the check
+        from .hub.base_model import base_model_name, local_model_paths
+
+        protected += local_model_paths(base_model_name(ckpt, None if opts.base_model is True else opts.base_model))
+    target = _guard(out, entries, force=force, protected=protected)
     d = ckpt.shapes["prompt_embeddings"][1]
     rows = _rows(layout)
     items: list[ExportedTask] = []
@@ -718,6 +742,7 @@ def _guard(out: str | os.PathLike[str], entries: list[str], *, force: bool, prot
     """The output guard of an export: ``out`` is a folder (or new) and not the source's; without
     ``force`` none of the entries it would write exists there."""
     target = guard_output(out, force=True, protected=protected)  # not a file, not the source's folder
+    guard_entries(target, entries, protected)  # no entry is (or holds) a source
     if target.is_dir() and not force:
         for entry in entries:
             if os.path.lexists(target / entry):

@@ -509,6 +509,29 @@ def guard_output(
     return out
 
 
+def guard_entries(target: Path, entries: list[str], protected: list[str]) -> None:
+    """Refuse entries of ``target`` (names an export writes there) that are a source or hold one:
+    ``--force`` replaces a whole entry, so ``out=..`` with a task named like the source's folder
+    would have replaced the source. An entry that is a symbolic link is replaced as a link (what
+    it points to is not touched), so only the entry's own path counts."""
+    base = target.resolve()
+    sources = [_resolved(p) for p in protected]
+    for entry in entries:
+        path = base / entry
+        hit = next((s for s in sources if s is not None and (s == path or s.is_relative_to(path))), None)
+        if hit is not None:
+            what = "is a source" if hit == path else "is the source's folder" if hit.parent == path else f"holds {hit}"
+            raise WriteError(f"{entry} here {what}; mpt-tools never writes over a source", str(target))
+
+
+def _resolved(path: str) -> Path | None:
+    """``path`` resolved, or None for a symbolic link loop (nothing can be written through one)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
 def _file_on_the_way(out: Path) -> Path | None:
     """The nearest existing folder above ``out`` that is not a folder (``plain/x`` where ``plain`` is
     a file), or None: creating ``out``'s missing parents would fail there."""

@@ -99,7 +99,7 @@ def hazard_evidence(
     a prefix store). ``cache`` keeps each parent's listing for the next sibling (``audit`` checks
     thousands of adapters side by side)."""
     env = os.environ if environ is None else environ
-    here = Path(folder)
+    here = Path(os.path.abspath(folder))  # ".", "x/.." and "x" are one folder, with one parent
     evidence: list[str] = []
     beside = sorted(e.name for e in _names(here) if e.name in TGIS_FILES)
     if beside:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,28 @@ FIXTURES = ROOT / "fixtures"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+_getaddrinfo = socket.getaddrinfo
+NETWORK_ATTEMPTS: list[str] = []
+"""Hosts beyond loopback that code under test tried to reach (a test may assert on it)."""
+
+
+def _loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+    """Tests never reach the network beyond loopback: another host name fails at once, as an
+    unknown name (the error code and class a machine without DNS gives), and is recorded. A test
+    whose Hub URL was built from huggingface_hub's import-time endpoint found this way."""
+    name = host.decode() if isinstance(host, bytes) else host
+    if name is not None and name != "localhost" and not str(name).startswith(("127.", "::1")):
+        NETWORK_ATTEMPTS.append(str(name))
+        raise socket.gaierror(socket.EAI_NONAME, f"tests reach loopback only, not {name!r}")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _loopback_only  # this process; subprocesses run offline (HF_HUB_OFFLINE=1)
+
 
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the user's Hub cache, token or debug settings."""
+def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees the user's Hub cache, token or debug settings, nor reaches a host beyond loopback."""
     home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))
@@ -28,6 +48,9 @@ def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("MPT_TOOLS_DEBUG", raising=False)
     monkeypatch.setenv("MPT_TOOLS_RAISE_UNEXPECTED", "1")
+    NETWORK_ATTEMPTS.clear()
+    yield
+    assert not NETWORK_ATTEMPTS, f"the test tried to reach {sorted(set(NETWORK_ATTEMPTS))} (loopback only)"
 
 
 def write_random_source(path: Path, n: int, t: int, r: int, d: int, seed: int = 0) -> Path:

@@ -1683,3 +1683,5 @@ def use_endpoint(monkeypatch: Any, url: str) -> None:
 
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setattr(constants, "ENDPOINT", url.rstrip("/"))
+    template = url.rstrip("/") + "/{repo_id}/resolve/{revision}/{filename}"  # made from ENDPOINT at import
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)

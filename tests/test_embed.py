@@ -9,12 +9,14 @@ import base64
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import FIXTURES, run_cli
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -221,6 +223,10 @@ def test_refusals_are_one_line(setup: dict[str, Path], tmp_path: Path, monkeypat
     cases = {
         "task 3 of 3": (["embed", setup["adapter"], "--task", "3", *base], "the source has 3 tasks"),
         "seq2seq": (["embed", FIXTURES / "seq2seq", "--task", "0", *base], "decoder-only"),
+        "seq2seq by task_type": (  # a tester's finding: only 2 submodules were refused
+            ["embed", setup["adapter"], "--task-type", "SEQ_2_SEQ_LM", "--task", "0", *base],
+            "encoder-decoder model (expected CAUSAL_LM, found SEQ_2_SEQ_LM); fix: export it --to tgis, --to peft or",
+        ),
         "width": (["embed", FIXTURES / "causal", "--task", "0", *base], "is not 16 wide, the adapter's token_dim"),
         "no tokenizer": (
             ["embed", setup["adapter"], "--task", "0", "--text", "w1", "--base-model", FIXTURES / "causal",
@@ -347,3 +353,30 @@ def test_sharded_model_folder(setup: dict[str, Path], tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     assert torch.equal(torch.load(tmp_path / "shards.pt", weights_only=True), one)
+
+
+def test_the_base_model_folder_is_never_written(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A tester's finding: ``--out MODEL/model.safetensors --force`` replaced the weights the rows
+    were read from (and the tokenizer.json and config.json likewise)."""
+    model = tmp_path / "model"
+    shutil.copytree(setup["model"], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for name in ("model.safetensors", "tokenizer.json", "new.pt"):
+        argv = ["embed", setup["adapter"], "--task", "0", "--text", "w1", "--base-model", model]
+        result = run_cli(*argv, "--out", model / name, "--force")
+        assert result.exit_code == 1 and "never writes into a source" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_token_ids_beyond_the_matrix_name_the_file(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A tokenizer.json of a larger vocabulary than the matrix: one line naming the weights file."""
+    small = tmp_path / "small"
+    shutil.copytree(setup["model"], small)
+    tensors = load_file(small / "model.safetensors")
+    wte = next(k for k in tensors if k.endswith("wte.weight"))
+    tensors[wte] = tensors[wte][:5].clone()
+    save_file(tensors, small / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("embed", setup["adapter"], "--task", "0", "--text", "w7", "--base-model", small, "--out", "-")
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: {small / 'model.safetensors'}: {wte} has 5 rows but the text has token id")
+    assert "the tokenizer.json is not this model's" in result.stderr

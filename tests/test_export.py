@@ -516,6 +516,8 @@ def test_force_without_an_atomic_swap(tmp_path: Path, monkeypatch: pytest.Monkey
         (["--names", "a,a,b"], "names must be distinct"),
         (["--names", "QA,qa,b"], "names must be distinct, ignoring case (found ['QA', 'qa'])"),
         (["--names", "a,Manifest,b"], "a name must be"),
+        (["--names", "manifest.json,b,c"], "a name must be"),  # --to peft would write a folder of that name
+        (["--names", "a,PROMPT_TABLE.npy,c"], "a name must be"),
         (["--caikit"], "applies to --to tgis"),
         (["--peft-compat", "0.13.2"], "applies to --to peft"),
         (["--encoder-only"], "applies to seq2seq"),
@@ -523,10 +525,42 @@ def test_force_without_an_atomic_swap(tmp_path: Path, monkeypatch: pytest.Monkey
 )
 def test_bad_arguments_are_one_line(tmp_path: Path, argv: list[str], expect: str) -> None:
     out = tmp_path / "o"
-    res = run_cli("export", CAUSAL, "--to", "npy", *argv, "--out", out)
-    assert res.exit_code == 1, res.output
-    assert len(res.stderr.strip().splitlines()) == 1 and expect in res.stderr, res.stderr
-    assert not out.exists()
+    for to in ("npy", "peft") if "--names" in argv else ("npy",):
+        res = run_cli("export", CAUSAL, "--to", to, *argv, "--out", out)
+        assert res.exit_code == 1, res.output
+        assert len(res.stderr.strip().splitlines()) == 1 and expect in res.stderr, res.stderr
+        assert not out.exists()
+
+
+def test_an_entry_that_is_or_holds_a_source_is_refused(tmp_path: Path) -> None:
+    """A tester's finding: ``export src --names src,b,c --out . --force`` replaced the source folder
+    with task 0's prompt (``--out`` is the source's parent, not the source, so the guard let it by)."""
+    src = tmp_path / "src"
+    shutil.copytree(CAUSAL, src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for to in ("peft", "tgis"):
+        res = run_cli("export", src, "--to", to, "--names", "src,b,c", "--out", tmp_path, "--force")
+        assert res.exit_code == 1 and "src here is the source's folder; mpt-tools never" in res.stderr, res.stderr
+        assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    bare = tmp_path / "bare.npy"  # a task named like a bare source file (--to npy adds .npy)
+    np.save(bare, np.zeros((4, 16), np.float32))
+    res = run_cli("export", src / "adapter_model.safetensors", "--to", "npy", "--names", "bare,b,c", "--out", tmp_path)
+    assert res.exit_code == 1 and "already exists" in res.stderr  # without --force: not overwritten either
+    assert not (tmp_path / "b.npy").exists()
+
+
+def test_the_base_model_folder_is_protected(tmp_path: Path) -> None:
+    """A tester's finding: ``--base-model ./model --out ./model --force`` could replace the model's
+    own files with exported tasks."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 16}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    argv = ["--to", "peft", "--names", "model.safetensors,b,c", "--base-model", model, "--out", model, "--force"]
+    res = run_cli("export", CAUSAL, *argv)
+    assert res.exit_code == 1 and "never writes into a source" in res.stderr, res.stderr
+    assert (model / "model.safetensors").read_bytes() == b"weights"
+    export(CAUSAL, "--to", "npy", "--base-model", model, "--out", tmp_path / "ok")  # elsewhere it is fine
 
 
 def test_tasks_all_or_a_list(tmp_path: Path) -> None:
@@ -583,6 +617,12 @@ def test_serving_hazard_in_validate_and_inspect(tmp_path: Path, monkeypatch: pyt
     assert "PREFIX_STORE_PATH" in next(f for f in report["findings"] if f["code"] == "serving-hazard")["found"]
     # the human output says it too
     assert "every task would be served with P*" in run_cli("validate", plain).stdout
+    # however the folder is spelled (a tester's finding: "validate ." from inside it saw no hazard)
+    monkeypatch.delenv("PREFIX_STORE_PATH")
+    monkeypatch.chdir(store / "mpt")
+    for spelling in (".", "adapter_model.safetensors", "../mpt", str(store / "mpt" / ".")):
+        report = json.loads(run_cli("validate", spelling, "--json").stdout)
+        assert _codes(report).count("serving-hazard") == 1, spelling  # the weights file: its folder's config
 
 
 def test_no_serving_hazard_for_fixtures_files_or_exports(tmp_path: Path) -> None:

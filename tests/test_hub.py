@@ -869,7 +869,7 @@ def test_base_model_local_folder(tmp_path, hub):
     assert hub.requests == []
 
 
-def test_base_model_unavailable_is_a_warning(hub, monkeypatch):
+def test_base_model_unavailable_is_a_warning(hub, monkeypatch, tmp_path):
     result = run_cli("validate", FIXTURES / "causal", "--check-base-model", "--json")  # not on the Hub
     assert result.exit_code == 0, result.stderr
     (finding,) = _findings(result)
@@ -879,6 +879,10 @@ def test_base_model_unavailable_is_a_warning(hub, monkeypatch):
     assert result.exit_code == 0
     (finding,) = _findings(result)
     assert finding["level"] == "warning" and "offline" in finding["message"]
+    assert "run online (without --offline or HF_HUB_OFFLINE)" in finding["fix"]
+    for local in (tmp_path / "nope", FIXTURES):  # a local path: going online would not help
+        (finding,) = _findings(run_cli("validate", FIXTURES / "causal", "--base-model", local, "--json"))
+        assert finding["level"] == "warning" and "online" not in finding["fix"], finding
 
 
 def test_base_model_offline_by_default_in_tests(tmp_path):

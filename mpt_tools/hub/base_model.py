@@ -107,8 +107,11 @@ def check_base_model(
     """
     from ..findings import Finding
 
-    fix_unknown = "check the base model by hand" + (
-        ", or run online without " + flag("--offline", "HubOptions(offline=True)") if is_offline(offline) else ""
+    on_hub = not os.path.exists(Path(base_model).expanduser()) and reads_as_model_id(base_model)
+    fix_unknown = "check the base model by hand" + (  # going online helps only a Hub id, not a local folder
+        ", or run online (without " + flag("--offline", "HubOptions(offline=True)") + " or HF_HUB_OFFLINE)"
+        if on_hub and is_offline(offline)
+        else ""
     )
     config, problem = _base_config(
         base_model,
@@ -160,6 +163,22 @@ def check_base_model(
     ]
 
 
+def base_model_name(ckpt: Any, base_model: str | None) -> str | None:
+    """The base model a command checks: ``base_model`` (``--base-model``), else the config's
+    ``base_model_name_or_path`` (None when neither names one)."""
+    name = base_model or (getattr(ckpt.config, "raw", {}) or {}).get("base_model_name_or_path")
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def local_model_paths(name: str | None) -> list[str]:
+    """The base model as paths an output must not touch: its folder when ``name`` is a local one
+    (an output there could replace the weights, config or tokenizer just read), else []."""
+    if not name:
+        return []
+    local = Path(name).expanduser()
+    return [str(local)] if local.is_dir() else []
+
+
 def base_model_findings(
     ckpt: Any,
     base_model: str | None = None,
@@ -175,14 +194,12 @@ def base_model_findings(
     from ..findings import Finding
 
     hub = hub or ckpt.hub_options
-    name = base_model
+    name = base_model_name(ckpt, base_model)
     revision = None
-    if not name:
-        raw = getattr(ckpt.config, "raw", {}) or {}
-        name = raw.get("base_model_name_or_path")
-        rev = raw.get("revision")
+    if not base_model:
+        rev = (getattr(ckpt.config, "raw", {}) or {}).get("revision")
         revision = rev if isinstance(rev, str) and rev else None
-    if not isinstance(name, str) or not name.strip():
+    if name is None:
         return [
             Finding.warning(
                 "base-model",
