@@ -439,7 +439,8 @@ class _Writer:
         if fmt == "trtllm":
             t, d = layout.parts[0][2], ckpt.shapes["prompt_embeddings"][1]
             path = stage / TABLE
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(path, flags, 0o666)  # the kernel takes the umask off, as for every file written
             self.table = os.fdopen(fd, "wb")
             self.table.write(_npy_header((n, t, d)))
             self.written.append(TABLE)

@@ -1056,7 +1056,22 @@ def reading_cases(root: Path) -> list[Case]:
         _torch_save_bytes(zero_stride),
         "torch.save of an expanded (zero-stride) tensor: a 4-byte storage whose tensor claims 10**7 x 10**7 "
         "float32 (400 TB)",
-        "claims",
+        "storage holds",
+    )
+    broadcast = dict(tt)  # a tester's finding: within memory, so it was materialised (3.6 GB from 2.5 KB)
+    broadcast["prefix_task_cols"] = tt["prefix_task_cols"][:1].expand(12_000_000, *tt["prefix_task_cols"].shape[1:])
+    broadcast["prefix_task_rows"] = tt["prefix_task_rows"][:1].expand(12_000_000, *tt["prefix_task_rows"].shape[1:])
+    add(
+        "bin-broadcast-factors",
+        _torch_save_bytes(broadcast),
+        "torch.save of factors expanded to 12,000,000 tasks (stride 0): a 3 KB file that held gigabytes once read",
+        "broadcast",
+    )
+    add(
+        "bin-70-dims",
+        _torch_save_bytes({**tt, "prompt_embeddings": torch.zeros([1] * 70)}),
+        "a tensor of 70 dimensions (numpy and torch take 64)",
+        "dimensions",
     )
     add(
         "bin-legacy-storage-claim",
@@ -1112,6 +1127,7 @@ def reading_cases(root: Path) -> list[Case]:
     # ---- safetensors header fields of the wrong JSON type (safetensors' own parser refuses each)
     st_case("st-shape-float", entry("prompt_embeddings", shape=[4.0, 8]), "shape [4.0, 8]: a float dimension", "shape")
     st_case("st-shape-bool", entry("prompt_embeddings", shape=[True, 32]), "shape [true, 32]", "shape")
+    st_case("st-shape-70-dims", entry("prompt_embeddings", shape=[1] * 70), "a shape of 70 dimensions", "dimensions")
     st_case(
         "st-shape-negative-zero",
         json.dumps(entry("prompt_embeddings", shape=[4, 8])).replace('"shape": [4, 8]', '"shape": [4, 8, -0, 1]'),

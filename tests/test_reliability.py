@@ -184,6 +184,18 @@ def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*"))
 
 
+@pytest.mark.parametrize("to", ["peft", "tgis", "vllm", "trtllm", "npy"])
+def test_every_export_file_gets_0666_less_the_umask(tmp_path: Path, to: str) -> None:
+    """A tester's finding: ``prompt_table.npy`` (trtllm) was created 0644 less the umask."""
+    old = os.umask(0)
+    try:
+        assert run_cli("export", FIXTURES / "causal", "--to", to, "--out", tmp_path / "o").exit_code == 0
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "o").rglob("*"):
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666), p
+
+
 def test_the_mode_of_new_files_is_read_without_touching_the_umask(monkeypatch: pytest.MonkeyPatch) -> None:
     """The umask is process-wide: setting it to read it (the portable way) changed it for a moment
     for every other thread of a library user. On Linux it is read from /proc, never set."""
