@@ -46,10 +46,12 @@ Every update is vectorised over the tasks in chunks (batched small solves in tor
 the GPU when there is one): memory is the prompts themselves plus two chunks of
 ``[tasks, T, d]`` (``FitSettings.chunk_tasks``), whatever N is. The fit is deterministic for a given
 ``seed`` (which only seeds the unused rank directions) and device. It stops when the relative
-decrease of ``f`` over an iteration is at most ``tol``, when ``f`` is exact to float64 round-off,
-when every task's relative error is within a quarter of the unit round-off of its input's dtype and
-of the written dtype (:func:`round_off_floors`: more iterations would be lost in the cast), or after
-``max_iters`` iterations. The factors are then balanced per task (the product's SVD split
+decrease of ``f`` over an iteration is at most ``tol``, when every task's error is exact to float64
+round-off (:data:`EXACT`, relative to that task's own prompt: against the sum over the tasks, a
+task of 1e30 made a task of 1 "exact" at any error), when every task's relative error is within a
+quarter of the unit round-off of its input's dtype and of the written dtype
+(:func:`round_off_floors`: more iterations would be lost in the cast), or after ``max_iters``
+iterations. The factors are then balanced per task (the product's SVD split
 evenly, exact up to round-off), ready to be cast to the written dtype
 (:mod:`mpt_tools.pack` reads the prompts, calls :func:`als_fit`, casts and writes the adapter).
 """
@@ -76,7 +78,8 @@ PROX = 1e-10
 """Each block solve adds ``PROX * trace(G) / R`` times the distance to the current value (a
 proximal term): it keeps rank-deficient blocks solvable and can only lower the objective."""
 EXACT = 1e-20
-"""The fit stops as exact when ``f <= EXACT * sum_k ||P_k||^2`` (relative error 1e-10)."""
+"""The fit stops as exact when every task's ``||P_k - P* * (U_k V_k)||^2 <= EXACT * ||P_k||^2``
+(relative error 1e-10 each; a zero prompt's error must be zero)."""
 ROUND_OFF_SHARE = 0.25
 """The fit stops as "round-off" once every task's relative error is at most this share of the
 coarser unit round-off of its input's dtype and of the written dtypes (:func:`round_off_floors`)."""
@@ -619,16 +622,19 @@ def _fit(
     anderson_bytes = ANDERSON_BYTES.get(prompts.device.type, ANDERSON_BYTES["cpu"])
     anderson = _Anderson(als, settings.anderson if settings.line_search else 0, anderson_bytes)
     floors = _floors_sq(prompts, settings.round_off)
+    exact = torch.linalg.vector_norm(prompts, dim=(1, 2)).square() * EXACT
 
-    def done(errors: Any, f: float) -> str | None:
-        """Why the fit is done at per-task ``errors`` (objective ``f``), if it is."""
-        if f <= EXACT * total:
+    def done(errors: Any) -> str | None:
+        """Why the fit is done at per-task ``errors``, if it is: each task's own error is compared
+        with its own prompt's norm (never the objective with their sum: a task of 1e30 would make
+        a task of 1 "exact" at any error)."""
+        if bool((errors <= exact).all()) and bool(torch.isfinite(exact).all()):
             return "exact"
         if floors is not None and bool((errors <= floors).all()):
             return "round-off"
         return None
 
-    stopped = done(errors, history[0]) or "max-iters"
+    stopped = done(errors) or "max-iters"
     if stopped == "max-iters":
         for _ in range(settings.max_iters):
             before = (als.shared, als.cols.clone(), als.rows.clone()) if settings.line_search else None
@@ -654,7 +660,7 @@ def _fit(
             history.append(f)
             if advance is not None:
                 advance(1)
-            reason = done(errors, f) or ("tol" if previous - f <= settings.tol * previous else None)
+            reason = done(errors) or ("tol" if previous - f <= settings.tol * previous else None)
             if reason is not None:
                 stopped = reason
                 break

@@ -18,7 +18,7 @@ from .errors import ConfigError, ValidationError, flag
 from .findings import Finding, errors, refusal
 from .formats import CANONICAL, FLOAT_DTYPES, memory_limit, more_than_memory, to_float32
 from .modes import MAX_TARGET_TASKS, MODES, Mode, TargetPlan, get_mode
-from .options import checked_index, checked_indices, checked_numbers
+from .options import checked_index, checked_indices, checked_numbers, checked_seed
 from .progress import tracked
 from .prompts import CHUNK_BYTES, FLOAT32_MAX, iter_task_chunks, task_prompt_overflow
 
@@ -510,19 +510,20 @@ def check_plan_types(plan: Any) -> TargetPlan:
     """``plan`` (a TargetPlan or a mode name) with its lists as plain lists of ints and floats (a
     numpy array or a tuple is taken); ConfigError (one line, naming the field) where it is not a
     TargetPlan or a field has the wrong type: a string where a list or an integer belongs, a bool
-    or a float task, a negative seed (the library's version of the command line's parameter checks;
-    init and validate call it before they use the plan)."""
+    or a float task, a seed outside 0..2**64 - 1 (:func:`~mpt_tools.options.checked_seed`; the
+    library's version of the command line's parameter checks; init and validate call it before they
+    use the plan)."""
     if isinstance(plan, str):
         plan = TargetPlan(plan)
     if not isinstance(plan, TargetPlan):
         raise ConfigError(f"the plan must be a mode name or a TargetPlan, not {type(plan).__name__}")
     if not isinstance(plan.mode, str):
         raise ConfigError(f"the mode must be a name such as 'average', not {plan.mode!r:.40}")
-    for name in ("task", "num_tasks", "num_ranks", "seed"):
+    for name in ("task", "num_tasks", "num_ranks"):
         if getattr(plan, name) is not None:
             checked_index(getattr(plan, name), name)
-    if plan.seed is not None and plan.seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer (numpy's generators take none), not {plan.seed}")
+    if plan.seed is not None:
+        checked_seed(plan.seed)
     return plan._replace(
         tasks=None if plan.tasks is None else checked_indices(plan.tasks, "tasks"),
         weights=None if plan.weights is None else checked_numbers(plan.weights, "weights"),

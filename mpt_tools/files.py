@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ADAPTER_FILES, CONFIG_NAME, WEIGHTS_NAME
-from .errors import MptToolsError, WriteError, flag
+from .errors import MptToolsError, SourceError, WriteError, flag
 from .interrupts import cleanup, deferred
 from .options import checked_path
 from .paths import open_regular, read_small
@@ -439,16 +439,29 @@ def _within(path: Path, folders: set[Path]) -> bool:
     return any(path.is_relative_to(folder) for folder in folders)
 
 
+def resolved_source(path: str | os.PathLike[str]) -> Path:
+    """``Path(path).resolve()`` of a source path; SourceError ``broken symlink or symlink loop``
+    naming it, as reading it says, where it is or passes through a symlink loop (resolve() raises
+    RuntimeError on Python 3.11 and 3.12, OSError ELOOP later)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise  # not a loop: a working folder deleted meanwhile (the CLI says so), ...
+        raise SourceError("broken symlink or symlink loop", os.fspath(path)) from None
+
+
 def source_folders(protected: list[str]) -> set[Path]:
     """The folders mpt-tools must not write into, given the source paths in ``protected``.
 
     A source folder is off limits, and so is the folder of a source file that is part of an adapter
     (an adapter_config.json beside it, or an adapter file name). A bare tensor file such as
     ``./sources.safetensors`` does not claim its folder: outputs may go next to it (never over it).
+    A source path in a symlink loop is a SourceError naming it (:func:`resolved_source`).
     """
     folders: set[Path] = set()
     for item in protected:
-        p = Path(item).resolve()
+        p = resolved_source(item)
         if p.is_dir():
             folders.add(p)
         elif p.name in ADAPTER_FILES or (p.parent / CONFIG_NAME).exists():
@@ -489,7 +502,7 @@ def guard_output(
     if kind == "file":
         if out.exists() and not out.is_file():
             raise WriteError("exists and is not a file", str(out))
-        if resolved in {Path(p).resolve() for p in protected}:
+        if resolved in {resolved_source(p) for p in protected}:
             raise WriteError("is the source file itself; mpt-tools never writes over a source", str(out))
         if _within(resolved.parent, folders):
             raise WriteError("is in the source's own folder; mpt-tools never writes into a source", str(out))

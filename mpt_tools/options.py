@@ -116,6 +116,23 @@ def checked_positive(value: Any, what: str) -> int:
     return number
 
 
+MAX_SEED = 2**64 - 1
+"""The largest seed: every generator mpt-tools seeds takes 0 to 2**64 - 1 (numpy's ``default_rng``
+for init's shared factors, torch's ``Generator.manual_seed`` for pack's start; torch overflows above
+it, and neither takes a negative seed). The one rule for ``--seed`` and the library's ``seed``."""
+
+
+def checked_seed(value: Any, what: str = "seed") -> int:
+    """``value`` as an int in 0..:data:`MAX_SEED`; ConfigError naming ``what`` otherwise (a bool, a
+    float, a negative or too large number)."""
+    number = checked_index(value, what)
+    if not 0 <= number <= MAX_SEED:
+        raise ConfigError(
+            f"{what} must be an integer from 0 to 2**64 - 1 (what numpy's and torch's generators take), not {number}"
+        )
+    return number
+
+
 def checked_indices(value: Any, what: str) -> list[int]:
     """``value`` (a list, tuple, range...) as a list of ints; ConfigError naming ``what`` for a
     string (``"0,2"``: the command line's spelling), a single number or a non-integer item."""

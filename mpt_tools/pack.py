@@ -49,7 +49,7 @@ from .dtypes import UNIT_ROUND_OFF
 from .errors import ConfigError, FormatError, MptToolsError, SourceError, ValidationError, flag
 from .factors import MAX_TARGET_ELEMENTS
 from .files import guard_output
-from .findings import Finding
+from .findings import Finding, refusal
 from .formats import (
     BARE_KEY,
     DTYPE_CHOICES,
@@ -68,7 +68,16 @@ from .formats import (
     to_float64,
     to_torch,
 )
-from .options import HubOptions, SourceSpec, checked_indices, checked_path, checked_positive, readable_fields
+from .options import (
+    HubOptions,
+    SourceSpec,
+    checked_index,
+    checked_indices,
+    checked_path,
+    checked_positive,
+    checked_seed,
+    readable_fields,
+)
 from .progress import progress
 from .prompts import plan_chunks, task_runs
 from .version import __version__
@@ -87,6 +96,7 @@ _CONFIG_FIELDS = (
 )
 """The fields the packed adapter's config takes from the first input that has a config."""
 TGIS_FILES = ("encoder.pt", "decoder.pt")
+SEQ2SEQ = "SEQ_2_SEQ_LM"
 FACTORS = ("prefix_task_cols", "prefix_task_rows")
 
 
@@ -103,19 +113,21 @@ class PackOptions(NamedTuple):
     ``num_ranks``: R (default: ``append_to``'s; required otherwise). ``shared``: a [T, d] tensor
     file, a prompt folder or an MPT adapter whose ``prompt_embeddings`` becomes the fixed ``P*``.
     ``append_to``: an MPT adapter to append the new tasks to (its ``P*`` fixed, its tasks kept
-    bitwise). ``task_type``: the adapter's task_type when no input states it (or to confirm
-    theirs). ``dtype``: the stored dtype (default float32; ``append_to``'s own with it).
-    ``seed``: seeds the unused rank directions of the baseline. ``tol``: stop when an iteration
-    lowers the objective by at most this fraction. ``max_iters``: the most iterations (0: the
-    baseline itself). ``device``: auto (CUDA when available), cuda or cpu. ``peft_compat``: the
-    PEFT release adapter_config.json is written for. ``chunk_bytes``: the bound on the fit's two
-    work buffers (default per device: :data:`CHUNK_BYTES`). ``start``: ``auto`` (also try ``P*``
-    recovered by :mod:`mpt_tools.recover` and its signs, and start from the best) or ``baseline``
-    (no recovery, whose search, on prompts too small for its linear routes, costs seconds on
-    prompts that are not of the form, such as teacher prompts trained one by one: the mean prompt
-    or its signs with the prompts' rms magnitudes, whichever fits better). ``hub``: how every
-    input that is a Hub repo id or ``hf://`` URL is downloaded (PROMPTS, sources, ``shared``,
-    ``append_to``)."""
+    bitwise). ``task_type``: the adapter's task_type when no input states it (or to confirm theirs).
+    ``dtype``: the stored dtype (default float32; ``append_to``'s own with it). ``seed``: seeds the
+    unused rank directions of the baseline (0 to 2**64 - 1: a ConfigError otherwise). ``tol``: stop
+    when an iteration lowers the objective by at most this fraction. ``max_iters``: the most
+    iterations (0: the baseline itself). ``device``: auto (CUDA when available), cuda or cpu.
+    ``peft_compat``: the PEFT release adapter_config.json is written for. ``chunk_bytes``: the bound
+    on the fit's two work buffers (default per device: :data:`CHUNK_BYTES`). ``start``: ``auto``
+    (also try ``P*`` recovered by :mod:`mpt_tools.recover` and its signs, and start from the best)
+    or ``baseline`` (no recovery, whose search, on prompts too small for its linear routes, costs
+    seconds on prompts that are not of the form, such as teacher prompts trained one by one: the
+    mean prompt or its signs with the prompts' rms magnitudes, whichever fits better). ``hub``: how
+    every input that is a Hub repo id or ``hf://`` URL is downloaded (PROMPTS, sources, ``shared``,
+    ``append_to``). ``num_transformer_submodules``: 1 or 2, the adapter's when no input states it
+    (bare tensors; an export folder's manifest states it) or to confirm theirs: 1 for the encoder
+    half of a ``SEQ_2_SEQ_LM`` prompt (default: 2 for ``SEQ_2_SEQ_LM``, else 1)."""
 
     num_ranks: int | None = None
     shared: str | os.PathLike[str] | None = None
@@ -130,6 +142,7 @@ class PackOptions(NamedTuple):
     chunk_bytes: int | None = None
     start: str = "auto"
     hub: HubOptions = HubOptions()
+    num_transformer_submodules: int | None = None
 
 
 class TaskSource(NamedTuple):
@@ -319,6 +332,8 @@ def _is_mpt(local: str) -> bool:
     """Whether the local folder or file ``local`` (:func:`locate_prompt`) holds an MPT adapter
     rather than one prompt."""
     p = Path(local)
+    if os.path.islink(p) and not os.path.exists(p):
+        raise SourceError("broken symlink or symlink loop", local)
     if p.is_dir():
         if not os.path.lexists(p / CONFIG_NAME):
             return False
@@ -424,8 +439,7 @@ def _option_findings(opts: PackOptions, count: int) -> list[Finding]:
         out.append(_usage("max_iters", "must be >= 0", opts.max_iters, fix, ">= 0"))
     if opts.chunk_bytes is not None:
         checked_positive(opts.chunk_bytes, "chunk_bytes")
-    if opts.seed < 0:
-        out.append(_usage("seed", "must be >= 0", opts.seed, "pass a non-negative seed", ">= 0"))
+    checked_seed(opts.seed)  # before the fit: torch's generator overflows above 2**64 - 1
     if opts.dtype is not None and canonical_dtype(opts.dtype) not in DTYPE_CHOICES:
         choices = ", ".join(DTYPE_CHOICES)
         out.append(_usage("dtype", "unknown dtype", opts.dtype, f"use one of {choices}", choices))
@@ -436,7 +450,35 @@ def _option_findings(opts: PackOptions, count: int) -> list[Finding]:
         types = ", ".join(TASK_TYPES)
         fix = "give e.g. " + flag("--task-type CAUSAL_LM", 'PackOptions(task_type="CAUSAL_LM")')
         out.append(_usage("task_type", "unknown task type", opts.task_type, fix, types))
+    nts = opts.num_transformer_submodules
+    if nts is not None and checked_index(nts, "num_transformer_submodules") not in (1, 2):
+        fix = "pass " + flag("--num-transformer-submodules 1 or 2", "PackOptions(num_transformer_submodules=1) or 2")
+        out.append(_usage("num_transformer_submodules", "must be 1 or 2", nts, fix, "1 or 2"))
+    elif nts == 2 and opts.task_type is not None and opts.task_type != SEQ2SEQ:
+        out.append(_two_submodules_finding(opts.task_type, _task_type_option()))
     return out
+
+
+def _nts_option(nts: int) -> str:
+    """How a message names the submodules asked for: ``--num-transformer-submodules N`` or
+    ``PackOptions(num_transformer_submodules=N)``."""
+    return flag(f"--num-transformer-submodules {nts}", f"PackOptions(num_transformer_submodules={nts})")
+
+
+def _task_type_option() -> str:
+    return flag("--task-type", "PackOptions.task_type")
+
+
+def _two_submodules_finding(task_type: str, where: str) -> Finding:
+    """2 submodules asked for prompts whose task type (stated by ``where``) is not SEQ_2_SEQ_LM."""
+    return _usage(
+        "num_transformer_submodules",
+        f"2 (encoder rows, then decoder rows) is for {SEQ2SEQ} prompts, but the task_type is {task_type!r} "
+        f"(from {where})",
+        2,
+        "drop " + _nts_option(2) + " (or give " + flag(f"--task-type {SEQ2SEQ}", f'task_type="{SEQ2SEQ}"') + ")",
+        1,
+    )
 
 
 class _Model(NamedTuple):
@@ -464,12 +506,16 @@ def _agree(field: str, value: Any, label: str, agreed: Any, agreed_from: str) ->
 
 def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Checkpoint | None) -> _Model:
     """task_type, num_transformer_submodules and the other config fields, agreed by every input
-    that states them (and by ``append``'s config and ``--task-type``): a disagreement is one error
-    naming the input. The other fields come from the first input with a config (``append``'s)."""
+    that states them (and by ``append``'s config, ``--task-type`` and ``--num-transformer-submodules``):
+    a disagreement is one error naming the input. Where none states the submodules, 2 for
+    SEQ_2_SEQ_LM and 1 otherwise. The other fields come from the first input with a config
+    (``append``'s)."""
     warnings: list[str] = []
-    task_type, task_from = opts.task_type, flag("--task-type", "PackOptions.task_type")
-    nts: int | None = None
-    nts_from = ""
+    task_type, task_from = opts.task_type, _task_type_option()
+    nts, nts_from = (
+        opts.num_transformer_submodules,
+        flag("--num-transformer-submodules", "PackOptions.num_transformer_submodules"),
+    )
     config: dict[str, Any] = {}
     config_from = ""
     if append is not None:
@@ -479,7 +525,11 @@ def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Che
             raise ValidationError(f"task_type is {stated!r}, not {given}", append.location)
         if stated is not None:
             task_type, task_from = stated, append.location
-        nts, nts_from = append.config.num_transformer_submodules, append.location
+        has = append.config.num_transformer_submodules
+        if has is not None and nts is not None and nts != has:
+            raise ValidationError(f"num_transformer_submodules is {has}, not {_nts_option(nts)}", append.location)
+        if has is not None:
+            nts, nts_from = has, append.location
         config, config_from = dict(append.config.raw), append.location
     for item in prompts:
         task_type, task_from = _agree("task_type", item.task_type, item.label, task_type, task_from)
@@ -498,11 +548,16 @@ def _model(prompts: list[_Prompt], opts: PackOptions, shape: _Shape, append: Che
             + flag("--task-type, e.g. CAUSAL_LM", 'PackOptions(task_type=...), e.g. "CAUSAL_LM"'),
             "pack",
         )
-    if nts is None:
-        nts = 2 if task_type == "SEQ_2_SEQ_LM" else 1
+    if opts.num_transformer_submodules == 2 and task_type != SEQ2SEQ:
+        raise refusal("pack", [_two_submodules_finding(task_type, task_from)])
+    hint = ""
+    if nts is None:  # no input states it: the task type's default, which an encoder-only prompt is not
+        nts = 2 if task_type == SEQ2SEQ else 1
+        if nts == 2:
+            hint = f" ({SEQ2SEQ}'s default; for the encoder half alone give {_nts_option(1)})"
     if shape.rows % nts:
         raise ValidationError(
-            f"the prompts have {shape.rows} rows, which {nts} transformer submodules cannot split", shape.where
+            f"the prompts have {shape.rows} rows, which {nts} transformer submodules cannot split{hint}", shape.where
         )
     raw = {k: config[k] for k in _CONFIG_FIELDS if k in config} if append is None else dict(config)
     raw.update(
@@ -530,6 +585,14 @@ def _check_shape(shape: _Shape | None, dims: tuple[int, ...], where: str) -> _Sh
     return shape
 
 
+class _Stated(NamedTuple):
+    """What an export's manifest.json says of its prompts: the task_type and the transformer
+    submodules of each file (1 where it holds the encoder half alone); None: it says nothing."""
+
+    task_type: str | None
+    nts: int | None
+
+
 class _Plan(NamedTuple):
     """The inputs, located and (besides the prompt files) loaded and checked: per prompt where it
     is read and its label (:func:`locate_prompt`: a Hub one is downloaded), the adapter appended
@@ -543,13 +606,14 @@ class _Plan(NamedTuple):
     checkpoints: list[tuple[Checkpoint, list[int]]]
     protected: list[str]
     shape: _Shape | None
-    stated: dict[str, str]  # per prompt path: the task_type its export's manifest.json records
+    stated: dict[str, _Stated]  # per prompt path of an export folder: what its manifest.json records
 
 
-def _exported(folder: str) -> tuple[list[str], str | None] | None:
+def _exported(folder: str) -> tuple[list[str], _Stated] | None:
     """The prompts of an ``mpt-tools export`` folder (its manifest.json, in the order of the source's
-    tasks) and the task_type it records; None where ``folder`` is not one (no manifest, or a prompt
-    folder itself)."""
+    tasks) and what it records of them (:class:`_Stated`: the task_type, and the submodules: 1 where
+    ``encoder_only`` is true, the source's ``num_transformer_submodules`` otherwise); None where
+    ``folder`` is not one (no manifest, or a prompt folder itself)."""
     from .export import MANIFEST, manifest_files, read_manifest
 
     if not os.path.isdir(folder) or os.path.lexists(os.path.join(folder, CONFIG_NAME)):
@@ -580,7 +644,12 @@ def _exported(folder: str) -> tuple[list[str], str | None] | None:
             tensor = next((f for f in files if Path(f).suffix in PROMPT_SUFFIXES), files[0])
             prompts.append((index, position, os.path.join(folder, tensor)))
     task_type = data.get("task_type") if isinstance(data.get("task_type"), str) else None
-    return [p for _k, _i, p in sorted(prompts)], task_type
+    nts = data.get("num_transformer_submodules")
+    if data.get("encoder_only") is True:  # rows 0:nvt of a 2-submodule prompt, the encoder's
+        nts = 1
+    elif isinstance(nts, bool) or nts not in (1, 2):
+        nts = None
+    return [p for _k, _i, p in sorted(prompts)], _Stated(task_type, nts)
 
 
 FIT_COPIES = 4
@@ -614,7 +683,7 @@ def _check_factor_size(tasks: int, fitted: int, rank: int, shape: Any) -> None:
 
 
 def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], opts: PackOptions) -> _Plan:
-    stated: dict[str, str] = {}
+    stated: dict[str, _Stated] = {}
     expanded: list[str | os.PathLike[str]] = []
     folders: list[str] = []
     for given in prompts:  # an export folder: its tasks' prompts, in the source's task order
@@ -624,8 +693,7 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
             continue
         folders.append(os.fspath(given))
         expanded += exported[0]
-        if exported[1] is not None:
-            stated.update(dict.fromkeys(exported[0], exported[1]))
+        stated.update(dict.fromkeys(exported[0], exported[1]))
     prompts = expanded
     located: list[tuple[str, str]] = []
     remote = sum(not os.path.lexists(os.fspath(p)) for p in prompts)
@@ -634,13 +702,17 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
             located.append(locate_prompt(path, opts.hub))
             if located[-1][0] != located[-1][1]:
                 advance(1)
-    protected = [local for local, _label in located] + folders  # nothing written into an export folder
+    # nothing written into an input: a prompt's folder (or file), an export folder, and below
+    # the --shared and --append-to sources as given (a TGIS folder's decoder.pt alone claims no folder)
+    protected = [local for local, _label in located] + folders
     append = _load_mpt(opts.append_to, opts.hub) if opts.append_to is not None else None
     fixed: np.ndarray | None = None
     shared_label = "fitted"
     shape: _Shape | None = None
     if append is not None:
         protected += append.source_paths
+        if append.hub is None:
+            protected.append(append.location)
         fixed = to_float64(append.read("prompt_embeddings"))
         shared_label = append.location
     elif opts.shared is not None:
@@ -654,7 +726,7 @@ def _plan(prompts: Sequence[str | os.PathLike[str]], sources: list[TaskSource], 
             item = _read_at(local, shared_label)
             assert item.array is not None
             fixed, files = item.array, item.files
-        protected += files
+        protected += [local, *files]
     if fixed is not None:
         shape = _Shape(int(fixed.shape[0]), int(fixed.shape[1]), shared_label)
     checkpoints = []
@@ -692,8 +764,12 @@ def _read_all(plan: _Plan, dev: Any) -> tuple[Any, list[_Prompt], _Shape]:
     items: list[_Prompt] = []
     for i, (local, label) in enumerate(plan.located):
         item = _read_at(local, label)
-        if item.task_type is None and local in plan.stated:  # a bare tensor of an export: its manifest says
-            item = item._replace(task_type=plan.stated[local])
+        said = plan.stated.get(local)
+        if said is not None:  # a bare tensor of an export: its manifest says what the tensor does not
+            item = item._replace(
+                task_type=item.task_type if item.task_type is not None else said.task_type,
+                nts=item.nts if item.nts is not None else said.nts,
+            )
         assert item.array is not None
         shape = _check_shape(shape, item.array.shape, item.label)
         tensor(item.label)[i] = torch.from_numpy(np.array(item.array, dtype=np.float64)).to(dev)
@@ -797,8 +873,6 @@ def pack_prompts(
     task_sources = [_task_source(s) for s in sources]
     problems = _option_findings(opts, len(prompts) + len(task_sources))
     if problems:
-        from .findings import refusal
-
         raise refusal("pack", problems)
     dev = resolve_device(opts.device)
     plan = _plan(prompts, task_sources, opts)

@@ -250,6 +250,13 @@ FAULT_CASES: list[FaultCase] = [
         "test_arguments.py::test_a_size_below_one_or_a_negative_seed_is_a_usage_error",
     ),
     FaultCase(
+        "seed-too-large",
+        "`--seed 18446744073709551616` (2**64) to init or pack",
+        "usage error, exit 2 (`0<=x<2**64`: torch's generator overflows above; pack had failed mid-fit);"
+        " a ConfigError in the library",
+        "test_pack.py::test_a_seed_outside_what_the_generators_take_is_refused_up_front",
+    ),
+    FaultCase(
         "library-size-zero",
         "a library caller asking for 0 tasks or ranks",
         "an error finding, never replaced by 1",

@@ -223,6 +223,7 @@ BAD_NUMBERS = {
     "init --num-tasks 0": ["init", CAUSAL, "--mode", "shared", "--num-tasks", "0"],
     "init --num-ranks -1": ["init", CAUSAL, "--mode", "shared", "--num-ranks", "-1"],
     "init --seed -1": ["init", CAUSAL, "--mode", "shared", "--seed", "-1"],
+    "init --seed 2**64": ["init", CAUSAL, "--mode", "shared", "--seed", str(2**64)],
     "init --token-dim 0": ["init", CAUSAL, "--mode", "average", "--token-dim", "0"],
     "validate --num-tasks 0": ["validate", CAUSAL, "--num-tasks", "0"],
     "validate --num-ranks -2": ["validate", CAUSAL, "--num-ranks", "-2"],
@@ -856,6 +857,14 @@ def _library_calls(tmp: Path) -> dict[str, Any]:
         "plan task '1'": lambda: validate(CAUSAL, mode="exact", task="1"),
         "plan seed -1": lambda: init_adapter(CAUSAL, TargetPlan("shared", seed=-1), out),
         "plan seed 1.5": lambda: init_adapter(CAUSAL, TargetPlan("shared", seed=1.5), out),
+        "plan seed 2**64": lambda: init_adapter(CAUSAL, TargetPlan("shared", seed=2**64), out),
+        "pack seed 2**64": lambda: pack_prompts(
+            [], out, sources=[CAUSAL], options=PackOptions(num_ranks=1, seed=2**64)
+        ),
+        "pack seed -1": lambda: pack_prompts([], out, sources=[CAUSAL], options=PackOptions(num_ranks=1, seed=-1)),
+        "pack nts 1.0": lambda: pack_prompts(
+            [], out, sources=[CAUSAL], options=PackOptions(num_ranks=1, num_transformer_submodules=1.0)
+        ),
         "plan 123": lambda: init_adapter(CAUSAL, 123, out),
         "pack options dict": lambda: pack_prompts([CAUSAL], out, options={"num_ranks": 2}),
         "pack sources (c, '0,1')": lambda: pack_prompts([], out, sources=[(CAUSAL, "0,1")]),

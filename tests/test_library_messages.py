@@ -47,6 +47,15 @@ def _written(out: Path) -> Path:
     return out
 
 
+def _odd_prompt(folder: Path) -> Path:
+    """A bare [3, 16] prompt file in ``folder``: 3 rows, which 2 submodules cannot split."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "enc.npy", np.ones((3, 16), dtype=np.float32))
+    return folder / "enc.npy"
+
+
 def _library_error(call: Callable[[], Any]) -> str:
     with pytest.raises(MptToolsError) as info:
         call()
@@ -97,6 +106,14 @@ CASES: dict[str, tuple[Callable[[Path], Any], list[str], Callable[[Path], list[A
         ["give it in sources=[(SOURCE, TASKS)]"],
         lambda t: ["pack", CAUSAL, "--num-ranks", "1", "--out", t / "o"],
         ["give it as --from SOURCE (--tasks LIST)"],
+    ),
+    "pack bare encoder prompts of a seq2seq model": (
+        lambda t: mpt_tools.pack_prompts(
+            [_odd_prompt(t)], t / "o", options=mpt_tools.PackOptions(num_ranks=1, task_type="SEQ_2_SEQ_LM")
+        ),
+        ["for the encoder half alone give PackOptions(num_transformer_submodules=1)"],
+        lambda t: ["pack", _odd_prompt(t), "--task-type", "SEQ_2_SEQ_LM", "--num-ranks", "1", "--out", t / "o"],
+        ["for the encoder half alone give --num-transformer-submodules 1"],
     ),
     "pack without a rank": (
         lambda t: mpt_tools.pack_prompts([], t / "o"),

@@ -1336,3 +1336,236 @@ def test_the_routes_round_trip_with_the_gpu_branch_of_least_squares(monkeypatch:
     for n, r, t, d in [(2, 3, 12, 40), (5, 4, 10, 130)]:
         assert_round_trips(exact_prompts(np.random.default_rng(n * r), n, t, d, r, 0.02)[1], r)
     assert calls  # the fits went through it
+
+
+# --- found by a tester of the serving commands ------------------------------------------------------------
+
+
+def seq2seq_source(folder: Path, nvt: int = 4, n: int = 3) -> Path:
+    """A SEQ_2_SEQ_LM MPT adapter with 2 submodules (``2 nvt`` rows: encoder, then decoder) at rank 2."""
+    pe, cols, rows = rank_r_factors(np.random.default_rng(nvt), n, 2 * nvt, 16, 2)
+    return write_mpt(folder, pe, cols, rows, num_transformer_submodules=2, task_type="SEQ_2_SEQ_LM")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "tgis", "peft"])
+def test_an_encoder_only_export_packs_with_one_submodule(tmp_path: Path, fmt: str) -> None:
+    """An ``export --encoder-only`` folder holds the encoder half (nvt rows) of every task: pack
+    takes its manifest's ``encoder_only`` as 1 submodule, whatever the format (npy's bare tensors
+    state nothing themselves: pack assumed SEQ_2_SEQ_LM's 2 and wrote half the encoder prompt as
+    num_virtual_tokens, or refused an odd nvt), and packs the same tensors from every format."""
+    src = seq2seq_source(tmp_path / "src")
+    out = tmp_path / "enc"
+    assert run_cli("export", src, "--to", fmt, "--encoder-only", "--out", out).exit_code == 0
+    result = run_cli("pack", out, "--num-ranks", "2", "--out", tmp_path / "packed", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["num_transformer_submodules"], data["num_virtual_tokens"]) == (1, 4), data
+    assert data["task_type"] == "SEQ_2_SEQ_LM"
+    cfg = json.loads((tmp_path / "packed" / "adapter_config.json").read_text())
+    assert (cfg["num_transformer_submodules"], cfg["num_virtual_tokens"]) == (1, 4)
+    encoder = [p[:4] for p in baked(src)]  # each task's encoder rows
+    got = adapter_prompts(tmp_path / "packed")
+    assert all(rel(a, b.astype(np.float64)) < 1e-5 for a, b in zip(got, encoder, strict=True))
+
+
+def test_an_odd_encoder_only_npy_export_packs(tmp_path: Path) -> None:
+    """The tester's run: the seq2seq fixture (nvt 3) exported ``--to npy --encoder-only`` was
+    "the prompts have 3 rows, which 2 transformer submodules cannot split"; it packs as the same
+    prompts exported ``--to peft --encoder-only`` do."""
+    for fmt in ("npy", "peft"):
+        out = tmp_path / fmt
+        assert run_cli("export", FIXTURES / "seq2seq", "--to", fmt, "--encoder-only", "--out", out).exit_code == 0
+        result = run_cli("pack", out, "--num-ranks", "1", "--out", tmp_path / f"p-{fmt}", "--json")
+        assert result.exit_code == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert (data["num_transformer_submodules"], data["num_virtual_tokens"]) == (1, 3)
+
+
+def test_bare_seq2seq_tensors_take_num_transformer_submodules(tmp_path: Path) -> None:
+    """Bare tensors state no submodules: ``--num-transformer-submodules 1`` packs the encoder half
+    of a SEQ_2_SEQ_LM prompt (the default is 2, and an odd row count names the option); it must
+    agree with every input and option that states otherwise (one line: a usage error where two
+    flags disagree, an error naming the input where an input does)."""
+    src = seq2seq_source(tmp_path / "src", nvt=3)
+    assert run_cli("export", src, "--to", "npy", "--encoder-only", "--out", tmp_path / "e").exit_code == 0
+    files = [tmp_path / f"e{k}.npy" for k in range(3)]
+    for k, f in enumerate(files):
+        f.write_bytes((tmp_path / "e" / f"task_{k}.npy").read_bytes())  # out of their export: no manifest
+    argv = ["pack", *files, "--task-type", "SEQ_2_SEQ_LM", "--num-ranks", "2"]
+    refused = run_cli(*argv, "--out", tmp_path / "o")
+    assert refused.exit_code == 1 and "cannot split" in refused.stderr, refused.stderr
+    assert "--num-transformer-submodules 1" in refused.stderr and not (tmp_path / "o").exists()
+    result = run_cli(*argv, "--num-transformer-submodules", "1", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["num_transformer_submodules"], data["num_virtual_tokens"]) == (1, 3)
+    library = pack_prompts(
+        files,
+        tmp_path / "lib",
+        options=PackOptions(num_ranks=2, task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1),
+    )
+    assert library["num_transformer_submodules"] == 1
+    assert snapshot(tmp_path / "lib") == snapshot(tmp_path / "o")
+    # contradictions: two flags (usage, exit 2); a flag and an input (exit 1, naming the input)
+    assert run_cli("export-prompt", src, "--task", "0", "--encoder-only", "--out", tmp_path / "pt").exit_code == 0
+    assert run_cli("export", src, "--to", "npy", "--out", tmp_path / "full").exit_code == 0  # both halves
+    cases = {
+        "causal with 2": (
+            ["pack", *files, "--task-type", "CAUSAL_LM", "--num-transformer-submodules", "2", "--num-ranks", "1"],
+            2,
+            "is for SEQ_2_SEQ_LM prompts, not --task-type CAUSAL_LM",
+        ),
+        "3": (["pack", *files, "--num-transformer-submodules", "3", "--num-ranks", "1"], 2, "1<=x<=2"),
+        "an encoder-only folder with 2": (
+            ["pack", tmp_path / "pt", "--num-transformer-submodules", "2", "--num-ranks", "1"],
+            1,
+            "num_transformer_submodules 1 differs from --num-transformer-submodules's 2",
+        ),
+        "an encoder-only export with 2": (
+            ["pack", tmp_path / "e", "--num-transformer-submodules", "2", "--num-ranks", "1"],
+            1,
+            "num_transformer_submodules 1 differs from --num-transformer-submodules's 2",
+        ),
+        "append to 2 submodules with 1": (
+            ["pack", tmp_path / "full", "--append-to", src, "--num-transformer-submodules", "1"],
+            1,
+            "num_transformer_submodules is 2, not --num-transformer-submodules 1",
+        ),
+    }
+    for name, (argv_, code, needle) in cases.items():
+        result = run_cli(*argv_, "--out", tmp_path / "x")
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == code and needle in result.stderr, (name, result.stderr)
+        assert code == 2 or len(lines) == 1, (name, lines)
+        assert not (tmp_path / "x").exists(), name
+    with pytest.raises(ValidationError, match="is for SEQ_2_SEQ_LM prompts"):
+        pack_prompts(
+            files, tmp_path / "x", options=PackOptions(num_ranks=1, task_type="CAUSAL_LM", num_transformer_submodules=2)
+        )
+    with pytest.raises(ValidationError, match="must be 1 or 2"):
+        pack_prompts(files, tmp_path / "x", options=PackOptions(num_ranks=1, num_transformer_submodules=0))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_seed_outside_what_the_generators_take_is_refused_up_front(tmp_path: Path) -> None:
+    """``--seed 2**64`` overflowed torch's generator mid-fit (an internal error): a usage error
+    before anything is read, as init's (one rule, :data:`mpt_tools.options.MAX_SEED`); the library
+    says so as a ConfigError; the largest seed is taken."""
+    from mpt_tools import TargetPlan, init_adapter
+    from mpt_tools.errors import ConfigError
+
+    rng = np.random.default_rng(18)
+    files = []
+    for k in range(2):
+        np.save(tmp_path / f"r{k}.npy", rng.standard_normal((3, 8)).astype(np.float32))
+        files.append(tmp_path / f"r{k}.npy")
+    argv = ["pack", *files, "--task-type", "CAUSAL_LM", "--num-ranks", "2", "--max-iters", "3"]
+    for seed in (2**64, -1, 10**30):
+        result = run_cli(*argv, "--seed", seed, "--out", tmp_path / "s")
+        assert result.exit_code == 2 and "0<=x<2**64" in result.stderr, (seed, result.stderr)
+        assert not (tmp_path / "s").exists()
+        with pytest.raises(ConfigError, match=r"seed must be an integer from 0 to 2\*\*64 - 1"):
+            pack_prompts(files, tmp_path / "s", options=PackOptions(num_ranks=2, task_type="CAUSAL_LM", seed=seed))
+        with pytest.raises(ConfigError, match=r"seed must be an integer from 0 to 2\*\*64 - 1"):
+            init_adapter(FIXTURES / "causal", TargetPlan("shared", seed=seed), tmp_path / "s")
+        init = run_cli("init", FIXTURES / "causal", "--mode", "shared", "--seed", seed, "--out", tmp_path / "s")
+        assert init.exit_code == 2 and "0<=x<2**64" in init.stderr, init.stderr
+    assert not (tmp_path / "s").exists()
+    largest = run_cli(*argv, "--seed", 2**64 - 1, "--out", tmp_path / "s", "--json")
+    assert largest.exit_code == 0, largest.stderr
+    assert json.loads(largest.stdout)["seed"] == 2**64 - 1
+
+
+def test_a_symlink_loop_given_as_an_input_is_named(tmp_path: Path) -> None:
+    """A symlink loop as a PROMPT (or --shared) was an internal error ("Symlink loop from ...") of
+    the output guard's Path.resolve(), before pack read it: "broken symlink or symlink loop",
+    naming it, as every other command says; the guard's own rule (:func:`mpt_tools.files.source_folders`)
+    says so for any command's sources."""
+    from mpt_tools.errors import SourceError
+    from mpt_tools.files import guard_output, source_folders
+
+    os.symlink(tmp_path / "loopB", tmp_path / "loopA")
+    os.symlink(tmp_path / "loopA", tmp_path / "loopB")
+    np.save(tmp_path / "r0.npy", np.ones((3, 4), dtype=np.float32))
+    out = tmp_path / "s"
+    for argv in (
+        ["pack", tmp_path / "loopA", tmp_path / "r0.npy"],
+        ["pack", tmp_path / "r0.npy", tmp_path / "loopA"],
+        ["pack", tmp_path / "r0.npy", "--shared", tmp_path / "loopA"],
+    ):
+        result = run_cli(*argv, "--task-type", "CAUSAL_LM", "--num-ranks", "1", "--out", out)
+        assert result.exit_code == 1, (argv, result.stderr)
+        assert result.stderr.strip() == f"error: {tmp_path / 'loopA'}: broken symlink or symlink loop", result.stderr
+        assert not out.exists()
+    for call in (
+        lambda: source_folders([str(tmp_path / "loopA")]),
+        lambda: source_folders([str(tmp_path / "loopA" / "adapter_model.safetensors")]),
+        lambda: guard_output(out, force=False, protected=[str(tmp_path / "loopB")], kind="file"),
+    ):
+        with pytest.raises(SourceError, match="broken symlink or symlink loop"):
+            call()
+
+
+def test_shared_and_append_to_sources_are_never_written_into(tmp_path: Path) -> None:
+    """``--shared st/task_0`` (a TGIS folder of an export: its decoder.pt alone claimed no folder)
+    with ``--out st/task_0 --force`` wrote an MPT adapter into the source; --shared and --append-to
+    are protected as PROMPTS are: their folder and below, nothing written, nothing changed."""
+    st = tmp_path / "st"
+    assert run_cli("export", FIXTURES / "causal", "--to", "tgis", "--out", st).exit_code == 0
+    for name, task in (("qa", "0"), ("nli", "2")):
+        assert run_cli("export-prompt", FIXTURES / "causal", "--task", task, "--out", tmp_path / name).exit_code == 0
+    packed = tmp_path / "packed"
+    assert run_cli("pack", tmp_path / "qa", "--num-ranks", "1", "--out", packed).exit_code == 0
+    before = snapshot(tmp_path)
+    prompts = [tmp_path / "qa", tmp_path / "nli"]
+    cases = [
+        ["pack", *prompts, "--shared", st / "task_0", "--num-ranks", "2", "--out", st / "task_0"],
+        ["pack", *prompts, "--shared", st / "task_0", "--num-ranks", "2", "--out", st / "task_0" / "sub"],
+        ["pack", tmp_path / "qa", "--shared", tmp_path / "nli", "--num-ranks", "2", "--out", tmp_path / "nli"],
+        ["pack", *prompts, "--shared", packed, "--num-ranks", "2", "--out", packed],
+        ["pack", tmp_path / "nli", "--append-to", packed, "--out", packed],
+        ["pack", tmp_path / "nli", "--append-to", packed, "--out", packed / "more"],
+    ]
+    for argv in cases:
+        result = run_cli(*argv, "--force")
+        assert result.exit_code == 1 and "mpt-tools never writes into a source" in result.stderr, (argv, result.stderr)
+    from mpt_tools.errors import WriteError
+
+    library = PackOptions(num_ranks=2, shared=st / "task_0")
+    with pytest.raises(WriteError, match="never writes into a source"):
+        pack_prompts(prompts, st / "task_0", options=library, force=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_exact_is_each_tasks_own_round_off(tmp_path: Path) -> None:
+    """The tester's prompts: one standard normal, one of 1e30 everywhere. The fit stopped as "exact
+    (float64 round-off)" after 0 iterations, the objective within 1e-20 of the sum of ||P_k||^2,
+    while the first task's relative error was 0.84: exact is now every task's own error within
+    1e-10 of its own norm, so this fit stops for another reason, and a fit that stops as exact is
+    exact for every task."""
+    from mpt_tools.als import EXACT
+
+    np.save(tmp_path / "r0.npy", np.random.default_rng(0).standard_normal((6, 20)).astype(np.float32))
+    np.save(tmp_path / "big.npy", np.full((6, 20), 1e30, dtype=np.float32))
+    result = run_cli(
+        "pack", tmp_path / "r0.npy", tmp_path / "big.npy", "--task-type", "CAUSAL_LM", "--num-ranks", "1",
+        "--out", tmp_path / "b", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["tasks"][0]["relative_error"] > 0.5
+    assert data["stopped"] != "exact" and data["iterations"] >= 1, data["stopped"]
+    rng = np.random.default_rng(1)
+    for scale in (1.0, 1e-30, 1e30):
+        p = torch.from_numpy(np.stack([rng.standard_normal((6, 20)), scale * rng.standard_normal((6, 20))]))
+        for start in (True, False):
+            fit = als_fit(p, 1, settings=FitSettings(recover=start))
+            norms = p.square().sum((1, 2))
+            assert fit.stopped != "exact" or bool((fit.fit_sq <= EXACT * norms * 1.01).all()), (scale, fit.stopped)
+    # exactly representable prompts of scales 1 and 1e30 still stop as exact, every task exact
+    pe, cols, rows = rank_r_factors(np.random.default_rng(3), 2, 4, 12, 1)
+    exact = pe.astype(np.float64) * (cols.astype(np.float64) @ rows.astype(np.float64))
+    exact[1] *= 1e30
+    fit = als_fit(torch.from_numpy(exact), 1)
+    errors = (fit.fit_sq / torch.from_numpy(exact).square().sum((1, 2))).sqrt()
+    assert fit.stopped in ("exact", "tol") and float(errors.max()) < 1e-6, (fit.stopped, errors)

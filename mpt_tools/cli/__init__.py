@@ -722,6 +722,13 @@ def _task_lists(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     section="Target",
     help="task_type (e.g. CAUSAL_LM) when no input states it (bare tensors, a TGIS decoder.pt).",
 )
+@option(
+    "--num-transformer-submodules",
+    section="Target",
+    type=IntRange(1, 2),
+    help="1 or 2, when no input states it (bare tensors): 1 for the encoder half of a SEQ_2_SEQ_LM prompt"
+    " [default: 2 for SEQ_2_SEQ_LM, else 1].",
+)
 @option("--seed", type=SEED, default=0, show_default=True, help="Seeds the start's unused rank directions.")
 @option(
     "--tol",
@@ -767,6 +774,7 @@ def pack_cmd(
     shared: str | None,
     append_to: str | None,
     task_type: str | None,
+    num_transformer_submodules: int | None,
     seed: int,
     tol: float,
     max_iters: int,
@@ -804,6 +812,11 @@ def pack_cmd(
         raise click.UsageError("give PROMPTS to pack, or --from SOURCE")
     if num_ranks is None and append_to is None:
         raise click.UsageError("give --num-ranks R (or --append-to SOURCE, whose rank the new tasks take)")
+    if num_transformer_submodules == 2 and task_type is not None and task_type != "SEQ_2_SEQ_LM":
+        raise click.UsageError(
+            "--num-transformer-submodules 2 (encoder rows, then decoder rows) is for SEQ_2_SEQ_LM prompts,"
+            f" not --task-type {task_type}"
+        )
     lists = task_lists or [None] * len(from_sources)
     sources = [TaskSource(SourceSpec(s, hub=hub), t) for s, t in zip(from_sources, lists, strict=True)]
     options = PackOptions(
@@ -819,6 +832,7 @@ def pack_cmd(
         peft_compat=peft_compat,
         start=start,
         hub=hub,
+        num_transformer_submodules=num_transformer_submodules,
     )
     result = pack_prompts(prompts, out, sources=sources, options=options, force=force)
     _render().show_json(result) if as_json else _render().pack_view(result)

@@ -6,7 +6,7 @@
   :class:`~mpt_tools.options.HubOptions`).
 - :data:`OUT`, :data:`FORCE` and :data:`JSON` are the output flags; :class:`NumberList`,
   :class:`ModeChoice`, :class:`DtypeChoice` (names and aliases), :class:`PathText` (no empty path)
-  and :data:`COUNT` / :data:`SEED` (no size below 1, no negative seed) are parameter types with
+  and :data:`COUNT` / :data:`SEED` (no size below 1, no seed outside 0..2**64 - 1) are parameter types with
   clear errors.
 - :class:`Command` also refuses a garbage value in one of mpt-tools' own environment variables
   (:func:`environment_problem`: one line, exit 1) before the command runs.
@@ -32,7 +32,7 @@ import click
 
 from ..dtypes import DTYPE_CHOICES, canonical_dtype
 from ..errors import ConfigError
-from ..options import ConfigOverrides, HubOptions, SourceSpec, max_tensor_bytes
+from ..options import MAX_SEED, ConfigOverrides, HubOptions, SourceSpec, max_tensor_bytes
 from ..progress import enable
 
 F = Callable[..., Any]
@@ -241,8 +241,19 @@ class FloatRange(click.FloatRange):
 
 COUNT = IntRange(min=1)
 """A size a flag asks for (tasks, ranks, virtual tokens, token_dim): an integer >= 1."""
-SEED = IntRange(min=0)
-"""A seed: a non-negative integer (numpy's generators refuse negative seeds; init records it)."""
+
+
+class SeedRange(IntRange):
+    """:class:`IntRange` of the seeds, 0 to :data:`~mpt_tools.options.MAX_SEED`, shown as
+    ``0<=x<2**64`` (in --help and in the error) rather than by its 20 digits."""
+
+    def _describe_range(self) -> str:
+        return "0<=x<2**64"
+
+
+SEED = SeedRange(min=0, max=MAX_SEED)
+"""A seed: an integer from 0 to 2**64 - 1 (:data:`mpt_tools.options.MAX_SEED`: numpy's generators
+refuse negative seeds, torch's overflow above; init records it), the library's rule."""
 
 
 def environment_problem(environ: Any = None) -> str | None:
