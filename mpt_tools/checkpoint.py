@@ -120,9 +120,10 @@ class Checkpoint:
             yield by_name
 
     def sha256(self) -> str:
-        """SHA-256 of the weights file, streamed."""
+        """SHA-256 of the weights file, streamed: of the very file whose tensors were read
+        (FormatError "changed while reading" when the path now holds another one)."""
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.file.path)
+            self._sha256 = file_sha256(self.file.path, self.file.identity)
         return self._sha256
 
 

@@ -29,6 +29,7 @@ files, T, d, dtype, how to serve it) last. Nothing in ``out`` is replaced withou
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -45,7 +46,7 @@ from .checks import config_findings, prompt_findings, require_valid, tensor_find
 from .config import CONFIG_NAME, WEIGHTS_NAME, config_to_json
 from .dtypes import DTYPE_MAX, canonical_dtype
 from .errors import ConfigError, MptToolsError, SourceError, WriteError, flag
-from .files import guard_entries, guard_output, replace_entries, staging_folder, write_synced
+from .files import fsync_dir, guard_entries, guard_output, replace_entries, staging_folder, write_synced
 from .findings import Finding, errors, refusal
 from .formats import DTYPE_CHOICES, from_torch, safetensors_parts, to_torch
 from .options import checked_indices, checked_positive, readable_fields
@@ -676,17 +677,27 @@ def export_prompts(
         if to == "npy" and layout.seq2seq and not opts.encoder_only and (ckpt.config.num_transformer_submodules == 2):
             notes.append("seq2seq: rows 0:nvt of each file are the encoder prompt, rows nvt:2nvt the decoder prompt")
         manifest = _manifest(to, ckpt, items, rows, d, layout, opts, serve)
-        kept, unlisted = _earlier(target, manifest)  # an earlier export's tasks left in place
-        manifest["tasks"] = kept + manifest["tasks"]
-        if unlisted:
-            shown = ", ".join(unlisted[:5]) + (f" (+{len(unlisted) - 5} more)" if len(unlisted) > 5 else "")
+        _fsync_tree(stage)
+        left: list[str] = []  # an earlier export's tasks that stay but are not in the manifest
+
+        def merged() -> None:
+            """The manifest: this export's tasks after an earlier export's that it leaves in place.
+            Run again under the folder's lock (another export may have finished meanwhile)."""
+            kept, unlisted = _earlier(target, manifest)
+            left[:] = unlisted
+            whole = {**manifest, "tasks": kept + manifest["tasks"]}
+            with contextlib.suppress(FileNotFoundError):  # written before the lock was taken
+                os.unlink(stage / MANIFEST)
+            write_synced(stage / MANIFEST, json.dumps(whole, indent=2) + "\n")
+            fsync_dir(stage)
+
+        replace_entries(stage, target, force=force, prepare=merged)
+        if left:
+            shown = ", ".join(left[:5]) + (f" (+{len(left) - 5} more)" if len(left) > 5 else "")
             warnings.append(
-                f"{len(unlisted)} task(s) of an earlier export stay in {out} but not in its manifest (another "
+                f"{len(left)} task(s) of an earlier export stay in {out} but not in its manifest (another "
                 f"source, format or dtype): {shown}; export into an empty folder to have only this one"
             )
-        write_synced(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fsync_tree(stage)
-        replace_entries(stage, target, force=force)
     if to == "peft":
         warnings += writer.fit.warnings
     prefix = os.path.basename(os.path.abspath(out))

@@ -389,23 +389,52 @@ def _hash_cache_path() -> Path:
     return Path(base) / "mpt-tools" / "sha256-v1.json"
 
 
-def hash_file(path: str | os.PathLike[str], digest: Any) -> str:
-    """Feed a file to a hashlib ``digest`` in 1 MiB blocks; its hex digest."""
+def hash_file(path: str | os.PathLike[str], digest: Any, identity: tuple[int, ...] | None = None) -> str:
+    """Feed a file to a hashlib ``digest`` in 1 MiB blocks; its hex digest. With ``identity``
+    (:func:`mpt_tools.formats.file_identity` of the file a command read), FormatError "changed while
+    reading" when the file hashed is another one, or changed while it was hashed."""
     with open_regular(path) as fh:  # a FIFO or device is refused, never read forever
+        _same(path, identity, fh.fileno())
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
+        _same(path, identity, fh.fileno())
     return str(digest.hexdigest())
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+def _same(path: str | os.PathLike[str], identity: tuple[int, ...] | None, fd: int) -> None:
+    """FormatError "changed while reading" when the file open on ``fd`` is not ``identity``'s."""
+    if identity is None:
+        return
+    from .formats import changed_error, file_identity  # numpy: only where a source was read
+
+    now = file_identity(os.fstat(fd))
+    if now != identity:
+        raise changed_error(os.fspath(path), identity, now)
+
+
+def file_sha256(path: str | os.PathLike[str], identity: tuple[int, ...] | None = None) -> str:
     """SHA-256 of a file, streamed, remembered per (path, size, mtime, ctime, inode).
 
     Hashing a large source on every run would read the whole file even when a command needs one
     task's bytes, so digests are cached in ``$XDG_CACHE_HOME/mpt-tools`` (``~/.cache``);
     ``MPT_TOOLS_NO_HASH_CACHE=1`` turns the cache off. Any change to the file changes its key.
+    ``identity``: the file a command read (a source); the digest must be of that very file, else
+    FormatError "changed while reading" (replaced, rewritten or removed since).
     """
     real = os.path.realpath(path)
-    st = os.stat(real)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        if identity is None:
+            raise
+        from .formats import changed_error
+
+        raise changed_error(os.fspath(path), identity, None) from None
+    if identity is not None:
+        from .formats import changed_error, file_identity
+
+        if file_identity(st) != identity:
+            raise changed_error(os.fspath(path), identity, file_identity(st))
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
     use_cache = not os.environ.get("MPT_TOOLS_NO_HASH_CACHE") and st.st_size >= (1 << 20)
     cache_file = _hash_cache_path()
@@ -422,7 +451,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             return cache[key]
     import hashlib  # only when the digest is not cached: a cached run skips its import
 
-    value = hash_file(real, hashlib.sha256())
+    value = hash_file(real, hashlib.sha256(), identity)
     if use_cache:
         cache = {k: v for k, v in cache.items() if not k.startswith(real + "|")}
         cache[key] = value
@@ -528,21 +557,13 @@ def guard_entries(target: Path, entries: list[str], protected: list[str]) -> Non
     would have replaced the source. An entry that is a symbolic link is replaced as a link (what
     it points to is not touched), so only the entry's own path counts."""
     base = target.resolve()
-    sources = [_resolved(p) for p in protected]
+    sources = [resolved_source(p) for p in protected]
     for entry in entries:
         path = base / entry
-        hit = next((s for s in sources if s is not None and (s == path or s.is_relative_to(path))), None)
+        hit = next((s for s in sources if s == path or s.is_relative_to(path)), None)
         if hit is not None:
             what = "is a source" if hit == path else "is the source's folder" if hit.parent == path else f"holds {hit}"
             raise WriteError(f"{entry} here {what}; mpt-tools never writes over a source", str(target))
-
-
-def _resolved(path: str) -> Path | None:
-    """``path`` resolved, or None for a symbolic link loop (nothing can be written through one)."""
-    try:
-        return Path(path).resolve()
-    except (RuntimeError, OSError):
-        return None
 
 
 def _file_on_the_way(out: Path) -> Path | None:
@@ -554,7 +575,8 @@ def _file_on_the_way(out: Path) -> Path | None:
     return None
 
 
-def _fsync_dir(folder: str | os.PathLike[str]) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """fsync a folder (its entries, once renamed or created, survive a power cut); errors are ignored."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -621,7 +643,7 @@ def write_files(
     with staging_folder(out) as staging:  # (an OSError: its WriteError naming out)
         for name, data in files.items():
             write_synced(staging / name, data)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if check is not None:
             check(staging)
         commit_staged(staging, out, force=force)
@@ -646,8 +668,8 @@ def commit_staged(staging: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 _release(src)
             else:
                 _move_into(src, out, names, force=force)
-            _fsync_dir(out)
-            _fsync_dir(out.parent)
+            fsync_dir(out)
+            fsync_dir(out.parent)
             _record(out)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None
@@ -697,7 +719,23 @@ def exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(b))
 
 
-def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, force: bool) -> list[str]:
+def _manifest_last(folder: Path) -> list[str]:
+    """The entries of a staging folder in the order they are moved: ``manifest.json`` last (a
+    manifest in place means the entries it lists are too)."""
+    names = sorted(p.name for p in folder.iterdir())
+    if "manifest.json" in names:
+        names.remove("manifest.json")
+        names.append("manifest.json")
+    return names
+
+
+def replace_entries(
+    staging: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool,
+    prepare: Callable[[], None] | None = None,
+) -> list[str]:
     """Move every entry (file or folder) of a complete, fsynced :func:`staging_folder` into
     ``out_dir`` under the same name: the export's tree of folders, where :func:`commit_staged`
     moves files only.
@@ -708,12 +746,15 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
     a folder is swapped for the new one in one step (``renameat2(RENAME_EXCHANGE)``, else moved
     aside first) and the old one removed, a file replaced by a rename. Entries of ``out_dir``
     with other names are left as they are. Signals wait until the moves are done.
+
+    ``prepare`` (an export's manifest, merged with the one in ``out_dir``) writes into the staging
+    folder what depends on ``out_dir``'s content: it runs first, and again under the lock when
+    ``out_dir`` exists, so that two writers at once each merge what the other left.
     """
     src, out = Path(staging), Path(out_dir)
-    names = sorted(p.name for p in src.iterdir())
-    if "manifest.json" in names:  # last: a manifest in place means the entries it lists are too
-        names.remove("manifest.json")
-        names.append("manifest.json")
+    if prepare is not None:
+        prepare()
+    names = _manifest_last(src)
     old: list[Path] = []
     try:
         with deferred():
@@ -723,6 +764,9 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
                 fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
                 try:
                     _lock(fd, wait=True)
+                    if prepare is not None:
+                        prepare()
+                        names = _manifest_last(src)
                     taken = [n for n in names if os.path.lexists(out / n)]
                     if taken and not force:
                         raise WriteError(
@@ -743,8 +787,8 @@ def replace_entries(staging: str | os.PathLike[str], out_dir: str | os.PathLike[
                         os.replace(new, dst)
                 finally:
                     os.close(fd)
-            _fsync_dir(out)
-            _fsync_dir(out.parent)
+            fsync_dir(out)
+            fsync_dir(out.parent)
             _record(out)
     except OSError as exc:
         raise WriteError(f"cannot write: {exc.strerror or exc}", str(out)) from None

@@ -545,9 +545,12 @@ def file_identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def changed_error(path: str, before: tuple[int, ...], after: tuple[int, ...]) -> FormatError:
-    """The error for a file that changed (rewritten, truncated, replaced) while it was read."""
-    if before[:2] != after[:2]:
+def changed_error(path: str, before: tuple[int, ...], after: tuple[int, ...] | None) -> FormatError:
+    """The error for a file that changed (rewritten, truncated, replaced, removed: ``after`` None)
+    while it was read."""
+    if after is None:
+        how = "it was removed"
+    elif before[:2] != after[:2]:
         how = "it was replaced by another file"
     elif after[2] < before[2]:
         how = f"it shrank from {before[2]:,} to {after[2]:,} bytes (truncated)"

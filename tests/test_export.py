@@ -679,3 +679,31 @@ def test_readme_serving_python_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     )
     assert torch.equal(got, want.to(torch.bfloat16).float())
     assert np.array_equal(namespace["rows"], want.numpy())
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_exports_at_once_both_stay_in_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    """A tester's finding: two ``export --force`` runs into one folder at once each merged the
+    manifest they read before the other finished: 1200 files, 600 listed. The merge now runs under
+    the folder's lock. Here the other export finishes between this one's staging and its commit."""
+    import mpt_tools.export as ex
+
+    out = tmp_path / "o"
+    if existing:
+        export(CAUSAL, "--to", "npy", "--tasks", "2", "--out", out)
+    real = ex.replace_entries
+    calls: list[int] = []
+
+    def other_finishes_first(*args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            calls.append(1)
+            export_prompts(str(CAUSAL), "npy", out, tasks=[1], force=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "replace_entries", other_finishes_first)
+    export_prompts(str(CAUSAL), "npy", out, tasks=[0], force=True)
+    listed = sorted(t["name"] for t in json.loads((out / "manifest.json").read_text())["tasks"])
+    on_disk = sorted(p.stem for p in out.glob("*.npy"))
+    assert listed == on_disk == (["task_0", "task_1", "task_2"] if existing else ["task_0", "task_1"])

@@ -472,3 +472,42 @@ def test_no_mapping_where_no_lease_can_be_had(tmp_path: Path, monkeypatch: pytes
     assert got == [want] and leases == [None] * 4
     assert [a.tobytes() for a in average_factors(ckpt, engine="numpy")] == want
     assert None not in leases[4:]  # on the main thread, nothing open for writing: mapped
+
+
+def test_the_sha256_recorded_is_of_the_file_read(tmp_path: Path) -> None:
+    """A tester's finding: the source's sha256 was taken by path after its tensors were read, so a
+    file renamed over it meanwhile gave tensors of one file and the sha256 of another (and compat
+    copied the other under the first one's checked config)."""
+    from mpt_tools.checkpoint import load_source
+
+    a = write_random_source(tmp_path / "a.safetensors", 2, 4, 2, 8)
+    b = write_random_source(tmp_path / "b.safetensors", 3, 4, 2, 8, seed=1)
+    ckpt = load_source(str(a))
+    ckpt.read("prompt_embeddings")
+    os.replace(b, a)
+    with pytest.raises(FormatError, match="replaced by another file"):
+        ckpt.sha256()
+    ckpt = load_source(str(a))
+    os.unlink(a)
+    with pytest.raises(FormatError, match="it was removed"):
+        ckpt.sha256()
+
+
+def test_compat_refuses_a_source_replaced_after_its_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import mpt_tools.compat as compat
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "causal", src)
+    other = write_random_source(tmp_path / "other.safetensors", 5, 4, 2, 16)
+    real = compat._guard_weights
+
+    def swap_then_guard(*args, **kwargs):  # after the source was loaded and checked
+        os.replace(other, src / "adapter_model.safetensors")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compat, "_guard_weights", swap_then_guard)
+    result = run_cli("compat", src, "--peft", "0.10.0", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "changed while reading (it was replaced by another file)" in result.stderr
+    assert not (tmp_path / "out").exists()
