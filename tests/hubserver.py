@@ -1685,3 +1685,7 @@ def use_endpoint(monkeypatch: Any, url: str) -> None:
     monkeypatch.setattr(constants, "ENDPOINT", url.rstrip("/"))
     template = url.rstrip("/") + "/{repo_id}/resolve/{revision}/{filename}"  # made from ENDPOINT at import
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    from huggingface_hub import file_download
+
+    if hasattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):  # before 1.0: imported by name at import time
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)

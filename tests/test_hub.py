@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 from conftest import FIXTURES, ROOT, run_cli
 from safetensors import safe_open
@@ -915,6 +916,10 @@ def test_local_commands_never_import_huggingface_hub(tmp_path):
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.skipif(
+    int(huggingface_hub.__version__.split(".")[0]) < 1,
+    reason="huggingface_hub before 1.0 does not read HF_HUB_DISABLE_SYMLINKS (its cache always links)",
+)
 def test_corruption_caught_without_symlinks_in_the_cache(hub, src, hf_cache):
     """A cache without symlinks (Windows) keeps no etag-named blob: the Hub's paths-info is asked."""
     env = hub.env(HF_HOME=str(hf_cache.parent), HF_HUB_DISABLE_SYMLINKS="1")
@@ -1213,7 +1218,7 @@ def test_an_unreadable_hub_answer_is_a_hub_error(hub, src):
 def test_a_broken_answer_is_named_not_cannot_connect(hub, src, fault, said):
     """A tester's finding: a redirect loop, a body shorter than its Content-Length and a connection
     closed without an answer all said "cannot connect", which sent users to check their network."""
-    hub.fail_next(count=100, path="adapter_config.json", **fault)
+    hub.fail_next(count=10_000, path="adapter_config.json", **fault)
     result = run_cli("inspect", src, "--no-norms")
     assert result.exit_code == 1 and said in result.stderr and "cannot connect" not in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1

@@ -321,6 +321,10 @@ def _network_message(exc: BaseException, *, token_given: bool, writing: bool = F
     return None
 
 
+def _redirect_loop() -> str:
+    return f"{_endpoint_name()} redirected too many times (a redirect loop): check HF_ENDPOINT or the mirror"
+
+
 def _transport_message(item: BaseException, offline: str) -> str:
     """One line for a transport failure (httpx, httpx2, requests or urllib3 alike, by class name):
     a connection that broke off mid-answer, a redirect loop or a URL of another scheme is not
@@ -331,7 +335,7 @@ def _transport_message(item: BaseException, offline: str) -> str:
     if "timeout" in name.lower():
         return f"timed out reaching {endpoint}: check your network, proxy or HF_ENDPOINT"
     if name == "TooManyRedirects":
-        return f"{endpoint} redirected too many times (a redirect loop): check HF_ENDPOINT or the mirror"
+        return _redirect_loop()
     if name in ("UnsupportedProtocol", "InvalidSchema", "MissingSchema", "InvalidURL"):
         return f"{endpoint} gave a URL that is not http(s) (in HF_ENDPOINT or a redirect): check HF_ENDPOINT"
     if name in ("ChunkedEncodingError", "IncompleteRead", "ProtocolError") or "complete message body" in text:
@@ -435,6 +439,16 @@ def _free_space(cache_dir: str | None) -> tuple[str, int | None]:
         return cache, None
 
 
+@contextlib.contextmanager
+def _loop_is_hub_error(where: str) -> Iterator[None]:
+    """huggingface_hub before 1.0 follows a HEAD's relative redirects by recursion, without end on
+    a loop: its RecursionError is the redirect loop it is."""
+    try:
+        yield
+    except RecursionError:
+        raise HubError(_redirect_loop(), where) from None
+
+
 @dataclass
 class _Fetch:
     spec: HubSpec
@@ -450,7 +464,7 @@ class _Fetch:
 
         if not self.offline and not self._cached(filename, revision):
             self._check_head(filename, revision, limit)
-        with _quiet():
+        with _quiet(), _loop_is_hub_error(self.spec.url(revision, filename)):
             path = hf_hub_download(
                 self.spec.repo_id,
                 filename,
