@@ -21,10 +21,10 @@ import numpy as np
 from .checkpoint import Checkpoint, Source, load_source
 from .checks import DEFAULTED_SIZES, require_valid
 from .config import CONFIG_NAME, SOURCE_INITS, TASK_TYPES, WEIGHTS_NAME, WEIGHTS_NAMES, config_to_json
-from .errors import ConfigError, VerifyError, WriteError, flag
+from .errors import ConfigError, FormatError, VerifyError, WriteError, flag
 from .files import file_sha256, guard_output, write_files
 from .findings import Finding
-from .formats import DTYPE_NAMES, to_float64
+from .formats import DTYPE_NAMES, changed_error, file_identity, to_float64
 from .paths import open_regular
 from .peft_releases import fit_config, resolve_release
 from .version import __version__
@@ -96,16 +96,25 @@ def _guard_weights(out: Path, name: str, force: bool) -> None:
         raise WriteError(f"{name} already exists here; pass {flag('--force', 'force=True')} to overwrite it", str(out))
 
 
-def _read_checked(path: str, sha256: str) -> list[bytes | memoryview]:
+def _read_checked(path: str, sha256: str, identity: tuple[int, ...] | None) -> list[bytes | memoryview]:
     """The bytes of ``path`` (read, not memory-mapped: a file truncated meanwhile cannot raise
-    SIGBUS), in chunks; VerifyError when they are not the ``sha256`` the source was read with (the
-    file changed since), before anything is written."""
+    SIGBUS), in chunks; FormatError "changed while reading" when it is no longer the file the
+    source was read from (``identity``: replaced or removed), VerifyError when the bytes are not
+    the ``sha256`` the source was read with (the file changed since), before anything is written."""
     digest = hashlib.sha256()
     parts: list[bytes | memoryview] = []
-    with open_regular(path) as fh:
-        while chunk := fh.read(COPY_CHUNK):
-            digest.update(chunk)
-            parts.append(chunk)
+    try:
+        with open_regular(path) as fh:
+            now = file_identity(os.fstat(fh.fileno()))
+            if identity is not None and now != identity:
+                raise changed_error(path, identity, now)
+            while chunk := fh.read(COPY_CHUNK):
+                digest.update(chunk)
+                parts.append(chunk)
+    except FileNotFoundError:  # removed since the source was read
+        if identity is None:
+            raise FormatError("cannot read file: it was removed", path) from None
+        raise changed_error(path, identity, None) from None
     if digest.hexdigest() != sha256:
         raise VerifyError("changed while it was read (its sha256 differs); nothing was written", path)
     return parts
@@ -180,7 +189,7 @@ def compat_adapter(
     name = _weights_name(ckpt)
     _guard_weights(folder, name, force)
     source_sha = ckpt.sha256()
-    parts = _read_checked(ckpt.weights_path, source_sha)
+    parts = _read_checked(ckpt.weights_path, source_sha, ckpt.file.identity)
     write_files(folder, {name: parts, CONFIG_NAME: config_to_json(fit.config)}, force=force)
     written = [str(folder / name), str(folder / CONFIG_NAME)]
     copy_sha = file_sha256(folder / name)

@@ -511,3 +511,30 @@ def test_compat_refuses_a_source_replaced_after_its_checks(tmp_path: Path, monke
     result = run_cli("compat", src, "--peft", "0.10.0", "--out", tmp_path / "out")
     assert result.exit_code == 1 and "changed while reading (it was replaced by another file)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_compat_refuses_a_source_gone_before_its_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A verifier's finding: the weights removed between compat's checks and its copy were an
+    internal error (FileNotFoundError)."""
+    import shutil
+
+    import mpt_tools.compat as compat
+
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "causal", src)
+    real = compat._read_checked
+
+    def gone_then_read(path, *args):  # after the sha256 of the very file read was taken
+        if how == "removed":
+            os.unlink(path)
+        else:
+            os.replace(write_random_source(tmp_path / "other.safetensors", 3, 4, 2, 16), path)
+        return real(path, *args)
+
+    monkeypatch.setattr(compat, "_read_checked", gone_then_read)
+    result = run_cli("compat", src, "--peft", "0.10.0", "--out", tmp_path / "out")
+    assert result.exit_code == 1 and f"changed while reading (it was {how}" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
