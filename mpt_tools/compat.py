@@ -22,9 +22,9 @@ from .checkpoint import Checkpoint, Source, load_source
 from .checks import DEFAULTED_SIZES, require_valid
 from .config import CONFIG_NAME, SOURCE_INITS, TASK_TYPES, WEIGHTS_NAME, WEIGHTS_NAMES, config_to_json
 from .errors import ConfigError, FormatError, VerifyError, WriteError, flag
-from .files import file_sha256, guard_output, write_files
+from .files import file_sha256, guard_output, same_file, write_files
 from .findings import Finding
-from .formats import DTYPE_NAMES, changed_error, file_identity, to_float64
+from .formats import DTYPE_NAMES, to_float64
 from .paths import open_regular
 from .peft_releases import fit_config, resolve_release
 from .version import __version__
@@ -105,16 +105,13 @@ def _read_checked(path: str, sha256: str, identity: tuple[int, ...] | None) -> l
     parts: list[bytes | memoryview] = []
     try:
         with open_regular(path) as fh:
-            now = file_identity(os.fstat(fh.fileno()))
-            if identity is not None and now != identity:
-                raise changed_error(path, identity, now)
+            same_file(path, identity, os.fstat(fh.fileno()))
             while chunk := fh.read(COPY_CHUNK):
                 digest.update(chunk)
                 parts.append(chunk)
     except FileNotFoundError:  # removed since the source was read
-        if identity is None:
-            raise FormatError("cannot read file: it was removed", path) from None
-        raise changed_error(path, identity, None) from None
+        same_file(path, identity, None)
+        raise FormatError("cannot read file: it was removed", path) from None
     if digest.hexdigest() != sha256:
         raise VerifyError("changed while it was read (its sha256 differs); nothing was written", path)
     return parts

@@ -394,20 +394,22 @@ def hash_file(path: str | os.PathLike[str], digest: Any, identity: tuple[int, ..
     (:func:`mpt_tools.formats.file_identity` of the file a command read), FormatError "changed while
     reading" when the file hashed is another one, or changed while it was hashed."""
     with open_regular(path) as fh:  # a FIFO or device is refused, never read forever
-        _same(path, identity, fh.fileno())
+        same_file(path, identity, os.fstat(fh.fileno()))
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-        _same(path, identity, fh.fileno())
+        same_file(path, identity, os.fstat(fh.fileno()))
     return str(digest.hexdigest())
 
 
-def _same(path: str | os.PathLike[str], identity: tuple[int, ...] | None, fd: int) -> None:
-    """FormatError "changed while reading" when the file open on ``fd`` is not ``identity``'s."""
+def same_file(path: str | os.PathLike[str], identity: tuple[int, ...] | None, st: os.stat_result | None) -> None:
+    """FormatError "changed while reading" when the file of ``st`` (its stat; None: ``path`` was
+    not found) is not the one of ``identity`` (:func:`mpt_tools.formats.file_identity`, taken when a
+    source was read); nothing to check without ``identity``."""
     if identity is None:
         return
     from .formats import changed_error, file_identity  # numpy: only where a source was read
 
-    now = file_identity(os.fstat(fd))
+    now = None if st is None else file_identity(st)
     if now != identity:
         raise changed_error(os.fspath(path), identity, now)
 
@@ -425,16 +427,9 @@ def file_sha256(path: str | os.PathLike[str], identity: tuple[int, ...] | None =
     try:
         st = os.stat(real)
     except FileNotFoundError:
-        if identity is None:
-            raise
-        from .formats import changed_error
-
-        raise changed_error(os.fspath(path), identity, None) from None
-    if identity is not None:
-        from .formats import changed_error, file_identity
-
-        if file_identity(st) != identity:
-            raise changed_error(os.fspath(path), identity, file_identity(st))
+        same_file(path, identity, None)  # removed since it was read: "changed while reading"
+        raise
+    same_file(path, identity, st)  # before the cache is asked: its key is of the file there now
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
     use_cache = not os.environ.get("MPT_TOOLS_NO_HASH_CACHE") and st.st_size >= (1 << 20)
     cache_file = _hash_cache_path()
