@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 
 from .dtypes import UNIT_ROUND_OFF
 from .factors import on_torch_threads
-from .recover import recover_starts
+from .recover import on_host, recover_starts
 
 NEAR_ZERO = 1e-6
 """Baseline: ``|P*[t, j]| <= NEAR_ZERO * rms(P*)`` is near zero (the ratio ``P_k / P*`` is 1 there)."""
@@ -259,6 +259,17 @@ def prompt_errors(p: Any, shared: Any, cols: Any, rows: Any, *, chunk: int | Non
     return out
 
 
+def _eigh(gram: Any) -> tuple[Any, Any]:
+    """``torch.linalg.eigh`` of a batch of symmetric matrices, on the CPU when they are small and on
+    a GPU (:func:`mpt_tools.recover.on_host`: CUDA's batched eigh of [100, 100] is slower there)."""
+    import torch
+
+    if on_host(gram):
+        vals, vecs = torch.linalg.eigh(gram.cpu())
+        return vals.to(gram.device), vecs.to(gram.device)
+    return torch.linalg.eigh(gram)
+
+
 def _top_directions(ratio: Any, rank: int) -> tuple[Any, Any, Any]:
     """The rank-``rank`` truncated SVD of each ``ratio[k]`` ([T, d]), split evenly: ``cols``
     [k, T, m] and ``rows`` [k, m, d] (m = min(rank, T, d)) with ``cols @ rows`` the projection of
@@ -271,14 +282,14 @@ def _top_directions(ratio: Any, rank: int) -> tuple[Any, Any, Any]:
     t, d = ratio.shape[1:]
     m = min(rank, t, d)
     if t <= d:
-        _vals, vecs = torch.linalg.eigh(torch.bmm(ratio, ratio.transpose(1, 2)))
+        _vals, vecs = _eigh(torch.bmm(ratio, ratio.transpose(1, 2)))
         left = vecs[:, :, t - m :].flip(-1)  # [k, T, m], the strongest first
         right = torch.bmm(left.transpose(1, 2), ratio)  # [k, m, d] = S V^T
         sing = torch.linalg.vector_norm(right, dim=2)
         root = sing.sqrt()
         safe = torch.where(root > 0, root, torch.ones_like(root))
         return left * root[:, None, :], right / safe[:, :, None], sing
-    _vals, vecs = torch.linalg.eigh(torch.bmm(ratio.transpose(1, 2), ratio))
+    _vals, vecs = _eigh(torch.bmm(ratio.transpose(1, 2), ratio))
     right = vecs[:, :, d - m :].flip(-1).transpose(1, 2)  # [k, m, d]
     left = torch.bmm(ratio, right.transpose(1, 2))  # [k, T, m] = U S
     sing = torch.linalg.vector_norm(left, dim=1)

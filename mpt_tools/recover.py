@@ -385,12 +385,28 @@ def _search_shape(n: int, rank: int) -> tuple[int, int]:
     return c, n * (c - rank) - (c - 1)
 
 
+HOST_SOLVE_ELEMENTS = 1 << 24
+"""Batches of small dense problems up to this many elements (128 MiB of float64) are solved on the
+CPU even when the data is on a GPU: on an H200, CUDA's batched ``pinv`` took 2.3 s for the 15 solves
+of pack's recovered start (100 prompts of [100, 4096], rank 4) that LAPACK does in 0.12 s on two
+cores, and ``eigh`` of [100, 100] Gram matrices 0.5 s for 0.2 s (benchmarks/RESULTS.md)."""
+
+
+def on_host(*tensors: Any) -> bool:
+    """Whether a dense solve of ``tensors`` runs on the CPU: they are on a GPU and small
+    (:data:`HOST_SOLVE_ELEMENTS`)."""
+    return tensors[0].device.type != "cpu" and sum(t.numel() for t in tensors) <= HOST_SOLVE_ELEMENTS
+
+
 def _least_squares(a: Any, b: Any, pinv: bool | None = None) -> Any:
     """Least-squares solutions of a batch ``a x = b`` (``a`` [..., m, u], ``b`` [..., m, k]), rank
-    deficient or not: LAPACK's SVD-based solver on the CPU, the pseudo-inverse elsewhere (CUDA's
-    ``lstsq`` takes full-rank systems only; ``pinv`` forces either, for the tests)."""
+    deficient or not: LAPACK's SVD-based solver on the CPU (also for small batches on a GPU:
+    :func:`on_host`), the pseudo-inverse on a GPU (CUDA's ``lstsq`` takes full-rank systems only;
+    ``pinv`` forces either, for the tests)."""
     import torch
 
+    if pinv is None and on_host(a, b):
+        return torch.linalg.lstsq(a.cpu(), b.cpu(), driver="gelsd").solution.to(a.device)
     if pinv if pinv is not None else a.device.type != "cpu":
         return torch.linalg.pinv(a) @ b
     return torch.linalg.lstsq(a, b, driver="gelsd").solution
