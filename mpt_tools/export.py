@@ -630,10 +630,12 @@ def export_prompts(
         _tgis_rules(layout, opts, chosen[0] if chosen else 0, extra)
     bounds: dict[str, Any] = {}
     found = _source_findings(ckpt, bounds, opts.chunk_bytes) + extra
-    if opts.base_model is not None and opts.base_model is not False and not errors(found):
+    checks_model = opts.base_model is not None and opts.base_model is not False
+    given_model = None if opts.base_model is True or not checks_model else str(opts.base_model)
+    if checks_model and not errors(found):
         from .hub.base_model import base_model_findings
 
-        found += base_model_findings(ckpt, None if opts.base_model is True else opts.base_model)
+        found += base_model_findings(ckpt, given_model)
     warnings = require_valid(ckpt, findings=found)
     assert layout is not None
     overflow = _cast_check(ckpt, chosen, opts.dtype, bounds, opts.chunk_bytes)
@@ -641,10 +643,10 @@ def export_prompts(
         raise refusal(ckpt.location, [overflow])
     entries = _entries(to, labels)
     protected = list(ckpt.source_paths)
-    if opts.base_model is not None and opts.base_model is not False:  # a local model folder read by the check
+    if checks_model:  # a local model folder the check read is a source too
         from .hub.base_model import base_model_name, local_model_paths
 
-        protected += local_model_paths(base_model_name(ckpt, None if opts.base_model is True else opts.base_model))
+        protected += local_model_paths(base_model_name(ckpt, given_model))
     target = _guard(out, entries, force=force, protected=protected)
     d = ckpt.shapes["prompt_embeddings"][1]
     rows = _rows(layout)

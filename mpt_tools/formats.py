@@ -34,6 +34,12 @@ CANONICAL = ("prompt_embeddings", "prefix_task_cols", "prefix_task_rows")
 MAX_HEADER = 100_000_000  # the limit of safetensors' own parser
 MAX_DIMS = 64  # the most dimensions numpy and torch give an array (a hostile header may claim more)
 
+
+def too_many_dims(shape: tuple[int, ...] | list[int]) -> str | None:
+    """Why a claimed ``shape`` cannot be an array (over :data:`MAX_DIMS` dimensions), or None."""
+    return f"{len(shape)} dimensions, more than the {MAX_DIMS} an array can have" if len(shape) > MAX_DIMS else None
+
+
 # safetensors dtype tag -> (itemsize, numpy storage dtype)
 DTYPES: dict[str, tuple[int, str]] = {
     "F64": (8, "<f8"),
@@ -759,8 +765,8 @@ def parse_header(
             raise _fail(
                 p, f"tensor {name!r} has an invalid shape {shape!r} (a list of integers from 0 to 2**64-1 expected)"
             )
-        if len(shape) > MAX_DIMS:
-            raise _fail(p, f"tensor {name!r} has {len(shape)} dimensions, more than the {MAX_DIMS} an array can have")
+        if too_many_dims(shape):
+            raise _fail(p, f"tensor {name!r} has {too_many_dims(shape)}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(o) for o in offsets):
             raise _fail(p, f"tensor {name!r} has invalid data_offsets {offsets!r} (two integers from 0 expected)")
         if offsets[1] < offsets[0]:
@@ -1004,10 +1010,8 @@ def _check_claims(p: str, claims: _Claims, size: int, torch: Any) -> None:
         shape = call.args[2] if len(call.args) > 2 else None
         if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             continue  # torch refuses it
-        if len(shape) > MAX_DIMS:
-            raise FormatError(
-                f"tensor{label} has {len(shape)} dimensions, more than the {MAX_DIMS} an array can have", p
-            )
+        if too_many_dims(shape):
+            raise FormatError(f"tensor{label} has {too_many_dims(shape)}", p)
         elements = math.prod(max(0, d) for d in shape)
         held = source.numel if source is not None and isinstance(source.numel, int) else None
         if held is not None and elements > max(0, held):  # strides of 0 (expand) or overlapping rows
@@ -1288,8 +1292,8 @@ def _npy_header(p: str, fh: Any, size: int) -> tuple[str, bool, tuple[int, ...],
     sizes = isinstance(shape, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
     if not sizes:
         raise FormatError(f".npy header: shape {shape!r} is not a tuple of sizes", p)
-    if len(shape) > MAX_DIMS:
-        raise FormatError(f".npy header: {len(shape)} dimensions, more than the {MAX_DIMS} an array can have", p)
+    if too_many_dims(shape):
+        raise FormatError(f".npy header: {too_many_dims(shape)}", p)
     return _NPY_DTYPES[descr.replace("=", "<")], fortran, shape, offset + length
 
 

@@ -224,9 +224,8 @@ def _quiet() -> Iterator[None]:
         return
     import huggingface_hub.utils.logging  # noqa: F401  (its import sets the logger's level: first, not inside)
 
-    bars = importlib.import_module(
-        "huggingface_hub.utils.tqdm"
-    )  # the module (the package exports a class by that name)
+    # the module itself: huggingface_hub.utils exports a class under the same name
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")
 
     logger = logging.getLogger("huggingface_hub")
     with _QUIET_LOCK:  # audit's threads: the first in silences, the last out restores
