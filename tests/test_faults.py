@@ -123,6 +123,32 @@ def test_interrupted_message_says_what_was_written(tmp_path: Path) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+_HELD_PAIR = r"""
+import os, signal, sys, time
+from mpt_tools.interrupts import Interrupted, deferred, install
+install()
+try:
+    with deferred():
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+        time.sleep(0.05)
+except Interrupted as exc:
+    sys.exit(exc.exit_status)
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "taken"),
+    [("SIGTERM", "SIGINT", 130), ("SIGTERM", "SIGHUP", 129), ("SIGINT", "SIGHUP", 129), ("SIGHUP", "SIGTERM", 129)],
+)
+def test_two_signals_held_back_together_are_taken_in_signal_number_order(first: str, second: str, taken: int) -> None:
+    """The README's statement: two different signals that both arrive while signals wait are taken
+    in signal-number order (the kernel keeps no order), whichever came first; the other is ignored.
+    A fresh process each: the handlers are the command line's."""
+    done = subprocess.run([sys.executable, "-c", _HELD_PAIR, first, second], capture_output=True, timeout=120)
+    assert done.returncode == taken, (first, second, done.stderr)
+
+
 _SIGNAL_AT_IMPORT = r"""
 import os, signal, sys
 k, argv = int(sys.argv[1]), sys.argv[2:]
